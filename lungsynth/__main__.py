@@ -1,0 +1,5 @@
+import sys
+
+from lungsynth.cli import main
+
+sys.exit(main())

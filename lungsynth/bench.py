@@ -1,0 +1,56 @@
+"""``lungsynth bench <name>``: speed and memory measured in one run, printed as ratios.
+
+Benchmarks never run in the tests. Each room provides a function ``bench_<name>(args)``;
+this module maps names to them lazily so importing the CLI stays cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+# name -> "module:function"
+BENCHMARKS: dict[str, str] = {}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from lungsynth.cli import add_profile_argument
+
+    p = sub.add_parser("bench", help="benchmarks: speed and memory, as ratios measured in one run")
+    p.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
+    p.add_argument("--size", type=int, default=None, help="volume side for benchmarks that take one")
+    p.add_argument("--repeats", type=int, default=3)
+    add_profile_argument(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    module, func = BENCHMARKS[args.name].split(":")
+    return int(getattr(importlib.import_module(module), func)(args) or 0)
+
+
+@contextmanager
+def measure() -> Iterator[dict]:
+    """Wall time and peak memory (CUDA peak allocated, or the process's peak RSS on CPU)."""
+    import resource
+
+    import torch
+
+    out: dict = {}
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    try:
+        yield out
+    finally:
+        if cuda:
+            torch.cuda.synchronize()
+            out["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            out["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        out["seconds"] = time.perf_counter() - t0

@@ -1,0 +1,316 @@
+"""Typed configuration: one dataclass section per chapter, three profiles.
+
+A profile picks the sizes and budgets of every chapter at once:
+
+- ``smoke``  : tests, CI and a first look (the whole course in minutes on 2 CPU cores);
+- ``course`` : learning on a laptop or one GPU;
+- ``full``   : the papers' settings, for a GPU.
+
+Fields declared with :func:`tiered` take one value per profile; plain fields are the
+same everywhere. Any field can be overridden with a dotted key, from a notebook's
+papermill parameters or the command line::
+
+    cfg = get_config("smoke", {"land.train_steps": 50, "seed": 1})
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+PROFILES: tuple[str, ...] = ("smoke", "course", "full")
+DEFAULT_PROFILE = "smoke"
+PROFILE_ENV = "LUNGSYNTH_PROFILE"
+
+
+def tiered(smoke: Any, course: Any = None, full: Any = None) -> Any:
+    """A field whose default depends on the profile (course defaults to smoke, full to course)."""
+    course = smoke if course is None else course
+    full = course if full is None else full
+    return field(default=None, metadata={"tiers": {"smoke": smoke, "course": course, "full": full}})
+
+
+# --------------------------------------------------------------------------- chapters
+
+
+@dataclass
+class DataConfig:
+    """Chapter 01: LIDC-IDRI preparation and the phantom default."""
+
+    n_scans: int = tiered(12, 40, 1018)  # scans rendered/prepared (full: every scan with DICOM)
+    phantom_seed: int = 0
+    phantom_noise_hu: float = 20.0  # std of CT noise in the phantom
+    spacing_3d_mm: float = tiered(4.0, 2.0, 1.0)  # isotropic spacing of the 3D views
+    size_3d: int = tiered(64, 128, 256)  # cube side of the 3D volumes (LAND, HR-LDM)
+    size_ddpm: int = tiered(32, 64, 128)  # cube side of Lung-DDPM volumes
+    spacing_2d_mm: float = tiered(2.8, 1.4, 0.7)  # in-plane spacing of the 2D slices (chapter 04)
+    size_2d: int = tiered(64, 128, 256)
+    roi_size: int = tiered(32, 64, 512)  # nodule ROI side (chapter 07)
+    crop_size: int = tiered(32, 48, 90)  # nodule-centred 3D crops, voxels at 1 mm (chapters 05, 11)
+    hu_min: float = -1000.0
+    hu_max: float = 400.0
+    split_fractions: tuple[float, float, float] = (0.7, 0.2, 0.1)  # train / val / test, by patient
+    split_seed: int = 0
+
+
+@dataclass
+class EngineConfig:
+    """Shared training-loop defaults (chapter 02 onward)."""
+
+    mixed_precision: bool = True  # bf16 autocast on CUDA; fp32 on CPU regardless
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    checkpoint_every: int = tiered(25, 500, 5000)
+    log_every: int = tiered(5, 20, 100)
+    num_workers: int = tiered(0, 2, 8)
+
+
+@dataclass
+class AutoencoderConfig:
+    """Chapter 02: 3D KL-VAE, 2D VQ-VAE, 2D KL-VAE and the mask VAE."""
+
+    vae3d_channels: tuple[int, ...] = tiered((16, 32, 32), (32, 64, 64), (64, 128, 256))
+    vae2d_channels: tuple[int, ...] = tiered((16, 32, 32), (32, 64, 64), (64, 128, 256))
+    latent_channels: int = 4
+    train_steps: int = tiered(60, 2000, 100_000)
+    batch_size: int = tiered(2, 4, 2)
+    lr: float = tiered(2e-4, 1e-4, 1e-4)
+    kl_weight: float = 1e-6
+    perceptual_weight: float = 0.3
+    perceptual_network: str = tiered("off", "astra", "astra")  # off | astra | a MONAI PerceptualLoss network
+    adv_weight: float = 0.01
+    adv_warmup_steps: int = tiered(30, 500, 10_000)
+    vq_num_embeddings: int = tiered(64, 256, 512)
+    vq_embedding_dim: int = 4
+
+
+@dataclass
+class LandConfig:
+    """Chapter 03: LAND, 3D latent diffusion with anatomical masks."""
+
+    unet_channels: tuple[int, ...] = tiered((32, 32, 64, 64, 64), (64, 64, 128, 128, 256), (64, 128, 256, 384, 512))
+    num_res_blocks: int = 2
+    skip: str = "additive"  # additive | concat
+    num_train_timesteps: int = 1000
+    min_snr_gamma: float = 5.0
+    train_steps: int = tiered(40, 5000, 200_000)
+    batch_size: int = 1
+    lr: float = tiered(2e-4, 1e-4, 1e-5)
+    ddim_steps: int = tiered(10, 50, 200)
+
+
+@dataclass
+class BboxLdmConfig:
+    """Chapter 04: 2D LDM with a nodule box mask and LIDC attributes (Mari et al.)."""
+
+    unet_channels: tuple[int, ...] = tiered((32, 64, 64), (64, 128, 128), (128, 256, 512))
+    num_train_timesteps: int = 1000
+    attr_dim: int = 10  # D, one learnable table per attribute
+    attr_hidden: int = 128
+    attr_out_dim: int = 10  # D'
+    train_steps: int = tiered(60, 5000, 150_000)
+    batch_size: int = tiered(8, 16, 16)
+    lr: float = tiered(2e-4, 1e-4, 1e-4)
+    ddim_steps: int = tiered(20, 100, 1000)
+    hu_clip: tuple[float, float] = (-1000.0, 2500.0)
+
+
+@dataclass
+class HrLdmConfig:
+    """Chapter 05: HR-LDM, histogram-regularised latent inpainting."""
+
+    unet_channels: tuple[int, ...] = tiered((32, 64, 64), (64, 128, 128), (128, 256, 512))
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0015
+    beta_end: float = 0.0195
+    hist_bins: int = 40
+    hist_range_hu: tuple[float, float] = (-1000.0, 400.0)
+    hist_weight: float = 10.0
+    train_steps: int = tiered(40, 5000, 100_000)
+    batch_size: int = tiered(2, 4, 4)
+    lr: float = tiered(2e-4, 1e-4, 1e-4)
+    ddim_steps: int = tiered(20, 100, 1000)
+
+
+@dataclass
+class LungDdpmConfig:
+    """Chapter 06: Lung-DDPM, pixel-space 3D DDPM with anatomically aware sampling."""
+
+    unet_channels: tuple[int, ...] = tiered((16, 32, 32), (32, 64, 64), (64, 128, 256))
+    num_train_timesteps: int = 250
+    schedule: str = "cosine"
+    ema_decay: float = 0.995
+    ema_start: int = tiered(10, 500, 2000)
+    ema_every: int = 10
+    train_steps: int = tiered(40, 5000, 100_000)
+    batch_size: int = 1
+    lr: float = tiered(2e-4, 1e-4, 1e-5)
+    blend_from: int = 250  # AAS blends the reference from this step down to 0
+
+
+@dataclass
+class Text2ImgConfig:
+    """Chapter 07: text-to-image LDM of nodule ROIs (Urata et al.)."""
+
+    unet_channels: tuple[int, ...] = tiered((32, 64, 64), (64, 128, 128), (320, 640, 1280, 1280))
+    num_train_timesteps: int = 1000
+    prompt_dropout: float = 0.1
+    guidance_scales: tuple[float, ...] = (5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0)
+    train_steps: int = tiered(60, 5000, 20_000)
+    batch_size: int = tiered(8, 16, 8)
+    lr: float = tiered(2e-4, 1e-4, 1e-6)
+    sample_steps: int = tiered(10, 50, 50)
+
+
+@dataclass
+class SamplingConfig:
+    """Chapter 08: sampling at scale into synthetic datasets."""
+
+    n_samples: int = tiered(4, 32, 1000)
+    batch_size: int = tiered(2, 4, 8)
+
+
+@dataclass
+class EvalConfig:
+    """Chapter 09: one evaluation for every method."""
+
+    feature_network: str = tiered("astra", "astra", "astra")
+    bootstrap: int = tiered(20, 200, 1000)
+    min_samples_warn: int = 50
+
+
+@dataclass
+class DownstreamConfig:
+    """Chapters 10-11: segmentation and classification with synthetic data."""
+
+    synthetic_ratios: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    real_fractions: tuple[float, ...] = (1.0, 0.5, 0.2, 0.1, 0.0)
+    train_steps: int = tiered(40, 2000, 20_000)
+    batch_size: int = tiered(4, 8, 8)
+    lr: float = 1e-4
+    n_runs: int = tiered(2, 3, 5)
+
+
+# --------------------------------------------------------------------------- the whole
+
+
+@dataclass
+class Config:
+    """Everything one profile needs; ``cfg.land.train_steps`` and so on."""
+
+    profile: str = DEFAULT_PROFILE
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    autoencoders: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    land: LandConfig = field(default_factory=LandConfig)
+    bbox_ldm: BboxLdmConfig = field(default_factory=BboxLdmConfig)
+    hr_ldm: HrLdmConfig = field(default_factory=HrLdmConfig)
+    lung_ddpm: LungDdpmConfig = field(default_factory=LungDdpmConfig)
+    text2img: Text2ImgConfig = field(default_factory=Text2ImgConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def resolve_profile(profile: str | None = None) -> str:
+    """``profile``, else ``$LUNGSYNTH_PROFILE``, else ``smoke``; an unknown name is an error."""
+    name = profile or os.environ.get(PROFILE_ENV) or DEFAULT_PROFILE
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; valid profiles: {', '.join(PROFILES)}")
+    return name
+
+
+def _section(cls: type, profile: str) -> Any:
+    values = {}
+    for f in fields(cls):
+        tiers = f.metadata.get("tiers")
+        if tiers is not None:
+            values[f.name] = tiers[profile]
+    return cls(**values)
+
+
+def _coerce(value: Any, current: Any, key: str) -> Any:
+    """Cast an override to the type of the current value (papermill/CLI pass strings and lists)."""
+    if current is None or value is None:
+        return value
+    if isinstance(current, bool):
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"override {key}={value!r}: expected a boolean")
+        return bool(value)
+    if isinstance(current, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+        items = list(value)
+        kind = type(current[0]) if current else str
+        return tuple(kind(v) if not isinstance(v, str) or kind is str else kind(v.strip()) for v in items)
+    try:
+        return type(current)(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"override {key}={value!r}: expected {type(current).__name__}") from exc
+
+
+def apply_overrides(cfg: Config, overrides: Mapping[str, Any] | None) -> Config:
+    """Set dotted keys (``"land.train_steps"``) on a copy of ``cfg``; unknown keys are errors."""
+    cfg = dataclasses.replace(cfg, **{f.name: dataclasses.replace(getattr(cfg, f.name))
+                                      for f in fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))})
+    for key, value in (overrides or {}).items():
+        parts = key.split(".")
+        target: Any = cfg
+        for part in parts[:-1]:
+            if not dataclasses.is_dataclass(target) or not hasattr(target, part):
+                raise KeyError(f"unknown config section {part!r} in override {key!r}; "
+                               f"sections: {', '.join(f.name for f in fields(Config) if f.name not in ('profile', 'seed'))}")
+            target = getattr(target, part)
+        name = parts[-1]
+        if not dataclasses.is_dataclass(target) or name not in {f.name for f in fields(target)} or name == "profile":
+            valid = ", ".join(f.name for f in fields(target)) if dataclasses.is_dataclass(target) else ""
+            raise KeyError(f"unknown config key {key!r}; valid keys here: {valid}")
+        setattr(target, name, _coerce(value, getattr(target, name), key))
+    return cfg
+
+
+def get_config(profile: str | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """The configuration of ``profile`` (default ``$LUNGSYNTH_PROFILE`` or smoke) with overrides."""
+    name = resolve_profile(profile)
+    sections = {f.name: _section(f.default_factory, name)  # type: ignore[misc]
+                for f in fields(Config) if f.default_factory is not dataclasses.MISSING}
+    cfg = Config(profile=name, **sections)
+    return apply_overrides(cfg, overrides)
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, str]:
+    """``["land.train_steps=10", ...]`` from the command line into a dict."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def profile_table(keys: tuple[str, ...] = ("data.size_3d", "data.spacing_3d_mm", "data.size_ddpm", "data.size_2d",
+                                            "data.n_scans", "autoencoders.train_steps", "land.train_steps",
+                                            "land.ddim_steps", "lung_ddpm.train_steps")) -> list[dict[str, Any]]:
+    """Rows ``{"setting": key, "smoke": v, "course": v, "full": v}`` to compare the profiles."""
+    configs = {name: get_config(name) for name in PROFILES}
+    rows = []
+    for key in keys:
+        row: dict[str, Any] = {"setting": key}
+        for name, cfg in configs.items():
+            value: Any = cfg
+            for part in key.split("."):
+                value = getattr(value, part)
+            row[name] = value
+        rows.append(row)
+    return rows

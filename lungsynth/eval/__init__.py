@@ -1,0 +1,10 @@
+"""One evaluation for every method (chapter 09).
+
+- :mod:`lungsynth.eval.features`     feature networks (packaged I3ResNet-152 chest-CT encoder, 2.5D
+  slices, a small 2D net), each returning ``(features [N, D] float64, network name)``;
+- :mod:`lungsynth.eval.distribution` FID, KID and MMD with bootstrap confidence intervals;
+- :mod:`lungsynth.eval.fidelity`     MS-SSIM diversity, masked MSE / PSNR / SSIM / MAE, HU-histogram JSD,
+  nodule Dice.
+
+Submodules import numpy/torch; import them directly.
+"""

@@ -1,0 +1,76 @@
+"""Where runs, datasets and checkpoints live.
+
+Everything generated goes under one home directory: ``$LUNGSYNTH_HOME`` when set,
+else the repository checkout (when lungsynth is installed from one), else
+``~/.lungsynth``. Layout::
+
+    <home>/data/generated/phantom_dicom/        the embedded default DICOM (all profiles)
+    <home>/data/generated/<profile>/prepared/   prepared NIfTI + manifest + splits
+    <home>/runs/<profile>/<run>/                one folder per run: checkpoints, logs, run.json
+
+The shipped tables (``data/*.csv``) live in the repository's ``data/`` folder.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+HOME_ENV = "LUNGSYNTH_HOME"
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_DIR = PACKAGE_DIR.parent
+
+
+def _is_checkout(path: Path) -> bool:
+    return (path / "pyproject.toml").is_file() and (path / "lungsynth").is_dir()
+
+
+def home() -> Path:
+    """The root of everything lungsynth writes."""
+    env = os.environ.get(HOME_ENV)
+    if env:
+        return Path(env).expanduser().resolve()
+    if _is_checkout(REPO_DIR):
+        return REPO_DIR
+    return Path.home() / ".lungsynth"
+
+
+def shipped_data_dir() -> Path:
+    """The repository's ``data/`` folder with the derived tables that ship (read-only)."""
+    return REPO_DIR / "data"
+
+
+def notebooks_dir() -> Path:
+    return REPO_DIR / "notebooks"
+
+
+def generated_dir() -> Path:
+    return home() / "data" / "generated"
+
+
+def phantom_dicom_dir() -> Path:
+    """DICOM root of the embedded phantom default (pylidc layout)."""
+    return generated_dir() / "phantom_dicom"
+
+
+def prepared_dir(profile: str) -> Path:
+    """The prepared dataset of ``profile`` (NIfTI volumes, manifest, splits)."""
+    return generated_dir() / profile / "prepared"
+
+
+def runs_dir(profile: str) -> Path:
+    return home() / "runs" / profile
+
+
+def run_dir(profile: str, name: str, create: bool = True) -> Path:
+    """``<home>/runs/<profile>/<name>``, e.g. ``run_dir("smoke", "02_vae3d")``."""
+    path = runs_dir(profile) / name
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def ensure_dir(path: Path | str) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path

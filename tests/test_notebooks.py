@@ -1,0 +1,66 @@
+"""The notebook conventions of DESIGN.md, enforced on every chapter."""
+
+import json
+import re
+
+import pytest
+
+from lungsynth import paths
+from lungsynth.course import chapters
+
+CHAPTERS = chapters(paths.notebooks_dir())
+MAX_CODE_LINES = 30
+
+
+def _cells(chapter):
+    return json.loads(chapter.path.read_text())["cells"]
+
+
+def _text(cell):
+    return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+
+
+def test_chapters_are_numbered_without_gaps():
+    numbers = [int(c.number) for c in CHAPTERS]
+    assert numbers == list(range(len(numbers))), f"chapter numbers have gaps: {numbers}"
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda c: c.name)
+def test_opens_with_title_lessons_and_needs(chapter):
+    first = _cells(chapter)[0]
+    assert first["cell_type"] == "markdown"
+    text = _text(first)
+    assert re.match(rf"# {chapter.number} — \S", text), "first cell must be the title '# NN — Title'"
+    assert "What you will learn" in text and "Needs" in text
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda c: c.name)
+def test_has_a_papermill_parameters_cell(chapter):
+    tagged = [c for c in _cells(chapter) if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1, "exactly one code cell tagged 'parameters'"
+    assert "PROFILE" in _text(tagged[0]) and "OVERRIDES" in _text(tagged[0])
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda c: c.name)
+def test_links_to_the_next_chapter(chapter):
+    index = CHAPTERS.index(chapter)
+    last = _text([c for c in _cells(chapter) if c["cell_type"] == "markdown"][-1])
+    if index + 1 < len(CHAPTERS):
+        nxt = CHAPTERS[index + 1]
+        assert f"({nxt.path.name})" in last and "Next" in last, f"last cell must link to {nxt.path.name}"
+    assert "Summary" in last or "summary" in last
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda c: c.name)
+def test_code_cells_are_short(chapter):
+    for i, cell in enumerate(_cells(chapter)):
+        if cell["cell_type"] == "code":
+            lines = len(_text(cell).splitlines())
+            assert lines <= MAX_CODE_LINES, f"cell {i} has {lines} lines; move the code into lungsynth/"
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda c: c.name)
+def test_outputs_stripped_or_nbval_consistent(chapter):
+    for i, cell in enumerate(_cells(chapter)):
+        if cell["cell_type"] == "code" and cell.get("outputs"):
+            assert cell.get("execution_count") is not None, f"cell {i} keeps outputs without an execution count"
