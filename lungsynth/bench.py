@@ -13,7 +13,14 @@ from contextlib import contextmanager
 from typing import Iterator
 
 # name -> "module:function"
-BENCHMARKS: dict[str, str] = {}
+BENCHMARKS: dict[str, str] = {
+    "data": "lungsynth.data.bench:bench_data",
+    "vae": "lungsynth.autoencoders_cli:bench_vae",
+    "land": "lungsynth.methods.land:bench_land",
+    "lung-ddpm": "lungsynth.methods.lung_ddpm:bench_lung_ddpm",
+    "hr-ldm": "lungsynth.methods.hr_ldm.bench:bench_hr_ldm",
+    "bbox-ldm": "lungsynth.methods.bbox_ldm.bench:bench_bbox_ldm",
+}
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -13,6 +13,14 @@ import sys
 # (module, what it adds). Order is the order of ``lungsynth --help``.
 COMMAND_MODULES: tuple[str, ...] = (
     "lungsynth.course",
+    "lungsynth.data.cli",
+    "lungsynth.autoencoders_cli",
+    "lungsynth.methods.land",
+    "lungsynth.methods.bbox_ldm",
+    "lungsynth.methods.hr_ldm",
+    "lungsynth.methods.lung_ddpm",
+    "lungsynth.sampling.synth",
+    "lungsynth.eval.report",
     "lungsynth.bench",
 )
 

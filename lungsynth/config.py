@@ -42,6 +42,7 @@ class DataConfig:
     n_scans: int = tiered(12, 40, 1018)  # scans rendered/prepared (full: every scan with DICOM)
     phantom_seed: int = 0
     phantom_noise_hu: float = 20.0  # std of CT noise in the phantom
+    phantom_render_matrix: int = tiered(128, 256, 256)  # in-plane matrix the phantom anatomy is drawn on
     spacing_3d_mm: float = tiered(4.0, 2.0, 1.0)  # isotropic spacing of the 3D views
     size_3d: int = tiered(64, 128, 256)  # cube side of the 3D volumes (LAND, HR-LDM)
     size_ddpm: int = tiered(32, 64, 128)  # cube side of Lung-DDPM volumes
@@ -84,21 +85,47 @@ class AutoencoderConfig:
     adv_warmup_steps: int = tiered(30, 500, 10_000)
     vq_num_embeddings: int = tiered(64, 256, 512)
     vq_embedding_dim: int = 4
+    vq_commitment_cost: float = 0.25
+    vq_decay: float = tiered(0.5, 0.9, 0.99)  # EMA codebook decay (fast adaptation in short runs)
+    vqvae2d_channels: tuple[int, ...] = tiered((32, 64), (64, 128), (128, 256))  # two stride-2 levels: x4
+    maskvae_channels: tuple[int, ...] = tiered((8, 16, 16), (16, 32, 32), (32, 64, 64))
+    mask_latent_channels: int = 4
+    patch_3d: int = tiered(32, 64, 128)  # 3D autoencoders train on random cubes (fully convolutional)
+    foreground_crop_prob: float = 0.5  # share of 3D training cubes centred on a nodule voxel
+    train_steps_2d: int = tiered(150, 5000, 100_000)
+    batch_size_2d: int = tiered(8, 16, 32)
+    disc_channels: int = tiered(16, 32, 64)
+    disc_layers: int = 3
+    val_every: int = tiered(30, 250, 2500)
+    sliding_roi: int = tiered(64, 128, 128)  # window (image voxels) of sliding encode/decode; larger inputs only
+    sliding_overlap: float = 0.25
+    scale_factor_items: int = 16  # training items encoded to estimate the latent scale factor
 
 
 @dataclass
 class LandConfig:
     """Chapter 03: LAND, 3D latent diffusion with anatomical masks."""
 
-    unet_channels: tuple[int, ...] = tiered((32, 32, 64, 64, 64), (64, 64, 128, 128, 256), (64, 128, 256, 384, 512))
+    unet_channels: tuple[int, ...] = tiered((16, 16, 32, 32, 32), (64, 64, 128, 128, 256), (64, 128, 256, 384, 512))
     num_res_blocks: int = 2
+    attention_levels: tuple[bool, ...] = (False, False, True, True, True)  # cross-attention at the 3 deepest levels
+    num_head_channels: int = 32
     skip: str = "additive"  # additive | concat
+    context_dim: int = tiered(32, 128, 256)  # width of the mask tokens (cross-attention)
+    token_grid: int = tiered(4, 4, 8)  # grid^3 mask tokens
+    token_hidden: int = tiered(16, 32, 64)
     num_train_timesteps: int = 1000
+    schedule: str = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 2e-2
     min_snr_gamma: float = 5.0
-    train_steps: int = tiered(40, 5000, 200_000)
+    train_steps: int = tiered(30, 5000, 200_000)
     batch_size: int = 1
-    lr: float = tiered(2e-4, 1e-4, 1e-5)
+    lr: float = tiered(1e-3, 1e-4, 1e-5)
+    sampler: str = "ddim"  # default sampler of sample(): ddim | ddpm
     ddim_steps: int = tiered(10, 50, 200)
+    ddpm_steps: int = tiered(20, 1000, 1000)  # DDPM reverse steps (< T respaces the betas; T = the paper's 1000)
+    n_eval_samples: int = tiered(3, 16, 100)  # generated volumes per variant for Table 1
 
 
 @dataclass
@@ -110,11 +137,12 @@ class BboxLdmConfig:
     attr_dim: int = 10  # D, one learnable table per attribute
     attr_hidden: int = 128
     attr_out_dim: int = 10  # D'
-    train_steps: int = tiered(60, 5000, 150_000)
+    train_steps: int = tiered(80, 5000, 150_000)
     batch_size: int = tiered(8, 16, 16)
-    lr: float = tiered(2e-4, 1e-4, 1e-4)
+    lr: float = tiered(1e-3, 1e-4, 1e-4)  # smoke: a high rate so tens of steps already show anatomy
     ddim_steps: int = tiered(20, 100, 1000)
     hu_clip: tuple[float, float] = (-1000.0, 2500.0)
+    mask_grid: int = 4  # the mask becomes mask_grid^2 cross-attention tokens (configs 2, 3)
 
 
 @dataclass
@@ -132,13 +160,27 @@ class HrLdmConfig:
     batch_size: int = tiered(2, 4, 4)
     lr: float = tiered(2e-4, 1e-4, 1e-4)
     ddim_steps: int = tiered(20, 100, 1000)
+    sampler: str = tiered("ddim", "ddim", "ddpm")  # ddpm with ddim_steps=1000 is the paper's Algorithm 2
+    num_res_blocks: int = tiered(1, 2, 2)
+    attention_levels: tuple[bool, ...] = tiered((False, True, True), (False, True, True), (False, False, True))
+    context_dim: int = tiered(32, 64, 256)  # width of the histogram token for cross-attention
+    hist_hidden: int = tiered(64, 128, 256)  # MLP (SiLU) hidden width of the histogram encoder
+    lr_power: float = 1.0  # polynomial LR decay power
+    anchor_noise_background: bool = True  # Algorithm 2: re-anchor to q(z_bg, t-1); False pastes z_bg clean
+    lung_erosion_mm: float = 4.0  # candidate centres keep this margin (plus the nodule radius) to the pleura
+    n_cache: int = tiered(48, 400, 0)  # training crops encoded once into the latent cache (0 = all)
+    eval_per_subtype: int = tiered(4, 32, 200)  # generated nodules per subtype in evaluate()
 
 
 @dataclass
 class LungDdpmConfig:
     """Chapter 06: Lung-DDPM, pixel-space 3D DDPM with anatomically aware sampling."""
 
-    unet_channels: tuple[int, ...] = tiered((16, 32, 32), (32, 64, 64), (64, 128, 256))
+    # Med-DDPM/Lung-DDPM U-Net at 128^3: 64 base channels, multipliers (1, 1, 2, 3, 4), attention at 16^3
+    unet_channels: tuple[int, ...] = tiered((16, 32, 32), (32, 64, 64, 128), (64, 64, 128, 192, 256))
+    attention_at: tuple[int, ...] = tiered((2,), (3,), (3,))  # U-Net levels with self-attention
+    num_res_blocks: int = 1
+    layout_encoding: str = "onehot"  # onehot (3 channels; 2 without the lung) | scaled (1 channel in [-1, 1])
     num_train_timesteps: int = 250
     schedule: str = "cosine"
     ema_decay: float = 0.995
@@ -148,6 +190,9 @@ class LungDdpmConfig:
     batch_size: int = 1
     lr: float = tiered(2e-4, 1e-4, 1e-5)
     blend_from: int = 250  # AAS blends the reference from this step down to 0
+    sample_steps: int = tiered(20, 250, 250)  # reverse steps (the paper: all 250; fewer = respaced DDPM)
+    eval_split: str = tiered("val", "test", "test")
+    n_eval: int = tiered(3, 16, 100)  # volumes sampled per ablation row
 
 
 @dataclass
@@ -160,8 +205,14 @@ class Text2ImgConfig:
     guidance_scales: tuple[float, ...] = (5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0)
     train_steps: int = tiered(60, 5000, 20_000)
     batch_size: int = tiered(8, 16, 8)
-    lr: float = tiered(2e-4, 1e-4, 1e-6)
+    lr: float = tiered(2e-4, 1e-4, 1e-4)  # from scratch; fine-tuning uses pretrained_lr
     sample_steps: int = tiered(10, 50, 50)
+    sampler: str = "ddim"  # ddim | pndm
+    layers_per_block: int = tiered(1, 2, 2)
+    attention_head_dim: int = 8
+    pretrained_lr: float = 1e-6  # fine-tuning a local Stable Diffusion U-Net, as the paper
+    n_eval_samples: int = tiered(8, 64, 500)  # generated ROIs per guidance scale
+    classifier_steps: int = tiered(60, 1000, 5000)  # attribute-recovery classifier on real ROIs
 
 
 @dataclass
@@ -179,6 +230,10 @@ class EvalConfig:
     feature_network: str = tiered("astra", "astra", "astra")
     bootstrap: int = tiered(20, 200, 1000)
     min_samples_warn: int = 50
+    n_samples: int = tiered(6, 32, 500)  # synthetic samples per method for the leaderboard (heldout conditions)
+    slice_net_steps: int = tiered(60, 300, 2000)  # rotation-training steps of the 2D feature net (slice/ROI methods)
+    memorization_percentile: float = 5.0  # flag synthetic samples closer to train than this percentile of held-out
+    dice_threshold_hu: float = -500.0  # generated-nodule threshold for Dice against the condition mask
 
 
 @dataclass

@@ -105,6 +105,18 @@ def _import_pylidc() -> types.ModuleType:
         scan_module = sys.modules["pylidc.Scan"]  # the package attribute is shadowed by the class
         scan_module._get_dicom_file_path_from_config_file = _dicom_root
         scan_module._get_config_file = lambda: "<lungsynth dicom root (see lungsynth.data.lidc)>"
+        # Scan.slice_zvals re-sorts the zvals relationship on every access, and every
+        # Contour.to_matrix reads it: cache it per instance (the database is read only).
+        original = pl.Scan.slice_zvals.fget
+
+        def _cached_slice_zvals(self: Any) -> np.ndarray:
+            cached = self.__dict__.get("_lungsynth_zvals")
+            if cached is None:
+                cached = original(self)
+                object.__setattr__(self, "_lungsynth_zvals", cached)
+            return cached
+
+        pl.Scan.slice_zvals = property(_cached_slice_zvals, doc=pl.Scan.slice_zvals.__doc__)
         pl._lungsynth_patched = True  # type: ignore[attr-defined]
         return pl
 

@@ -1,0 +1,96 @@
+"""The prepared dataset's tables: scans.csv, nodules.csv, skipped.csv, splits.json; prompts.
+
+Built from the per-scan records (``P/records/<scan_id>.json``) so the manifest is always
+consistent with what is on disk. Splits are by patient (no patient in two splits) and
+deterministic for ``cfg.data.split_seed``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+SCAN_COLUMNS = ("scan_id", "patient_id", "split", "ct", "lung", "label", "cond", "hrmask", "spacing_mm", "shape",
+                "n_nodules", "source")
+NODULE_COLUMNS = ("nodule_id", "scan_id", "patient_id", "split", "label_value", "centroid_vox_x", "centroid_vox_y",
+                  "centroid_vox_z", "diameter_mm", "volume_mm3", "texture", "subtype", "subtype_id", "sphericity",
+                  "margin", "lobulation", "spiculation", "calcification", "internal_structure", "subtlety",
+                  "malignancy", "reader_scores")
+ATTRIBUTES = ("sphericity", "margin", "lobulation", "spiculation", "texture")  # chapter 04's five
+
+
+def patient_splits(patients: Sequence[str], fractions: Sequence[float] = (0.7, 0.2, 0.1),
+                   seed: int = 0) -> dict[str, list[str]]:
+    """Patient ids -> {"train", "val", "test"}; with >= 3 patients each split gets at least one."""
+    pats = sorted(set(patients))
+    rng = np.random.default_rng(seed)
+    order = [pats[i] for i in rng.permutation(len(pats))]
+    n = len(order)
+    f = np.asarray(fractions, dtype=float) / sum(fractions)
+    n_val, n_test = int(round(f[1] * n)), int(round(f[2] * n))
+    if n >= 3:
+        n_val, n_test = max(n_val, 1), max(n_test, 1)
+    n_val = min(n_val, n)
+    n_test = min(n_test, n - n_val)
+    return {"train": sorted(order[n_val + n_test:]), "val": sorted(order[:n_val]),
+            "test": sorted(order[n_val:n_val + n_test])}
+
+
+def read_records(prepared: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted((Path(prepared) / "records").glob("*.json"))]
+
+
+def write_manifest(prepared: Path | str, cfg: Any) -> None:
+    """(Re)write scans.csv, nodules.csv, skipped.csv and splits.json from the records."""
+    import pandas as pd
+
+    from lungsynth.runtime import write_json_atomic
+
+    prepared = Path(prepared)
+    recs = read_records(prepared)
+    done = [r for r in recs if r["status"] == "done"]
+    splits = patient_splits([r["scan"]["patient_id"] for r in done], cfg.data.split_fractions, cfg.data.split_seed)
+    split_of = {p: s for s, ps in splits.items() for p in ps}
+    scans = pd.DataFrame([{**r["scan"], "split": split_of[r["scan"]["patient_id"]]} for r in done])
+    nods = pd.DataFrame([{**n, "split": split_of[n["patient_id"]]} for r in done for n in r["nodules"]])
+    skipped = [s for r in done for s in r.get("skipped", [])]
+    skipped += [{"scan_id": r["scan"]["scan_id"], "what": "scan", "reason": r["reason"]}
+                for r in recs if r["status"] == "skipped"]
+    if scans.empty:
+        scans = pd.DataFrame(columns=SCAN_COLUMNS)
+    if nods.empty:
+        nods = pd.DataFrame(columns=NODULE_COLUMNS)
+    scans = scans[list(SCAN_COLUMNS) + [c for c in scans.columns if c not in SCAN_COLUMNS]]
+    nods = nods[list(NODULE_COLUMNS) + [c for c in nods.columns if c not in NODULE_COLUMNS]]
+    for name, df in (("scans.csv", scans), ("nodules.csv", nods),
+                     ("skipped.csv", pd.DataFrame(skipped, columns=["scan_id", "what", "reason"]))):
+        tmp = prepared / f".tmp_{name}"
+        df.to_csv(tmp, index=False)
+        tmp.replace(prepared / name)
+    write_json_atomic(prepared / "splits.json", splits)
+
+
+# --------------------------------------------------------------------------- prompts (chapter 07)
+
+_WORDS = {
+    "sphericity": {1: "linear", 2: "ovoid-linear", 3: "ovoid", 4: "ovoid-round", 5: "round"},
+    "margin": {1: "poorly defined margin", 2: "ill-defined margin", 3: "moderately defined margin",
+               4: "well-defined margin", 5: "sharp margin"},
+    "texture": {1: "ground-glass", 2: "mostly ground-glass", 3: "part-solid", 4: "mostly solid", 5: "solid"},
+    "spiculation": {1: "no spiculation", 2: "nearly no spiculation", 3: "medium spiculation",
+                    4: "near marked spiculation", 5: "marked spiculation"},
+    "calcification": {1: "popcorn calcification", 2: "laminated calcification", 3: "solid calcification",
+                      4: "non-central calcification", 5: "central calcification", 6: "no calcification"},
+}
+
+
+def nodule_prompt(scores: Mapping[str, Any]) -> str:
+    """A text prompt from LIDC scores (sphericity, margin, texture, spiculation, calcification)."""
+    def w(name: str) -> str:
+        return _WORDS[name].get(int(round(float(scores[name]))), "")
+
+    return (f"a chest CT image of a {w('texture')} {w('sphericity')} lung nodule with a {w('margin')}, "
+            f"{w('spiculation')} and {w('calcification')}")

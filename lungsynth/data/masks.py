@@ -1,0 +1,109 @@
+"""Lung masks: a classical pipeline, with a hook for lungmask / TotalSegmentator when available.
+
+Classical (:func:`classical_lung_mask`), on an isotropic HU volume [D, H, W]:
+
+1. air = HU < -400; air components touching the in-plane border are outside the body;
+2. the airways are removed by region growing (HU < -950) from a seed in the trachea found in
+   the most superior slices, unless the grown region leaks into the lungs;
+3. the largest one or two components are kept (two when the second is at least 10% of the
+   first: left and right lung);
+4. morphological closing and slice-wise hole filling bring vessels, juxtapleural and solid
+   nodules inside the mask.
+
+:func:`lung_mask` tries a learned model first when ``method="auto"`` and the package with
+its weights is installed (lungmask, TotalSegmentator); they download weights on first use,
+which fails offline, so any failure falls back to the classical mask and says so.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+
+def _ball(radius: int) -> np.ndarray:
+    r = np.arange(-radius, radius + 1)
+    return (r[:, None, None] ** 2 + r[None, :, None] ** 2 + r[None, None, :] ** 2) <= radius ** 2
+
+
+def remove_airways(candidate: np.ndarray, hu: np.ndarray, spacing_mm: float,
+                   threshold: float = -950.0) -> np.ndarray:
+    """Airway voxels (bool [D, H, W]) grown from the trachea; empty when no trachea is found."""
+    D, H, W = hu.shape
+    air = candidate & (hu < threshold)
+    top = max(1, int(round(30.0 / spacing_mm)))  # superior 3 cm (axis 0 is head -> feet)
+    lab, n = ndimage.label(air)
+    if n == 0:
+        return np.zeros_like(candidate)
+    best, best_score = 0, np.inf
+    for idx in np.unique(lab[:top]):
+        if idx == 0:
+            continue
+        zz, yy, xx = np.nonzero(lab[:top] == idx)
+        off = abs(xx.mean() - W / 2) / W
+        if off > 0.15:
+            continue
+        if off < best_score:
+            best, best_score = idx, off
+    if best == 0:
+        return np.zeros_like(candidate)
+    airway = lab == best
+    if airway.sum() > 0.05 * candidate.sum():  # leaked into the lungs: keep only the superior part
+        return np.zeros_like(candidate)
+    return ndimage.binary_dilation(airway, iterations=1)
+
+
+def classical_lung_mask(hu: np.ndarray, spacing_mm: float) -> np.ndarray:
+    """Lung mask (bool [D, H, W]) of an isotropic HU volume [D, H, W] at ``spacing_mm``."""
+    air = hu < -400
+    lab, n = ndimage.label(air)
+    border = np.unique(np.concatenate([lab[:, 0, :].ravel(), lab[:, -1, :].ravel(),
+                                       lab[:, :, 0].ravel(), lab[:, :, -1].ravel()]))
+    outside = np.isin(lab, border[border > 0])
+    candidate = air & ~outside
+    candidate &= ~remove_airways(candidate, hu, spacing_mm)
+    candidate = ndimage.binary_opening(candidate, iterations=1) if spacing_mm < 3 else candidate
+    lab, n = ndimage.label(candidate)
+    if n == 0:
+        return np.zeros_like(candidate)
+    sizes = ndimage.sum(candidate, lab, index=np.arange(1, n + 1))
+    order = np.argsort(sizes)[::-1]
+    min_size = 1000.0 / spacing_mm ** 3  # a second lung of at least 1 ml
+    keep = [order[0] + 1]
+    if n > 1 and sizes[order[1]] >= 0.1 * sizes[order[0]] and sizes[order[1]] > min_size:
+        keep.append(order[1] + 1)
+    lung = np.isin(lab, keep)
+    radius = max(1, int(round(6.0 / spacing_mm)))
+    pad = radius + 1
+    padded = np.pad(lung, pad)
+    padded = ndimage.binary_closing(padded, structure=_ball(radius))
+    lung = padded[pad:-pad, pad:-pad, pad:-pad]
+    for d in range(lung.shape[0]):
+        lung[d] = ndimage.binary_fill_holes(lung[d])
+    return lung
+
+
+def _learned_lung_mask(hu: np.ndarray, spacing_mm: float) -> np.ndarray:
+    """lungmask's U-Net (R231) when installed with its weights; raises when unavailable."""
+    import importlib
+
+    lm = importlib.import_module("lungmask")
+    import SimpleITK as sitk  # lungmask's own dependency
+
+    img = sitk.GetImageFromArray(hu.astype(np.int16))
+    img.SetSpacing((spacing_mm,) * 3)
+    seg = lm.LMInferer().apply(img) if hasattr(lm, "LMInferer") else lm.mask.apply(img)
+    return np.asarray(seg) > 0
+
+
+def lung_mask(hu: np.ndarray, spacing_mm: float, method: str = "classical") -> tuple[np.ndarray, str]:
+    """(lung mask bool [D, H, W], method used). ``method``: classical | auto | lungmask."""
+    if method in ("auto", "lungmask"):
+        try:
+            return _learned_lung_mask(hu, spacing_mm), "lungmask"
+        except Exception as exc:  # missing package or weights (offline): fall back, say so
+            if method == "lungmask":
+                raise ValueError(f"lungmask is not usable here ({exc}); use --lung-mask classical") from exc
+    if method not in ("auto", "classical", "lungmask"):
+        raise ValueError(f"unknown lung mask method {method!r}: classical | auto | lungmask")
+    return classical_lung_mask(hu, spacing_mm), "classical"

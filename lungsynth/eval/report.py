@@ -1,0 +1,376 @@
+"""The leaderboard (chapter 09): every trained method on the same held-out real reference, one table.
+
+For each method in :data:`lungsynth.sampling.registry.METHODS` that has a trained run (or, with
+``train_missing``, after training it), :func:`evaluate_method`:
+
+1. samples ``cfg.evaluation.n_samples`` items with conditions from the real **test** split
+   (``lungsynth synth``; resumable, so a second evaluation reuses them), timing each sample;
+2. loads the real reference in the method's unit (test split: volumes, slices, ROIs or crops; a real
+   reference of another size is resampled to the synthetic one) and the training split;
+3. computes FID / KID / MMD with bootstrap CIs on features of a named network (3D: ``cfg.evaluation
+   .feature_network``; 2D: a slice net trained on the real training images by rotation prediction),
+   MS-SSIM diversity (synthetic and real), masked MSE in the lung against the paired real volume
+   (volume methods: the scan whose masks conditioned the sample), HU-histogram JSD of nodule voxels by
+   subtype, Dice of the generated nodule against the condition mask, the memorisation audit's flag rate
+   (feature space and voxel space), time per sample and peak memory.
+
+Methods of different units are compared on their own unit's reference (a 2D FID is not a 3D FID:
+the ``network`` column says which). :func:`write_leaderboard` writes ``runs/<profile>/leaderboard.{md,csv,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+SUBTYPE_NAMES = ("solid", "part-solid", "ground-glass")
+COLUMNS = ("method", "variant", "unit", "n_synthetic", "n_real", "network", "fid", "fid_ci", "kid", "kid_ci",
+           "mmd", "mmd_ci", "ms_ssim", "ms_ssim_real", "masked_mse", "jsd_solid", "jsd_part-solid",
+           "jsd_ground-glass", "dice", "memorization_flag_rate", "memorization_p", "memorization_flag_rate_voxel",
+           "s_per_sample", "peak_memory_mb")
+
+
+@dataclass
+class MethodEvaluation:
+    """One method's row plus what the figures need."""
+
+    row: dict[str, Any]
+    synthetic: np.ndarray  # [N, ...] HU images as generated
+    train: np.ndarray  # [M, ...] real training images (HU, resampled to the synthetic size)
+    reference: np.ndarray  # [K, ...] real test images
+    memorization: Any  # MemorizationResult (feature space)
+    memorization_voxel: Any
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _image_key(unit: str) -> str:
+    return "ct" if unit in ("volume", "crop") else "image"
+
+
+def _mask_key(unit: str) -> str | None:
+    return {"volume": "label", "crop": "mask", "slice": "mask"}.get(unit)
+
+
+def _resize(arrs: np.ndarray, shape: Sequence[int], kind: str) -> np.ndarray:
+    """[N, ...spatial] -> [N, *shape] (trilinear/bilinear for images, max-pool / nearest for masks)."""
+    import torch
+    import torch.nn.functional as F
+
+    if tuple(arrs.shape[1:]) == tuple(shape):
+        return arrs
+    t = torch.from_numpy(np.ascontiguousarray(arrs, dtype=np.float32))[:, None]
+    dims = len(shape)
+    if kind == "image":
+        out = F.interpolate(t, size=tuple(shape), mode="trilinear" if dims == 3 else "bilinear", align_corners=False)
+    elif shape[0] < arrs.shape[1]:
+        out = (F.adaptive_max_pool3d if dims == 3 else F.adaptive_max_pool2d)(t, tuple(shape))
+    else:
+        out = F.interpolate(t, size=tuple(shape), mode="nearest")
+    return out[:, 0].numpy()
+
+
+def load_real(root: Path, unit: str, split: str) -> dict[str, Any]:
+    """Real ``split`` items of ``unit``: ``{"image" [N, ...] HU, "mask" [N, ...] | None, "lung" | None,
+    "subtype" [N], "ids"}``."""
+    from lungsynth.sampling.conditions import _rows, load_arrays
+
+    rows = _rows(Path(root), unit, split)
+    if len(rows) < 2:
+        raise ValueError(f"the {split!r} split of {root} has {len(rows)} {unit} item(s); the leaderboard needs at "
+                         f"least 2 (prepare more scans: cfg.data.n_scans)")
+    arrays = [load_arrays(Path(root), unit, r) for r in rows]
+    return _pack(arrays, unit, [_subtype_of_row(r, root, unit) for r in rows], [str(r.get("nodule_id", r["scan_id"]))
+                                                                            for r in rows])
+
+
+def _subtype_of_row(row: dict[str, Any], root: Path, unit: str) -> int:
+    if unit != "volume":
+        return int(row.get("subtype_id", 0))
+    from lungsynth.data.datasets import load_nodules
+
+    nod = load_nodules(root)
+    sub = nod[nod["scan_id"] == row["scan_id"]]["subtype_id"]
+    return int(sub.iloc[0]) if len(sub) else -1
+
+
+def _pack(arrays: list[dict[str, np.ndarray]], unit: str, subtypes: list[int], ids: list[str]) -> dict[str, Any]:
+    key, mkey = _image_key(unit), _mask_key(unit)
+    out = {"image": np.stack([np.asarray(a[key], np.float32) for a in arrays]), "subtype": np.array(subtypes),
+           "ids": ids, "mask": None, "lung": None}
+    if mkey and all(mkey in a for a in arrays):
+        out["mask"] = np.stack([(np.asarray(a[mkey]) > 0).astype(np.float32) for a in arrays])
+    if all("lung" in a for a in arrays):
+        out["lung"] = np.stack([(np.asarray(a["lung"]) > 0).astype(np.float32) for a in arrays])
+    return out
+
+
+def load_synthetic(out: Path) -> dict[str, Any]:
+    """A synthetic dataset's images, masks, subtypes and provenance records (in sample order)."""
+    from lungsynth.sampling.conditions import load_arrays
+    from lungsynth.sampling.writer import SyntheticWriter
+
+    meta = json.loads((Path(out) / "synth.json").read_text())
+    recs = sorted(SyntheticWriter(out, meta["unit"]).records(), key=lambda r: r["index"])
+    if not recs:
+        raise ValueError(f"{out} holds no finished synthetic samples")
+    unit = meta["unit"]
+    arrays = []
+    for r in recs:
+        row = dict(r["scan"]) if unit == "volume" else {"nodule_id": r["sample_id"]}
+        arrays.append(load_arrays(Path(out), unit, row))
+    subs = [int(r["nodules"][0].get("subtype_id", -1)) if r["nodules"] else -1 for r in recs]
+    packed = _pack(arrays, unit, subs, [r["sample_id"] for r in recs])
+    packed["records"] = recs
+    packed["unit"] = unit
+    return packed
+
+
+# --------------------------------------------------------------------------- features
+
+
+def _to_unit(hu: np.ndarray, cfg: Any) -> np.ndarray:
+    lo, hi = float(cfg.data.hu_min), float(cfg.data.hu_max)
+    return ((np.clip(hu, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+
+
+def features(cfg: Any, unit: str, images_hu: np.ndarray, slice_net: Any = None) -> tuple[np.ndarray, str]:
+    """Feature rows of HU images: 3D units through ``cfg.evaluation.feature_network``; 2D through the slice net."""
+    from lungsynth.eval.features import extract_features, slice_features
+
+    unit_range = (float(cfg.data.hu_min), float(cfg.data.hu_max))
+    if unit in ("slice", "roi"):
+        return slice_features(_to_unit(images_hu, cfg)[:, None], net=slice_net, intensity="unit", seed=cfg.seed)
+    net = cfg.evaluation.feature_network
+    kwargs = {"unit_range": unit_range} if net.startswith("astra") else {}
+    return extract_features(_to_unit(images_hu, cfg), net, "unit", **kwargs)
+
+
+def train_slice_net(cfg: Any, train_hu: np.ndarray):
+    """The 2D feature net of the slice/ROI leaderboard rows, trained on real training images."""
+    from lungsynth.eval.features import train_slice_net as fit
+
+    return fit(_to_unit(train_hu, cfg), int(cfg.evaluation.slice_net_steps), batch_size=16, seed=cfg.seed,
+               progress=False)
+
+
+# --------------------------------------------------------------------------- one method
+
+
+def _ci(m: Any) -> str:
+    return f"[{m.ci_low:.4g}, {m.ci_high:.4g}]" if m.ci_low is not None else ""
+
+
+def _jsd_by_subtype(syn: dict[str, Any], real: dict[str, Any]) -> dict[str, float | None]:
+    from lungsynth.eval.fidelity import hu_histogram_jsd
+
+    out: dict[str, float | None] = {}
+    for sid, name in enumerate(SUBTYPE_NAMES):
+        s_sel, r_sel = syn["subtype"] == sid, real["subtype"] == sid
+        if syn["mask"] is None or real["mask"] is None or not s_sel.any() or not r_sel.any():
+            out[f"jsd_{name}"] = None
+            continue
+        sv = syn["image"][s_sel][syn["mask"][s_sel] > 0.5]
+        rv = real["image"][r_sel][real["mask"][r_sel] > 0.5]
+        out[f"jsd_{name}"] = hu_histogram_jsd(sv, rv) if sv.size and rv.size else None
+    return out
+
+
+def _paired_mse(cfg: Any, syn: dict[str, Any], root: Path) -> float | None:
+    """Masked MSE in the lung (course [0, 1] scale) against the real scan whose masks conditioned each sample."""
+    from lungsynth.data.datasets import load_scans
+    from lungsynth.eval.fidelity import masked_mse
+    from lungsynth.sampling.conditions import load_arrays
+
+    if syn["unit"] != "volume" or syn["lung"] is None:
+        return None
+    scans = load_scans(root).set_index("scan_id")
+    real = []
+    for r in syn["records"]:
+        sid = r.get("condition_scan_id")
+        if not sid or sid not in scans.index:
+            return None
+        real.append(load_arrays(root, "volume", {**scans.loc[sid].to_dict(), "scan_id": sid})["ct"])
+    real_hu = _resize(np.stack(real).astype(np.float32), syn["image"].shape[1:], "image")
+    mse = masked_mse(_to_unit(syn["image"], cfg)[:, None], _to_unit(real_hu, cfg)[:, None], syn["lung"][:, None])
+    return float(mse.mean())
+
+
+def evaluate_method(cfg: Any, method: Any, *, n: int | None = None, real_root: Path | str | None = None,
+                    train_missing: bool = False, out: Path | str | None = None, progress: bool = False,
+                    checkpoint: Path | str | None = None) -> MethodEvaluation:
+    """Sample ``method`` on held-out conditions and compute its leaderboard row (see the module docstring)."""
+    from lungsynth.eval.distribution import evaluate_distribution
+    from lungsynth.eval.fidelity import ms_ssim_diversity, nodule_dice
+    from lungsynth.eval.memorization import audit
+    from lungsynth.sampling.conditions import real_root as find_root
+    from lungsynth.sampling.registry import MethodAdapter, get_method
+    from lungsynth.sampling.synth import synthesize
+
+    adapter = method if isinstance(method, MethodAdapter) else get_method(method)
+    root = find_root(cfg, real_root)
+    n = int(n or cfg.evaluation.n_samples)
+    res = synthesize(cfg, adapter, n, conditions="heldout", out=out, checkpoint=checkpoint,
+                     train_missing=train_missing, real_root=root, progress=progress)
+    syn = load_synthetic(res.out)
+    unit = adapter.unit
+    real = load_real(root, unit, "test")
+    train = load_real(root, unit, "train")
+    shape = syn["image"].shape[1:]
+    for d in (real, train):
+        d["image"] = _resize(d["image"], shape, "image")
+        for k in ("mask", "lung"):
+            if d[k] is not None:
+                d[k] = _resize(d[k], shape, "mask")
+    net = train_slice_net(cfg, train["image"]) if unit in ("slice", "roi") else None
+    f_syn, name = features(cfg, unit, syn["image"], net)
+    f_real, _ = features(cfg, unit, real["image"], net)
+    f_train, _ = features(cfg, unit, train["image"], net)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # small-N warnings: the row carries its n and CIs
+        dist = evaluate_distribution(f_real, f_syn, cfg, network=name, seed=cfg.seed)
+        mem = audit(f_syn, f_train, f_real, network=name, percentile=cfg.evaluation.memorization_percentile)
+        mem_vox = audit(_to_unit(syn["image"], cfg), _to_unit(train["image"], cfg), _to_unit(real["image"], cfg),
+                        space="voxel", percentile=cfg.evaluation.memorization_percentile)
+    div = ms_ssim_diversity(_to_unit(syn["image"], cfg)[:, None], seed=cfg.seed)
+    div_real = ms_ssim_diversity(_to_unit(real["image"], cfg)[:, None], seed=cfg.seed)
+    dice = None
+    if syn["mask"] is not None and all((m > 0.5).any() for m in syn["mask"]):
+        dice = float(nodule_dice(syn["image"][:, None], syn["mask"][:, None], cfg.evaluation.dice_threshold_hu).mean())
+    row = {"method": adapter.name, "variant": adapter.variant, "unit": unit, "n_synthetic": len(syn["image"]),
+           "n_real": len(real["image"]), "network": name,
+           "fid": dist["fid"].value, "fid_ci": _ci(dist["fid"]), "kid": dist["kid"].value, "kid_ci": _ci(dist["kid"]),
+           "mmd": dist["mmd"].value, "mmd_ci": _ci(dist["mmd"]), "ms_ssim": div["mean"], "ms_ssim_real": div_real["mean"],
+           "masked_mse": _paired_mse(cfg, syn, root), **_jsd_by_subtype(syn, real), "dice": dice,
+           "memorization_flag_rate": mem.flag_rate, "memorization_p": mem.p_value,
+           "memorization_flag_rate_voxel": mem_vox.flag_rate, "s_per_sample": res.seconds_per_sample,
+           "peak_memory_mb": res.peak_memory_mb}
+    details = {"distribution": {k: v.as_dict() for k, v in dist.items()}, "memorization": mem.summary(),
+               "memorization_voxel": mem_vox.summary(), "synthetic_dir": str(res.out),
+               "checkpoint": syn["records"][0].get("checkpoint"), "ms_ssim": div, "ms_ssim_real": div_real}
+    return MethodEvaluation(row, syn["image"], train["image"], real["image"], mem, mem_vox, details)
+
+
+# --------------------------------------------------------------------------- all methods
+
+
+def build_leaderboard(cfg: Any, methods: Sequence[str] | None = None, *, n: int | None = None,
+                      train_missing: bool = False, real_root: Path | str | None = None,
+                      progress: bool = False) -> dict[str, MethodEvaluation]:
+    """Evaluate every trained method (or ``methods``); untrained ones are skipped unless ``train_missing``.
+
+    Returns ``{name: MethodEvaluation}`` in registry order; ``{}`` when no method is trained.
+    """
+    from lungsynth.sampling.registry import METHODS, available_methods, get_method
+
+    names = list(methods) if methods else available_methods()
+    out: dict[str, MethodEvaluation] = {}
+    for name in names:
+        adapter = get_method(name) if name in METHODS else None
+        if adapter is None:
+            raise ValueError(f"unknown method {name!r}; registered: {', '.join(METHODS)}")
+        if not train_missing and not adapter.is_trained(cfg):
+            if progress:
+                print(f"leaderboard: skipping {name} (no trained run at {adapter.run_dir(cfg)}; use --train-missing)")
+            continue
+        t0 = time.perf_counter()
+        out[name] = evaluate_method(cfg, adapter, n=n, real_root=real_root, train_missing=train_missing,
+                                    progress=progress)
+        out[name].details["evaluation_seconds"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def leaderboard_markdown(rows: Sequence[dict[str, Any]], profile: str = "") -> str:
+    """The table as GitHub markdown (one row per method; ``-`` where a metric does not apply)."""
+    head = ["method", "unit", "n syn/real", "network", "FID [95% CI]", "KID [95% CI]", "MMD", "MS-SSIM syn (real)",
+            "masked MSE", "JSD solid / part-solid / GGO", "Dice", "memorised (feat / voxel)", "s/sample", "peak MB"]
+    lines = [f"# Leaderboard{f' ({profile})' if profile else ''}", "",
+             "Every method sampled on the held-out (test) conditions and compared with the same real test set "
+             "of its unit. Lower is better for FID/KID/MMD, masked MSE, JSD and memorised; MS-SSIM near the real "
+             "value is best (higher = less diverse).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        name = r["method"] + (f" ({r['variant']})" if r.get("variant") else "")
+        lines.append("| " + " | ".join([
+            name, r["unit"], f"{r['n_synthetic']}/{r['n_real']}", str(r["network"]),
+            f"{_fmt(r['fid'])} {r['fid_ci']}", f"{_fmt(r['kid'])} {r['kid_ci']}", _fmt(r["mmd"]),
+            f"{_fmt(r['ms_ssim'])} ({_fmt(r['ms_ssim_real'])})", _fmt(r["masked_mse"]),
+            " / ".join(_fmt(r[f"jsd_{s}"]) for s in SUBTYPE_NAMES), _fmt(r["dice"]),
+            f"{_fmt(r['memorization_flag_rate'])} / {_fmt(r['memorization_flag_rate_voxel'])}",
+            _fmt(r["s_per_sample"]), _fmt(r["peak_memory_mb"])]) + " |")
+    if not rows:
+        lines.append("| (no trained method found: train one in chapters 03-07 or run `lungsynth evaluate "
+                     "--train-missing`) |" + " |" * (len(head) - 1))
+    return "\n".join(lines) + "\n"
+
+
+def write_leaderboard(results: dict[str, MethodEvaluation] | Sequence[dict[str, Any]], out_dir: Path | str,
+                      profile: str = "") -> dict[str, Path]:
+    """Write ``leaderboard.md``, ``.csv`` and ``.json`` (rows + details) into ``out_dir`` atomically."""
+    import os
+
+    import pandas as pd
+
+    from lungsynth.runtime import write_json_atomic
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if isinstance(results, dict):
+        rows = [e.row for e in results.values()]
+        details = {k: e.details for k, e in results.items()}
+    else:
+        rows, details = list(results), {}
+    paths = {"md": out_dir / "leaderboard.md", "csv": out_dir / "leaderboard.csv", "json": out_dir / "leaderboard.json"}
+    tmp = paths["md"].with_name(".tmp_leaderboard.md")
+    tmp.write_text(leaderboard_markdown(rows, profile))
+    os.replace(tmp, paths["md"])
+    tmp = paths["csv"].with_name(".tmp_leaderboard.csv")
+    pd.DataFrame(rows, columns=list(COLUMNS)).to_csv(tmp, index=False)
+    os.replace(tmp, paths["csv"])
+    write_json_atomic(paths["json"], {"profile": profile, "rows": rows, "details": details})
+    return paths
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """``lungsynth evaluate --profile P [--methods ...] [--train-missing]``."""
+    from lungsynth.cli import add_profile_argument
+
+    p = sub.add_parser("evaluate", help="chapter 09: the leaderboard of every trained method")
+    p.add_argument("--methods", nargs="*", default=None, help="default: every method with a trained run")
+    p.add_argument("--n", type=int, default=None, help="synthetic samples per method (cfg.evaluation.n_samples)")
+    p.add_argument("--train-missing", action="store_true", help="train methods that have no trained run first")
+    p.add_argument("--out", default=None, help="folder of leaderboard.{md,csv,json} (default runs/<profile>)")
+    add_profile_argument(p)
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from lungsynth import paths
+    from lungsynth.config import get_config, parse_overrides
+
+    cfg = get_config(args.profile, parse_overrides(args.overrides))
+    results = build_leaderboard(cfg, args.methods, n=args.n, train_missing=args.train_missing, progress=True)
+    files = write_leaderboard(results, args.out or paths.runs_dir(cfg.profile), cfg.profile)
+    print(files["md"].read_text())
+    print(f"written: {', '.join(str(p) for p in files.values())}")
+    return 0

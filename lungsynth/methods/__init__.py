@@ -1,0 +1,1 @@
+"""The five method chapters (03-07), peers that share everything below them."""

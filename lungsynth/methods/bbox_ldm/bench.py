@@ -1,0 +1,98 @@
+"""``lungsynth bench bbox-ldm``: what each conditioning configuration costs per training step and per sample.
+
+Each (configuration, what) pair runs in its own process (peak RSS never goes down within one); on
+CUDA the peak is ``max_memory_allocated``. Untrained networks of the profile's sizes on random
+latents: speed and memory do not depend on the weights. Ratios are relative to configuration 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from typing import Any
+
+TAG = "BBOXLDMJSON"
+
+
+def _child(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from lungsynth.bench import measure
+    from lungsynth.config import get_config
+    from lungsynth.diffusion.samplers import sample
+    from lungsynth.diffusion.schedules import make_scheduler
+    from lungsynth.methods.bbox_ldm.pipeline import BboxLdmTask
+    from lungsynth.runtime import device
+
+    cfg = get_config(spec["profile"], spec["overrides"])
+    dev = device()
+    torch.manual_seed(0)
+    size = int(spec["size"] or cfg.data.size_2d)
+    lat, c = size // 4, cfg.bbox_ldm
+    task = BboxLdmTask(cfg, spec["config"], latent_channels=4)
+    for m in task.modules().values():
+        m.to(dev)
+    B = int(c.batch_size)
+    mask = torch.zeros(B, 1, lat, lat, device=dev)
+    mask[:, :, lat // 3:lat // 2, lat // 3:lat // 2] = 1
+    batch = {"latent": torch.randn(B, 4, lat, lat, device=dev), "mask": mask,
+             "attributes": torch.randint(1, 6, (B, 5), device=dev)}
+    if spec["what"] == "train":
+        params = [p for m in task.modules().values() for p in m.parameters()]
+        opt = torch.optim.AdamW(params, lr=1e-4)
+
+        def once() -> None:
+            task.training_step(batch, 0)["loss"].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    else:
+        sched = make_scheduler("ddim", c.num_train_timesteps, "linear", "epsilon")
+        for m in task.modules().values():
+            m.eval()
+
+        def once() -> None:
+            with torch.no_grad():
+                ctx = task.context(mask[:1], batch["attributes"][:1])
+                cond = {"concat": mask[:1], **({"context": ctx} if ctx is not None else {})}
+                sample(lambda x, t, **kw: task.unet(x, t, **kw), sched, (1, 4, lat, lat), int(c.ddim_steps),
+                       generator=torch.Generator().manual_seed(0), device=dev, condition=cond, progress=False)
+    once()  # warm-up
+    with measure() as m:
+        for _ in range(int(spec["repeats"])):
+            once()
+    return {"seconds": m["seconds"] / int(spec["repeats"]), "peak_mb": m["peak_mb"],
+            "params": sum(p.numel() for mod in task.modules().values() for p in mod.parameters())}
+
+
+def bench_bbox_ldm(args: argparse.Namespace) -> int:
+    """Train step and one latent sample (``ddim_steps``) for configs 1, 2, 3, with ratios to config 1."""
+    from lungsynth.config import get_config, parse_overrides
+
+    overrides = parse_overrides(args.overrides)
+    cfg = get_config(args.profile, overrides)
+    size = int(args.size or cfg.data.size_2d)
+    print(f"bbox-LDM bench ({cfg.profile}): {size}^2 slices (latent {size // 4}^2), U-Net "
+          f"{tuple(cfg.bbox_ldm.unet_channels)}, batch {cfg.bbox_ldm.batch_size}, {cfg.bbox_ldm.ddim_steps} "
+          f"sampling steps, repeats {args.repeats}; one process per number")
+    res: dict[tuple[int, str], dict[str, Any]] = {}
+    for what in ("train", "sample"):
+        for k in (1, 2, 3):
+            spec = {"profile": cfg.profile, "overrides": overrides, "size": size, "config": k, "what": what,
+                    "repeats": args.repeats}
+            proc = subprocess.run([sys.executable, "-c", f"import json,sys; from lungsynth.methods.bbox_ldm.bench "
+                                   f"import _child, TAG; print(TAG + json.dumps(_child(json.loads(sys.argv[1]))))",
+                                   json.dumps(spec)], capture_output=True, text=True)
+            line = [x for x in proc.stdout.splitlines() if x.startswith(TAG)]
+            if proc.returncode != 0 or not line:
+                raise RuntimeError(f"bench child ({k}, {what}) failed:\n{proc.stderr[-2000:]}")
+            res[(k, what)] = json.loads(line[0][len(TAG):])
+    for what, label in (("train", "train step"), ("sample", "one sample")):
+        base = res[(1, what)]
+        for k in (1, 2, 3):
+            r = res[(k, what)]
+            print(f"  {label:>10} config {k}: {r['seconds']:.3f} s ({r['seconds'] / base['seconds']:.2f}x), "
+                  f"peak {r['peak_mb']:.0f} MB ({r['peak_mb'] / base['peak_mb']:.2f}x), "
+                  f"{r['params'] / 1e6:.2f} M params")
+    return 0

@@ -1,0 +1,195 @@
+"""The conditioned denoiser of chapter 04 (Mari et al.): box mask, mask tokens, attribute embedding.
+
+Three configurations decide how the nodule's place and attributes reach the U-Net:
+
+=======  ====================================================================================
+config   condition
+=======  ====================================================================================
+1        the square box mask, max-pooled to the latent grid, concatenated to ``z_t``
+2        (1) + the mask as tokens in cross-attention (:class:`ConditionEncoder`)
+3        (2) + the attribute embedding as one more token (:class:`AttributeEmbedder`)
+=======  ====================================================================================
+
+The attribute embedder is the paper's: one learnable table per attribute (sphericity, margin,
+lobulation, spiculation, texture; scores 1..5) of width D = 10, the five vectors concatenated
+(5 D = 50), two fully connected layers of 128 units with ReLU, then a linear output of D' = 10.
+Every cross-attention token has width D', so the attribute vector enters the U-Net as it is.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ATTRIBUTES: tuple[str, ...] = ("sphericity", "margin", "lobulation", "spiculation", "texture")
+SCORE_MIN, SCORE_MAX = 1, 5
+CONFIGS: tuple[int, ...] = (1, 2, 3)
+CONFIG_NAMES: dict[int, str] = {1: "mask concat", 2: "mask concat + mask cross-attn",
+                                3: "mask concat + mask & attribute cross-attn"}
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def check_config(config: int | str) -> int:
+    """``1 | 2 | 3`` (int or str) -> int; anything else is a ValueError."""
+    try:
+        value = int(config)
+    except (TypeError, ValueError):
+        value = -1
+    if value not in CONFIGS:
+        raise ValueError(f"unknown bbox-LDM configuration {config!r}; use 1 (mask concat), 2 (+ mask "
+                         f"cross-attention) or 3 (+ attribute cross-attention)")
+    return value
+
+
+def validate_attributes(attributes: torch.Tensor | Sequence) -> torch.Tensor:
+    """LIDC scores ``[B, 5]`` (sphericity, margin, lobulation, spiculation, texture), each in 1..5.
+
+    Returns a LongTensor [B, 5]; a wrong shape, a non-integer or a score outside 1..5 is a ValueError.
+    """
+    t = torch.as_tensor(attributes)
+    if t.ndim == 1:
+        t = t[None]
+    if t.ndim != 2 or t.shape[1] != len(ATTRIBUTES):
+        raise ValueError(f"attributes must have shape [B, {len(ATTRIBUTES)}] ({', '.join(ATTRIBUTES)}), "
+                         f"got {tuple(t.shape)}")
+    if t.is_floating_point():
+        if not torch.all(t == t.round()):
+            raise ValueError("attributes must be integer LIDC scores in 1..5; round the reader medians first")
+        t = t.round()
+    t = t.long()
+    bad = (t < SCORE_MIN) | (t > SCORE_MAX)
+    if bool(bad.any()):
+        row, col = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"attribute {ATTRIBUTES[col]} = {int(t[row, col])} (sample {row}) is outside "
+                         f"{SCORE_MIN}..{SCORE_MAX}; LIDC scores are integers from 1 to 5")
+    return t
+
+
+def validate_boxes(boxes: torch.Tensor | Sequence, image_size: int | tuple[int, int]) -> torch.Tensor:
+    """Square boxes ``[B, 3]`` as ``(y0, x0, side)`` in pixels, every one entirely inside the image.
+
+    Returns a LongTensor [B, 3]; a side < 1 or a box reaching outside ``image_size`` is a ValueError.
+    """
+    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    b = torch.as_tensor(boxes)
+    if b.ndim == 1:
+        b = b[None]
+    if b.ndim != 2 or b.shape[1] != 3:
+        raise ValueError(f"boxes must have shape [B, 3] as (y0, x0, side) in pixels, got {tuple(b.shape)}")
+    b = b.round().long()
+    for i, (y0, x0, s) in enumerate(b.tolist()):
+        if s < 1:
+            raise ValueError(f"box {i} has side {s}; a box needs a side of at least 1 pixel")
+        if y0 < 0 or x0 < 0 or y0 + s > h or x0 + s > w:
+            raise ValueError(f"box {i} (y0={y0}, x0={x0}, side={s}) lies outside the {h}x{w} image; "
+                             f"every box must fit entirely inside it")
+    return b
+
+
+def box_masks(boxes: torch.Tensor, image_size: int | tuple[int, int]) -> torch.Tensor:
+    """Boxes [B, 3] (y0, x0, side) -> binary masks [B, 1, H, W] float32 (validated first)."""
+    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    b = validate_boxes(boxes, (h, w))
+    out = torch.zeros(b.shape[0], 1, h, w)
+    for i, (y0, x0, s) in enumerate(b.tolist()):
+        out[i, 0, y0:y0 + s, x0:x0 + s] = 1.0
+    return out
+
+
+def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
+    """Binary box masks [B, 1, H, W] -> boxes [B, 3] (y0, x0, side = the longer extent).
+
+    An empty mask is a ValueError (every training slice holds a nodule)."""
+    out = []
+    for i, m in enumerate(masks[:, 0] > 0.5):
+        ys, xs = torch.nonzero(m, as_tuple=True)
+        if ys.numel() == 0:
+            raise ValueError(f"box mask {i} is empty; every slice of chapter 04 must hold a nodule box")
+        y0, x0 = int(ys.min()), int(xs.min())
+        side = max(int(ys.max()) - y0 + 1, int(xs.max()) - x0 + 1)
+        out.append((y0, x0, side))
+    return torch.tensor(out, dtype=torch.long)
+
+
+def mask_to_latent(mask: torch.Tensor, factor: int) -> torch.Tensor:
+    """Box mask [B, 1, H, W] -> latent grid [B, 1, H/f, W/f] by max-pooling (a small nodule survives)."""
+    if mask.shape[-1] % factor or mask.shape[-2] % factor:
+        raise ValueError(f"mask of size {tuple(mask.shape[-2:])} is not divisible by the autoencoder factor {factor}")
+    return F.max_pool2d(mask.float(), kernel_size=factor, stride=factor)
+
+
+# --------------------------------------------------------------------------- condition encoders
+
+
+class AttributeEmbedder(nn.Module):
+    """Mari et al.'s attribute embedding: LongTensor [B, 5] scores 1..5 -> [B, D'].
+
+    ``tables[k]`` is an ``nn.Embedding(5, D)`` for attribute k (score s -> row s - 1); the five
+    vectors are concatenated (5 D), passed through FC(5D -> 128) + ReLU, FC(128 -> 128) + ReLU and a
+    linear output FC(128 -> D').
+    """
+
+    def __init__(self, dim: int = 10, hidden: int = 128, out_dim: int = 10,
+                 attributes: Sequence[str] = ATTRIBUTES, n_scores: int = SCORE_MAX) -> None:
+        super().__init__()
+        self.attributes = tuple(attributes)
+        self.tables = nn.ModuleList([nn.Embedding(n_scores, dim) for _ in self.attributes])
+        self.mlp = nn.Sequential(nn.Linear(dim * len(self.attributes), hidden), nn.ReLU(),
+                                 nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
+        self.out_dim = out_dim
+
+    def forward(self, attributes: torch.Tensor) -> torch.Tensor:
+        """[B, 5] LongTensor of scores 1..5 -> [B, D'] float."""
+        idx = validate_attributes(attributes).to(self.tables[0].weight.device) - SCORE_MIN
+        parts = [table(idx[:, k]) for k, table in enumerate(self.tables)]
+        return self.mlp(torch.cat(parts, dim=1))
+
+
+class ConditionEncoder(nn.Module):
+    """The cross-attention context of configurations 2 and 3.
+
+    ``forward(mask_latent [B, 1, h, w], attributes [B, 5] | None) -> context [B, N, D']``: the mask as
+    ``grid^2`` tokens (the shared :class:`lungsynth.nn.conditioning.MaskTokenizer`, 2D: a small conv
+    lift, max- and average-pooled to a grid x grid map, projected to D' with learned positions),
+    followed (config 3) by the attribute token.
+    """
+
+    def __init__(self, config: int, dim: int = 10, hidden: int = 128, out_dim: int = 10, grid: int = 4) -> None:
+        super().__init__()
+        from lungsynth.nn.conditioning import MaskTokenizer
+
+        self.config = check_config(config)
+        if self.config == 1:
+            raise ValueError("configuration 1 has no cross-attention context")
+        self.mask_tokens = MaskTokenizer(1, out_dim, grid=grid, spatial_dims=2)
+        self.attributes = AttributeEmbedder(dim, hidden, out_dim) if self.config == 3 else None
+
+    def forward(self, mask_latent: torch.Tensor, attributes: torch.Tensor | None = None) -> torch.Tensor:
+        ctx = self.mask_tokens(mask_latent.float())
+        if self.attributes is not None:
+            if attributes is None:
+                raise ValueError("configuration 3 needs attributes [B, 5] (scores 1..5)")
+            ctx = torch.cat([ctx, self.attributes(attributes)[:, None, :]], dim=1)
+        return ctx
+
+
+def build_unet(cfg, config: int, latent_channels: int) -> nn.Module:
+    """The noise-predicting 2D U-Net: in = latent + 1 mask channel, out = latent channels.
+
+    Same architecture for the three configurations apart from cross-attention (configs 2, 3, with
+    context width ``cfg.bbox_ldm.attr_out_dim``), so Table 2 compares conditioning only.
+    """
+    from lungsynth.nn.unets import diffusion_unet
+
+    c = cfg.bbox_ldm
+    levels = len(c.unet_channels)
+    return diffusion_unet(
+        spatial_dims=2, in_channels=latent_channels + 1, out_channels=latent_channels,
+        channels=tuple(c.unet_channels), attention_levels=(False,) + (True,) * (levels - 1),
+        num_res_blocks=2, num_head_channels=c.unet_channels[-1] // 4 if c.unet_channels[-1] >= 32 else 8,
+        cross_attention_dim=c.attr_out_dim if check_config(config) > 1 else None)

@@ -1,0 +1,93 @@
+"""``lungsynth bench lung-ddpm``: a train step and sampling with / without AAS, each in its own process."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from lungsynth.methods.lung_ddpm.model import LungDDPM, _task_class
+
+
+def _bench_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """One configuration in a fresh process: a train step, or one sample with / without AAS."""
+    import resource
+
+    import torch
+
+    from lungsynth.config import get_config
+    from lungsynth.runtime import device
+
+    torch.manual_seed(0)
+    cfg = get_config(spec["profile"], {**spec["overrides"], "data.size_ddpm": spec["size"],
+                                       "lung_ddpm.sample_steps": spec["steps"]})
+    dev = device()
+    s = int(spec["size"])
+    task = _task_class()(cfg, "layout")
+    task.unet.to(dev)
+    ct = torch.rand(1, 1, s, s, s, device=dev)
+    layout = torch.zeros(1, 1, s, s, s, device=dev)
+    layout[..., s // 4: 3 * s // 4, s // 4: 3 * s // 4, s // 8: s // 2] = 1
+    layout[..., s // 2 - 2: s // 2 + 2, s // 2 - 2: s // 2 + 2, s // 4 - 2: s // 4 + 2] = 2
+    model = LungDDPM(task.unet, task.scheduler, cfg)
+    cuda = dev.type == "cuda"
+
+    def once() -> None:
+        if spec["what"] == "train_step":
+            task.unet.train()
+            task.training_step({"ct": ct, "layout": layout}, 0)["loss"].backward()
+        else:
+            model.sample(layout.cpu(), ct.cpu(), aas=spec["what"] == "sample_aas", device=dev,
+                         generator=torch.Generator().manual_seed(0))
+        if cuda:
+            torch.cuda.synchronize()
+
+    once()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(int(spec["repeats"]) if spec["what"] == "train_step" else 1):
+        t0 = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - t0)
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return {"seconds": min(times), "peak_mb": peak,
+            "params": sum(p.numel() for p in task.unet.parameters())}
+
+
+def bench_lung_ddpm(args: argparse.Namespace) -> int:
+    """``lungsynth bench lung-ddpm [--size S]``: train step, sampling with and without AAS (the cost of
+    AAS as a ratio), each configuration in its own process (peak RSS never goes down in one)."""
+    import json
+    import subprocess
+    import sys
+
+    from lungsynth.config import get_config, parse_overrides
+
+    overrides = parse_overrides(args.overrides)
+    cfg = get_config(args.profile, overrides)
+    size = int(args.size or cfg.data.size_ddpm)
+    levels = len(cfg.lung_ddpm.unet_channels)
+    if size % 2 ** (levels - 1):
+        raise ValueError(f"--size {size} must be a multiple of {2 ** (levels - 1)} ({levels}-level U-Net)")
+    steps = int(cfg.lung_ddpm.sample_steps)
+    print(f"Lung-DDPM bench: {size}^3, channels {tuple(cfg.lung_ddpm.unet_channels)}, {steps} sampling steps, "
+          f"repeats {args.repeats}; each number from its own process")
+    res = {}
+    for what in ("train_step", "sample_no_aas", "sample_aas"):
+        spec = {"profile": cfg.profile, "overrides": overrides, "size": size, "steps": steps, "what": what,
+                "repeats": args.repeats}
+        code = ("import json, sys; from lungsynth.methods.lung_ddpm.bench import _bench_child; "
+                "print('LDDPMJSON' + json.dumps(_bench_child(json.loads(sys.argv[1]))))")
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("LDDPMJSON")]
+        if proc.returncode != 0 or not lines:
+            raise RuntimeError(f"bench process for {what} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+        res[what] = r = json.loads(lines[-1][len("LDDPMJSON"):])
+        print(f"  {what:14s} {r['seconds']:8.3f} s  peak {r['peak_mb']:9.1f} MB  params {r['params'] / 1e6:.2f}M",
+              flush=True)
+    a, n = res["sample_aas"], res["sample_no_aas"]
+    print(f"ratios AAS / no AAS: time {a['seconds'] / n['seconds']:.3f}  peak memory {a['peak_mb'] / n['peak_mb']:.3f}")
+    print(f"per sampling step: {n['seconds'] / steps:.3f} s (no AAS), {a['seconds'] / steps:.3f} s (AAS)")
+    return 0

@@ -1,0 +1,243 @@
+"""Lung-DDPM's metrics (FID, MMD, masked MSE, seam ratio), the ablation table and its figures."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from lungsynth.methods.lung_ddpm.layout import generation_mask, make_layout
+from lungsynth.methods.lung_ddpm.model import LungDDPM, load
+
+if TYPE_CHECKING:
+    import torch
+
+    from lungsynth.config import Config
+
+#: the ablation rows of Table IV: row name -> (training variant, AAS at sampling)
+ABLATIONS: dict[str, tuple[str, bool]] = {
+    "Lung-DDPM (AAS)": ("layout", True),
+    "w/o AAS": ("layout", False),
+    "w/o lung layout": ("no_lung_layout", True),
+}
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def boundary_shell(mask: "torch.Tensor", width: int = 1) -> "torch.Tensor":
+    """Voxels within ``width`` of the mask boundary, on both sides: dilate(m) and not erode(m).
+
+    Args: mask [B, 1, *S] (bool or {0, 1}). Returns: bool [B, 1, *S].
+    """
+    import torch.nn.functional as F
+
+    m = (mask > 0.5).float() if mask.dtype != __import__("torch").bool else mask.float()
+    k = 2 * int(width) + 1
+    pool = F.max_pool3d if m.ndim == 5 else F.max_pool2d
+    dilated = pool(m, k, stride=1, padding=width) > 0.5
+    eroded = pool(1.0 - m, k, stride=1, padding=width) < 0.5
+    return dilated & ~eroded
+
+
+def gradient_magnitude(x: "torch.Tensor") -> "torch.Tensor":
+    """|grad x| by central differences (one-sided at the borders); [B, 1, *S] -> [B, 1, *S]."""
+    import torch
+
+    grads = torch.gradient(x.float(), dim=tuple(range(2, x.ndim)))
+    return torch.sqrt(sum(g * g for g in grads))
+
+
+def seam_ratio(sample_: "torch.Tensor", real: "torch.Tensor", mask: "torch.Tensor", width: int = 1,
+               eps: float = 1e-8) -> "torch.Tensor":
+    """Seam measure per volume: mean |grad| of the sample over the mean |grad| of the real volume, both
+    in the shell of ``width`` voxels on each side of the lung boundary. 1 means edges as strong as
+    the real anatomy's; above 1, a visible seam (or noise) at the boundary.
+
+    Args: sample_, real [B, 1, *S]; mask [B or 1, 1, *S] (the lung, ``m_l``). Returns: float64 [B].
+    """
+    import torch
+
+    if sample_.shape != real.shape:
+        raise ValueError(f"sample {tuple(sample_.shape)} and real {tuple(real.shape)} differ in shape")
+    shell = boundary_shell(mask, width).expand_as(sample_).float()
+    n = shell.sum(dim=tuple(range(1, shell.ndim)))
+    if bool((n == 0).any()):
+        raise ValueError("seam_ratio: the lung mask has no boundary in some volume (empty or full mask)")
+    dims = tuple(range(1, shell.ndim))
+    gs = (gradient_magnitude(sample_) * shell).sum(dim=dims) / n
+    gr = (gradient_magnitude(real) * shell).sum(dim=dims) / n
+    return (gs / gr.clamp_min(eps)).double()
+
+
+def eval_volumes(cfg: "Config", split: str | None = None, n: int | None = None) -> dict[str, Any]:
+    """Paired real volumes for evaluation: ``{"ct", "layout" [N, 1, S, S, S], "scan_id": [...]}``."""
+    import torch
+
+    from lungsynth.data.datasets import VolumeDataset, ensure_prepared
+
+    split = split or cfg.lung_ddpm.eval_split
+    ensure_prepared(cfg)
+    ds = VolumeDataset(cfg, split, size=cfg.data.size_ddpm, keys=("ct", "lung", "label"))
+    count = len(ds) if n is None else min(int(n), len(ds))
+    if count == 0:
+        raise ValueError(f"split {split!r} of profile {cfg.profile!r} has no volumes; pick another split "
+                         f"with --set lung_ddpm.eval_split=...")
+    items = [ds[i] for i in range(count)]
+    return {"ct": torch.stack([it["ct"].float() for it in items]),
+            "layout": torch.stack([make_layout(it["lung"][None], it["label"][None])[0] for it in items]),
+            "scan_id": [it["scan_id"] for it in items]}
+
+
+def generate(model: LungDDPM, layouts: "torch.Tensor", references: "torch.Tensor", *, aas: bool = True,
+             seed: int = 0, batch_size: int = 1, progress: bool = False, **kwargs: Any) -> "torch.Tensor":
+    """Sample one volume per (layout, reference) pair in batches; seed ``seed + i`` for batch i.
+
+    Args: layouts, references [N, 1, S, S, S]. Returns: [N, 1, S, S, S] in [0, 1].
+    """
+    import torch
+
+    outs = []
+    for i, start in enumerate(range(0, layouts.shape[0], batch_size)):
+        sl = slice(start, start + batch_size)
+        outs.append(model.sample(layouts[sl], references[sl], aas=aas, progress=progress,
+                                 generator=torch.Generator().manual_seed(int(seed) + i), **kwargs))
+    return torch.cat(outs)
+
+
+def metrics(cfg: "Config", samples: "torch.Tensor", real: "torch.Tensor", layouts: "torch.Tensor",
+            real_features: Any = None) -> dict[str, Any]:
+    """One row of the ablation table: FID, MMD (3D CT features), masked MSE in the lung, seam ratio.
+
+    Args: samples, real [N, 1, S, S, S] in [0, 1] (paired); layouts [N, 1, S, S, S].
+        real_features: ``(features, network)`` of ``real`` to reuse across rows.
+    """
+    import warnings
+
+    from lungsynth.eval.distribution import fid, mmd
+    from lungsynth.eval.features import extract_features
+    from lungsynth.eval.fidelity import masked_mse
+
+    unit_range = (cfg.data.hu_min, cfg.data.hu_max)
+    network = cfg.evaluation.feature_network
+    real_f, name = real_features or extract_features(real.numpy(), network, "unit", unit_range=unit_range)
+    fake_f, _ = extract_features(samples.numpy(), network, "unit", unit_range=unit_range)
+    lung = generation_mask(layouts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # few-sample warnings: the row says n
+        f = fid(real_f, fake_f, network=name)
+        m = mmd(real_f, fake_f, network=name)
+    return {"fid": float(f.value), "mmd": float(m.value),
+            "masked_mse": float(masked_mse(samples.numpy(), real.numpy(), lung.numpy()).mean()),
+            "seam_ratio": float(seam_ratio(samples, real, lung).mean()), "n": int(samples.shape[0]),
+            "features": name}
+
+
+def evaluate(cfg: "Config", rows: Sequence[str] | None = None, *, split: str | None = None, n: int | None = None,
+             seed: int = 0, outputs: dict | None = None, progress: bool = False) -> dict[str, dict[str, Any]]:
+    """The ablation table (paper Table IV): ``{row: {fid, mmd, masked_mse, seam_ratio, n, seconds}}``.
+
+    Trains the needed variants when missing. ``outputs``, when given, receives ``real``, ``layout``,
+    ``scan_id`` and ``samples`` ({row: [N, 1, S, S, S]}) for figures.
+    """
+    from lungsynth.eval.features import extract_features
+
+    rows = list(rows or ABLATIONS)
+    unknown = [r for r in rows if r not in ABLATIONS]
+    if unknown:
+        raise ValueError(f"unknown ablation row(s) {unknown}; rows: {', '.join(ABLATIONS)}")
+    data = eval_volumes(cfg, split, cfg.lung_ddpm.n_eval if n is None else n)
+    real_f = extract_features(data["ct"].numpy(), cfg.evaluation.feature_network, "unit",
+                              unit_range=(cfg.data.hu_min, cfg.data.hu_max))
+    table: dict[str, dict[str, Any]] = {}
+    samples: dict[str, Any] = {}
+    models: dict[str, LungDDPM] = {}
+    for row in rows:
+        variant, aas = ABLATIONS[row]
+        if variant not in models:
+            models[variant] = load(cfg, variant, progress=progress)
+        t0 = time.perf_counter()
+        samples[row] = generate(models[variant], data["layout"], data["ct"], aas=aas, seed=seed, progress=progress)
+        seconds = time.perf_counter() - t0
+        table[row] = {**metrics(cfg, samples[row], data["ct"], data["layout"], real_f),
+                      "sample_s_per_volume": round(seconds / data["ct"].shape[0], 3)}
+    if outputs is not None:
+        outputs.update(real=data["ct"], layout=data["layout"], scan_id=data["scan_id"], samples=samples)
+    return table
+
+
+def save_volumes(out_dir: Path | str, cfg: "Config", samples: "torch.Tensor", names: Sequence[str],
+                 layouts: "torch.Tensor | None" = None) -> list[Path]:
+    """Write samples [N, 1, S, S, S] in [0, 1] as HU NIfTI (``<name>_ct.nii.gz``, and ``_layout``)."""
+    import nibabel as nib
+    import numpy as np
+
+    from lungsynth.data.preprocess import unit_to_hu
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    spacing = cfg.data.spacing_3d_mm * cfg.data.size_3d / cfg.data.size_ddpm
+    affine = np.diag([spacing, spacing, spacing, 1.0])
+    written = []
+    for i, name in enumerate(names):
+        pairs = [("ct", np.asarray(unit_to_hu(samples[i, 0].numpy(), cfg.data.hu_min, cfg.data.hu_max),
+                                   dtype=np.float32))]
+        if layouts is not None:
+            pairs.append(("layout", layouts[i, 0].numpy().astype(np.uint8)))
+        for key, arr in pairs:
+            path = out / f"{name}_{key}.nii.gz"
+            tmp = out / f".{name}_{key}.tmp.nii.gz"
+            nib.save(nib.Nifti1Image(arr, affine), str(tmp))
+            tmp.replace(path)
+            written.append(path)
+    return written
+
+# --------------------------------------------------------------------------- figures
+
+
+def _centre_index(layout: "torch.Tensor", axis: int = 0) -> int:
+    """The slice through the nodule (else the lungs, else the middle) along ``axis`` of a [1, *S] layout."""
+    import torch
+
+    for label in (2, 1):
+        hits = torch.nonzero(layout[0] == label)
+        if hits.numel():
+            return int(hits[:, axis].float().mean().round())
+    return int(layout.shape[1 + axis] // 2)
+
+
+def figure_side_by_side(reference: "torch.Tensor", layout: "torch.Tensor", samples: Mapping[str, "torch.Tensor"],
+                        index: int | None = None, axis: int = 0) -> Any:
+    """Reference, layout and each sample on the same slice (``index``; default through the nodule).
+
+    Args: reference, layout [1, S, S, S]; samples {title: [1, S, S, S]} in [0, 1].
+    """
+    from lungsynth.viz import image_grid
+
+    idx = _centre_index(layout, axis) if index is None else int(index)
+
+    def cut(v: "torch.Tensor") -> Any:
+        return v[0].select(axis, idx)
+
+    images = [cut(reference), cut(layout) / 2.0] + [cut(v) for v in samples.values()]
+    titles = ["reference", "layout (0 bg, 1 lung, 2 nodule)"] + list(samples)
+    masks = [None, None] + [cut(layout >= 1).float() for _ in samples]
+    return image_grid(images, titles, ncols=len(images), window=(0.0, 1.0), masks=masks, size=2.6)
+
+
+def figure_consecutive_slices(volumes: Mapping[str, "torch.Tensor"], layout: "torch.Tensor", n: int = 5,
+                              start: int | None = None, axis: int = 0) -> Any:
+    """``n`` consecutive slices of each volume (one row each), to judge consistency along z.
+
+    Args: volumes {title: [1, S, S, S]}; layout [1, S, S, S] (picks the start around the nodule).
+    """
+    from lungsynth.viz import image_grid
+
+    size = layout.shape[1 + axis]
+    first = max(0, min(size - n, (_centre_index(layout, axis) - n // 2) if start is None else int(start)))
+    images, titles = [], []
+    for name, vol in volumes.items():
+        for k in range(first, first + n):
+            images.append(vol[0].select(axis, k))
+            titles.append(f"{name} z={k}")
+    return image_grid(images, titles, ncols=n, window=(0.0, 1.0), size=2.0)

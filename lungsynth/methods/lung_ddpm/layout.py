@@ -1,0 +1,110 @@
+"""Lung-DDPM's semantic layout (0 background, 1 lung, 2 nodule), its encodings and the input checks."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+LAYOUT_LABELS: dict[int, str] = {0: "background", 1: "lung", 2: "nodule"}
+ENCODINGS: tuple[str, ...] = ("onehot", "scaled")
+
+
+def make_layout(lung: "torch.Tensor", label: "torch.Tensor") -> "torch.Tensor":
+    """Semantic layout from the prepared lung mask and nodule label map.
+
+    Args:
+        lung: [B, 1, *S] lung mask (> 0.5 inside the lungs).
+        label: [B, 1, *S] nodule label map (0 background, k > 0 nodule k; resampled maps may be soft).
+    Returns:
+        float32 [B, 1, *S] with 0 background, 1 lung, 2 nodule (a nodule overrides the lung, so
+        juxta-pleural nodules that leave the lung mask are still generated).
+    """
+    import torch
+
+    if lung.shape != label.shape:
+        raise ValueError(f"lung mask {tuple(lung.shape)} and label map {tuple(label.shape)} differ in shape")
+    layout = (lung > 0.5).float()
+    return torch.where(label > 0.5, torch.full_like(layout, 2.0), layout)
+
+
+def check_layout(layout: "torch.Tensor") -> "torch.Tensor":
+    """Validate a layout [B, 1, *S] (3 spatial dims) holding only 0, 1 and 2; returns it as float32."""
+    import torch
+
+    if not torch.is_tensor(layout):
+        raise ValueError(f"layout must be a torch tensor [B, 1, D, H, W], got {type(layout).__name__}")
+    if layout.ndim != 5 or layout.shape[1] != 1:
+        raise ValueError(f"layout of shape {tuple(layout.shape)}: expected [B, 1, D, H, W] with values "
+                         f"0 (background), 1 (lung), 2 (nodule)")
+    lay = layout.float()
+    bad = ~((lay == 0) | (lay == 1) | (lay == 2))
+    if bool(bad.any()):
+        found = torch.unique(lay[bad])[:6].tolist()
+        raise ValueError(f"layout holds values {found} besides the three labels 0 (background), 1 (lung), "
+                         f"2 (nodule); build it with make_layout(lung, label)")
+    return lay
+
+
+def check_reference(reference: "torch.Tensor", layout: "torch.Tensor") -> "torch.Tensor":
+    """Validate a reference CT [B or 1, 1, *S] in [0, 1] against the layout's shape; returns float32."""
+    import torch
+
+    if not torch.is_tensor(reference):
+        raise ValueError(f"reference must be a torch tensor [B, 1, D, H, W], got {type(reference).__name__}")
+    if reference.ndim != 5 or reference.shape[1] != 1 or reference.shape[2:] != layout.shape[2:] \
+            or reference.shape[0] not in (1, layout.shape[0]):
+        raise ValueError(f"reference of shape {tuple(reference.shape)} does not match the layout "
+                         f"{tuple(layout.shape)}: expected [{layout.shape[0]} or 1, 1, "
+                         f"{', '.join(map(str, layout.shape[2:]))}] (resample it to the layout's grid)")
+    ref = reference.float()
+    if not bool(torch.isfinite(ref).all()) or float(ref.min()) < -1e-3 or float(ref.max()) > 1 + 1e-3:
+        raise ValueError(f"reference values span [{float(ref.min()):.3g}, {float(ref.max()):.3g}]; expected the "
+                         f"course's [0, 1] scale (lungsynth.data.preprocess.hu_to_unit)")
+    return ref
+
+
+def layout_channels(layout: "torch.Tensor", lung_layout: bool = True, encoding: str = "onehot") -> "torch.Tensor":
+    """The condition concatenated to x_t.
+
+    Args:
+        layout: [B, 1, *S] in {0, 1, 2}.
+        lung_layout: False for the "w/o lung layout" ablation: lung voxels count as background.
+        encoding: ``onehot`` -> [B, 3, *S] (background, lung, nodule; [B, 2, *S] without the lung) or
+            ``scaled`` -> [B, 1, *S] with labels mapped to -1, 0, 1 (-1, 1 without the lung).
+    """
+    import torch
+
+    lay = layout.float()
+    if not lung_layout:
+        lay = torch.where(lay == 1, torch.zeros_like(lay), lay)
+    if encoding == "scaled":
+        return lay - 1.0
+    if encoding != "onehot":
+        raise ValueError(f"unknown layout encoding {encoding!r}; use one of {', '.join(ENCODINGS)}")
+    labels = (0, 1, 2) if lung_layout else (0, 2)
+    return torch.cat([(lay == v).float() for v in labels], dim=1)
+
+
+def n_layout_channels(lung_layout: bool, encoding: str) -> int:
+    if encoding == "scaled":
+        return 1
+    if encoding != "onehot":
+        raise ValueError(f"unknown layout encoding {encoding!r}; use one of {', '.join(ENCODINGS)}")
+    return 3 if lung_layout else 2
+
+
+def to_model_scale(x: "torch.Tensor") -> "torch.Tensor":
+    """[0, 1] -> [-1, 1] (the DDPM's data range; sampling clips the predicted x0 there)."""
+    return x * 2.0 - 1.0
+
+
+def to_unit_scale(x: "torch.Tensor") -> "torch.Tensor":
+    """[-1, 1] -> [0, 1], clamped."""
+    return ((x + 1.0) * 0.5).clamp(0.0, 1.0)
+
+
+def generation_mask(layout: "torch.Tensor") -> "torch.Tensor":
+    """``m_l``: where the model generates under AAS (lung or nodule), bool [B, 1, *S]."""
+    return layout >= 1

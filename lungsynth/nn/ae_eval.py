@@ -1,0 +1,298 @@
+"""Reconstruction metrics and figures of the chapter 02 autoencoders.
+
+- :func:`reconstruction_metrics`: MAE in HU over the whole volume, the body, the lungs and the
+  nodules (overall and per LIDC texture class 1..5), PSNR and SSIM (MONAI, on the [0,1] scale).
+- :func:`resample_baseline`: the no-learning reference at the same x4 compression (down- and
+  up-sampling); an autoencoder worth its training beats it.
+- :func:`evaluate_autoencoder` / :func:`nodule_errors`: tables over a split, per item and per
+  nodule (size and texture), for the notebook's "what compression loses" section.
+- :func:`codebook_stats`: VQ-VAE codebook usage and perplexity.
+- :func:`plot_reconstructions`: input, reconstruction and error maps.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+TEXTURES = (1, 2, 3, 4, 5)
+
+
+def codebook_stats(indices: torch.Tensor, num_embeddings: int) -> dict[str, float]:
+    """Usage and perplexity of a VQ codebook from the code index of every latent voxel.
+
+    usage = (#codes used at least once) / K;
+    perplexity = exp(H(p)) with p the empirical code frequencies, H(p) = -sum_k p_k log p_k
+    (1 when one code is used, K when all are used equally often).
+    """
+    idx = torch.as_tensor(indices).reshape(-1).long()
+    if idx.numel() == 0:
+        raise ValueError("codebook_stats needs at least one index")
+    if int(idx.min()) < 0 or int(idx.max()) >= num_embeddings:
+        raise ValueError(f"indices must lie in [0, {num_embeddings}); got [{int(idx.min())}, {int(idx.max())}]")
+    counts = torch.bincount(idx, minlength=num_embeddings).double()
+    p = counts / counts.sum()
+    nz = p[p > 0]
+    entropy = float(-(nz * nz.log()).sum())
+    return {"usage": float((counts > 0).sum()) / num_embeddings, "perplexity": math.exp(entropy),
+            "codes_used": int((counts > 0).sum())}
+
+
+def resample_baseline(x: torch.Tensor, factor: int = 4, down: str = "area") -> torch.Tensor:
+    """Down-sample each side by ``factor`` and up-sample back with (tri|bi)linear interpolation.
+
+    Args:
+        x: [B,C,*S] with S divisible by ``factor``.
+        down: "area" (box average, the stronger baseline) or "linear" (trilinear/bilinear
+            sampling without prefiltering).
+    Returns:
+        [B,C,*S]: what survives keeping one value per factor^d voxels.
+    """
+    nd = x.ndim - 2
+    mode = "trilinear" if nd == 3 else "bilinear"
+    if down == "area":
+        small = F.avg_pool3d(x, factor) if nd == 3 else F.avg_pool2d(x, factor)
+    elif down == "linear":
+        small = F.interpolate(x, scale_factor=1.0 / factor, mode=mode, align_corners=False)
+    else:
+        raise ValueError(f"down must be 'area' or 'linear', got {down!r}")
+    return F.interpolate(small, size=tuple(x.shape[2:]), mode=mode, align_corners=False)
+
+
+def body_mask(hu: np.ndarray, lung: np.ndarray | None = None, threshold: float = -500.0) -> np.ndarray:
+    """Voxels inside the body: tissue above ``threshold`` HU, holes filled slice by slice
+    (axis 0, axial: the airways leave the volume, so a 3D fill would not close the lungs)."""
+    from scipy import ndimage
+
+    tissue = hu > threshold
+    filled = np.stack([ndimage.binary_fill_holes(s) for s in tissue]) if hu.ndim == 3 else \
+        ndimage.binary_fill_holes(tissue)
+    if lung is not None:
+        filled |= lung > 0
+    return filled
+
+
+def _drop_channel(t: Any) -> torch.Tensor:
+    """[1,*S] -> [*S] (2D or 3D), float32 on the CPU."""
+    t = torch.as_tensor(t).detach().float().cpu()
+    return t[0] if t.ndim in (3, 4) and t.shape[0] == 1 else t
+
+
+def _mae(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
+    if mask is None:
+        return float(np.abs(a - b).mean())
+    if not mask.any():
+        return float("nan")
+    return float(np.abs(a - b)[mask].mean())
+
+
+def texture_map(label: np.ndarray, cond: np.ndarray) -> np.ndarray:
+    """LIDC texture (1..5) of every nodule voxel, 0 elsewhere: the condition mask holds texture/5."""
+    t = np.rint(np.asarray(cond) * 5).astype(np.int64)
+    return np.where(np.asarray(label) > 0, np.clip(t, 1, 5), 0)
+
+
+def reconstruction_metrics(x: torch.Tensor, recon: torch.Tensor, lung: torch.Tensor | None = None,
+                           label: torch.Tensor | None = None, cond: torch.Tensor | None = None,
+                           hu_range: tuple[float, float] = (-1000.0, 400.0)) -> dict[str, float]:
+    """Metrics of one reconstruction.
+
+    Args:
+        x, recon: [1,*S] or [*S] on the [0,1] scale (HU clipped to ``hu_range``).
+        lung, label, cond: optional masks of the same size (lung {0,1}, nodule label map, LAND
+            condition with texture/5 on nodules) for the HU errors per region.
+    Returns:
+        {"mae": [0,1] units, "psnr" (dB, data range 1), "ssim", "mae_hu", and when masks are
+        given "mae_hu_body", "mae_hu_lung", "mae_hu_nodule", "mae_hu_nodule_t1".."t5"} (NaN where
+        a region is empty).
+    """
+    from monai.metrics import PSNRMetric, SSIMMetric
+
+    xs = _drop_channel(x)
+    rs = _drop_channel(recon).reshape(xs.shape)
+    nd = xs.ndim
+    lo, hi = hu_range
+    a, b = xs.numpy(), rs.numpy()
+    out: dict[str, float] = {"mae": _mae(a, b)}
+    out["psnr"] = float(PSNRMetric(max_val=1.0)(rs.clamp(0, 1)[None, None], xs[None, None]).mean())
+    win = 7 if min(xs.shape) >= 7 else (min(xs.shape) // 2) * 2 - 1
+    out["ssim"] = float(SSIMMetric(spatial_dims=nd, data_range=1.0, win_size=win)(
+        rs.clamp(0, 1)[None, None], xs[None, None]).mean())
+    hu_a, hu_b = a * (hi - lo) + lo, np.clip(b, 0, 1) * (hi - lo) + lo
+    out["mae_hu"] = _mae(hu_a, hu_b)
+    lung_np = np.asarray(lung).reshape(a.shape) > 0 if lung is not None else None
+    if nd == 3:
+        out["mae_hu_body"] = _mae(hu_a, hu_b, body_mask(hu_a, lung_np))
+    if lung_np is not None:
+        out["mae_hu_lung"] = _mae(hu_a, hu_b, lung_np)
+    if label is not None:
+        lab = np.asarray(label).reshape(a.shape)
+        out["mae_hu_nodule"] = _mae(hu_a, hu_b, lab > 0)
+        if cond is not None:
+            tex = texture_map(lab, np.asarray(cond).reshape(a.shape))
+            for t in TEXTURES:
+                out[f"mae_hu_nodule_t{t}"] = _mae(hu_a, hu_b, tex == t)
+    return out
+
+
+def mask_metrics(cond: torch.Tensor, recon: torch.Tensor) -> dict[str, float]:
+    """Mask VAE: MAE on the [0,1] condition, voxel class accuracy after snapping to the nearest
+    condition value {0, texture/5, 0.5}, and the Dice of the nodule region (any texture class)."""
+    c = cond.detach().float().cpu().reshape(-1)
+    r = recon.detach().float().cpu().reshape(-1)
+    levels = torch.tensor([0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0])
+    snap = lambda v: levels[(v[:, None] - levels[None]).abs().argmin(1)]  # noqa: E731
+    cs, rs = snap(c), snap(r)
+    nod_c = (cs > 0) & (cs != 0.5)
+    nod_r = (rs > 0) & (rs != 0.5)
+    inter = float((nod_c & nod_r).sum())
+    denom = float(nod_c.sum() + nod_r.sum())
+    return {"mae": float((c - r).abs().mean()), "class_accuracy": float((cs == rs).double().mean()),
+            "nodule_dice": 2 * inter / denom if denom > 0 else float("nan")}
+
+
+def _items(ds: Any, max_items: int | None) -> range:
+    n = len(ds)
+    return range(n if max_items is None else min(n, max_items))
+
+
+@torch.no_grad()
+def evaluate_autoencoder(ae: Any, cfg: Any, split: str = "val", max_items: int | None = None,
+                         baselines: Sequence[str] = ("area", "linear")) -> Any:
+    """Per-item reconstruction metrics of ``ae`` and of the resampling baselines on ``split``.
+
+    Returns a pandas DataFrame with one row per (item, method); method is ``ae.kind``,
+    ``"area+linear x4"`` or ``"linear x4"``. 3D CT rows carry the HU errors per region; mask VAE
+    rows carry :func:`mask_metrics`.
+    """
+    import pandas as pd
+
+    from lungsynth.nn.ae_training import item_id, source_dataset, source_key
+
+    key = source_key(ae.kind)
+    extra = ("lung", "label", "cond") if ae.kind == "vae3d" else ()
+    ds = source_dataset(ae.kind, cfg, split, keys=extra)
+    if len(ds) == 0:
+        raise ValueError(f"the {split} split of the {cfg.profile} prepared data is empty; evaluate on another split")
+    device = next(ae.parameters()).device
+    hu = (float(cfg.data.hu_min), float(cfg.data.hu_max))
+    rows = []
+    for i in _items(ds, max_items):
+        item = ds[i]
+        x = torch.as_tensor(item[key]).float()[None]
+        recon = ae.reconstruct(x.to(device), int(cfg.autoencoders.sliding_roi)).cpu()
+        outs = {ae.kind: recon}
+        for b in baselines:
+            outs[("area+linear" if b == "area" else "linear") + f" x{ae.downsample}"] = \
+                resample_baseline(x, ae.downsample, b)
+        for method, r in outs.items():
+            if ae.kind == "maskvae":
+                m = mask_metrics(x, r)
+            elif ae.kind == "vae3d":
+                m = reconstruction_metrics(x[0], r[0], item.get("lung"), item.get("label"), item.get("cond"), hu)
+            else:
+                m = reconstruction_metrics(x[0], r[0], hu_range=hu)
+            rows.append({"id": item_id(item, i), "method": method, **m})
+    return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def nodule_errors(ae: Any, cfg: Any, split: str = "val", max_items: int | None = None) -> Any:
+    """MAE in HU over each nodule's voxels (vae3d): one row per (nodule, method) with the
+    nodule's diameter_mm, texture and subtype from the prepared manifest."""
+    import pandas as pd
+
+    from lungsynth.data.datasets import load_nodules
+    from lungsynth.nn.ae_training import source_dataset
+
+    if ae.kind != "vae3d":
+        raise ValueError(f"nodule_errors needs the 3D CT autoencoder (vae3d), got {ae.kind}")
+    ds = source_dataset("vae3d", cfg, split, keys=("label",))
+    nod = load_nodules(cfg.profile)
+    hu_lo, hu_hi = float(cfg.data.hu_min), float(cfg.data.hu_max)
+    device = next(ae.parameters()).device
+    rows = []
+    for i in _items(ds, max_items):
+        item = ds[i]
+        x = torch.as_tensor(item["ct"]).float()[None]
+        outs = {ae.kind: ae.reconstruct(x.to(device), int(cfg.autoencoders.sliding_roi)).cpu(),
+                f"area+linear x{ae.downsample}": resample_baseline(x, ae.downsample, "area")}
+        lab = np.asarray(item["label"])[0]
+        a = x[0, 0].numpy() * (hu_hi - hu_lo) + hu_lo
+        for _, n in nod[nod["scan_id"] == item["scan_id"]].iterrows():
+            m = lab == int(n["label_value"])
+            if not m.any():
+                continue
+            for method, r in outs.items():
+                b = np.clip(r[0, 0].numpy(), 0, 1) * (hu_hi - hu_lo) + hu_lo
+                rows.append({"nodule_id": n["nodule_id"], "scan_id": item["scan_id"], "method": method,
+                             "diameter_mm": float(n["diameter_mm"]), "texture": int(n["texture"]),
+                             "subtype": n["subtype"], "voxels": int(m.sum()),
+                             "mae_hu": float(np.abs(a - b)[m].mean()),
+                             "mean_hu_error": float((b - a)[m].mean())})
+    return pd.DataFrame(rows)
+
+
+def _pick_slice(x: np.ndarray, label: np.ndarray | None, axis: int) -> int:
+    if label is not None and (label > 0).any():
+        counts = (label > 0).sum(axis=tuple(a for a in range(3) if a != axis))
+        return int(np.argmax(counts))
+    return x.shape[axis] // 2
+
+
+def plot_reconstructions(x: torch.Tensor, recons: dict[str, torch.Tensor], label: torch.Tensor | None = None,
+                         axis: int = 0, index: int | None = None,
+                         hu_range: tuple[float, float] = (-1000.0, 400.0), window: tuple[float, float] = (-1000, 400),
+                         max_err_hu: float = 300.0, title: str | None = None) -> Any:
+    """One row per method: input, reconstruction, |error| in HU.
+
+    Args:
+        x: [1,*S] or [B,1,*S] (first item used), [0,1] scale; 2D or 3D.
+        recons: {method name: reconstruction shaped like x}.
+        label: optional nodule label map; 3D slices go through the largest nodule cross-section.
+        axis / index: 3D slice axis (0 axial) and index (default as above, else the centre).
+        window: HU display window; max_err_hu: top of the error colour scale.
+    Returns the matplotlib Figure.
+    """
+    import matplotlib.pyplot as plt
+
+    lo, hi = hu_range
+
+    def to_hu(t: torch.Tensor) -> np.ndarray:
+        a = t.detach().float().cpu().numpy()
+        while a.ndim > 3 or (a.ndim == 3 and a.shape[0] == 1):
+            a = a[0]
+        return np.clip(a, 0, 1) * (hi - lo) + lo
+
+    img = to_hu(x)
+    lab = None
+    if label is not None:
+        lab = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
+        lab = lab.reshape(img.shape)
+    if img.ndim == 3:
+        k = index if index is not None else _pick_slice(img, lab, axis)
+        take = lambda a: np.take(a, k, axis=axis)  # noqa: E731
+    else:
+        k = None
+        take = lambda a: a  # noqa: E731
+    fig, axes = plt.subplots(len(recons), 3, figsize=(7.5, 2.5 * len(recons)), squeeze=False)
+    for row, (name, r) in enumerate(recons.items()):
+        rec = to_hu(r)
+        err = np.abs(rec - img)
+        panels = [(take(img), "input", "gray", window), (take(rec), name, "gray", window),
+                  (take(err), f"|error| HU (MAE {err.mean():.0f})", "magma", (0, max_err_hu))]
+        for col, (a, t, cmap, (vmin, vmax)) in enumerate(panels):
+            ax = axes[row, col]
+            im = ax.imshow(a, cmap=cmap, vmin=vmin, vmax=vmax)
+            ax.set_title(t, fontsize=8)
+            ax.axis("off")
+            if col == 2:
+                fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+    if title or k is not None:
+        fig.suptitle((title or "") + (f"  (slice {k}, axis {axis})" if k is not None else ""), fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,496 @@
+"""Training, scale factor and latent caches of the chapter 02 autoencoders.
+
+Re-exported by :mod:`lungsynth.nn.autoencoders`; import from there. Training goes through the
+course's one loop (:class:`lungsynth.engine.Trainer`): this module only describes the
+autoencoder as a :class:`lungsynth.engine.TrainTask` (two optimisers, generator and patch
+discriminator) and prepares its data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from lungsynth.engine import TrainTask
+from lungsynth.nn.losses import PatchAdversarial, build_perceptual_loss, kl_divergence
+
+LATENTS_DIR = "latents"
+
+
+# ---------------------------------------------------------------------- data views
+
+
+def source_key(kind: str) -> str:
+    """The item key of the image an autoencoder of ``kind`` reconstructs ("ct", "cond" or "image")."""
+    from lungsynth.nn.autoencoders import _SOURCES, _check_kind
+
+    _check_kind(kind)
+    return _SOURCES[kind][1]
+
+
+def source_dataset(kind: str, cfg: Any, split: str = "train", keys: Sequence[str] = ()) -> Dataset:
+    """The prepared-data view ``kind`` trains on (whole items, see notes/DATA_API.md).
+
+    vae3d: VolumeDataset "ct"; maskvae: VolumeDataset "cond"; vqvae2d: SliceDataset "image";
+    vae2d: RoiDataset "image". ``keys`` adds VolumeDataset keys (3D kinds only).
+    """
+    from lungsynth.data.datasets import RoiDataset, SliceDataset, VolumeDataset, ensure_prepared
+    from lungsynth.nn.autoencoders import _SOURCES, _check_kind
+
+    _check_kind(kind)
+    ensure_prepared(cfg)
+    view, key = _SOURCES[kind]
+    if view == "volume":
+        wanted = tuple(dict.fromkeys((key, *keys)))
+        return VolumeDataset(cfg, split, keys=wanted)
+    if view == "slice":
+        return SliceDataset(cfg, split)
+    return RoiDataset(cfg, split)
+
+
+def item_id(item: dict, index: int) -> str:
+    """A stable name of a dataset item: its scan or nodule id, else its index."""
+    for k in ("scan_id", "nodule_id", "roi_id", "id"):
+        if k in item:
+            v = item[k]
+            return str(v.item() if isinstance(v, torch.Tensor) else v)
+    return str(index)
+
+
+class ImageView(Dataset):
+    """Training view of a prepared dataset: ``{"image": [1,*S]}`` and nothing else.
+
+    For 3D data with ``patch`` smaller than the volume, returns a random cube of side ``patch``
+    (the autoencoders are fully convolutional, so they train on cubes and run on whole volumes,
+    as MAISI does); with probability ``fg_prob`` the cube is centred on a random voxel of
+    ``item[fg_key] > 0`` (a nodule), so small nodules are not a vanishing share of the loss.
+    Randomness comes from torch's global RNG, which the engine checkpoints (exact resume with
+    ``num_workers=0``).
+
+    Args:
+        base: a dataset whose items are dicts holding ``key``.
+        key: the image key ("ct", "cond", "image").
+        patch: cube side (3D), or None for whole items.
+        fg_prob / fg_key: foreground-centred share and the mask key to centre on.
+    """
+
+    def __init__(self, base: Dataset, key: str, patch: int | None = None, fg_prob: float = 0.0,
+                 fg_key: str = "label") -> None:
+        self.base, self.key, self.patch = base, key, patch
+        self.fg_prob, self.fg_key = float(fg_prob), fg_key
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = self.base[i]
+        x = torch.as_tensor(item[self.key]).float()
+        if self.patch is None or all(s <= self.patch for s in x.shape[1:]):
+            return {"image": x}
+        p = self.patch
+        spatial = x.shape[1:]
+        fg = item.get(self.fg_key)
+        centre = None
+        if fg is not None and self.fg_prob > 0 and float(torch.rand(())) < self.fg_prob:
+            idx = torch.nonzero(torch.as_tensor(fg)[0] > 0)
+            if len(idx):
+                centre = idx[int(torch.randint(len(idx), ()))].tolist()
+        if centre is None:
+            starts = [int(torch.randint(0, s - p + 1, ())) for s in spatial]
+        else:
+            starts = [min(max(c - p // 2, 0), s - p) for c, s in zip(centre, spatial)]
+        sl = tuple(slice(a, a + p) for a in starts)
+        return {"image": x[(slice(None), *sl)].contiguous()}
+
+
+# ---------------------------------------------------------------------- the task
+
+
+def train_budget(kind: str, cfg: Any) -> tuple[int, int]:
+    """(optimiser steps, batch size) of ``kind`` under ``cfg``: the 2D kinds are cheaper per step."""
+    a = cfg.autoencoders
+    if kind in ("vqvae2d", "vae2d"):
+        return int(a.train_steps_2d), int(a.batch_size_2d)
+    return int(a.train_steps), int(a.batch_size)
+
+
+class AutoencoderTask(TrainTask):
+    """An autoencoder of the course as an engine task.
+
+    Generator loss (optimiser ``generator``; eq. numbers of lungsynth.nn.losses' docstring):
+
+        L_G = |x - x_hat|_1 + w_p L_perc + w_adv 1[step >= warmup] L_adv + w_kl KL     (KL kinds)
+        L_G = |x - x_hat|_1 + w_p L_perc + w_adv 1[step >= warmup] L_adv + L_commit   (VQ-VAE)
+
+    Discriminator loss (optimiser ``discriminator``, from the warm-up on):
+    least squares on real vs detached reconstructions. The mask VAE has neither a perceptual nor
+    an adversarial term (its input is a piecewise-constant label image): one optimiser, L1 + KL.
+
+    Args:
+        kind: one of lungsynth.nn.autoencoders.KINDS.
+        cfg: the course config (``cfg.autoencoders``).
+        perceptual_loader: optional callable returning the frozen perceptual encoder (tests).
+        val_roi: sliding-window size for validation reconstructions (None: whole items).
+    """
+
+    def __init__(self, kind: str, cfg: Any, perceptual_loader: Any = None, val_roi: int | None = None) -> None:
+        from lungsynth.nn.autoencoders import build_autoencoder
+
+        self.kind = kind
+        self.cfg = cfg
+        a = cfg.autoencoders
+        self.ae = build_autoencoder(kind, cfg)
+        self.kl_weight = float(a.kl_weight)
+        self.perceptual_weight = float(a.perceptual_weight)
+        self.adv_weight = float(a.adv_weight)
+        self.perceptual_network = "off" if kind == "maskvae" or self.perceptual_weight == 0 else a.perceptual_network
+        self.use_adv = kind != "maskvae" and self.adv_weight > 0
+        self.adv = (PatchAdversarial(self.ae.spatial_dims, 1, int(a.disc_channels), int(a.disc_layers),
+                                     int(a.adv_warmup_steps)) if self.use_adv else None)
+        self.perceptual_loader = perceptual_loader
+        self.perceptual: nn.Module | None = None
+        self.val_roi = val_roi
+
+    def modules(self) -> dict[str, nn.Module]:
+        mods: dict[str, nn.Module] = {"autoencoder": self.ae}
+        if self.adv is not None:
+            mods["discriminator"] = self.adv.discriminator
+        return mods
+
+    def setup(self, device: torch.device) -> None:
+        self.perceptual = build_perceptual_loss(self.perceptual_network, self.ae.spatial_dims,
+                                                loader=self.perceptual_loader, device=device)
+        if self.perceptual is not None:
+            self.perceptual.to(device).eval()
+        if self.adv is not None:
+            self.adv.criterion.to(device)
+
+    def configure_optimizers(self, lr: float, weight_decay: float) -> dict[str, torch.optim.Optimizer]:
+        gen = torch.optim.AdamW(self.ae.parameters(), lr=lr, weight_decay=weight_decay)
+        if self.adv is None:
+            return {"model": gen}
+        disc = torch.optim.AdamW(self.adv.discriminator.parameters(), lr=lr, weight_decay=weight_decay)
+        return {"generator": gen, "discriminator": disc}
+
+    def training_step(self, batch: Any, step: int) -> dict[str, Any]:
+        x = batch["image"]
+        out = self.ae(x)
+        recon = out["recon"]
+        l1 = (recon.float() - x.float()).abs().mean()
+        loss = l1
+        logs: dict[str, Any] = {"l1": l1.detach()}
+        if self.ae.quantized:
+            loss = loss + out["vq_loss"]
+            logs["vq_loss"] = out["vq_loss"].detach()
+            logs["perplexity"] = float(self.ae.net.quantizer.perplexity)
+        else:
+            kl = kl_divergence(out["mean"].float(), out["std"].float())
+            loss = loss + self.kl_weight * kl
+            logs["kl"] = kl.detach()
+        if self.perceptual is not None:
+            perc = self.perceptual(recon.float(), x.float())
+            loss = loss + self.perceptual_weight * perc
+            logs["perceptual"] = perc.detach()
+        if self.adv is None:
+            return {"loss": loss, **logs}
+        d_loss = None
+        if self.adv.active(step):
+            g = self.adv.generator_loss(recon)
+            loss = loss + self.adv_weight * g
+            logs["adv_g"] = g.detach()
+            d_loss = self.adv.discriminator_loss(x, recon)
+        return {"loss_generator": loss, "loss_discriminator": d_loss, **logs}
+
+    def validation_step(self, batch: Any, step: int) -> dict[str, float] | None:
+        if batch is None:
+            return None
+        x = batch["image"]
+        recon = self.ae.reconstruct(x, self.val_roi)
+        out = {"l1": float((recon.float() - x.float()).abs().mean())}
+        if self.ae.quantized:
+            from lungsynth.nn.ae_eval import codebook_stats
+
+            stats = codebook_stats(self.ae.codebook_indices(x), self.ae.spec["num_embeddings"])
+            out.update(codebook_usage=stats["usage"], perplexity=stats["perplexity"])
+        return out
+
+    def config(self) -> dict[str, Any]:
+        return dict(self.ae.spec)
+
+
+# ---------------------------------------------------------------------- scale factor
+
+
+@torch.no_grad()
+def compute_scale_factor(ae: Any, dataset: Dataset, key: str, n_items: int = 16, roi_size: int | None = None,
+                         overlap: float = 0.25, seed: int = 0) -> float:
+    """1 / std of latents z = mean + std * eps over up to ``n_items`` training items.
+
+    Latent diffusion (Rombach et al. 2022, section 4.3.2 / appendix G) rescales latents to unit
+    variance so the noise schedule designed for unit-variance data applies: z' = z / std(z).
+    """
+    g = torch.Generator().manual_seed(seed)
+    n = len(dataset)  # type: ignore[arg-type]
+    if n == 0:
+        raise ValueError("cannot compute a latent scale factor from an empty dataset")
+    order = torch.randperm(n, generator=g)[: max(1, n_items)].tolist()
+    device = next(ae.parameters()).device
+    total, total_sq, count = 0.0, 0.0, 0
+    for i in order:
+        x = torch.as_tensor(dataset[i][key]).float()[None].to(device)
+        mean, std = ae.encode(x, roi_size, overlap)
+        z = mean + std * torch.randn(std.shape, generator=g).to(device)
+        z = z.double()
+        total += float(z.sum())
+        total_sq += float((z * z).sum())
+        count += z.numel()
+    var = total_sq / count - (total / count) ** 2
+    if not var > 0:
+        raise ValueError("latents have zero variance; the autoencoder did not train (check the loss curve)")
+    return float(1.0 / var ** 0.5)
+
+
+# ---------------------------------------------------------------------- train / ensure
+
+
+def _final_with_scale(run_dir: Path) -> dict[str, Any] | None:
+    from lungsynth.engine import load_checkpoint
+
+    final = run_dir / "final.pt"
+    if not final.is_file():
+        return None
+    return load_checkpoint(final)
+
+
+def train_autoencoder(kind: str, cfg: Any, run_dir: Path | str | None = None, *, progress: bool | None = None,
+                      fresh: bool = False, perceptual_loader: Any = None,
+                      time_budget_s: float | None = None) -> Path:
+    """Train ``kind`` (resuming ``run_dir/last.pt`` unless ``fresh``), then store the scale factor.
+
+    Writes ``final.pt`` (weights + config with ``scale_factor``), ``last.pt``, ``metrics.csv``,
+    ``engine.json`` and ``run.json`` (config, versions, timings, results) into ``run_dir``
+    (default ``runs/<profile>/02_<kind>``). Returns the run directory.
+    """
+    from lungsynth import runtime
+    from lungsynth.engine import Trainer, save_checkpoint
+    from lungsynth.nn.autoencoders import default_run_dir
+
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(kind, cfg.profile)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    a = cfg.autoencoders
+    steps, batch = train_budget(kind, cfg)
+    key = source_key(kind)
+    with runtime.RunRecord(run_dir, config=cfg.to_dict(), seed=cfg.seed,
+                           command=f"lungsynth autoencoder train --kind {kind} --profile {cfg.profile}") as rec:
+        with rec.timer("data"):
+            train_base = source_dataset(kind, cfg, "train", keys=("label",) if key != "image" else ())
+            val_base = source_dataset(kind, cfg, "val")
+        if len(train_base) == 0:  # type: ignore[arg-type]
+            raise ValueError(f"the {cfg.profile} prepared dataset has no training items for {kind}; "
+                             f"prepare more scans (cfg.data.n_scans)")
+        patch = int(a.patch_3d) if kind in ("vae3d", "maskvae") else None
+        train_ds = ImageView(train_base, key, patch, float(a.foreground_crop_prob))
+        val_ds = ImageView(val_base, key) if len(val_base) else None  # type: ignore[arg-type]
+        roi = int(a.sliding_roi)
+        task = AutoencoderTask(kind, cfg, perceptual_loader=perceptual_loader, val_roi=roi)
+        trainer = Trainer.from_config(
+            cfg.engine, run_dir, max_steps=steps, batch_size=batch, lr=float(a.lr), seed=int(cfg.seed),
+            val_every=int(a.val_every) if val_ds is not None else None, progress=progress, fresh=fresh,
+            time_budget_s=time_budget_s)
+        with rec.timer("train"):
+            result = trainer.fit(task, train_ds, val_ds)
+        rec["steps"] = result.steps
+        rec["stopped_by"] = result.stopped_by
+        rec["last_logged"] = result.last_losses
+        rec["train_seconds_this_call"] = round(result.seconds, 3)
+        with rec.timer("scale_factor"):
+            ckpt = _final_with_scale(run_dir)
+            if ckpt is None:
+                raise FileNotFoundError(f"training wrote no final.pt into {run_dir}")
+            ae = task.ae.eval()
+            sf = compute_scale_factor(ae, train_base, key, int(a.scale_factor_items), roi,
+                                      float(a.sliding_overlap), seed=int(cfg.seed))
+            ckpt["config"] = {**dict(ckpt["config"]), "scale_factor": sf}
+            save_checkpoint(ckpt, run_dir / "final.pt")
+        rec["scale_factor"] = sf
+    return run_dir
+
+
+def ensure_autoencoder(kind: str, cfg: Any, run_dir: Path | str | None = None, *, progress: bool | None = None,
+                       device: torch.device | str | None = None) -> Any:
+    """The trained autoencoder of ``kind`` for ``cfg``: loaded from ``run_dir`` (default
+    ``runs/<profile>/02_<kind>``), trained first when missing, unfinished, or trained for fewer
+    steps than ``cfg`` asks (a killed run resumes from its last checkpoint).
+
+    Returns an :class:`lungsynth.nn.autoencoders.Autoencoder` in eval mode on ``device`` (default
+    :func:`lungsynth.runtime.device`). A run directory holding another architecture is refused
+    (ValueError): pass another ``run_dir``.
+    """
+    from lungsynth import runtime
+    from lungsynth.nn.autoencoders import default_run_dir, load_autoencoder
+
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(kind, cfg.profile)
+    device = device if device is not None else runtime.device()
+    steps, _ = train_budget(kind, cfg)
+    ckpt = _final_with_scale(run_dir)
+    if ckpt is not None:
+        ae = load_autoencoder(kind, run_dir / "final.pt", cfg)  # refuses another architecture
+        if "scale_factor" in (ckpt.get("config") or {}) and int(ckpt.get("step", 0)) >= steps:
+            return ae.to(device)
+    train_autoencoder(kind, cfg, run_dir, progress=progress)
+    return load_autoencoder(kind, run_dir, cfg, device=device)
+
+
+# ---------------------------------------------------------------------- latent caches
+
+
+def _cache_dir(run_dir: Path, split: str) -> Path:
+    return run_dir / LATENTS_DIR / split
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _identity(ae: Any) -> dict[str, Any]:
+    return {"checkpoint_step": int(getattr(ae, "step", 0)), "scale_factor": float(ae.scale_factor),
+            "spec": ae.spec}
+
+
+@torch.no_grad()
+def encode_dataset(kind: str, cfg: Any, split: str = "train", run_dir: Path | str | None = None,
+                   ae: Any = None, progress: bool = False) -> Path:
+    """Cache the posterior (mean, std) of every item of ``split`` under ``run_dir/latents/<split>``.
+
+    One ``<index>.pt`` per item (``{"mean": [c,*s], "std": [c,*s]}``, float32, read with
+    weights_only) and ``index.json`` (ids, scale factor, the checkpoint step they came from).
+    Large volumes are encoded by sliding window (``cfg.autoencoders.sliding_roi``).
+    Returns the cache directory.
+    """
+    from lungsynth import runtime
+    from lungsynth.nn.autoencoders import default_run_dir, load_autoencoder
+
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(kind, cfg.profile)
+    ae = ae if ae is not None else load_autoencoder(kind, run_dir, cfg, device=runtime.device())
+    device = next(ae.parameters()).device
+    base = source_dataset(kind, cfg, split)
+    key = source_key(kind)
+    out = _cache_dir(run_dir, split)
+    out.mkdir(parents=True, exist_ok=True)
+    ids: list[str] = []
+    t0 = time.perf_counter()
+    a = cfg.autoencoders
+    for i in range(len(base)):  # type: ignore[arg-type]
+        item = base[i]
+        x = torch.as_tensor(item[key]).float()[None].to(device)
+        mean, std = ae.encode(x, int(a.sliding_roi), float(a.sliding_overlap))
+        _save_atomic({"mean": mean[0].float().cpu().contiguous(), "std": std[0].float().cpu().contiguous()},
+                     out / f"{i:06d}.pt")
+        ids.append(item_id(item, i))
+        if progress:
+            print(f"\r{kind} {split}: encoded {i + 1}/{len(base)}", end="", flush=True)  # type: ignore[arg-type]
+    if progress:
+        print()
+    shape = list(mean.shape[1:]) if ids else []
+    runtime.write_json_atomic(out / "index.json", {
+        "kind": kind, "split": split, "n": len(ids), "ids": ids, "latent_shape": shape,
+        "seconds": round(time.perf_counter() - t0, 3), **_identity(ae)})
+    return out
+
+
+def ensure_latents(kind: str, cfg: Any, split: str = "train", run_dir: Path | str | None = None,
+                   ae: Any = None) -> Path:
+    """The latent cache of ``split``; (re-)encodes when missing or made by another checkpoint."""
+    from lungsynth.nn.autoencoders import default_run_dir
+
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(kind, cfg.profile)
+    ae = ae if ae is not None else ensure_autoencoder(kind, cfg, run_dir)
+    out = _cache_dir(run_dir, split)
+    index = out / "index.json"
+    if index.is_file():
+        meta = json.loads(index.read_text())
+        ident = _identity(ae)
+        if all(meta.get(k) == v for k, v in ident.items()) and all((out / f"{i:06d}.pt").is_file()
+                                                                  for i in range(int(meta.get("n", 0)))):
+            return out
+    return encode_dataset(kind, cfg, split, run_dir, ae=ae)
+
+
+class LatentDataset(Dataset):
+    """Cached posteriors of an autoencoder, sampled afresh at every load.
+
+    Item: ``{"z": [c,*s]`` = scale_factor * (mean + std * eps), ``"mean"``, ``"std"`` (unscaled),
+    ``"id"``, plus the requested ``keys`` of the underlying prepared item (e.g. ``"cond"`` for
+    LAND, at full resolution)}.
+
+    Why a sample per load and not one cached sample: the KL-VAE encodes each volume as a
+    distribution, and its decoder was trained on draws from it. Caching one draw freezes a
+    single realisation of the posterior noise std * eps into every epoch: the denoiser is then
+    trained to reproduce that particular noise, which carries no anatomy and cannot be predicted
+    from anything but the cached copy, so its loss on the noise part levels off at a floor set
+    by std (and samples learn to copy the noise pattern). Drawing eps anew each time trains on the
+    aggregated posterior, the distribution the decoder expects, and acts as free augmentation;
+    storing mean and std costs twice one sample. For the VQ-VAE std is zero (deterministic codes).
+
+    Args:
+        cfg: course config.
+        kind: autoencoder kind.
+        split: "train" | "val" | "test".
+        keys: keys of the prepared item to return alongside (3D kinds: VolumeDataset keys).
+        run_dir: the autoencoder's run directory (default ``runs/<profile>/02_<kind>``).
+        sample: draw eps (True) or return the scaled mean (False).
+    """
+
+    def __init__(self, cfg: Any, kind: str, split: str = "train", keys: Sequence[str] = (),
+                 run_dir: Path | str | None = None, sample: bool = True) -> None:
+        from lungsynth.nn.autoencoders import default_run_dir
+
+        self.run_dir = Path(run_dir) if run_dir is not None else default_run_dir(kind, cfg.profile)
+        self.dir = ensure_latents(kind, cfg, split, self.run_dir)
+        self.meta = json.loads((self.dir / "index.json").read_text())
+        self.scale_factor = float(self.meta["scale_factor"])
+        self.ids: list[str] = list(self.meta["ids"])
+        self.kind, self.split, self.sample, self.keys = kind, split, bool(sample), tuple(keys)
+        self.base = None
+        if self.keys:
+            if kind in ("vae3d", "maskvae"):
+                from lungsynth.data.datasets import VolumeDataset
+
+                self.base = VolumeDataset(cfg, split, keys=self.keys)
+            else:
+                self.base = source_dataset(kind, cfg, split)
+            if len(self.base) != len(self.ids):  # type: ignore[arg-type]
+                raise ValueError(f"latent cache {self.dir} has {len(self.ids)} items but the {split} split has "
+                                 f"{len(self.base)}; re-encode with `lungsynth autoencoder encode --kind {kind}`")  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def posterior(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stored (mean, std) of item ``i``, each [c,*s], unscaled."""
+        d = torch.load(self.dir / f"{i:06d}.pt", map_location="cpu", weights_only=True)
+        return d["mean"], d["std"]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        mean, std = self.posterior(i)
+        z = mean + std * torch.randn_like(std) if self.sample else mean
+        item: dict[str, Any] = {"z": z * self.scale_factor, "mean": mean, "std": std, "id": self.ids[i]}
+        if self.base is not None:
+            extra = self.base[i]
+            got = item_id(extra, i)
+            if got != self.ids[i]:
+                raise ValueError(f"latent cache {self.dir} item {i} is {self.ids[i]!r} but the dataset gives "
+                                 f"{got!r}; the prepared data changed: re-encode with `lungsynth autoencoder "
+                                 f"encode --kind {self.kind}`")
+            for k in self.keys:
+                item[k] = extra[k]
+        return item

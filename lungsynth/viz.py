@@ -1,0 +1,205 @@
+"""Figures shared by every chapter: slices with mask overlays, grids, histograms.
+
+Volumes are (D, H, W) arrays or tensors (a leading channel of 1 is dropped); HU or [0, 1]
+images are both fine (``window`` sets the grey range). Every function returns the
+matplotlib Figure so notebooks can save or further annotate it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+MASK_COLOURS = ("#00e5ff", "#ff3d00", "#ffd600", "#76ff03", "#d500f9", "#2979ff")
+LUNG_WINDOW_HU = (-1000.0, 400.0)
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """Tensor / array -> float numpy, dropping a leading singleton channel (and batch)."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().float().numpy()
+    x = np.asarray(x)
+    while x.ndim > 2 and x.shape[0] == 1:
+        x = x[0]
+    return x
+
+
+def _window(image: np.ndarray, window: tuple[float, float] | None) -> tuple[float, float]:
+    if window is not None:
+        return window
+    lo, hi = float(np.min(image)), float(np.max(image))
+    return (-1000.0, 400.0) if hi > 50 else (lo, hi if hi > lo else lo + 1)
+
+
+def _slice(vol: np.ndarray, axis: int, index: int) -> np.ndarray:
+    return np.take(vol, index, axis=axis)
+
+
+def overlay(ax: Any, image: np.ndarray, masks: Mapping[str, np.ndarray] | None = None,
+            window: tuple[float, float] | None = None, contour: bool = True, alpha: float = 0.35,
+            aspect: float = 1.0) -> None:
+    """Draw a 2D ``image`` [H, W] with ``masks`` ({name: [H, W]}) as contours or filled colours."""
+    lo, hi = _window(image, window)
+    ax.imshow(image, cmap="gray", vmin=lo, vmax=hi, aspect=aspect, interpolation="nearest")
+    for n, (name, m) in enumerate((masks or {}).items()):
+        m = np.asarray(m)
+        if not m.any():
+            continue
+        colour = MASK_COLOURS[n % len(MASK_COLOURS)]
+        if contour and m.shape[0] > 1 and m.shape[1] > 1:
+            ax.contour(m > 0.5, levels=[0.5], colors=[colour], linewidths=1.0)
+        else:
+            rgba = np.zeros(m.shape + (4,))
+            rgba[m > 0.5] = list(_hex_rgb(colour)) + [alpha]
+            ax.imshow(rgba, aspect=aspect, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _hex_rgb(colour: str) -> tuple[float, float, float]:
+    c = colour.lstrip("#")
+    return tuple(int(c[i:i + 2], 16) / 255 for i in (0, 2, 4))  # type: ignore[return-value]
+
+
+def show_slices(volume: Any, masks: Mapping[str, Any] | None = None, indices: Sequence[int] | None = None,
+                axis: int = 0, n: int = 4, window: tuple[float, float] | None = None, title: str | None = None,
+                contour: bool = True, size: float = 3.0) -> Any:
+    """``n`` slices (or ``indices``) of ``volume`` [D, H, W] along ``axis`` with mask overlays.
+
+    Default indices are spread over the extent of the first mask (or the volume).
+    """
+    import matplotlib.pyplot as plt
+
+    vol = to_numpy(volume)
+    ms = {k: to_numpy(v) for k, v in (masks or {}).items()}
+    if indices is None:
+        ref = next(iter(ms.values()), None)
+        if ref is not None and ref.any():
+            nz = np.nonzero(np.any(ref > 0.5, axis=tuple(a for a in range(3) if a != axis)))[0]
+            lo, hi = nz.min(), nz.max()
+        else:
+            lo, hi = 0, vol.shape[axis] - 1
+        indices = np.unique(np.linspace(lo, hi, n + 2)[1:-1].round().astype(int)) if hi > lo else [lo]
+    fig, axes = plt.subplots(1, len(indices), figsize=(size * len(indices), size), squeeze=False)
+    for ax, idx in zip(axes[0], indices):
+        overlay(ax, _slice(vol, axis, int(idx)), {k: _slice(m, axis, int(idx)) for k, m in ms.items()},
+                window=window, contour=contour)
+        ax.set_title(f"{'DHW'[axis]}={int(idx)}", fontsize=9)
+    if ms:
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], color=MASK_COLOURS[i % len(MASK_COLOURS)], label=k) for i, k in enumerate(ms)]
+        fig.legend(handles=handles, loc="lower center", ncol=len(ms), fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.06 if ms else 0, 1, 1))
+    return fig
+
+
+def show_orthogonal(volume: Any, masks: Mapping[str, Any] | None = None, point: Sequence[int] | None = None,
+                    window: tuple[float, float] | None = None, title: str | None = None, size: float = 3.5) -> Any:
+    """Axial, coronal and sagittal slices of ``volume`` [D, H, W] through ``point`` (default: centre
+    of the first mask, else the volume centre)."""
+    import matplotlib.pyplot as plt
+
+    vol = to_numpy(volume)
+    ms = {k: to_numpy(v) for k, v in (masks or {}).items()}
+    if point is None:
+        ref = next(iter(ms.values()), None)
+        point = np.array(vol.shape) // 2
+        if ref is not None and ref.any():
+            from scipy import ndimage
+
+            lab, n = ndimage.label(ref > 0.5)
+            biggest = int(np.argmax(ndimage.sum(ref > 0.5, lab, range(1, n + 1)))) + 1
+            point = np.array(ndimage.center_of_mass(lab == biggest)).round().astype(int)
+    fig, axes = plt.subplots(1, 3, figsize=(3 * size, size))
+    for ax, axis, name in zip(axes, (0, 1, 2), ("axial", "coronal", "sagittal")):
+        idx = int(point[axis])
+        overlay(ax, _slice(vol, axis, idx), {k: _slice(m, axis, idx) for k, m in ms.items()}, window=window)
+        ax.set_title(f"{name} ({'DHW'[axis]}={idx})", fontsize=9)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def image_grid(images: Sequence[Any], titles: Sequence[str] | None = None, ncols: int = 6,
+               window: tuple[float, float] | None = None, masks: Sequence[Any] | None = None,
+               size: float = 2.0) -> Any:
+    """A grid of 2D images ([H, W] or [1, H, W]) with optional per-image mask contours."""
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    ncols = max(1, min(ncols, n))
+    nrows = int(np.ceil(n / ncols)) if n else 1
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        if k >= n:
+            ax.axis("off")
+            continue
+        img = to_numpy(images[k])
+        m = {"mask": to_numpy(masks[k])} if masks is not None and masks[k] is not None else None
+        overlay(ax, img, m, window=window)
+        if titles:
+            ax.set_title(titles[k], fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def hu_histogram(volumes: Mapping[str, Any], masks: Mapping[str, Any] | None = None, bins: int = 100,
+                 hu_range: tuple[float, float] = (-1100.0, 1000.0), ax: Any = None) -> Any:
+    """Histograms of HU values of several volumes (optionally inside their masks)."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6, 3))
+    else:
+        fig = ax.figure
+    for name, v in volumes.items():
+        vals = to_numpy(v)
+        if masks is not None and name in masks:
+            vals = vals[to_numpy(masks[name]) > 0.5]
+        ax.hist(vals.ravel(), bins=bins, range=hu_range, histtype="step", density=True, label=name)
+    ax.set_xlabel("HU")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def bar_counts(counts: Mapping[Any, int] | Any, title: str = "", ax: Any = None, log: bool = False) -> Any:
+    """Bar chart of category counts (a dict or a pandas Series)."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(4, 3))
+    else:
+        fig = ax.figure
+    items = list(counts.items())
+    ax.bar([str(k) for k, _ in items], [v for _, v in items], color="#607d8b")
+    if log:
+        ax.set_yscale("log")
+    ax.set_title(title, fontsize=10)
+    return fig
+
+
+def value_counts_grid(table: Any, columns: Sequence[str], ncols: int = 5, log: bool = False,
+                      size: float = 2.6, labels: Mapping[str, Mapping[Any, str]] | None = None) -> Any:
+    """One bar chart of value counts per column of a DataFrame (e.g. LIDC scores 1..5)."""
+    import matplotlib.pyplot as plt
+
+    n = len(columns)
+    ncols = max(1, min(ncols, n))
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False)
+    for ax, col in zip(axes.flat, columns):
+        counts = table[col].value_counts().sort_index()
+        names = {k: (labels or {}).get(col, {}).get(k, str(k)) for k in counts.index}
+        bar_counts({names[k]: int(v) for k, v in counts.items()}, title=col, ax=ax, log=log)
+        ax.tick_params(axis="x", labelsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,116 @@
+"""lungsynth/eval/distribution.py: FID, KID, MMD and their failure modes."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+from lungsynth.config import get_config
+from lungsynth.eval.distribution import (evaluate_distribution, fid, fid_value, frechet_distance, kid, mmd,
+                                         sqrtm_real)
+
+
+def _gauss(n, d=16, seed=0, shift=0.0, scale=1.0):
+    return np.random.default_rng(seed).normal(shift, scale, (n, d))
+
+
+def test_fid_self_is_zero_and_grows_with_noise():
+    x = _gauss(60, 32)
+    assert fid(x, x, min_samples_warn=10).value == pytest.approx(0.0, abs=1e-8)
+    rng = np.random.default_rng(1)
+    values = [fid(x, x + rng.normal(0, s, x.shape), min_samples_warn=10).value for s in (0.1, 0.5, 1.0, 2.0)]
+    assert all(a < b for a, b in zip(values, values[1:])) and values[0] > 0
+
+
+def test_fid_methods_agree():
+    # N > D: every route applies
+    x, y = _gauss(300, 8, 0), _gauss(250, 8, 1, shift=0.3, scale=1.2)
+    ref = fid_value(x, y, "sqrtm")
+    for m in ("gram", "eig", "auto"):
+        assert fid_value(x, y, m) == pytest.approx(ref, rel=1e-6)
+    # N < D (singular covariances, the usual case with 2048-d features): gram and eig agree
+    x, y = _gauss(20, 64, 2), _gauss(25, 64, 3, shift=0.2)
+    assert fid_value(x, y, "gram") == pytest.approx(fid_value(x, y, "eig"), rel=1e-6)
+    assert fid(x, y, min_samples_warn=2).extra["method"] == "gram"
+
+
+def test_sqrtm_never_complex():
+    # a negative eigenvalue: scipy's root is complex, ours keeps the real part
+    a = np.array([[-1.0, 0.0], [0.0, 4.0]])
+    r = sqrtm_real(a)
+    assert r.dtype == np.float64 and not np.iscomplexobj(r)
+    assert r[1, 1] == pytest.approx(2.0)
+    # product of two rank-deficient covariances (N < D)
+    x, y = _gauss(10, 64, 4), _gauss(10, 64, 5)
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    r = sqrtm_real(s1 @ s2)
+    assert not np.iscomplexobj(r) and np.isfinite(r).all()
+    d = frechet_distance(x.mean(0), s1, y.mean(0), s2)
+    assert isinstance(d, float) and np.isfinite(d) and d >= 0
+    assert isinstance(fid(x, y, min_samples_warn=2).value, float)
+
+
+def test_kid_is_unbiased_and_detects_shift():
+    same = [kid(_gauss(30, 16, 2 * i), _gauss(30, 16, 2 * i + 1), min_samples_warn=2).value for i in range(40)]
+    mean, se = np.mean(same), np.std(same) / np.sqrt(len(same))
+    assert abs(mean) < 3 * se + 1e-12  # unbiased: centred on 0 (either sign)
+    assert min(same) < 0 < max(same)
+    shifted = kid(_gauss(30, 16, 0), _gauss(30, 16, 1, shift=1.0), min_samples_warn=2).value
+    assert shifted > 10 * abs(mean) and shifted > 0
+    # FID, by contrast, is biased upward on equal distributions
+    assert np.mean([fid(_gauss(30, 16, 2 * i), _gauss(30, 16, 2 * i + 1), min_samples_warn=2).value
+                    for i in range(5)]) > 0.5
+
+
+def test_kid_subsets():
+    r = kid(_gauss(80, 8, 0), _gauss(90, 8, 1), subset_size=20, subsets=15, min_samples_warn=2)
+    assert r.extra["subset_size"] == 20 and r.extra["subsets"] == 15 and r.extra["subset_std"] > 0
+
+
+@pytest.mark.parametrize("kernel", ["gaussian", "polynomial"])
+def test_mmd_non_negative(kernel):
+    x = _gauss(25, 8, 0)
+    assert mmd(x, x, kernel=kernel, min_samples_warn=2).value == pytest.approx(0.0, abs=1e-12)
+    r = mmd(x, _gauss(25, 8, 1), kernel=kernel, bootstrap=30, min_samples_warn=2)
+    assert r.value >= 0 and r.ci_low >= 0 and r.ci_low <= r.ci_high
+    far = mmd(x, _gauss(25, 8, 1, shift=2.0), kernel=kernel, min_samples_warn=2)
+    assert far.value > r.value
+
+
+def test_bootstrap_ci_is_reproducible_and_brackets_value():
+    x, y = _gauss(40, 8, 0), _gauss(40, 8, 1, shift=0.5)
+    a = fid(x, y, bootstrap=50, seed=3, min_samples_warn=2, network="toy")
+    b = fid(x, y, bootstrap=50, seed=3, min_samples_warn=2, network="toy")
+    assert (a.ci_low, a.ci_high) == (b.ci_low, b.ci_high)
+    assert a.ci_low < a.ci_high and a.network == "toy" and a.n_real == 40 and a.bootstrap == 50
+    k = kid(x, y, bootstrap=50, min_samples_warn=2)
+    assert k.ci_low < k.value < k.ci_high
+    assert "fid = " in str(a) and a.as_dict()["metric"] == "fid"
+
+
+def test_bad_input_errors_and_warning():
+    x = _gauss(10, 8)
+    for fn in (fid, kid, mmd):
+        with pytest.raises(ValueError, match="dimension 8 but fake have 9"):
+            fn(x, _gauss(10, 9), min_samples_warn=2)
+        with pytest.raises(ValueError, match="at least 2"):
+            fn(x, x[:1], min_samples_warn=2)
+        bad = x.copy()
+        bad[3, 2] = np.nan
+        with pytest.raises(ValueError, match="NaN"):
+            fn(x, bad, min_samples_warn=2)
+        with pytest.raises(ValueError, match="matrix"):
+            fn(x[:, 0], x[:, 1], min_samples_warn=2)
+        with pytest.warns(UserWarning, match="< 50"):
+            fn(x, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fid(_gauss(60, 4), _gauss(60, 4, 1))  # enough samples: no warning
+
+
+def test_evaluate_distribution_uses_profile():
+    cfg = get_config("smoke")
+    with pytest.warns(UserWarning):
+        out = evaluate_distribution(_gauss(20, 8), _gauss(20, 8, 1), cfg, network="toy")
+    assert set(out) == {"fid", "kid", "mmd"}
+    assert all(r.bootstrap == cfg.evaluation.bootstrap and r.ci_low is not None for r in out.values())

@@ -1,0 +1,95 @@
+"""Chapter 09: the leaderboard on a tiny fake real dataset with fake methods."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from synth_fakes import NoisyCopy, make_fake_prepared
+
+from lungsynth.config import get_config
+from lungsynth.eval.report import build_leaderboard, evaluate_method, write_leaderboard
+from lungsynth.sampling import registry
+
+
+class Trained(NoisyCopy):
+    def __init__(self, run, **kw):
+        super().__init__(**kw)
+        self.run = run
+
+    def run_dir(self, cfg):
+        return self.run
+
+    def ensure_trained(self, cfg):
+        (self.run / "final.pt").write_bytes(b"")
+        return self.run
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, monkeypatch_module):
+    root = make_fake_prepared(tmp_path_factory.mktemp("real"), n_train=8, n_test=6)
+    runs = tmp_path_factory.mktemp("runs")
+    cfg = get_config("smoke", {"evaluation.feature_network": "slicenet2d-2.5d", "evaluation.n_samples": 6,
+                               "evaluation.bootstrap": 5, "evaluation.slice_net_steps": 5})
+    vol = Trained(runs / "vol", name="fakevol", noise_hu=30.0)
+    (runs / "vol").mkdir()
+    (runs / "vol" / "final.pt").write_bytes(b"")
+    sl = Trained(runs / "sl", name="fakeslice", unit="slice")
+    (runs / "sl").mkdir()
+    untrained = Trained(runs / "none", name="fakeuntrained")
+    monkeypatch_module.setattr(registry, "METHODS", {a.name: a for a in (vol, sl, untrained)})
+    return cfg, root, runs
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def test_leaderboard_for_the_methods_present(setup, tmp_path):
+    cfg, root, runs = setup
+    res = build_leaderboard(cfg, real_root=root)
+    assert list(res) == ["fakevol"]  # the untrained ones are skipped; sl has no final.pt
+    row = res["fakevol"].row
+    assert row["n_synthetic"] == 6 and row["n_real"] == 6 and "slicenet2d" in row["network"]
+    assert row["fid"] >= 0 and row["mmd"] >= 0 and row["fid_ci"].startswith("[")
+    assert row["masked_mse"] is not None and row["masked_mse"] > 0
+    assert 0.0 <= row["dice"] <= 1.0 and row["jsd_solid"] is not None and row["jsd_ground-glass"] is None
+    # heldout-conditioned copies of test scans are not copies of training scans
+    assert row["memorization_flag_rate_voxel"] < 0.5
+    files = write_leaderboard(res, tmp_path, "smoke")
+    md = files["md"].read_text()
+    assert "| fakevol" in md and "FID" in md
+    assert pd.read_csv(files["csv"])["method"].tolist() == ["fakevol"]
+    assert json.loads(files["json"].read_text())["details"]["fakevol"]["memorization"]["n_synthetic"] == 6
+
+
+def test_train_missing_and_2d_rows(setup, tmp_path):
+    cfg, root, runs = setup
+    res = build_leaderboard(cfg, ["fakeslice"], real_root=root, train_missing=True, n=4)
+    row = res["fakeslice"].row
+    assert row["unit"] == "slice" and row["network"].startswith("slicenet2d-rot-5steps")
+    assert row["masked_mse"] is None and row["n_synthetic"] == 4
+
+
+def test_memorising_method_is_flagged(setup, tmp_path):
+    cfg, root, runs = setup
+
+    class Copier(Trained):
+        def conditions(self, cfg, source, n, seed=0, root=None):  # copies TRAINING scans
+            from lungsynth.sampling.conditions import real_conditions
+
+            return real_conditions(cfg, "volume", n, source="heldout", root=root, split="train")
+
+    ev = evaluate_method(cfg, Copier(runs / "vol", name="copier", noise_hu=1.0), n=6, real_root=root,
+                         out=tmp_path / "copier")
+    assert ev.memorization_voxel.flag_rate == 1.0 and ev.memorization_voxel.memorizes
+    assert ev.row["memorization_flag_rate"] >= 0.5
+
+
+def test_empty_leaderboard_is_written(tmp_path):
+    files = write_leaderboard({}, tmp_path, "smoke")
+    assert "no trained method" in files["md"].read_text()
+    assert np.isnan(np.nan)
