@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "lungsynth.methods.lung_ddpm",
     "lungsynth.sampling.synth",
     "lungsynth.eval.report",
+    "lungsynth.downstream.cli",
     "lungsynth.bench",
 )
 

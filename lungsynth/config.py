@@ -190,7 +190,7 @@ class LungDdpmConfig:
     batch_size: int = 1
     lr: float = tiered(2e-4, 1e-4, 1e-5)
     blend_from: int = 250  # AAS blends the reference from this step down to 0
-    sample_steps: int = tiered(20, 250, 250)  # reverse steps (the paper: all 250; fewer = respaced DDPM)
+    sample_steps: int = tiered(10, 250, 250)  # reverse steps (the paper: all 250; fewer = respaced DDPM)
     eval_split: str = tiered("val", "test", "test")
     n_eval: int = tiered(3, 16, 100)  # volumes sampled per ablation row
 
@@ -240,12 +240,25 @@ class EvalConfig:
 class DownstreamConfig:
     """Chapters 10-11: segmentation and classification with synthetic data."""
 
-    synthetic_ratios: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
-    real_fractions: tuple[float, ...] = (1.0, 0.5, 0.2, 0.1, 0.0)
+    synthetic_ratios: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # synthetic count = ratio x real count
+    real_fractions: tuple[float, ...] = tiered((1.0, 0.2, 0.0), (1.0, 0.5, 0.2, 0.1, 0.0), (1.0, 0.5, 0.2, 0.1, 0.0))
     train_steps: int = tiered(40, 2000, 20_000)
     batch_size: int = tiered(4, 8, 8)
-    lr: float = 1e-4
+    lr: float = tiered(1e-3, 3e-4, 1e-4)
     n_runs: int = tiered(2, 3, 5)
+    eval_splits: tuple[str, ...] = tiered(("val", "test"), ("test",), ("test",))  # smoke: 1 test patient only
+    allow_repeats: bool = tiered(True, False, False)  # a synthetic pool smaller than asked repeats items
+    n_synthetic: int = tiered(4, 64, 1000)  # samples the chapters synthesize when no dataset is given
+    seg_channels: tuple[int, ...] = tiered((8, 16, 32), (16, 32, 64, 128), (32, 64, 128, 256, 512))
+    seg_steps: int = tiered(12, 1500, 20_000)
+    seg_batch_size: int = tiered(2, 4, 2)
+    seg_crop_size: int = tiered(24, 48, 96)  # nodule-centred segmentation crops at 1 mm (divisible by 2^levels)
+    cls_init_features: int = tiered(8, 32, 64)  # DenseNet121: 64 / 32 in the original
+    cls_growth_rate: int = tiered(8, 16, 32)
+    cls_blocks: tuple[int, ...] = (6, 12, 24, 16)  # DenseNet121's dense blocks
+    cls_steps: int = tiered(12, 1500, 10_000)
+    cls_batch_size: int = tiered(4, 8, 16)
+    scarcity_runs: int = tiered(1, 3, 5)
 
 
 # --------------------------------------------------------------------------- the whole

@@ -73,24 +73,3 @@ def write_manifest(prepared: Path | str, cfg: Any) -> None:
     write_json_atomic(prepared / "splits.json", splits)
 
 
-# --------------------------------------------------------------------------- prompts (chapter 07)
-
-_WORDS = {
-    "sphericity": {1: "linear", 2: "ovoid-linear", 3: "ovoid", 4: "ovoid-round", 5: "round"},
-    "margin": {1: "poorly defined margin", 2: "ill-defined margin", 3: "moderately defined margin",
-               4: "well-defined margin", 5: "sharp margin"},
-    "texture": {1: "ground-glass", 2: "mostly ground-glass", 3: "part-solid", 4: "mostly solid", 5: "solid"},
-    "spiculation": {1: "no spiculation", 2: "nearly no spiculation", 3: "medium spiculation",
-                    4: "near marked spiculation", 5: "marked spiculation"},
-    "calcification": {1: "popcorn calcification", 2: "laminated calcification", 3: "solid calcification",
-                      4: "non-central calcification", 5: "central calcification", 6: "no calcification"},
-}
-
-
-def nodule_prompt(scores: Mapping[str, Any]) -> str:
-    """A text prompt from LIDC scores (sphericity, margin, texture, spiculation, calcification)."""
-    def w(name: str) -> str:
-        return _WORDS[name].get(int(round(float(scores[name]))), "")
-
-    return (f"a chest CT image of a {w('texture')} {w('sphericity')} lung nodule with a {w('margin')}, "
-            f"{w('spiculation')} and {w('calcification')}")

@@ -84,6 +84,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_profile_argument(i)
     i.set_defaults(func=_run("inpaint"))
     e = verbs.add_parser("evaluate", help="ablation table: per-subtype JSD, 2.5D FID/KID/MMD, delta HU outside")
-    e.add_argument("--no-hist-loss", action="store_true", help=argparse.SUPPRESS)
     add_profile_argument(e)
     e.set_defaults(func=_run("evaluate"))

@@ -121,6 +121,9 @@ def inpaint_crops(model: HrLdm, ct: torch.Tensor, hrmask: torch.Tensor, subtype:
     res = inpaint_latent(model, z_bg, cond, subtype, hist, steps=steps, seed=seed,
                          intermediates_every=intermediates_every, noise_background=noise_background)
     z, inter = res if intermediates_every else (res, None)
+    inside = cond[:, :1] > 0
+    for it in inter or []:  # the running estimate of the *inpainted* latent: x0-hat inside M, z_bg outside
+        it["pred_x0"] = torch.where(inside.cpu(), it["pred_x0"], z_bg.cpu())
     out = vae.decode_latent(z).clamp(0.0, 1.0)
     region = F.interpolate((cond[:, :1] > 0).float(), scale_factor=vae.downsample, mode="nearest")
     return {"ct": out, "z": z, "z_bg": z_bg, "region": region, "intermediates": inter}

@@ -28,6 +28,10 @@ Public API (chapters 08-11)::
 Metrics (:func:`evaluate`): FID and MMD on 3D chest-CT features (:mod:`lungsynth.eval`), MSE inside
 the lungs against the paired real volume, and :func:`seam_ratio` (gradient magnitude in a thin shell
 across the lung boundary, sample over real).
+
+Modules: :mod:`.layout` (layout, encodings, input checks), :mod:`.model` (U-Net, schedule, engine task,
+``train`` / ``load`` / ``LungDDPM.sample``), :mod:`.evaluation` (metrics, ablation table, figures),
+:mod:`.bench` (``lungsynth bench lung-ddpm``); this package re-exports them and holds the CLI.
 """
 
 from __future__ import annotations
@@ -46,6 +50,14 @@ from lungsynth.methods.lung_ddpm.layout import (ENCODINGS, LAYOUT_LABELS, check_
 from lungsynth.methods.lung_ddpm.model import (KIND, RUN_NAMES, VARIANTS, LungDDPM, build_scheduler, build_unet,
                                                check_variant, default_run_dir, ensure_trained, is_trained, load,
                                                make_trainer, model_config, sample, train, training_dataset)
+
+__all__ = ["ABLATIONS", "ENCODINGS", "KIND", "LAYOUT_LABELS", "RUN_NAMES", "VARIANTS", "LungDDPM", "LungDdpmTask",
+           "boundary_shell", "bench_lung_ddpm", "build_scheduler", "build_unet", "check_layout", "check_reference",
+           "check_variant", "default_run_dir", "ensure_trained", "eval_volumes", "evaluate",
+           "figure_consecutive_slices", "figure_side_by_side", "generate", "generation_mask", "gradient_magnitude",
+           "is_trained", "layout_channels", "load", "make_layout", "make_trainer", "metrics", "model_config",
+           "n_layout_channels", "register", "sample", "save_volumes", "seam_ratio", "to_model_scale",
+           "to_unit_scale", "train", "training_dataset"]
 
 
 def bench_lung_ddpm(args: argparse.Namespace) -> int:

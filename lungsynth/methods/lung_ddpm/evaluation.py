@@ -196,13 +196,11 @@ def save_volumes(out_dir: Path | str, cfg: "Config", samples: "torch.Tensor", na
 
 
 def _centre_index(layout: "torch.Tensor", axis: int = 0) -> int:
-    """The slice through the nodule (else the lungs, else the middle) along ``axis`` of a [1, *S] layout."""
-    import torch
-
+    """The slice with the most nodule voxels (else lung voxels, else the middle) along ``axis`` of a [1, *S] layout."""
     for label in (2, 1):
-        hits = torch.nonzero(layout[0] == label)
-        if hits.numel():
-            return int(hits[:, axis].float().mean().round())
+        counts = (layout[0] == label).sum(dim=tuple(d for d in range(3) if d != axis))
+        if int(counts.max()) > 0:
+            return int(counts.argmax())
     return int(layout.shape[1 + axis] // 2)
 
 

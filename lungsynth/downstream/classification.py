@@ -1,0 +1,311 @@
+"""Chapter 11: nodule subtype and malignancy classification with MONAI's 3D DenseNet121 on nodule-centred crops.
+
+Experiments (each over ``cfg.downstream.n_runs`` independent runs, seeds ``cfg.seed + k``):
+
+- **subtype** (solid / part-solid / ground-glass): ``real`` (the imbalanced real train set) against
+  ``balanced`` (minority classes topped up with synthetic nodules, :func:`lungsynth.downstream.mixing.balance_classes`);
+  AUROC and AUPRC per subtype (one vs rest), overall and stratified by nodule size (6-10, 10-20, 20-30 mm), with
+  two-sided Mann-Whitney U p-values between the two settings over runs;
+- **scarcity**: ``cfg.downstream.real_fractions`` of the real train set (nested, stratified by subtype), alone
+  (``real``), with proportional synthetic data and with the full synthetic pool;
+- **malignancy**: LIDC median malignancy 4-5 (malignant, 1) against 1-2 (benign, 0); **score 3
+  (indeterminate) is left out** of training and evaluation. From scratch against initialised from the subtype
+  model of the same run (every layer but the classifier head).
+
+Crops: ``cfg.data.crop_size``^3 at 1 mm (90 at full scale), the prepared crop views for real nodules and crops
+cut from the synthetic volumes around each synthetic nodule's centroid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from lungsynth.downstream.data import SUBTYPES
+
+MALIGNANCY_NAMES = {0: "benign (1-2)", 1: "malignant (4-5)"}
+SUBTYPE_NAMES = dict(enumerate(SUBTYPES))
+
+
+def malignancy_label(score: float) -> int | None:
+    """LIDC median malignancy -> 1 (4-5, malignant), 0 (1-2, benign), None (3 or missing: left out)."""
+    if score is None or not np.isfinite(float(score)):
+        return None
+    s = float(score)
+    if s >= 4:
+        return 1
+    if s <= 2:
+        return 0
+    return None
+
+
+def build_classifier(cfg: Any, n_classes: int, seed: int = 0) -> Any:
+    """MONAI DenseNet121 (spatial_dims=3, 1 channel in, ``n_classes`` logits out).
+
+    ``cfg.downstream.cls_init_features`` / ``cls_growth_rate`` / ``cls_blocks`` size it (64 / 32 /
+    (6, 12, 24, 16) is the original). Input [B, 1, C, C, C] with C >= 32; output [B, n_classes].
+    """
+    import torch
+    from monai.networks.nets import DenseNet121
+
+    torch.manual_seed(int(seed))
+    return DenseNet121(spatial_dims=3, in_channels=1, out_channels=int(n_classes),
+                       init_features=int(cfg.downstream.cls_init_features),
+                       growth_rate=int(cfg.downstream.cls_growth_rate),
+                       block_config=tuple(int(b) for b in cfg.downstream.cls_blocks))
+
+
+def init_from(model: Any, source: Any) -> list[str]:
+    """Copy every weight of ``source`` whose name and shape match into ``model`` (all but the classifier head).
+
+    Returns the names that were not copied.
+    """
+    own = model.state_dict()
+    src = source.state_dict()
+    keep = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict({**own, **keep})
+    return sorted(set(own) - set(keep))
+
+
+def cls_loss_fn() -> Any:
+    """``loss_fn(model, batch)``: cross-entropy of ``model(batch["image"])`` against ``batch["label"]`` (flip-augmented)."""
+    import torch.nn.functional as F
+
+    from lungsynth.downstream.common import random_flip
+
+    def fn(model: Any, batch: dict[str, Any]) -> Any:
+        (x,) = random_flip(batch["image"])
+        return F.cross_entropy(model(x), batch["label"].long())
+
+    return fn
+
+
+def train_classifier(cfg: Any, dataset: Any, n_classes: int, seed: int = 0, init: Any = None,
+                     steps: int | None = None) -> Any:
+    """A DenseNet121 trained on ``dataset`` (items ``image``, ``label``); ``init`` a model to start from."""
+    from lungsynth.downstream.common import fit
+
+    model = build_classifier(cfg, n_classes, seed)
+    if init is not None:
+        init_from(model, init)
+    return fit(cfg, model, cls_loss_fn(), dataset, int(steps or cfg.downstream.cls_steps),
+               cfg.downstream.cls_batch_size, seed, kind="densenet121")
+
+
+def predict_proba(model: Any, dataset: Any, batch_size: int = 8) -> np.ndarray:
+    """Softmax probabilities [N, K] of every item of ``dataset``."""
+    import torch
+
+    dev = next(model.parameters()).device
+    out = []
+    model.eval()
+    with torch.no_grad():
+        for s in range(0, len(dataset), batch_size):
+            x = torch.stack([dataset[i]["image"] for i in range(s, min(s + batch_size, len(dataset)))]).to(dev)
+            out.append(torch.softmax(model(x).float(), 1).cpu().numpy())
+    return np.concatenate(out)
+
+
+def subtype_scores(y: Sequence[int], proba: np.ndarray, diameters: Sequence[float]) -> list[dict[str, Any]]:
+    """AUROC/AUPRC per subtype, over all evaluation nodules (``size="all"``) and per size bin."""
+    from lungsynth.downstream.metrics import SIZE_BINS, one_vs_rest, size_bin
+
+    y = np.asarray(y)
+    bins = np.array([size_bin(d) for d in diameters], dtype=object)
+    rows = [{"size": "all", **r} for r in one_vs_rest(y, proba, range(3), SUBTYPE_NAMES)]
+    for lo, hi in SIZE_BINS:
+        name = f"{lo:g}-{hi:g}"
+        sel = bins == name
+        if sel.any():
+            rows += [{"size": name, **r} for r in one_vs_rest(y[sel], proba[sel], range(3), SUBTYPE_NAMES)]
+    return rows
+
+
+@dataclass
+class ClsResult:
+    """What :func:`run_classification` measured (DataFrames; empty where an experiment did not run).
+
+    ``subtype_runs``: one row per (setting, seed, size, class); ``subtype_table``: mean/std over runs plus
+    ``p_value`` (Mann-Whitney, balanced vs real) per (size, class); ``scarcity_runs`` / ``scarcity_table``;
+    ``malignancy_runs`` / ``malignancy_table`` (with ``p_value`` subtype-init vs scratch);
+    ``curves``: ``{(experiment, setting, seed): (y_true, proba)}`` for precision-recall curves;
+    ``composition``: training-set counts per setting.
+    """
+
+    subtype_runs: Any
+    subtype_table: Any
+    scarcity_runs: Any
+    scarcity_table: Any
+    malignancy_runs: Any
+    malignancy_table: Any
+    curves: dict = field(default_factory=dict)
+    composition: Any = None
+    synthetic: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _with_pvalues(runs: Any, by: Sequence[str], setting_col: str, a: str, b: str, metrics: Sequence[str]) -> Any:
+    """Aggregate ``runs`` over seeds per (setting, *by*) and add ``p_<metric>`` (Mann-Whitney a vs b) per *by*."""
+    from lungsynth.downstream.metrics import aggregate, mann_whitney_p
+
+    table = aggregate(runs, [setting_col, *by], metrics)
+    for m in metrics:
+        ps = {}
+        for key, g in runs.groupby(list(by), sort=False, dropna=False):
+            key = key if isinstance(key, tuple) else (key,)
+            ps[key] = mann_whitney_p(g.loc[g[setting_col] == a, m], g.loc[g[setting_col] == b, m])
+        table[f"p_{m}"] = [ps.get(tuple(r[c] for c in by), float("nan")) for _, r in table.iterrows()]
+    return table
+
+
+def run_classification(cfg: Any, synthetic: Any = None, *,
+                       experiments: Sequence[str] = ("subtype", "scarcity", "malignancy"),
+                       n_runs: int | None = None, real_root: Path | str | None = None,
+                       out: Path | str | None = None) -> ClsResult:
+    """Run the chapter's experiments (see the module docstring) and return their tables.
+
+    Args:
+        synthetic: synthetic dataset folders (``"D1,D2"`` or a list): volume datasets (HR-LDM inpainting, LAND
+            texture control, Lung-DDPM) or crop datasets; None runs the real-only rows.
+        experiments: any of ``subtype``, ``scarcity``, ``malignancy``.
+        out: folder for the CSV tables and ``run.json``.
+    """
+    import time
+
+    import pandas as pd
+
+    from lungsynth.downstream.common import finite_mean, load_pools, seeds
+    from lungsynth.downstream.data import ItemDataset, LabelView
+    from lungsynth.downstream.metrics import aggregate, one_vs_rest
+    from lungsynth.downstream.mixing import balance_classes, check_no_leak, composition, scarcity_sets
+
+    unknown = sorted(set(experiments) - {"subtype", "scarcity", "malignancy"})
+    if unknown:
+        raise ValueError(f"unknown experiments {unknown}; use subtype, scarcity, malignancy")
+    t0 = time.perf_counter()
+    pools = load_pools(cfg, "nodule", synthetic, real_root)
+    size = int(cfg.data.crop_size)
+    held = ("test",) + tuple(cfg.downstream.eval_splits)
+    ev = pools.evaluation.reset_index(drop=True)
+    eval_ds = ItemDataset(cfg, ev, "crop", size)
+    y_eval = ev["subtype_id"].astype(int).to_numpy()
+    allow = bool(cfg.downstream.allow_repeats)
+
+    def subtype_ds(table: Any) -> Any:
+        check_no_leak(table, pools.heldout, held)
+        return LabelView(ItemDataset(cfg, table, "crop", size), table["subtype_id"].astype(int).tolist())
+
+    settings = {"real": pools.train}
+    comp_rows = []
+    if pools.synthetic is not None:
+        balanced, report = balance_classes(pools.train, pools.synthetic, "subtype_id", cfg.seed, (0, 1, 2), allow)
+        settings["balanced"] = balanced
+    for name, table in settings.items():
+        comp_rows.append({"setting": name, **composition(table, "subtype_id")})
+    sub_rows, curves, sub_models = [], {}, {}
+    if "subtype" in experiments or "malignancy" in experiments:
+        for name, table in settings.items():
+            ds = subtype_ds(table)
+            for seed in seeds(cfg, n_runs):
+                model = train_classifier(cfg, ds, 3, seed)
+                sub_models[(name, seed)] = model
+                proba = predict_proba(model, eval_ds)
+                curves[("subtype", name, seed)] = (y_eval, proba)
+                sub_rows += [{"setting": name, "seed": seed, **r}
+                             for r in subtype_scores(y_eval, proba, ev["diameter_mm"].to_numpy())]
+    sub_runs = pd.DataFrame(sub_rows)
+    sub_table = (_with_pvalues(sub_runs, ["size", "class"], "setting", "balanced", "real", ("auroc", "auprc"))
+                 if len(sub_runs) else pd.DataFrame())
+
+    sc_rows = []
+    if "scarcity" in experiments:
+        modes = ("real",) + (("proportional", "full") if pools.synthetic is not None else ())
+        for seed in seeds(cfg, cfg.downstream.scarcity_runs):
+            cells = scarcity_sets(pools.train, pools.synthetic, cfg.downstream.real_fractions, seed, "subtype_id", modes)
+            for (frac, mode), table in cells.items():
+                model = train_classifier(cfg, subtype_ds(table), 3, seed)
+                rows = one_vs_rest(y_eval, predict_proba(model, eval_ds), range(3), SUBTYPE_NAMES)
+                sc_rows.append({"real_fraction": frac, "synthetic": mode, "seed": seed,
+                                "macro_auroc": finite_mean([r["auroc"] for r in rows]),
+                                "macro_auprc": finite_mean([r["auprc"] for r in rows]),
+                                **{f"auroc_{r['class']}": r["auroc"] for r in rows}, **composition(table)})
+    sc_runs = pd.DataFrame(sc_rows)
+    sc_table = (aggregate(sc_runs, ["real_fraction", "synthetic"], ("macro_auroc", "macro_auprc"))
+                if len(sc_runs) else pd.DataFrame())
+
+    mal_rows = []
+    if "malignancy" in experiments:
+        def labelled(table: Any) -> tuple[Any, list[int]]:
+            lab = [malignancy_label(s) for s in table["malignancy"]]
+            keep = [i for i, v in enumerate(lab) if v is not None]
+            return table.iloc[keep].reset_index(drop=True), [lab[i] for i in keep]
+
+        mtrain, ytr = labelled(pools.train)
+        mev, yev = labelled(ev)
+        if len(set(ytr)) < 2 or len(set(yev)) < 2:
+            raise ValueError(f"malignancy needs benign (1-2) and malignant (4-5) nodules in train and evaluation; "
+                             f"got train {sorted(set(ytr))}, evaluation {sorted(set(yev))}")
+        check_no_leak(mtrain, pools.heldout, held)
+        mds = LabelView(ItemDataset(cfg, mtrain, "crop", size), ytr)
+        mev_ds = ItemDataset(cfg, mev, "crop", size)
+        source = "balanced" if "balanced" in settings else "real"
+        for seed in seeds(cfg, n_runs):
+            for init_name, init in (("scratch", None), (f"subtype ({source})", sub_models[(source, seed)])):
+                model = train_classifier(cfg, mds, 2, seed, init=init)
+                proba = predict_proba(model, mev_ds)
+                curves[("malignancy", init_name, seed)] = (np.asarray(yev), proba)
+                r = one_vs_rest(yev, proba, [1], MALIGNANCY_NAMES)[0]
+                mal_rows.append({"init": init_name, "seed": seed, "auroc": r["auroc"], "auprc": r["auprc"],
+                                 "n_train": len(mtrain), "n_eval": len(mev), "n_pos_eval": r["n_pos"]})
+    mal_runs = pd.DataFrame(mal_rows)
+    mal_table = pd.DataFrame()
+    if len(mal_runs):
+        mal_runs["task"] = "malignancy"
+        inits = list(dict.fromkeys(mal_runs["init"]))
+        mal_table = _with_pvalues(mal_runs, ["task"], "init", inits[1], inits[0], ("auroc", "auprc"))
+    res = ClsResult(sub_runs, sub_table, sc_runs, sc_table, mal_runs, mal_table, curves, pd.DataFrame(comp_rows),
+                    [str(p) for p in pools.synthetic_paths], round(time.perf_counter() - t0, 2))
+    if out is not None:
+        _save(cfg, res, Path(out))
+    return res
+
+
+def _save(cfg: Any, res: ClsResult, out: Path) -> None:
+    from lungsynth.runtime import RunRecord
+
+    out.mkdir(parents=True, exist_ok=True)
+    with RunRecord(out, config=cfg, seed=cfg.seed, command="lungsynth downstream cls") as rec:
+        for name in ("subtype_runs", "subtype_table", "scarcity_runs", "scarcity_table", "malignancy_runs",
+                     "malignancy_table", "composition"):
+            getattr(res, name).to_csv(out / f"{name}.csv", index=False)
+        rec["synthetic"] = res.synthetic
+        rec["seconds"] = res.seconds
+
+
+def plot_pr_curves(res: ClsResult, experiment: str = "subtype", ax: Any = None) -> Any:
+    """Precision-recall curves of the first run of each setting: per subtype (subtype) or malignant (malignancy)."""
+    import matplotlib.pyplot as plt
+
+    from lungsynth.downstream.metrics import pr_curve
+
+    keys = [k for k in res.curves if k[0] == experiment]
+    firsts = {}
+    for k in keys:
+        firsts.setdefault(k[1], k)
+    classes = list(SUBTYPE_NAMES.items()) if experiment == "subtype" else [(1, MALIGNANCY_NAMES[1])]
+    if ax is None:
+        _, ax = plt.subplots(1, len(classes), figsize=(4 * len(classes), 3.4), squeeze=False)
+        ax = ax[0]
+    ax = np.atleast_1d(ax)
+    for a, (k, name) in zip(ax, classes):
+        for setting, key in firsts.items():
+            y, proba = res.curves[key]
+            if (np.asarray(y) == k).any():
+                p, r = pr_curve(y, proba, k)
+                a.step(r, p, where="post", label=f"{setting} (seed {key[2]})")
+        a.set(title=name, xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.05))
+        a.legend(fontsize=7)
+    return ax

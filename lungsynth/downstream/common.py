@@ -1,0 +1,117 @@
+"""What chapters 10 and 11 share: the real/synthetic pools, the held-out patients, training through the engine,
+and the default synthetic dataset of the chapters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+
+@dataclass
+class Pools:
+    """Item tables of one task: real train items, real evaluation items, the synthetic pool and who is held out."""
+
+    real_root: Path
+    train: Any
+    evaluation: Any
+    synthetic: Any  # None when no synthetic dataset was given
+    heldout: set[str]
+    synthetic_paths: list[Path]
+
+
+def as_paths(synthetic: str | Path | Sequence[str | Path] | None) -> list[Path]:
+    """``"D1,D2"``, a path or a list of them -> list of Paths (empty for None / "")."""
+    if synthetic is None or synthetic == "":
+        return []
+    if isinstance(synthetic, (str, Path)):
+        return [Path(s.strip()) for s in str(synthetic).split(",") if s.strip()]
+    return [Path(s) for s in synthetic]
+
+
+def load_pools(cfg: Any, unit: str, synthetic: Any = None, real_root: Path | str | None = None) -> Pools:
+    """Real train / evaluation items (``cfg.downstream.eval_splits``) and the synthetic pool of ``unit`` items.
+
+    The held-out patients are those of the test split and of the evaluation splits; the synthetic pool is
+    checked against them (:func:`lungsynth.downstream.mixing.check_no_leak`) before any training.
+    """
+    import pandas as pd
+
+    from lungsynth.data.datasets import ensure_prepared
+    from lungsynth.downstream.data import heldout_patients, real_items, synthetic_items
+    from lungsynth.downstream.mixing import check_no_leak
+
+    root = Path(real_root) if real_root is not None else ensure_prepared(cfg, verbose=False)
+    splits = tuple(cfg.downstream.eval_splits)
+    if "train" in splits:
+        raise ValueError(f"downstream.eval_splits {splits} must not contain the train split")
+    held = heldout_patients(root, ("test",) + splits)
+    train = real_items(root, unit, ("train",))
+    evaluation = real_items(root, unit, splits)
+    if not len(evaluation):
+        raise ValueError(f"the evaluation splits {splits} of {root} hold no {unit} items; prepare more scans "
+                         f"or set downstream.eval_splits")
+    paths = as_paths(synthetic)
+    syn = pd.concat([synthetic_items(p, unit, root) for p in paths], ignore_index=True) if paths else None
+    check_no_leak(train, held, ("test",) + splits, what="real train split")
+    if syn is not None:
+        check_no_leak(syn, held, ("test",) + splits, what=f"synthetic pool ({', '.join(map(str, paths))})")
+    return Pools(root, train, evaluation, syn, held, paths)
+
+
+def fit(cfg: Any, model: Any, loss_fn: Callable[[Any, Any], Any], dataset: Any, steps: int, batch_size: int,
+        seed: int, kind: str) -> Any:
+    """Train ``model`` in place through :class:`lungsynth.engine.Trainer` (in memory, no checkpoints)."""
+    from lungsynth.engine import SimpleTask, Trainer
+
+    trainer = Trainer.from_config(cfg.engine, None, max_steps=int(steps), batch_size=min(int(batch_size), len(dataset)),
+                                  lr=float(cfg.downstream.lr), seed=int(seed), progress=False,
+                                  checkpoint_every=None, num_workers=0, schedule="cosine")
+    trainer.fit(SimpleTask(model, loss_fn, kind=kind), dataset)
+    return model.eval()
+
+
+def random_flip(x: Any, *others: Any) -> tuple[Any, ...]:
+    """Flip [B, C, D, H, W] tensors along each spatial axis with probability 1/2 (torch RNG; the same flips for
+    all tensors) — the only augmentation of the downstream models."""
+    import torch
+
+    dims = [d for d in (2, 3, 4) if bool(torch.rand(()) < 0.5)]
+    if not dims:
+        return (x,) + others
+    return tuple(t.flip(dims) for t in (x,) + others)
+
+
+def ensure_synthetic(cfg: Any, method: str | None = None, n: int | None = None, out: Path | str | None = None,
+                     progress: bool = False) -> Path:
+    """The chapters' synthetic dataset: ``n`` samples (default ``cfg.downstream.n_synthetic``) of ``method``
+    conditioned on *training* masks (``conditions="sampler"``), under ``runs/<profile>/synthetic/downstream_<method>``.
+
+    ``method`` defaults to the first trained 3D method (:func:`lungsynth.sampling.registry.trained_methods`),
+    else Lung-DDPM, trained on demand (its smoke training takes under a minute on 2 cores). Resumable:
+    samples already there are not redone.
+    """
+    from lungsynth import paths
+    from lungsynth.sampling.registry import METHODS, trained_methods
+    from lungsynth.sampling.synth import synthesize
+
+    if method is None:
+        volume = [m for m in trained_methods(cfg) if METHODS[m].unit == "volume"]
+        method = volume[0] if volume else "lung_ddpm"
+    out = Path(out) if out is not None else paths.runs_dir(cfg.profile) / "synthetic" / f"downstream_{method}"
+    synthesize(cfg, method, int(n or cfg.downstream.n_synthetic), conditions="sampler", out=out,
+               train_missing=True, progress=progress)
+    return out
+
+
+def seeds(cfg: Any, n: int | None = None) -> list[int]:
+    """The seeds of the independent runs: ``cfg.seed + k`` for k < ``n`` (default ``cfg.downstream.n_runs``)."""
+    return [int(cfg.seed) + k for k in range(int(n or cfg.downstream.n_runs))]
+
+
+def finite_mean(values: Sequence[float]) -> float:
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if len(v) else float("nan")

@@ -1,0 +1,176 @@
+"""Chapter 10: nodule segmentation with MONAI's AttentionUnet, real only vs real + synthetic at ratios.
+
+Two settings:
+
+- ``volume``: whole volumes at ``cfg.data.size_ddpm`` (Lung-DDPM's end-to-end setting: the network sees the
+  whole chest and must find and delineate the nodules);
+- ``crop``: nodule-centred crops of ``cfg.downstream.seg_crop_size``^3 at 1 mm.
+
+Each is trained through the engine (Dice + cross-entropy, ``monai.losses.DiceCELoss``) for every synthetic ratio
+of ``cfg.downstream.synthetic_ratios`` (synthetic count = ratio x real count,
+:func:`lungsynth.downstream.mixing.mix_ratio`) and every seed of ``cfg.downstream.n_runs``, and evaluated
+per volume (Dice, sensitivity, specificity; :mod:`lungsynth.downstream.metrics`) on the real evaluation split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+SETTINGS: tuple[str, ...] = ("volume", "crop")
+METRICS: tuple[str, ...] = ("dice", "sensitivity", "specificity")
+
+
+def build_segmenter(cfg: Any, seed: int = 0) -> Any:
+    """MONAI AttentionUnet (3D, 1 channel in, 2 classes out), channels ``cfg.downstream.seg_channels``, stride 2.
+
+    Input [B, 1, S, S, S] with S divisible by 2^(levels - 1); output logits [B, 2, S, S, S].
+    """
+    import torch
+    from monai.networks.nets import AttentionUnet
+
+    ch = tuple(int(c) for c in cfg.downstream.seg_channels)
+    torch.manual_seed(int(seed))
+    return AttentionUnet(spatial_dims=3, in_channels=1, out_channels=2, channels=ch, strides=(2,) * (len(ch) - 1))
+
+
+def input_size(cfg: Any, setting: str) -> int:
+    """Cube side of the network input: ``cfg.data.size_ddpm`` (volume) or ``cfg.downstream.seg_crop_size`` (crop)."""
+    if setting not in SETTINGS:
+        raise ValueError(f"unknown segmentation setting {setting!r}; use one of {', '.join(SETTINGS)}")
+    size = int(cfg.data.size_ddpm if setting == "volume" else cfg.downstream.seg_crop_size)
+    div = 2 ** (len(cfg.downstream.seg_channels) - 1)
+    if size % div:
+        raise ValueError(f"segmentation input side {size} must be divisible by {div} (2^(levels-1) of "
+                         f"downstream.seg_channels)")
+    return size
+
+
+def seg_loss_fn() -> Any:
+    """``loss_fn(model, batch)`` for the engine: DiceCE on ``batch["image"]`` [B,1,S^3] vs ``batch["target"]`` [B,1,S^3]."""
+    from monai.losses import DiceCELoss
+
+    from lungsynth.downstream.common import random_flip
+
+    loss = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    def fn(model: Any, batch: dict[str, Any]) -> Any:
+        x, y = random_flip(batch["image"], batch["target"])
+        return loss(model(x), y)
+
+    return fn
+
+
+def train_segmenter(cfg: Any, dataset: Any, seed: int = 0, steps: int | None = None) -> Any:
+    """A fresh AttentionUnet trained on ``dataset`` (items ``image``, ``target``) for ``steps`` engine steps."""
+    from lungsynth.downstream.common import fit
+
+    model = build_segmenter(cfg, seed)
+    return fit(cfg, model, seg_loss_fn(), dataset, int(steps or cfg.downstream.seg_steps),
+               cfg.downstream.seg_batch_size, seed, kind="attention_unet")
+
+
+def predict(model: Any, dataset: Any, batch_size: int = 2) -> list[np.ndarray]:
+    """Binary masks [S, S, S] (argmax of the two classes) for every item of ``dataset``."""
+    import torch
+
+    from lungsynth import runtime
+
+    dev = next(model.parameters()).device if any(True for _ in model.parameters()) else runtime.device()
+    out = []
+    model.eval()
+    with torch.no_grad():
+        for s in range(0, len(dataset), batch_size):
+            x = torch.stack([dataset[i]["image"] for i in range(s, min(s + batch_size, len(dataset)))]).to(dev)
+            out += [p.cpu().numpy().astype(bool) for p in model(x).argmax(1)]
+    return out
+
+
+def evaluate_segmenter(model: Any, dataset: Any) -> list[dict[str, Any]]:
+    """Per item of ``dataset``: ``item_id, dice, sensitivity, specificity`` (voxel-wise, per volume)."""
+    from lungsynth.downstream.metrics import segmentation_metrics
+
+    preds = predict(model, dataset)
+    rows = []
+    for i, p in enumerate(preds):
+        t = dataset[i]["target"][0].numpy() > 0.5
+        rows.append({"item_id": dataset.table.iloc[i]["item_id"], **segmentation_metrics(p, t)})
+    return rows
+
+
+@dataclass
+class SegResult:
+    """What :func:`run_segmentation` measured.
+
+    ``runs``: one row per (setting, ratio, seed) with the means over evaluation items and the training
+    composition; ``items``: one row per evaluated item; ``table``: mean and std over seeds per (setting, ratio).
+    """
+
+    runs: Any
+    items: Any
+    table: Any
+    synthetic: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def run_segmentation(cfg: Any, synthetic: Any = None, *, settings: Sequence[str] = SETTINGS,
+                     ratios: Sequence[float] | None = None, n_runs: int | None = None,
+                     real_root: Path | str | None = None, out: Path | str | None = None) -> SegResult:
+    """Train and evaluate AttentionUnets for every setting x ratio x seed.
+
+    Args:
+        synthetic: synthetic dataset folders (``"D1,D2"`` or a list); None: real only (ratio 0).
+        ratios: default ``cfg.downstream.synthetic_ratios`` (only 0 without synthetic data).
+        out: folder for ``seg_runs.csv``, ``seg_items.csv``, ``seg_table.csv`` and ``run.json``.
+    Raises:
+        ValueError: a bad synthetic dataset, a test-patient leak, a ratio the pool cannot fill.
+    """
+    import time
+
+    import pandas as pd
+
+    from lungsynth.downstream.common import load_pools, seeds
+    from lungsynth.downstream.data import ItemDataset
+    from lungsynth.downstream.metrics import aggregate
+    from lungsynth.downstream.mixing import check_no_leak, composition, mix_ratio
+
+    t0 = time.perf_counter()
+    ratios = [float(r) for r in (ratios if ratios is not None else cfg.downstream.synthetic_ratios)]
+    run_rows, item_rows, used = [], [], []
+    for setting in settings:
+        size = input_size(cfg, setting)
+        pools = load_pools(cfg, "volume" if setting == "volume" else "nodule", synthetic, real_root)
+        used = [str(p) for p in pools.synthetic_paths]
+        rs = ratios if pools.synthetic is not None else [r for r in ratios if r == 0.0] or [0.0]
+        kind = "volume" if setting == "volume" else "crop"
+        eval_ds = ItemDataset(cfg, pools.evaluation, kind, size)
+        for ratio in rs:
+            for seed in seeds(cfg, n_runs):
+                train = mix_ratio(pools.train, pools.synthetic, ratio, seed, bool(cfg.downstream.allow_repeats))
+                check_no_leak(train, pools.heldout, ("test",) + tuple(cfg.downstream.eval_splits))
+                model = train_segmenter(cfg, ItemDataset(cfg, train, kind, size), seed)
+                per_item = evaluate_segmenter(model, eval_ds)
+                means = pd.DataFrame(per_item)[list(METRICS)].mean(skipna=True).to_dict()
+                run_rows.append({"setting": setting, "ratio": ratio, "seed": seed, **means, **composition(train)})
+                item_rows += [{"setting": setting, "ratio": ratio, "seed": seed, **r} for r in per_item]
+    runs = pd.DataFrame(run_rows)
+    table = aggregate(runs, ["setting", "ratio"], METRICS)
+    res = SegResult(runs, pd.DataFrame(item_rows), table, used, round(time.perf_counter() - t0, 2))
+    if out is not None:
+        _save(cfg, res, Path(out))
+    return res
+
+
+def _save(cfg: Any, res: SegResult, out: Path) -> None:
+    from lungsynth.runtime import RunRecord
+
+    out.mkdir(parents=True, exist_ok=True)
+    with RunRecord(out, config=cfg, seed=cfg.seed, command="lungsynth downstream seg") as rec:
+        for name, df in (("seg_runs", res.runs), ("seg_items", res.items), ("seg_table", res.table)):
+            df.to_csv(out / f"{name}.csv", index=False)
+        rec["synthetic"] = res.synthetic
+        rec["seconds"] = res.seconds
+        rec["table"] = res.table.to_dict("records")

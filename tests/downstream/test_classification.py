@@ -1,0 +1,50 @@
+"""Chapter 11: a few DenseNet121 steps on tiny data: subtype, scarcity, malignancy; the CLI."""
+
+import numpy as np
+import pytest
+
+from lungsynth.cli import main
+from lungsynth.downstream.classification import malignancy_label, run_classification
+
+
+def test_malignancy_labels_leave_3_out():
+    assert [malignancy_label(s) for s in (1, 2, 3, 4, 5, float("nan"))] == [0, 0, None, 1, 1, None]
+
+
+def test_classification_experiments(cfg, real_root, synthetic_train, tmp_path):
+    res = run_classification(cfg, [synthetic_train], real_root=real_root, out=tmp_path / "cls")
+    comp = res.composition.set_index("setting")
+    assert comp.loc["real", "n_synthetic"] == 0
+    # balanced: every subtype topped up to the largest real class (5 solid) from the synthetic pool
+    assert comp.loc["balanced", ["n_subtype_id_0", "n_subtype_id_1", "n_subtype_id_2"]].tolist() == [5, 5, 5]
+    st = res.subtype_table
+    assert set(st["setting"]) == {"real", "balanced"}
+    assert set(st["size"]) == {"all", "6-10", "10-20", "20-30"}
+    allrows = st[st["size"] == "all"]
+    assert allrows["auroc_n"].eq(2).all()  # two runs each
+    assert np.all((allrows["auroc_mean"] >= 0) & (allrows["auroc_mean"] <= 1))
+    p = allrows["p_auroc"].to_numpy(float)
+    assert np.all((p > 0) & (p <= 1))
+    cells = set(zip(res.scarcity_table["real_fraction"], res.scarcity_table["synthetic"]))
+    assert cells == {(1.0, "real"), (1.0, "proportional"), (1.0, "full"), (0.5, "real"), (0.5, "proportional"),
+                     (0.5, "full"), (0.0, "full")}
+    mal = res.malignancy_runs
+    assert set(mal["init"]) == {"scratch", "subtype (balanced)"} and len(mal) == 4
+    assert mal["n_eval"].eq(5).all()  # test malignancy 1,4,2,5,4 (the 3 left out)
+    assert "p_auroc" in res.malignancy_table.columns
+    assert ("subtype", "balanced", cfg.seed) in res.curves
+    assert (tmp_path / "cls" / "subtype_table.csv").is_file()
+
+
+def test_cli(real_root, synthetic_train, tmp_path, capsys):
+    base = ["downstream", "cls", "--real-root", str(real_root), "--set", "downstream.eval_splits=test",
+            "--set", "data.crop_size=16", "--set", "downstream.cls_blocks=1,1", "--set", "downstream.cls_steps=1",
+            "--set", "downstream.cls_init_features=4", "--set", "downstream.cls_growth_rate=4"]
+    assert main(base + ["--synthetic", str(tmp_path / "missing")]) == 2
+    assert "missing not found" in capsys.readouterr().err
+    assert main(base + ["--synthetic", str(synthetic_train), "--experiments", "subtype", "--runs", "1",
+                        "--out", str(tmp_path / "o")]) == 0
+    assert "subtype_table" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["downstream", "seg", "--ratio"])
+    assert main(["downstream", "seg", "--real-root", str(real_root), "--ratio", "x"]) == 2

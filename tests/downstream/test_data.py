@@ -1,0 +1,81 @@
+"""Item tables, crops cut from synthetic volumes, and the validation of synthetic datasets."""
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lungsynth.downstream.data import ItemDataset, cut_crop, real_items, synthetic_items, validate_synthetic
+
+
+def test_item_tables_and_datasets(cfg, real_root, synthetic_train):
+    vol = real_items(real_root, "volume", ("train",))
+    assert len(vol) == 8 and not vol["synthetic"].any()
+    syn = synthetic_items(synthetic_train, "nodule", real_root)
+    assert syn["synthetic"].all() and syn["source"].eq("synthetic:noisycopy").all()
+    assert syn["condition_split"].eq("train").all()
+    ds = ItemDataset(cfg, pd.concat([real_items(real_root, "nodule"), syn], ignore_index=True), "crop", 16)
+    item = ds[len(ds) - 1]
+    assert item["image"].shape == (1, 16, 16, 16) and item["target"].shape == (1, 16, 16, 16)
+    assert 0 <= float(item["image"].min()) and float(item["image"].max()) <= 1
+    assert item["target"].sum() > 0  # the crop is centred on the nodule
+    v = ItemDataset(cfg, vol, "volume", 8)[0]
+    assert v["image"].shape == (1, 8, 8, 8) and v["target"].max() == 1
+
+
+def test_cut_crop_centres_the_nodule():
+    ct = np.full((20, 20, 20), -1000.0, np.float32)
+    lab = np.zeros((20, 20, 20), np.uint8)
+    lab[9:12, 9:12, 9:12] = 1
+    ct[lab > 0] = 50.0
+    c, m = cut_crop(ct, lab, (10, 10, 10), spacing_mm=2.0, size=12)
+    assert c.shape == (12, 12, 12) and m[5:7, 5:7, 5:7].all() and not m[0].any()
+    assert c[6, 6, 6] == pytest.approx(50.0) and c[0, 0, 0] == pytest.approx(-1000.0)
+
+
+def test_wrong_format_is_an_error(tmp_path, real_root, synthetic_train):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        validate_synthetic(tmp_path / "nope", "volume")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="not a synthetic dataset: synth.json is missing"):
+        validate_synthetic(tmp_path / "empty", "volume")
+    with pytest.raises(ValueError, match="not a synthetic dataset"):
+        validate_synthetic(real_root, "nodule")  # a real prepared dataset is not synthetic
+    d = tmp_path / "slice"
+    shutil.copytree(synthetic_train, d)
+    meta = json.loads((d / "synth.json").read_text())
+    (d / "synth.json").write_text(json.dumps({**meta, "unit": "slice"}))
+    with pytest.raises(ValueError, match="holds 'slice' samples"):
+        validate_synthetic(d, "nodule")
+    d2 = tmp_path / "noprov"
+    shutil.copytree(synthetic_train, d2)
+    (d2 / "provenance.csv").unlink()
+    with pytest.raises(ValueError, match="provenance.csv is missing"):
+        validate_synthetic(d2, "volume")
+
+
+@pytest.mark.parametrize("column,value,match", [
+    ("subtype_id", 5, r"unknown subtype_id values \['5'\]"),
+    ("subtype", "calcified", "unknown or inconsistent subtype labels"),
+    ("malignancy", 9, "outside the LIDC scale"),
+])
+def test_unknown_labels_are_an_error(tmp_path, real_root, synthetic_train, column, value, match):
+    d = tmp_path / "bad"
+    shutil.copytree(synthetic_train, d)
+    nod = pd.read_csv(d / "nodules.csv")
+    nod.loc[0, column] = value
+    nod.to_csv(d / "nodules.csv", index=False)
+    with pytest.raises(ValueError, match=match):
+        synthetic_items(d, "nodule", real_root)
+
+
+def test_condition_from_another_dataset_is_an_error(tmp_path, real_root, synthetic_train):
+    d = tmp_path / "foreign"
+    shutil.copytree(synthetic_train, d)
+    prov = pd.read_csv(d / "provenance.csv")
+    prov["condition_scan_id"] = "OTHER-001_s1"
+    prov.to_csv(d / "provenance.csv", index=False)
+    with pytest.raises(ValueError, match="not in the real dataset"):
+        synthetic_items(d, "volume", real_root)
