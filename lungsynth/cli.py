@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "lungsynth.methods.bbox_ldm",
     "lungsynth.methods.hr_ldm",
     "lungsynth.methods.lung_ddpm",
+    "lungsynth.methods.text2img.cli",
     "lungsynth.sampling.synth",
     "lungsynth.eval.report",
     "lungsynth.downstream.cli",

@@ -76,8 +76,8 @@ class AutoencoderConfig:
     vae2d_channels: tuple[int, ...] = tiered((16, 32, 32), (32, 64, 64), (64, 128, 256))
     latent_channels: int = 4
     train_steps: int = tiered(60, 2000, 100_000)
-    batch_size: int = tiered(2, 4, 2)
-    lr: float = tiered(2e-4, 1e-4, 1e-4)
+    batch_size: int = tiered(1, 4, 2)  # 3D kinds; smoke: more updates per CPU second
+    lr: float = tiered(2e-3, 1e-4, 1e-4)  # smoke trains for tens of steps only
     kl_weight: float = 1e-6
     perceptual_weight: float = 0.3
     perceptual_network: str = tiered("off", "astra", "astra")  # off | astra | a MONAI PerceptualLoss network
@@ -149,20 +149,20 @@ class BboxLdmConfig:
 class HrLdmConfig:
     """Chapter 05: HR-LDM, histogram-regularised latent inpainting."""
 
-    unet_channels: tuple[int, ...] = tiered((32, 64, 64), (64, 128, 128), (128, 256, 512))
+    unet_channels: tuple[int, ...] = tiered((16, 32, 32), (64, 128, 128), (128, 256, 512))
     num_train_timesteps: int = 1000
     beta_start: float = 0.0015
     beta_end: float = 0.0195
     hist_bins: int = 40
     hist_range_hu: tuple[float, float] = (-1000.0, 400.0)
     hist_weight: float = 10.0
-    train_steps: int = tiered(40, 5000, 100_000)
+    train_steps: int = tiered(25, 5000, 100_000)
     batch_size: int = tiered(2, 4, 4)
-    lr: float = tiered(2e-4, 1e-4, 1e-4)
-    ddim_steps: int = tiered(20, 100, 1000)
+    lr: float = tiered(1e-3, 1e-4, 1e-4)
+    ddim_steps: int = tiered(10, 100, 1000)
     sampler: str = tiered("ddim", "ddim", "ddpm")  # ddpm with ddim_steps=1000 is the paper's Algorithm 2
     num_res_blocks: int = tiered(1, 2, 2)
-    attention_levels: tuple[bool, ...] = tiered((False, True, True), (False, True, True), (False, False, True))
+    attention_levels: tuple[bool, ...] = tiered((False, False, True), (False, True, True), (False, False, True))
     context_dim: int = tiered(32, 64, 256)  # width of the histogram token for cross-attention
     hist_hidden: int = tiered(64, 128, 256)  # MLP (SiLU) hidden width of the histogram encoder
     lr_power: float = 1.0  # polynomial LR decay power
@@ -203,9 +203,9 @@ class Text2ImgConfig:
     num_train_timesteps: int = 1000
     prompt_dropout: float = 0.1
     guidance_scales: tuple[float, ...] = (5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0)
-    train_steps: int = tiered(60, 5000, 20_000)
+    train_steps: int = tiered(150, 5000, 20_000)
     batch_size: int = tiered(8, 16, 8)
-    lr: float = tiered(2e-4, 1e-4, 1e-4)  # from scratch; fine-tuning uses pretrained_lr
+    lr: float = tiered(1e-3, 1e-4, 1e-4)  # from scratch; fine-tuning uses pretrained_lr
     sample_steps: int = tiered(10, 50, 50)
     sampler: str = "ddim"  # ddim | pndm
     layers_per_block: int = tiered(1, 2, 2)

@@ -10,7 +10,8 @@ def test_help_lists_subcommands(capsys):
     except SystemExit as exc:
         assert exc.code == 0
     out = capsys.readouterr().out
-    for command in ("course", "bench"):
+    for command in ("course", "data", "autoencoder", "land", "bbox-ldm", "hr-ldm", "lung-ddpm", "text2img",
+                    "synth", "evaluate", "downstream", "bench"):
         assert command in out
 
 

@@ -29,14 +29,13 @@ PRETRAINED = None  # a local diffusers Stable Diffusion folder to fine-tune, or 
 ("md", "## Setup"),
 ("code", """
 import matplotlib.pyplot as plt
-import pandas as pd
 
 from lungsynth.config import get_config
 from lungsynth.data.prompts import write_prompt
 from lungsynth.engine import plot_metrics
 from lungsynth.methods import text2img
 from lungsynth.methods.text2img.core import roi_dataset
-from lungsynth.methods.text2img.evaluate import guidance_sweep
+from lungsynth.methods.text2img.evaluate import guidance_sweep, sweep_table
 from lungsynth.viz import image_grid
 
 cfg = get_config(PROFILE, OVERRIDES)
@@ -97,8 +96,7 @@ text-consistency numbers would use, need weights that cannot be had offline.
 """),
 ("code", """
 rows = guidance_sweep(cfg, model)
-table = pd.DataFrame([{k: v for k, v in r.items() if k not in ("images", "fid_ci")} for r in rows])
-table.set_index("guidance").round(3)
+sweep_table(rows).round(3)
 """),
 ("code", """
 swept = [r for r in rows if r["guidance"] != "real"]

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 TEXTURES = (1, 2, 3, 4, 5)
+LUNG_COND = 0.1  # the condition mask's lung value (0.5 / 5)
 
 
 def codebook_stats(indices: torch.Tensor, num_embeddings: int) -> dict[str, float]:
@@ -141,14 +142,15 @@ def reconstruction_metrics(x: torch.Tensor, recon: torch.Tensor, lung: torch.Ten
 
 def mask_metrics(cond: torch.Tensor, recon: torch.Tensor) -> dict[str, float]:
     """Mask VAE: MAE on the [0,1] condition, voxel class accuracy after snapping to the nearest
-    condition value {0, texture/5, 0.5}, and the Dice of the nodule region (any texture class)."""
+    condition value (0 background, 0.1 lung, texture/5 for nodules; notes/DATA_API.md), and the
+    Dice of the nodule region (any texture class)."""
     c = cond.detach().float().cpu().reshape(-1)
     r = recon.detach().float().cpu().reshape(-1)
-    levels = torch.tensor([0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0])
+    levels = torch.tensor([0.0, LUNG_COND, 0.2, 0.4, 0.6, 0.8, 1.0])
     snap = lambda v: levels[(v[:, None] - levels[None]).abs().argmin(1)]  # noqa: E731
     cs, rs = snap(c), snap(r)
-    nod_c = (cs > 0) & (cs != 0.5)
-    nod_r = (rs > 0) & (rs != 0.5)
+    nod_c = cs >= 0.2 - 1e-6
+    nod_r = rs >= 0.2 - 1e-6
     inter = float((nod_c & nod_r).sum())
     denom = float(nod_c.sum() + nod_r.sum())
     return {"mae": float((c - r).abs().mean()), "class_accuracy": float((cs == rs).double().mean()),

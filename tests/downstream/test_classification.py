@@ -1,6 +1,7 @@
 """Chapter 11: a few DenseNet121 steps on tiny data: subtype, scarcity, malignancy; the CLI."""
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from lungsynth.cli import main
@@ -15,8 +16,12 @@ def test_classification_experiments(cfg, real_root, synthetic_train, tmp_path):
     res = run_classification(cfg, [synthetic_train], real_root=real_root, out=tmp_path / "cls")
     comp = res.composition.set_index("setting")
     assert comp.loc["real", "n_synthetic"] == 0
-    # balanced: every subtype topped up to the largest real class (5 solid) from the synthetic pool
-    assert comp.loc["balanced", ["n_subtype_id_0", "n_subtype_id_1", "n_subtype_id_2"]].tolist() == [5, 5, 5]
+    # balanced: every minority subtype topped up towards the largest real class (5 solid) from the synthetic pool
+    pool = pd.read_csv(synthetic_train / "nodules.csv")["subtype_id"].value_counts()
+    real = {0: 5, 1: 1, 2: 2}
+    want = [5] + [real[c] + min(5 - real[c], int(pool.get(c, 0))) for c in (1, 2)]
+    assert comp.loc["balanced", ["n_subtype_id_0", "n_subtype_id_1", "n_subtype_id_2"]].tolist() == want
+    assert want != [5, 1, 2]  # the pool does add minority nodules
     st = res.subtype_table
     assert set(st["setting"]) == {"real", "balanced"}
     assert set(st["size"]) == {"all", "6-10", "10-20", "20-30"}

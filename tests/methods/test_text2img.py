@@ -75,3 +75,31 @@ def test_augmentation_and_prompt_dropout():
     assert out.shape == image.shape
     assert all(torch.equal(o.flatten().sort().values, image[0].flatten().sort().values) for o in out)
     assert drop_prompts(["a", "b"], 1.0) == ["", ""] and drop_prompts(["a", "b"], 0.0) == ["a", "b"]
+
+
+class _Rois(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        return {"image": torch.rand(1, 32, 32, generator=g), "prompt": PROMPT if i % 2 else ""}
+
+
+def test_fine_tunes_a_local_stable_diffusion_folder(tiny_pipeline, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from lungsynth.config import get_config
+    from lungsynth.methods.text2img import load, train
+
+    cfg = get_config("smoke", {"data.roi_size": 32, "text2img.batch_size": 2, "text2img.pretrained_lr": 1e-3})
+    run_dir = train(cfg, pretrained=tiny_pipeline, run_dir=tmp_path / "run", max_steps=3, data=_Rois())
+    assert (run_dir / "final.pt").is_file() and (run_dir / "run.json").is_file()
+    tuned = load(cfg, run_dir, pretrained=tiny_pipeline)
+    original = UNet2DConditionModel.from_pretrained(tiny_pipeline, subfolder="unet")
+    changed = [not torch.equal(a, b) for a, b in zip(tuned.unet.state_dict().values(), original.state_dict().values())]
+    assert any(changed)
+    assert tuned.text.name == "sd-clip" and tuned.codec.sd
+    with pytest.raises(ValueError, match="kind"):
+        from lungsynth.engine import load_weights
+        load_weights(run_dir, kind="vae3d")

@@ -122,6 +122,9 @@ def generate_for_eval(model: HrLdm, items: Sequence[Mapping[str, Any]], n_per_su
     when fewer) keep their background and mask; the lesion is inpainted with the crop's own subtype and
     HU histogram as conditions. Returns real and generated crops in HU [N, C, C, C], masks, subtypes."""
     cfg = model.cfg
+    items = [it for it in items if float(torch.as_tensor(it["hrmask"])[0].sum()) > 0]
+    if not items:
+        raise ValueError("no evaluation crop has a non-empty nodule mask")
     ct, hr, sub = _stack_items(items)
     real, fake, masks, subs = [], [], [], []
     for y in range(3):
@@ -201,16 +204,18 @@ def evaluate(cfg: Any, models: Mapping[str, HrLdm] | None = None, *, items: Sequ
     return {"rows": rows, "generated": generated}
 
 
+def _with_nodule(ds: Any) -> list[Mapping[str, Any]]:
+    items = [ds[i] for i in range(len(ds))]
+    return [it for it in items if float(torch.as_tensor(it["hrmask"])[0].sum()) > 0]
+
+
 def eval_items(cfg: Any) -> list[Mapping[str, Any]]:
-    """Held-out crops: val + test (train when both are empty, as a tiny smoke split can be)."""
+    """Held-out crops with a non-empty nodule mask: val + test (train when both have none, as a tiny
+    smoke split can)."""
     items: list[Mapping[str, Any]] = []
     for split in ("val", "test"):
-        ds = train_crops(cfg, split)
-        items += [ds[i] for i in range(len(ds))]
-    if not items:
-        ds = train_crops(cfg, "train")
-        items = [ds[i] for i in range(len(ds))]
-    return items
+        items += _with_nodule(train_crops(cfg, split))
+    return items or _with_nodule(train_crops(cfg, "train"))
 
 
 # --------------------------------------------------------------------------- CLI

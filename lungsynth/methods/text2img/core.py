@@ -122,15 +122,18 @@ def roi_dataset(cfg: Config, split: str):
 
 
 def train(cfg: Config, pretrained: str | Path | None = None, run_dir: Path | None = None,
-          max_steps: int | None = None, fresh: bool = False) -> Path:
-    """Train (or fine-tune a local SD U-Net, AdamW lr ``cfg.text2img.pretrained_lr``); returns the run dir."""
+          max_steps: int | None = None, fresh: bool = False, data=None) -> Path:
+    """Train (or fine-tune a local SD U-Net, AdamW lr ``cfg.text2img.pretrained_lr``); returns the run dir.
+
+    ``data`` (items with "image" [1,R,R] and "prompt") defaults to the training ROIs of chapter 01.
+    """
     run_dir = Path(run_dir or default_run_dir(cfg, pretrained))
     model = build_model(cfg, pretrained)
     c = cfg.text2img
     trainer = Trainer.from_config(cfg.engine, run_dir, max_steps=max_steps or c.train_steps,
                                   lr=c.pretrained_lr if pretrained else c.lr, batch_size=c.batch_size,
                                   seed=cfg.seed, fresh=fresh, warmup_steps=min(50, (max_steps or c.train_steps) // 10))
-    data = roi_dataset(cfg, "train")
+    data = data if data is not None else roi_dataset(cfg, "train")
     with RunRecord(run_dir, config=cfg.to_dict(), seed=cfg.seed) as record:
         if pretrained:
             record["pipeline"] = pipeline_summary(pretrained)
@@ -148,14 +151,19 @@ def load(cfg: Config, run_dir: Path | None = None, pretrained: str | Path | None
     return model
 
 
-def is_trained(run_dir: Path) -> bool:
-    return (Path(run_dir) / "final.pt").is_file()
+def is_trained(run_dir: Path, steps: int) -> bool:
+    """Whether ``run_dir`` holds a final checkpoint of at least ``steps`` optimiser steps."""
+    from lungsynth.engine import load_checkpoint
+
+    final = Path(run_dir) / "final.pt"
+    return final.is_file() and int(load_checkpoint(final)["step"]) >= steps
 
 
 def ensure_trained(cfg: Config, pretrained: str | Path | None = None) -> Text2ImgModel:
-    """Train when the default run has no final checkpoint (resuming a killed run), then load."""
+    """Train when the default run has no final checkpoint of ``text2img.train_steps`` steps
+    (a killed run resumes, a shorter one continues), then load."""
     run_dir = default_run_dir(cfg, pretrained)
-    if not is_trained(run_dir):
+    if not is_trained(run_dir, cfg.text2img.train_steps):
         train(cfg, pretrained, run_dir)
     return load(cfg, run_dir, pretrained)
 

@@ -126,3 +126,13 @@ def guidance_sweep(cfg: Config, model, scales: Sequence[float] | None = None, n:
                      "ms_ssim": ms_ssim_diversity(images)["mean"], **{f"recovery_{a}": v for a, v in recovery.items()},
                      "seconds_per_sample": seconds, "feature_network": net_name, "images": images[:4]})
     return rows
+
+
+def sweep_table(rows: Sequence[dict[str, Any]]):
+    """The sweep's rows as a DataFrame indexed by guidance, metrics first (images dropped)."""
+    import pandas as pd
+
+    first = ["fid", "kid", "ms_ssim", "recovery_mean"]
+    table = pd.DataFrame([{k: v for k, v in r.items() if k not in ("images", "fid_ci")} for r in rows])
+    rest = [c for c in table.columns if c not in first and c != "guidance"]
+    return table.set_index("guidance")[[c for c in first if c in table.columns] + rest]
