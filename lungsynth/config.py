@@ -72,17 +72,18 @@ class EngineConfig:
 class AutoencoderConfig:
     """Chapter 02: 3D KL-VAE, 2D VQ-VAE, 2D KL-VAE and the mask VAE."""
 
-    vae3d_channels: tuple[int, ...] = tiered((16, 32, 32), (32, 64, 64), (64, 128, 256))
+    vae3d_channels: tuple[int, ...] = tiered((8, 16, 16), (32, 64, 64), (64, 128, 256))
     vae2d_channels: tuple[int, ...] = tiered((16, 32, 32), (32, 64, 64), (64, 128, 256))
     latent_channels: int = 4
-    train_steps: int = tiered(60, 2000, 100_000)
-    batch_size: int = tiered(1, 4, 2)  # 3D kinds; smoke: more updates per CPU second
-    lr: float = tiered(2e-3, 1e-4, 1e-4)  # smoke trains for tens of steps only
+    train_steps: int = tiered(300, 2000, 100_000)  # 3D kinds (smoke: ~1 min each on 2 CPU cores)
+    batch_size: int = tiered(2, 4, 2)  # 3D kinds; >= 2 also takes torch's faster CPU conv3d path
+    lr: float = tiered(2e-3, 1e-4, 1e-4)  # smoke: few hundred steps, so a high peak lr
+    lr_schedule: str = tiered("cosine", "cosine", "constant")  # engine schedule (constant | cosine | polynomial)
     kl_weight: float = 1e-6
     perceptual_weight: float = 0.3
     perceptual_network: str = tiered("off", "astra", "astra")  # off | astra | a MONAI PerceptualLoss network
     adv_weight: float = 0.01
-    adv_warmup_steps: int = tiered(30, 500, 10_000)
+    adv_warmup_steps: int = tiered(150, 500, 10_000)
     vq_num_embeddings: int = tiered(64, 256, 512)
     vq_embedding_dim: int = 4
     vq_commitment_cost: float = 0.25
@@ -92,7 +93,7 @@ class AutoencoderConfig:
     mask_latent_channels: int = 4
     patch_3d: int = tiered(32, 64, 128)  # 3D autoencoders train on random cubes (fully convolutional)
     foreground_crop_prob: float = 0.5  # share of 3D training cubes centred on a nodule voxel
-    train_steps_2d: int = tiered(150, 5000, 100_000)
+    train_steps_2d: int = tiered(800, 5000, 100_000)
     batch_size_2d: int = tiered(8, 16, 32)
     disc_channels: int = tiered(16, 32, 64)
     disc_layers: int = 3
@@ -240,23 +241,22 @@ class EvalConfig:
 class DownstreamConfig:
     """Chapters 10-11: segmentation and classification with synthetic data."""
 
-    synthetic_ratios: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # synthetic count = ratio x real count
+    # synthetic count = ratio x real count; smoke runs a subset to stay within its time budget
+    synthetic_ratios: tuple[float, ...] = tiered((0.0, 0.5, 1.0), (0.0, 0.25, 0.5, 0.75, 1.0), (0.0, 0.25, 0.5, 0.75, 1.0))
     real_fractions: tuple[float, ...] = tiered((1.0, 0.2, 0.0), (1.0, 0.5, 0.2, 0.1, 0.0), (1.0, 0.5, 0.2, 0.1, 0.0))
-    train_steps: int = tiered(40, 2000, 20_000)
-    batch_size: int = tiered(4, 8, 8)
     lr: float = tiered(1e-3, 3e-4, 1e-4)
     n_runs: int = tiered(2, 3, 5)
     eval_splits: tuple[str, ...] = tiered(("val", "test"), ("test",), ("test",))  # smoke: 1 test patient only
     allow_repeats: bool = tiered(True, False, False)  # a synthetic pool smaller than asked repeats items
     n_synthetic: int = tiered(4, 64, 1000)  # samples the chapters synthesize when no dataset is given
     seg_channels: tuple[int, ...] = tiered((8, 16, 32), (16, 32, 64, 128), (32, 64, 128, 256, 512))
-    seg_steps: int = tiered(12, 1500, 20_000)
-    seg_batch_size: int = tiered(2, 4, 2)
+    seg_steps: int = tiered(10, 1500, 20_000)
+    seg_batch_size: int = tiered(1, 4, 2)
     seg_crop_size: int = tiered(24, 48, 96)  # nodule-centred segmentation crops at 1 mm (divisible by 2^levels)
     cls_init_features: int = tiered(8, 32, 64)  # DenseNet121: 64 / 32 in the original
     cls_growth_rate: int = tiered(8, 16, 32)
     cls_blocks: tuple[int, ...] = (6, 12, 24, 16)  # DenseNet121's dense blocks
-    cls_steps: int = tiered(12, 1500, 10_000)
+    cls_steps: int = tiered(10, 1500, 10_000)
     cls_batch_size: int = tiered(4, 8, 16)
     scarcity_runs: int = tiered(1, 3, 5)
 

@@ -138,7 +138,7 @@ for ax, (name, it) in zip(axes, items.items()):
     ax.axis("off")
 """),
 ("md", r"""
-**Reading the numbers.** In the smoke profile the networks train for a dozen steps on a dozen phantom scans with
+**Reading the numbers.** In the smoke profile the networks train for ten steps on nine phantom scans with
 a handful of synthetic volumes, and are evaluated on three scans: these numbers are **demonstrations of the
 pipeline, not evidence** about any method. The `course` and `full` profiles train for thousands of steps, on a
 synthetic pool at least as large as the real set (no repeats), over 3-5 seeds.
@@ -255,7 +255,7 @@ plot_pr_curves(res, "malignancy")
 plt.tight_layout()
 """),
 ("md", r"""
-**Reading the numbers.** Smoke trains a slim DenseNet121 (8 initial features) for a dozen steps on ~30 phantom
+**Reading the numbers.** Smoke trains a slim DenseNet121 (8 initial features) for ten steps on ~30 phantom
 nodules and evaluates on ten: the tables are **demonstrations of the protocol, not results**; the `full` profile
 holds the published settings (90$^3$ crops at 1 mm, thousands of steps, 5 runs).
 
@@ -264,7 +264,8 @@ holds the published settings (90$^3$ crops at 1 mm, thousands of steps, 5 runs).
   `lungsynth synth --method hr_ldm --conditions sampler --n 64 --out runs/smoke/synthetic/hr_balanced`, then set
   `SYNTHETIC` to it: HR-LDM draws the inpainted subtype uniformly, so the minority classes fill up.
 - `OVERRIDES={"downstream.n_runs": 5}`: the Mann-Whitney p-values can now fall below 0.05.
-- From a terminal: `lungsynth downstream cls --profile smoke --synthetic D1,D2 --experiments subtype`.
+- From a terminal: `lungsynth downstream cls --profile smoke --synthetic D1,D2 --experiments subtype --ratio 0,0.5,1`
+  (`--ratio` adds random, unbalanced mixes at those synthetic ratios, as in chapter 10).
 
 ## Summary
 

@@ -23,20 +23,58 @@ ATTRIBUTES = ("sphericity", "margin", "lobulation", "spiculation", "texture")  #
 
 
 def patient_splits(patients: Sequence[str], fractions: Sequence[float] = (0.7, 0.2, 0.1),
-                   seed: int = 0) -> dict[str, list[str]]:
-    """Patient ids -> {"train", "val", "test"}; with >= 3 patients each split gets at least one."""
+                   seed: int = 0, strata: Mapping[str, Any] | None = None) -> dict[str, list[str]]:
+    """Patient ids -> {"train", "val", "test"}; with >= 3 patients each split gets at least one.
+
+    With ``strata`` (patient -> label, e.g. a malignancy class), the patients of every label are
+    spread over the splits in proportion to ``fractions`` (a stratified split: chapter 07's
+    "7:2:1 with malignancy balanced"); without, one seeded shuffle is cut by the fractions.
+    """
     pats = sorted(set(patients))
     rng = np.random.default_rng(seed)
-    order = [pats[i] for i in rng.permutation(len(pats))]
-    n = len(order)
     f = np.asarray(fractions, dtype=float) / sum(fractions)
-    n_val, n_test = int(round(f[1] * n)), int(round(f[2] * n))
-    if n >= 3:
-        n_val, n_test = max(n_val, 1), max(n_test, 1)
-    n_val = min(n_val, n)
-    n_test = min(n_test, n - n_val)
-    return {"train": sorted(order[n_val + n_test:]), "val": sorted(order[:n_val]),
-            "test": sorted(order[n_val:n_val + n_test])}
+    n = len(pats)
+    if strata is None:
+        order = [pats[i] for i in rng.permutation(n)]
+        n_val, n_test = int(round(f[1] * n)), int(round(f[2] * n))
+        if n >= 3:
+            n_val, n_test = max(n_val, 1), max(n_test, 1)
+        n_val = min(n_val, n)
+        n_test = min(n_test, n - n_val)
+        return {"train": sorted(order[n_val + n_test:]), "val": sorted(order[:n_val]),
+                "test": sorted(order[n_val:n_val + n_test])}
+    names = ("train", "val", "test")
+    total, split_of = np.zeros(3), {}
+    for label in sorted({str(strata.get(p, "")) for p in pats}):
+        group = [p for p in pats if str(strata.get(p, "")) == label]
+        local = np.zeros(3)
+        for p in (group[i] for i in rng.permutation(len(group))):
+            # the split furthest below its share within this label; ties go to the overall deficit
+            k = int(np.argmax(f * (local.sum() + 1) - local + 1e-3 * (f * (total.sum() + 1) - total)))
+            local[k] += 1
+            total[k] += 1
+            split_of[p] = k
+    for k in (1, 2):  # every split non-empty when possible, taken from the largest split
+        if n >= 3 and total[k] == 0:
+            donor = int(np.argmax(total))
+            moved = sorted(p for p, s in split_of.items() if s == donor)[-1]
+            split_of[moved], total[donor], total[k] = k, total[donor] - 1, 1
+    return {name: sorted(p for p, s in split_of.items() if s == k) for k, name in enumerate(names)}
+
+
+def malignancy_class(malignancy: float) -> str:
+    """LIDC malignancy median -> "benign" (< 3), "indeterminate" (3) or "malignant" (> 3)."""
+    return "benign" if malignancy < 2.5 else ("malignant" if malignancy > 3.5 else "indeterminate")
+
+
+def patient_strata(records: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """Each patient's malignancy class, from their most suspicious nodule ("none" without nodules)."""
+    worst: dict[str, float] = {}
+    for r in records:
+        pid = r["scan"]["patient_id"]
+        scores = [float(n["malignancy"]) for n in r["nodules"] if n.get("malignancy") is not None]
+        worst[pid] = max([worst.get(pid, -1.0), *scores])
+    return {p: (malignancy_class(m) if m >= 0 else "none") for p, m in worst.items()}
 
 
 def read_records(prepared: Path) -> list[dict[str, Any]]:
@@ -52,7 +90,8 @@ def write_manifest(prepared: Path | str, cfg: Any) -> None:
     prepared = Path(prepared)
     recs = read_records(prepared)
     done = [r for r in recs if r["status"] == "done"]
-    splits = patient_splits([r["scan"]["patient_id"] for r in done], cfg.data.split_fractions, cfg.data.split_seed)
+    splits = patient_splits([r["scan"]["patient_id"] for r in done], cfg.data.split_fractions, cfg.data.split_seed,
+                            strata=patient_strata(done))
     split_of = {p: s for s, ps in splits.items() for p in ps}
     scans = pd.DataFrame([{**r["scan"], "split": split_of[r["scan"]["patient_id"]]} for r in done])
     nods = pd.DataFrame([{**n, "split": split_of[n["patient_id"]]} for r in done for n in r["nodules"]])

@@ -8,6 +8,8 @@ Experiments (each over ``cfg.downstream.n_runs`` independent runs, seeds ``cfg.s
   two-sided Mann-Whitney U p-values between the two settings over runs;
 - **scarcity**: ``cfg.downstream.real_fractions`` of the real train set (nested, stratified by subtype), alone
   (``real``), with proportional synthetic data and with the full synthetic pool;
+- **ratio** (optional): the subtype classifier on the real train set plus ``ratio x real count`` synthetic nodules
+  drawn at random (not balanced), for each ratio of ``cfg.downstream.synthetic_ratios``;
 - **malignancy**: LIDC median malignancy 4-5 (malignant, 1) against 1-2 (benign, 0); **score 3
   (indeterminate) is left out** of training and evaluation. From scratch against initialised from the subtype
   model of the same run (every layer but the classifier head).
@@ -132,7 +134,7 @@ class ClsResult:
     ``p_value`` (Mann-Whitney, balanced vs real) per (size, class); ``scarcity_runs`` / ``scarcity_table``;
     ``malignancy_runs`` / ``malignancy_table`` (with ``p_value`` subtype-init vs scratch);
     ``curves``: ``{(experiment, setting, seed): (y_true, proba)}`` for precision-recall curves;
-    ``composition``: training-set counts per setting.
+    ``composition``: training-set counts per setting; ``ratio_runs`` / ``ratio_table``: the ratio experiment.
     """
 
     subtype_runs: Any
@@ -145,6 +147,8 @@ class ClsResult:
     composition: Any = None
     synthetic: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    ratio_runs: Any = None
+    ratio_table: Any = None
 
 
 def _with_pvalues(runs: Any, by: Sequence[str], setting_col: str, a: str, b: str, metrics: Sequence[str]) -> Any:
@@ -163,14 +167,15 @@ def _with_pvalues(runs: Any, by: Sequence[str], setting_col: str, a: str, b: str
 
 def run_classification(cfg: Any, synthetic: Any = None, *,
                        experiments: Sequence[str] = ("subtype", "scarcity", "malignancy"),
-                       n_runs: int | None = None, real_root: Path | str | None = None,
+                       n_runs: int | None = None, ratios: Sequence[float] | None = None, real_root: Path | str | None = None,
                        out: Path | str | None = None) -> ClsResult:
     """Run the chapter's experiments (see the module docstring) and return their tables.
 
     Args:
         synthetic: synthetic dataset folders (``"D1,D2"`` or a list): volume datasets (HR-LDM inpainting, LAND
             texture control, Lung-DDPM) or crop datasets; None runs the real-only rows.
-        experiments: any of ``subtype``, ``scarcity``, ``malignancy``.
+        experiments: any of ``subtype``, ``scarcity``, ``malignancy``, ``ratio``.
+        ratios: synthetic ratios of the ``ratio`` experiment (default ``cfg.downstream.synthetic_ratios``).
         out: folder for the CSV tables and ``run.json``.
     """
     import time
@@ -180,11 +185,11 @@ def run_classification(cfg: Any, synthetic: Any = None, *,
     from lungsynth.downstream.common import finite_mean, load_pools, seeds
     from lungsynth.downstream.data import ItemDataset, LabelView
     from lungsynth.downstream.metrics import aggregate, one_vs_rest
-    from lungsynth.downstream.mixing import balance_classes, check_no_leak, composition, scarcity_sets
+    from lungsynth.downstream.mixing import balance_classes, check_no_leak, composition, mix_ratio, scarcity_sets
 
-    unknown = sorted(set(experiments) - {"subtype", "scarcity", "malignancy"})
+    unknown = sorted(set(experiments) - {"subtype", "scarcity", "malignancy", "ratio"})
     if unknown:
-        raise ValueError(f"unknown experiments {unknown}; use subtype, scarcity, malignancy")
+        raise ValueError(f"unknown experiments {unknown}; use subtype, scarcity, malignancy, ratio")
     t0 = time.perf_counter()
     pools = load_pools(cfg, "nodule", synthetic, real_root)
     size = int(cfg.data.crop_size)
@@ -236,6 +241,20 @@ def run_classification(cfg: Any, synthetic: Any = None, *,
     sc_table = (aggregate(sc_runs, ["real_fraction", "synthetic"], ("macro_auroc", "macro_auprc"))
                 if len(sc_runs) else pd.DataFrame())
 
+    ra_rows = []
+    if "ratio" in experiments:
+        rs = [float(r) for r in (ratios if ratios is not None else cfg.downstream.synthetic_ratios)]
+        if pools.synthetic is None:
+            rs = [0.0]
+        for r in rs:
+            for seed in seeds(cfg, n_runs):
+                table = mix_ratio(pools.train, pools.synthetic, r, seed, allow)
+                proba = predict_proba(train_classifier(cfg, subtype_ds(table), 3, seed), eval_ds)
+                ra_rows += [{"ratio": r, "seed": seed, **row, **composition(table)}
+                            for row in one_vs_rest(y_eval, proba, range(3), SUBTYPE_NAMES)]
+    ra_runs = pd.DataFrame(ra_rows)
+    ra_table = aggregate(ra_runs, ["ratio", "class"], ("auroc", "auprc")) if len(ra_runs) else pd.DataFrame()
+
     mal_rows = []
     if "malignancy" in experiments:
         def labelled(table: Any) -> tuple[Any, list[int]]:
@@ -267,7 +286,7 @@ def run_classification(cfg: Any, synthetic: Any = None, *,
         inits = list(dict.fromkeys(mal_runs["init"]))
         mal_table = _with_pvalues(mal_runs, ["task"], "init", inits[1], inits[0], ("auroc", "auprc"))
     res = ClsResult(sub_runs, sub_table, sc_runs, sc_table, mal_runs, mal_table, curves, pd.DataFrame(comp_rows),
-                    [str(p) for p in pools.synthetic_paths], round(time.perf_counter() - t0, 2))
+                    [str(p) for p in pools.synthetic_paths], round(time.perf_counter() - t0, 2), ra_runs, ra_table)
     if out is not None:
         _save(cfg, res, Path(out))
     return res
@@ -279,7 +298,7 @@ def _save(cfg: Any, res: ClsResult, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with RunRecord(out, config=cfg, seed=cfg.seed, command="lungsynth downstream cls") as rec:
         for name in ("subtype_runs", "subtype_table", "scarcity_runs", "scarcity_table", "malignancy_runs",
-                     "malignancy_table", "composition"):
+                     "malignancy_table", "composition", "ratio_runs", "ratio_table"):
             getattr(res, name).to_csv(out / f"{name}.csv", index=False)
         rec["synthetic"] = res.synthetic
         rec["seconds"] = res.seconds
@@ -306,6 +325,9 @@ def plot_pr_curves(res: ClsResult, experiment: str = "subtype", ax: Any = None) 
             if (np.asarray(y) == k).any():
                 p, r = pr_curve(y, proba, k)
                 a.step(r, p, where="post", label=f"{setting} (seed {key[2]})")
+        y0 = np.asarray(res.curves[next(iter(firsts.values()))][0]) if firsts else np.zeros(0)
+        if len(y0):
+            a.axhline(float((y0 == k).mean()), ls=":", c="gray", label="chance (prevalence)")
         a.set(title=name, xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.05))
         a.legend(fontsize=7)
     return ax

@@ -23,12 +23,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--out", default=None, help="results folder (default runs/<profile>/1N_downstream_<task>)")
         add_profile_argument(q)
         q.set_defaults(func=_main)
-    seg.add_argument("--ratio", default=None,
-                     help="synthetic ratio(s), comma-separated: synthetic count = ratio x real count "
-                          "(default cfg.downstream.synthetic_ratios)")
+    for q in (seg, cls):
+        q.add_argument("--ratio", default=None,
+                       help="synthetic ratio(s), comma-separated: synthetic count = ratio x real count "
+                            "(seg default cfg.downstream.synthetic_ratios; cls: adds the ratio experiment)")
     seg.add_argument("--setting", choices=("volume", "crop", "both"), default="both")
     cls.add_argument("--experiments", default="subtype,scarcity,malignancy",
-                     help="comma-separated: subtype, scarcity, malignancy")
+                     help="comma-separated: subtype, scarcity, malignancy, ratio")
 
 
 def _ratios(text: str | None) -> list[float] | None:
@@ -59,9 +60,11 @@ def _main(args: argparse.Namespace) -> int:
 
         out = args.out or paths.run_dir(cfg.profile, "11_downstream_cls")
         exps = [e.strip() for e in args.experiments.split(",") if e.strip()]
-        res = run_classification(cfg, args.synthetic, experiments=exps, n_runs=args.runs, real_root=args.real_root,
-                                 out=out)
-        for name in ("subtype_table", "scarcity_table", "malignancy_table"):
+        if args.ratio is not None and "ratio" not in exps:
+            exps.append("ratio")
+        res = run_classification(cfg, args.synthetic, experiments=exps, n_runs=args.runs, ratios=_ratios(args.ratio),
+                                 real_root=args.real_root, out=out)
+        for name in ("subtype_table", "scarcity_table", "malignancy_table", "ratio_table"):
             t = getattr(res, name)
             if len(t):
                 print(f"\n{name}:\n{t.to_string(index=False)}")

@@ -184,7 +184,7 @@ def check_no_leak(train: Any, heldout: Iterable[str], heldout_splits: Sequence[s
     syn_bad = syn[bad_rows]
     if not real_leak and not len(syn_bad):
         return
-    msg = [f"test-patient leak in the {what}:"]
+    msg = []
     if real_leak:
         msg.append(f"real items of held-out patients {', '.join(real_leak)}")
     if len(syn_bad):
@@ -194,7 +194,7 @@ def check_no_leak(train: Any, heldout: Iterable[str], heldout_splits: Sequence[s
         msg.append(f"{len(syn_bad)} synthetic items conditioned on held-out patients {', '.join(pats) or '?'} "
                    f"(condition split {', '.join(splits) or '?'}; samples {samples})")
     msg.append("fix: synthesize with --conditions sampler (training masks), not heldout")
-    raise ValueError("; ".join(msg))
+    raise ValueError(f"test-patient leak in the {what}: " + "; ".join(msg))
 
 
 def composition(table: Any, label: str | None = None) -> dict[str, Any]:

@@ -164,7 +164,7 @@ def _items(ds: Any, max_items: int | None) -> range:
 
 @torch.no_grad()
 def evaluate_autoencoder(ae: Any, cfg: Any, split: str = "val", max_items: int | None = None,
-                         baselines: Sequence[str] = ("area", "linear")) -> Any:
+                         baselines: Sequence[str] = ("area", "linear"), root: Any = None) -> Any:
     """Per-item reconstruction metrics of ``ae`` and of the resampling baselines on ``split``.
 
     Returns a pandas DataFrame with one row per (item, method); method is ``ae.kind``,
@@ -177,7 +177,7 @@ def evaluate_autoencoder(ae: Any, cfg: Any, split: str = "val", max_items: int |
 
     key = source_key(ae.kind)
     extra = ("lung", "label", "cond") if ae.kind == "vae3d" else ()
-    ds = source_dataset(ae.kind, cfg, split, keys=extra)
+    ds = source_dataset(ae.kind, cfg, split, keys=extra, root=root)
     if len(ds) == 0:
         raise ValueError(f"the {split} split of the {cfg.profile} prepared data is empty; evaluate on another split")
     device = next(ae.parameters()).device
@@ -203,7 +203,7 @@ def evaluate_autoencoder(ae: Any, cfg: Any, split: str = "val", max_items: int |
 
 
 @torch.no_grad()
-def nodule_errors(ae: Any, cfg: Any, split: str = "val", max_items: int | None = None) -> Any:
+def nodule_errors(ae: Any, cfg: Any, split: str = "val", max_items: int | None = None, root: Any = None) -> Any:
     """MAE in HU over each nodule's voxels (vae3d): one row per (nodule, method) with the
     nodule's diameter_mm, texture and subtype from the prepared manifest."""
     import pandas as pd
@@ -213,8 +213,8 @@ def nodule_errors(ae: Any, cfg: Any, split: str = "val", max_items: int | None =
 
     if ae.kind != "vae3d":
         raise ValueError(f"nodule_errors needs the 3D CT autoencoder (vae3d), got {ae.kind}")
-    ds = source_dataset("vae3d", cfg, split, keys=("label",))
-    nod = load_nodules(cfg.profile)
+    ds = source_dataset("vae3d", cfg, split, keys=("label",), root=root)
+    nod = load_nodules(root if root is not None else cfg.profile)
     hu_lo, hu_hi = float(cfg.data.hu_min), float(cfg.data.hu_max)
     device = next(ae.parameters()).device
     rows = []

@@ -35,24 +35,25 @@ def source_key(kind: str) -> str:
     return _SOURCES[kind][1]
 
 
-def source_dataset(kind: str, cfg: Any, split: str = "train", keys: Sequence[str] = ()) -> Dataset:
+def source_dataset(kind: str, cfg: Any, split: str = "train", keys: Sequence[str] = (),
+                   root: Path | str | None = None) -> Dataset:
     """The prepared-data view ``kind`` trains on (whole items, see notes/DATA_API.md).
 
     vae3d: VolumeDataset "ct"; maskvae: VolumeDataset "cond"; vqvae2d: SliceDataset "image";
-    vae2d: RoiDataset "image". ``keys`` adds VolumeDataset keys (3D kinds only).
+    vae2d: RoiDataset "image". ``keys`` adds VolumeDataset keys (3D kinds only). ``root``: a
+    prepared folder (default: ``ensure_prepared(cfg)``, built on first use).
     """
-    from lungsynth.data.datasets import RoiDataset, SliceDataset, VolumeDataset, ensure_prepared
+    from lungsynth.data.datasets import RoiDataset, SliceDataset, VolumeDataset
     from lungsynth.nn.autoencoders import _SOURCES, _check_kind
 
     _check_kind(kind)
-    ensure_prepared(cfg)
     view, key = _SOURCES[kind]
     if view == "volume":
         wanted = tuple(dict.fromkeys((key, *keys)))
-        return VolumeDataset(cfg, split, keys=wanted)
+        return VolumeDataset(cfg, split, keys=wanted, root=root)
     if view == "slice":
-        return SliceDataset(cfg, split)
-    return RoiDataset(cfg, split)
+        return SliceDataset(cfg, split, root=root)
+    return RoiDataset(cfg, split, root=root)
 
 
 def item_id(item: dict, index: int) -> str:
@@ -138,9 +139,11 @@ class AutoencoderTask(TrainTask):
         cfg: the course config (``cfg.autoencoders``).
         perceptual_loader: optional callable returning the frozen perceptual encoder (tests).
         val_roi: sliding-window size for validation reconstructions (None: whole items).
+        image_size: side of the training images (caps the discriminator depth on small images).
     """
 
-    def __init__(self, kind: str, cfg: Any, perceptual_loader: Any = None, val_roi: int | None = None) -> None:
+    def __init__(self, kind: str, cfg: Any, perceptual_loader: Any = None, val_roi: int | None = None,
+                 image_size: int | None = None) -> None:
         from lungsynth.nn.autoencoders import build_autoencoder
 
         self.kind = kind
@@ -152,7 +155,11 @@ class AutoencoderTask(TrainTask):
         self.adv_weight = float(a.adv_weight)
         self.perceptual_network = "off" if kind == "maskvae" or self.perceptual_weight == 0 else a.perceptual_network
         self.use_adv = kind != "maskvae" and self.adv_weight > 0
-        self.adv = (PatchAdversarial(self.ae.spatial_dims, 1, int(a.disc_channels), int(a.disc_layers),
+        layers = int(a.disc_layers)
+        if image_size is not None:
+            # each layer halves the side after a stride-2 stem; keep at least 2x2 patches for the norm
+            layers = max(1, min(layers, int(image_size).bit_length() - 4))
+        self.adv = (PatchAdversarial(self.ae.spatial_dims, 1, int(a.disc_channels), layers,
                                      int(a.adv_warmup_steps)) if self.use_adv else None)
         self.perceptual_loader = perceptual_loader
         self.perceptual: nn.Module | None = None
@@ -270,13 +277,14 @@ def _final_with_scale(run_dir: Path) -> dict[str, Any] | None:
 
 
 def train_autoencoder(kind: str, cfg: Any, run_dir: Path | str | None = None, *, progress: bool | None = None,
-                      fresh: bool = False, perceptual_loader: Any = None,
-                      time_budget_s: float | None = None) -> Path:
+                      fresh: bool = False, perceptual_loader: Any = None, time_budget_s: float | None = None,
+                      root: Path | str | None = None) -> Path:
     """Train ``kind`` (resuming ``run_dir/last.pt`` unless ``fresh``), then store the scale factor.
 
     Writes ``final.pt`` (weights + config with ``scale_factor``), ``last.pt``, ``metrics.csv``,
     ``engine.json`` and ``run.json`` (config, versions, timings, results) into ``run_dir``
-    (default ``runs/<profile>/02_<kind>``). Returns the run directory.
+    (default ``runs/<profile>/02_<kind>``). ``root``: another prepared folder than the
+    profile's. Returns the run directory.
     """
     from lungsynth import runtime
     from lungsynth.engine import Trainer, save_checkpoint
@@ -290,8 +298,8 @@ def train_autoencoder(kind: str, cfg: Any, run_dir: Path | str | None = None, *,
     with runtime.RunRecord(run_dir, config=cfg.to_dict(), seed=cfg.seed,
                            command=f"lungsynth autoencoder train --kind {kind} --profile {cfg.profile}") as rec:
         with rec.timer("data"):
-            train_base = source_dataset(kind, cfg, "train", keys=("label",) if key != "image" else ())
-            val_base = source_dataset(kind, cfg, "val")
+            train_base = source_dataset(kind, cfg, "train", keys=("label",) if key != "image" else (), root=root)
+            val_base = source_dataset(kind, cfg, "val", root=root)
         if len(train_base) == 0:  # type: ignore[arg-type]
             raise ValueError(f"the {cfg.profile} prepared dataset has no training items for {kind}; "
                              f"prepare more scans (cfg.data.n_scans)")
@@ -299,9 +307,11 @@ def train_autoencoder(kind: str, cfg: Any, run_dir: Path | str | None = None, *,
         train_ds = ImageView(train_base, key, patch, float(a.foreground_crop_prob))
         val_ds = ImageView(val_base, key) if len(val_base) else None  # type: ignore[arg-type]
         roi = int(a.sliding_roi)
-        task = AutoencoderTask(kind, cfg, perceptual_loader=perceptual_loader, val_roi=roi)
+        side = int(min(train_ds[0]["image"].shape[1:]))
+        task = AutoencoderTask(kind, cfg, perceptual_loader=perceptual_loader, val_roi=roi, image_size=side)
         trainer = Trainer.from_config(
-            cfg.engine, run_dir, max_steps=steps, batch_size=batch, lr=float(a.lr), seed=int(cfg.seed),
+            cfg.engine, run_dir, max_steps=steps, batch_size=batch, lr=float(a.lr), schedule=str(a.lr_schedule),
+            seed=int(cfg.seed),
             val_every=int(a.val_every) if val_ds is not None else None, progress=progress, fresh=fresh,
             time_budget_s=time_budget_s)
         with rec.timer("train"):
@@ -324,7 +334,7 @@ def train_autoencoder(kind: str, cfg: Any, run_dir: Path | str | None = None, *,
 
 
 def ensure_autoencoder(kind: str, cfg: Any, run_dir: Path | str | None = None, *, progress: bool | None = None,
-                       device: torch.device | str | None = None) -> Any:
+                       device: torch.device | str | None = None, root: Path | str | None = None) -> Any:
     """The trained autoencoder of ``kind`` for ``cfg``: loaded from ``run_dir`` (default
     ``runs/<profile>/02_<kind>``), trained first when missing, unfinished, or trained for fewer
     steps than ``cfg`` asks (a killed run resumes from its last checkpoint).
@@ -344,7 +354,7 @@ def ensure_autoencoder(kind: str, cfg: Any, run_dir: Path | str | None = None, *
         ae = load_autoencoder(kind, run_dir / "final.pt", cfg)  # refuses another architecture
         if "scale_factor" in (ckpt.get("config") or {}) and int(ckpt.get("step", 0)) >= steps:
             return ae.to(device)
-    train_autoencoder(kind, cfg, run_dir, progress=progress)
+    train_autoencoder(kind, cfg, run_dir, progress=progress, root=root)
     return load_autoencoder(kind, run_dir, cfg, device=device)
 
 
@@ -368,7 +378,7 @@ def _identity(ae: Any) -> dict[str, Any]:
 
 @torch.no_grad()
 def encode_dataset(kind: str, cfg: Any, split: str = "train", run_dir: Path | str | None = None,
-                   ae: Any = None, progress: bool = False) -> Path:
+                   ae: Any = None, progress: bool = False, root: Path | str | None = None) -> Path:
     """Cache the posterior (mean, std) of every item of ``split`` under ``run_dir/latents/<split>``.
 
     One ``<index>.pt`` per item (``{"mean": [c,*s], "std": [c,*s]}``, float32, read with
@@ -382,7 +392,7 @@ def encode_dataset(kind: str, cfg: Any, split: str = "train", run_dir: Path | st
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(kind, cfg.profile)
     ae = ae if ae is not None else load_autoencoder(kind, run_dir, cfg, device=runtime.device())
     device = next(ae.parameters()).device
-    base = source_dataset(kind, cfg, split)
+    base = source_dataset(kind, cfg, split, root=root)
     key = source_key(kind)
     out = _cache_dir(run_dir, split)
     out.mkdir(parents=True, exist_ok=True)
@@ -408,12 +418,12 @@ def encode_dataset(kind: str, cfg: Any, split: str = "train", run_dir: Path | st
 
 
 def ensure_latents(kind: str, cfg: Any, split: str = "train", run_dir: Path | str | None = None,
-                   ae: Any = None) -> Path:
+                   ae: Any = None, root: Path | str | None = None) -> Path:
     """The latent cache of ``split``; (re-)encodes when missing or made by another checkpoint."""
     from lungsynth.nn.autoencoders import default_run_dir
 
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(kind, cfg.profile)
-    ae = ae if ae is not None else ensure_autoencoder(kind, cfg, run_dir)
+    ae = ae if ae is not None else ensure_autoencoder(kind, cfg, run_dir, root=root)
     out = _cache_dir(run_dir, split)
     index = out / "index.json"
     if index.is_file():
@@ -422,7 +432,7 @@ def ensure_latents(kind: str, cfg: Any, split: str = "train", run_dir: Path | st
         if all(meta.get(k) == v for k, v in ident.items()) and all((out / f"{i:06d}.pt").is_file()
                                                                   for i in range(int(meta.get("n", 0)))):
             return out
-    return encode_dataset(kind, cfg, split, run_dir, ae=ae)
+    return encode_dataset(kind, cfg, split, run_dir, ae=ae, root=root)
 
 
 class LatentDataset(Dataset):
@@ -448,14 +458,15 @@ class LatentDataset(Dataset):
         keys: keys of the prepared item to return alongside (3D kinds: VolumeDataset keys).
         run_dir: the autoencoder's run directory (default ``runs/<profile>/02_<kind>``).
         sample: draw eps (True) or return the scaled mean (False).
+        root: a prepared folder other than the profile's.
     """
 
     def __init__(self, cfg: Any, kind: str, split: str = "train", keys: Sequence[str] = (),
-                 run_dir: Path | str | None = None, sample: bool = True) -> None:
+                 run_dir: Path | str | None = None, sample: bool = True, root: Path | str | None = None) -> None:
         from lungsynth.nn.autoencoders import default_run_dir
 
         self.run_dir = Path(run_dir) if run_dir is not None else default_run_dir(kind, cfg.profile)
-        self.dir = ensure_latents(kind, cfg, split, self.run_dir)
+        self.dir = ensure_latents(kind, cfg, split, self.run_dir, root=root)
         self.meta = json.loads((self.dir / "index.json").read_text())
         self.scale_factor = float(self.meta["scale_factor"])
         self.ids: list[str] = list(self.meta["ids"])
@@ -465,9 +476,9 @@ class LatentDataset(Dataset):
             if kind in ("vae3d", "maskvae"):
                 from lungsynth.data.datasets import VolumeDataset
 
-                self.base = VolumeDataset(cfg, split, keys=self.keys)
+                self.base = VolumeDataset(cfg, split, keys=self.keys, root=root)
             else:
-                self.base = source_dataset(kind, cfg, split)
+                self.base = source_dataset(kind, cfg, split, root=root)
             if len(self.base) != len(self.ids):  # type: ignore[arg-type]
                 raise ValueError(f"latent cache {self.dir} has {len(self.ids)} items but the {split} split has "
                                  f"{len(self.base)}; re-encode with `lungsynth autoencoder encode --kind {kind}`")  # type: ignore[arg-type]

@@ -36,7 +36,8 @@ from lungsynth import paths
 KINDS: tuple[str, ...] = ("vae3d", "vqvae2d", "vae2d", "maskvae")
 DOWNSAMPLE = 4  # every autoencoder of the course compresses each spatial side by 4
 ARCH_KEYS: tuple[str, ...] = ("kind", "spatial_dims", "in_channels", "channels", "num_res_blocks",
-                              "latent_channels", "downsample", "quantized", "num_embeddings", "embedding_dim")
+                              "latent_channels", "downsample", "quantized", "num_embeddings", "embedding_dim",
+                              "norm_num_groups", "net_shift", "net_scale")
 MODULE_NAME = "autoencoder"
 LOG_VAR_INIT = -6.0
 FINAL_NAME = "final.pt"
@@ -70,13 +71,13 @@ def autoencoder_spec(kind: str, cfg: Any) -> dict[str, Any]:
     _check_kind(kind)
     a = cfg.autoencoders
     spec: dict[str, Any] = {"kind": kind, "downsample": DOWNSAMPLE, "in_channels": 1, "quantized": False,
-                            "num_embeddings": 0, "embedding_dim": 0}
+                            "num_embeddings": 0, "embedding_dim": 0, "net_shift": 0.5, "net_scale": 2.0}
     if kind == "vae3d":
         spec.update(spatial_dims=3, channels=list(a.vae3d_channels), num_res_blocks=1,
                     latent_channels=int(a.latent_channels))
     elif kind == "maskvae":
         spec.update(spatial_dims=3, channels=list(a.maskvae_channels), num_res_blocks=1,
-                    latent_channels=int(a.mask_latent_channels))
+                    latent_channels=int(a.mask_latent_channels), net_shift=0.0, net_scale=5.0)
     elif kind == "vae2d":
         spec.update(spatial_dims=2, channels=list(a.vae2d_channels), num_res_blocks=1,
                     latent_channels=int(a.latent_channels))
@@ -85,6 +86,7 @@ def autoencoder_spec(kind: str, cfg: Any) -> dict[str, Any]:
                     latent_channels=int(a.vq_embedding_dim), quantized=True,
                     num_embeddings=int(a.vq_num_embeddings), embedding_dim=int(a.vq_embedding_dim),
                     commitment_cost=float(a.vq_commitment_cost), decay=float(a.vq_decay))
+    spec["norm_num_groups"] = 0 if spec["quantized"] else default_norm_groups(spec["channels"])
     levels = len(spec["channels"])
     expected = 3 if not spec["quantized"] else 2
     if levels != expected:
@@ -93,20 +95,17 @@ def autoencoder_spec(kind: str, cfg: Any) -> dict[str, Any]:
     return spec
 
 
-def _to_net(x: torch.Tensor) -> torch.Tensor:
-    """[0,1] image -> [-1,1], the range the networks work in (zero-centred, as in LDM/MAISI)."""
-    return x * 2.0 - 1.0
+def default_norm_groups(channels: Sequence[int]) -> int:
+    """GroupNorm groups with at least 4 channels per group (at most 32 groups, as in LDM/MAISI).
 
-
-def _from_net(y: torch.Tensor) -> torch.Tensor:
-    return (y + 1.0) * 0.5
-
-
-def _norm_groups(channels: Sequence[int]) -> int:
+    With one channel per group GroupNorm is InstanceNorm: a uniform patch (all lung, all soft
+    tissue) normalises to the same features whatever its HU, and the decoder's last norm cannot
+    carry absolute intensity. Several channels per group keep it, in their relative levels.
+    """
     g = 0
     for c in channels:
         g = math.gcd(g, int(c))
-    return min(32, g)
+    return max(1, min(32, g // 4))
 
 
 class Autoencoder(nn.Module):
@@ -133,6 +132,8 @@ class Autoencoder(nn.Module):
         self.downsample: int = int(spec["downsample"])
         self.quantized: bool = bool(spec["quantized"])
         self.scale_factor: float = float(spec.get("scale_factor", 1.0))
+        self.net_shift: float = float(spec.get("net_shift", 0.5))
+        self.net_scale: float = float(spec.get("net_scale", 2.0))
         channels = tuple(int(c) for c in spec["channels"])
         if self.quantized:
             from monai.networks.nets import VQVAE
@@ -152,12 +153,25 @@ class Autoencoder(nn.Module):
                 spatial_dims=self.spatial_dims, in_channels=self.in_channels, out_channels=self.in_channels,
                 num_res_blocks=int(spec["num_res_blocks"]), channels=channels,
                 attention_levels=(False,) * len(channels), latent_channels=self.latent_channels,
-                norm_num_groups=_norm_groups(channels), with_encoder_nonlocal_attn=False,
+                norm_num_groups=int(spec.get("norm_num_groups") or default_norm_groups(channels)), with_encoder_nonlocal_attn=False,
                 with_decoder_nonlocal_attn=False, include_fc=False)
             # Start with a narrow posterior (sigma ~ 0.05 instead of 1): the decoder sees the
             # encoder's signal from the first step instead of unit noise. With kl_weight ~1e-6
             # the trained posterior ends up narrow anyway; this only shortens the way there.
             nn.init.constant_(self.net.quant_conv_log_sigma.conv.bias, LOG_VAR_INIT)
+
+    # ------------------------------------------------------------------ value range
+
+    def _to_net(self, x: torch.Tensor) -> torch.Tensor:
+        """[0,1] input -> the network's range: (x - shift) * scale.
+
+        Images: [-1,1] (zero-centred, as in LDM/MAISI). Condition masks: texture units (x5:
+        lung 0.5, nodules 1..5), so the few non-zero levels stand out of the optimiser's noise.
+        """
+        return (x - self.net_shift) * self.net_scale
+
+    def _from_net(self, y: torch.Tensor) -> torch.Tensor:
+        return y / self.net_scale + self.net_shift
 
     # ------------------------------------------------------------------ shapes
 
@@ -196,16 +210,17 @@ class Autoencoder(nn.Module):
 
     def _encode_whole(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.quantized:
-            e = self.net.encode(_to_net(x))
+            e = self.net.encode(self._to_net(x))
             z = self.net.quantizer.embed(self.net.quantizer.quantize(e))
             return z, torch.zeros_like(z)
-        return self.net.encode(_to_net(x))
+        return self.net.encode(self._to_net(x))
 
     def _decode_whole(self, z: torch.Tensor) -> torch.Tensor:
         if self.quantized:
             # Nearest-code lookup without the EMA codebook update of the training forward.
             z = self.net.quantizer.embed(self.net.quantizer.quantize(z))
-        return _from_net(self.net.decode(z))
+        # Every input of the course lies in [0,1] (clipped HU, condition masks): so does a decoding.
+        return self._from_net(self.net.decode(z)).clamp(0.0, 1.0)
 
     def _roi(self, roi_size: int | Sequence[int] | None, shape: Sequence[int], factor: int = 1) -> list[int] | None:
         if roi_size is None:
@@ -234,7 +249,7 @@ class Autoencoder(nn.Module):
 
     def decode(self, z: torch.Tensor, roi_size: int | Sequence[int] | None = None,
                overlap: float = 0.25) -> torch.Tensor:
-        """Latent [B,c,*s] (unscaled) -> image [B,1,*4s]; ``roi_size`` in image voxels as for encode."""
+        """Latent [B,c,*s] (unscaled) -> image [B,1,*4s] in [0,1]; ``roi_size`` in image voxels as for encode."""
         self.check_latent(z)
         roi = self._roi(roi_size, z.shape[2:], factor=self.downsample)
         if roi is None:
@@ -280,11 +295,11 @@ class Autoencoder(nn.Module):
         """
         self.check_input(x)
         if self.quantized:
-            recon, vq_loss = self.net(_to_net(x))
-            return {"recon": _from_net(recon), "vq_loss": vq_loss}
-        mean, std = self.net.encode(_to_net(x))
+            recon, vq_loss = self.net(self._to_net(x))
+            return {"recon": self._from_net(recon), "vq_loss": vq_loss}
+        mean, std = self.net.encode(self._to_net(x))
         z = mean + std * torch.randn_like(std)
-        return {"recon": _from_net(self.net.decode(z)), "mean": mean, "std": std}
+        return {"recon": self._from_net(self.net.decode(z)), "mean": mean, "std": std}
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, roi_size: int | Sequence[int] | None = None,
@@ -298,7 +313,7 @@ class Autoencoder(nn.Module):
         if not self.quantized:
             raise ValueError(f"{self.kind} has no codebook (only the VQ-VAE does)")
         self.check_input(x)
-        return self.net.index_quantize(_to_net(x))
+        return self.net.index_quantize(self._to_net(x))
 
     def encode_latent(self, x: torch.Tensor, sample: bool = True, roi_size: int | Sequence[int] | None = None,
                       overlap: float = 0.25) -> torch.Tensor:

@@ -160,3 +160,19 @@ def test_missing_slice_interpolated_and_reported(phantom_root, small_cfg, tmp_pa
     assert row["n_slices"] == len(files) - 1
     assert "gap" in row["notes"] and "annotations mapped by z" in row["notes"]
     assert row["n_nodules"] >= 1
+
+
+def test_malignancy_stratified_split_spreads_every_class():
+    from lungsynth.data.manifest import malignancy_class
+
+    pats = [f"p{i:02d}" for i in range(40)]
+    strata = {p: ("malignant" if i < 10 else "benign") for i, p in enumerate(pats)}
+    s = patient_splits(pats, (0.7, 0.2, 0.1), seed=1, strata=strata)
+    assert sorted(s["train"] + s["val"] + s["test"]) == pats
+    for label, size in (("malignant", 10), ("benign", 30)):
+        counts = [sum(strata[p] == label for p in s[k]) for k in ("train", "val", "test")]
+        assert counts == [round(0.7 * size), round(0.2 * size), round(0.1 * size)]
+    small = patient_splits(pats[:4], (0.7, 0.2, 0.1), strata={p: "x" for p in pats[:4]})
+    assert all(small[k] for k in ("train", "val", "test"))
+    assert [malignancy_class(m) for m in (1, 2.5, 3, 3.5, 4.5)] == ["benign", "indeterminate", "indeterminate",
+                                                                    "indeterminate", "malignant"]

@@ -22,7 +22,7 @@ TINY = {"data.size_ddpm": 16, "data.crop_size": 16, "downstream.seg_crop_size": 
         "downstream.seg_channels": "4,8", "downstream.seg_steps": 2, "downstream.seg_batch_size": 2,
         "downstream.cls_init_features": 4, "downstream.cls_growth_rate": 4, "downstream.cls_blocks": "1,1",
         "downstream.cls_steps": 2, "downstream.cls_batch_size": 4, "downstream.n_runs": 2,
-        "downstream.scarcity_runs": 1, "downstream.real_fractions": "1.0,0.5,0.0",
+        "downstream.scarcity_runs": 1, "downstream.real_fractions": "0.5,0.0",
         "downstream.eval_splits": "test", "downstream.allow_repeats": False}
 
 

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from lungsynth.cli import main
-from lungsynth.downstream.classification import malignancy_label, run_classification
+from lungsynth.downstream.classification import malignancy_label, plot_pr_curves, run_classification
 
 
 def test_malignancy_labels_leave_3_out():
@@ -31,14 +31,16 @@ def test_classification_experiments(cfg, real_root, synthetic_train, tmp_path):
     p = allrows["p_auroc"].to_numpy(float)
     assert np.all((p > 0) & (p <= 1))
     cells = set(zip(res.scarcity_table["real_fraction"], res.scarcity_table["synthetic"]))
-    assert cells == {(1.0, "real"), (1.0, "proportional"), (1.0, "full"), (0.5, "real"), (0.5, "proportional"),
-                     (0.5, "full"), (0.0, "full")}
+    assert cells == {(0.5, "real"), (0.5, "proportional"), (0.5, "full"), (0.0, "full")}
     mal = res.malignancy_runs
     assert set(mal["init"]) == {"scratch", "subtype (balanced)"} and len(mal) == 4
     assert mal["n_eval"].eq(5).all()  # test malignancy 1,4,2,5,4 (the 3 left out)
     assert "p_auroc" in res.malignancy_table.columns
     assert ("subtype", "balanced", cfg.seed) in res.curves
     assert (tmp_path / "cls" / "subtype_table.csv").is_file()
+    axes = plot_pr_curves(res, "subtype")
+    assert len(axes) == 3 and axes[0].get_lines()  # curves plus the chance line
+    assert len(plot_pr_curves(res, "malignancy")) == 1
 
 
 def test_cli(real_root, synthetic_train, tmp_path, capsys):
@@ -48,8 +50,11 @@ def test_cli(real_root, synthetic_train, tmp_path, capsys):
     assert main(base + ["--synthetic", str(tmp_path / "missing")]) == 2
     assert "missing not found" in capsys.readouterr().err
     assert main(base + ["--synthetic", str(synthetic_train), "--experiments", "subtype", "--runs", "1",
-                        "--out", str(tmp_path / "o")]) == 0
-    assert "subtype_table" in capsys.readouterr().out
+                        "--ratio", "0,1", "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "subtype_table" in out and "ratio_table" in out
+    ratio = pd.read_csv(tmp_path / "o" / "ratio_runs.csv")
+    assert ratio.groupby("ratio")["n_synthetic"].first().to_dict() == {0.0: 0, 1.0: 8}  # 1 x 8 real nodules
     with pytest.raises(SystemExit):
         main(["downstream", "seg", "--ratio"])
     assert main(["downstream", "seg", "--real-root", str(real_root), "--ratio", "x"]) == 2

@@ -1,0 +1,223 @@
+"""Chapter 02 autoencoders without training: shapes, x4 compression, bad input, checkpoints,
+sliding windows, losses, metrics (tiny sizes, fixed seeds)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lungsynth.config import get_config
+from lungsynth.nn.ae_eval import codebook_stats, mask_metrics, reconstruction_metrics, resample_baseline
+from lungsynth.nn.autoencoders import KINDS, Autoencoder, autoencoder_spec, build_autoencoder, load_autoencoder
+from lungsynth.nn.losses import AstraPerceptualLoss, PatchAdversarial, build_perceptual_loss, kl_divergence
+
+TINY = {"autoencoders.vae3d_channels": "8,8,8", "autoencoders.maskvae_channels": "4,8,8",
+        "autoencoders.vae2d_channels": "8,8,8", "autoencoders.vqvae2d_channels": "8,8",
+        "autoencoders.vq_num_embeddings": 16}
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return get_config("smoke", TINY)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_shapes_and_x4_compression(cfg, kind):
+    torch.manual_seed(0)
+    ae = build_autoencoder(kind, cfg).eval()
+    nd = ae.spatial_dims
+    x = torch.rand(2, 1, *([16] * nd))
+    mean, std = ae.encode(x)
+    c = cfg.autoencoders.mask_latent_channels if kind == "maskvae" else (
+        cfg.autoencoders.vq_embedding_dim if kind == "vqvae2d" else cfg.autoencoders.latent_channels)
+    assert mean.shape == std.shape == (2, c, *([4] * nd))
+    assert ae.latent_shape(16) == (c, *([4] * nd))
+    assert ae.decode(mean).shape == x.shape
+    out = ae(x)
+    assert out["recon"].shape == x.shape
+    z = ae.encode_latent(x)
+    assert z.shape == mean.shape
+    assert ae.decode_latent(z).shape == x.shape
+    if kind == "vqvae2d":
+        assert torch.count_nonzero(std) == 0  # deterministic codes
+        # the latent is a codebook entry at every position
+        codes = ae.net.quantizer.quantizer.embedding.weight  # [K, D]
+        flat = mean.permute(0, 2, 3, 1).reshape(-1, mean.shape[1])
+        assert torch.cdist(flat, codes).min(dim=1).values.max() < 1e-5
+    else:
+        assert (std > 0).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_wrong_size_says_which_sizes_work(cfg, kind):
+    ae = build_autoencoder(kind, cfg)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        ae.encode(torch.rand(1, 1, *([18] * ae.spatial_dims)))
+    with pytest.raises(ValueError, match="shaped"):
+        ae.encode(torch.rand(1, 2, *([16] * ae.spatial_dims)))  # two channels
+    with pytest.raises(ValueError, match="multiples of 4"):
+        ae.latent_shape(30)
+
+
+def test_unknown_kind_and_bad_channels(cfg):
+    with pytest.raises(ValueError, match="valid kinds"):
+        build_autoencoder("vae4d", cfg)
+    bad = get_config("smoke", {"autoencoders.vae3d_channels": "8,8"})
+    with pytest.raises(ValueError, match="3 channel levels"):
+        build_autoencoder("vae3d", bad)
+
+
+def _fake_run(tmp_path, kind, cfg, scale=0.5):
+    """A final.pt as train_autoencoder writes it (engine format, scale factor in the config)."""
+    from lungsynth.engine import CHECKPOINT_FORMAT, save_checkpoint
+
+    torch.manual_seed(1)
+    ae = build_autoencoder(kind, cfg)
+    run = tmp_path / kind
+    save_checkpoint({"format": CHECKPOINT_FORMAT, "kind": kind, "config": {**ae.spec, "scale_factor": scale},
+                     "step": 7, "modules": {"autoencoder": ae.state_dict()}, "ema": None}, run / "final.pt")
+    return ae, run
+
+
+def test_checkpoint_round_trip_and_refusals(tmp_path, cfg):
+    ae, run = _fake_run(tmp_path, "vae3d", cfg, scale=0.5)
+    loaded = load_autoencoder("vae3d", run, cfg)
+    assert loaded.scale_factor == 0.5 and loaded.step == 7 and not loaded.training
+    x = torch.rand(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(loaded.encode(x)[0], ae.eval().encode(x)[0], atol=1e-6)
+        # encode_latent / decode_latent apply the scale factor
+        assert torch.allclose(loaded.encode_latent(x, sample=False), 0.5 * loaded.encode(x)[0])
+    with pytest.raises(ValueError, match="kind 'vae3d'.*'maskvae' was asked"):
+        load_autoencoder("maskvae", run, cfg)
+    other = get_config("smoke", {**TINY, "autoencoders.vae3d_channels": "8,16,16"})
+    with pytest.raises(ValueError, match="channels"):
+        load_autoencoder("vae3d", run, other)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no final.pt"):
+        load_autoencoder("vae3d", tmp_path / "empty", cfg)
+    with pytest.raises(FileNotFoundError, match="no autoencoder checkpoint"):
+        load_autoencoder("vae3d", tmp_path / "missing.pt", cfg)
+
+
+def test_sliding_window_encode_and_decode_match_whole(tmp_path, cfg):
+    """With windows half the volume and 50 % overlap, tiled encoding/decoding stays close to the
+    whole pass (GroupNorm statistics and borders differ a little; both blend by Gaussian weights)."""
+    torch.manual_seed(0)
+    ae = build_autoencoder("vae3d", cfg).eval()
+    x = torch.rand(1, 1, 8, 8, 8).repeat_interleave(4, 2).repeat_interleave(4, 3).repeat_interleave(4, 4)
+    with torch.no_grad():
+        mean, _ = ae.encode(x)
+        smean, _ = ae.encode(x, roi_size=16, overlap=0.5)
+        assert smean.shape == mean.shape
+        whole = ae.decode(mean)
+        tiled = ae.decode(mean, roi_size=16, overlap=0.5)
+    assert tiled.shape == whole.shape == x.shape
+    rel = (tiled - whole).abs().mean() / whole.abs().mean()
+    assert rel < 0.1
+    # a window at least as large as the input is the whole pass, exactly
+    with torch.no_grad():
+        assert torch.equal(ae.decode(mean, roi_size=32), whole)
+    with pytest.raises(ValueError, match="multiple"):
+        ae.decode(mean, roi_size=10)
+
+
+def test_codebook_usage_and_perplexity_by_hand():
+    # 4 codes of 8, used 4, 2, 1, 1 times: p = (1/2, 1/4, 1/8, 1/8), H = 1.75 bits
+    idx = torch.tensor([[0, 0, 0, 0], [1, 1, 2, 3]])
+    stats = codebook_stats(idx, 8)
+    assert stats["usage"] == 0.5 and stats["codes_used"] == 4
+    assert stats["perplexity"] == pytest.approx(2 ** 1.75)
+    assert codebook_stats(torch.zeros(10, dtype=torch.long), 8)["perplexity"] == pytest.approx(1.0)
+    assert codebook_stats(torch.arange(8), 8)["perplexity"] == pytest.approx(8.0)
+    with pytest.raises(ValueError, match="indices must lie"):
+        codebook_stats(torch.tensor([8]), 8)
+
+
+def test_kl_divergence_by_hand():
+    mean = torch.zeros(2, 1, 2, 2)
+    assert kl_divergence(mean, torch.ones_like(mean)) == pytest.approx(0.0, abs=1e-7)
+    # one element mu = 1, sigma = e: 0.5 (1 + e^2 - 2 - 1) per element, summed per item, batch mean
+    m, s = torch.tensor([[1.0]]), torch.tensor([[math.e]])
+    assert kl_divergence(m, s).item() == pytest.approx(0.5 * (1 + math.e ** 2 - 2 - 1), rel=1e-5)
+
+
+class _StandIn(nn.Module):
+    """Same attribute names as the packaged I3ResNet-152, a thousand times smaller."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv3d(3, 4, (3, 7, 7), (1, 2, 2), (1, 3, 3), bias=False)
+        self.bn1 = nn.BatchNorm3d(4)
+        self.relu = nn.ReLU()
+        self.maxpool = nn.MaxPool3d(3, 2, 1)
+        self.layer1 = nn.Conv3d(4, 8, 3, padding=1)
+        self.layer2 = nn.Conv3d(8, 8, 3, stride=2, padding=1)
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+def test_astra_perceptual_loss_with_a_stand_in_encoder(nd):
+    torch.manual_seed(0)
+    loss = build_perceptual_loss("astra", nd, loader=_StandIn)
+    assert isinstance(loss, AstraPerceptualLoss)
+    x = torch.rand(2, 1, *([16] * nd))
+    y = (x + 0.1 * torch.randn_like(x)).clamp(0, 1).requires_grad_(True)
+    assert loss(x, x).item() == 0.0
+    val = loss(y, x)
+    val.backward()
+    assert val.item() > 0 and y.grad is not None and y.grad.abs().sum() > 0
+    assert all(not p.requires_grad for p in loss.encoder.parameters())
+    loss.train()
+    assert not loss.encoder.training  # frozen BatchNorm statistics
+
+
+def test_perceptual_off_and_unavailable_network():
+    assert build_perceptual_loss("off", 3) is None
+    with pytest.raises(ValueError, match="pretrained weights.*perceptual_network=astra"):
+        build_perceptual_loss("no-such-network", 2)
+
+
+def test_patch_adversarial_losses():
+    torch.manual_seed(0)
+    adv = PatchAdversarial(2, 1, channels=8, num_layers=2, warmup_steps=5)
+    assert not adv.active(4) and adv.active(5)
+    real, fake = torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32, requires_grad=True)
+    g = adv.generator_loss(fake)
+    g.backward()
+    assert fake.grad is not None
+    d = adv.discriminator_loss(real, fake)
+    assert d.item() > 0 and d.requires_grad
+
+
+def test_resample_baseline_and_metrics():
+    torch.manual_seed(0)
+    smooth = torch.ones(1, 1, 16, 16, 16) * 0.3
+    for down in ("area", "linear"):
+        assert torch.allclose(resample_baseline(smooth, 4, down), smooth)
+    x = torch.rand(1, 1, 16, 16, 16)
+    assert resample_baseline(x, 4).shape == x.shape
+    lung = torch.zeros(1, 16, 16, 16)
+    lung[:, 4:12, 4:12, 4:12] = 1
+    label = torch.zeros(1, 16, 16, 16)
+    label[:, 7:9, 7:9, 7:9] = 1
+    cond = 0.1 * lung
+    cond[label > 0] = 0.8  # texture 4
+    r = x.clone()
+    r[0][label > 0] += 0.01  # 14 HU error on the nodule only
+    m = reconstruction_metrics(x[0], r[0], lung, label, cond)
+    assert m["mae_hu_nodule"] == pytest.approx(14.0, rel=1e-4)
+    assert m["mae_hu_nodule_t4"] == pytest.approx(14.0, rel=1e-4)
+    assert math.isnan(m["mae_hu_nodule_t1"])
+    assert m["mae_hu_lung"] == pytest.approx(14.0 * 8 / 512, rel=1e-3)
+    assert m["ssim"] > 0.99 and m["psnr"] > 40
+    perfect = mask_metrics(cond, cond)
+    assert perfect["mae"] == 0 and perfect["class_accuracy"] == 1 and perfect["nodule_dice"] == 1
+
+
+def test_spec_is_plain_and_rebuilds(cfg):
+    for kind in KINDS:
+        spec = autoencoder_spec(kind, cfg)
+        ae = Autoencoder(spec)
+        assert ae.spec == {k: v for k, v in spec.items()}
+        assert Autoencoder(ae.spec).spec == ae.spec
