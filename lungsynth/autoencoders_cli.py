@@ -31,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--fresh", action="store_true", help="start over instead of resuming last.pt")
     t.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="stop (and checkpoint) after this many seconds; run again to continue")
+    _data_root(t)
     add_profile_argument(t)
     t.set_defaults(func=_train)
 
@@ -38,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--kind", required=True, choices=KINDS)
     e.add_argument("--split", default="train", choices=("train", "val", "test", "all"))
     e.add_argument("--run-dir", default=None, help="the autoencoder's run directory (default: runs/<profile>/02_<kind>)")
+    _data_root(e)
     add_profile_argument(e)
     e.set_defaults(func=_encode)
 
@@ -46,8 +48,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--split", default="val", choices=("train", "val", "test"))
     v.add_argument("--run-dir", default=None)
     v.add_argument("--max-items", type=int, default=None)
+    _data_root(v)
     add_profile_argument(v)
     v.set_defaults(func=_evaluate)
+
+
+def _data_root(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-root", default=None, metavar="DIR",
+                   help="a prepared dataset folder (default: the profile's, built when missing)")
 
 
 def _cfg(args: argparse.Namespace):
@@ -60,7 +68,8 @@ def _train(args: argparse.Namespace) -> int:
     from lungsynth.nn.autoencoders import train_autoencoder
 
     cfg = _cfg(args)
-    run_dir = train_autoencoder(args.kind, cfg, args.run_dir, fresh=args.fresh, time_budget_s=args.time_budget)
+    run_dir = train_autoencoder(args.kind, cfg, args.run_dir, fresh=args.fresh, time_budget_s=args.time_budget,
+                                root=args.data_root)
     rec = json.loads((run_dir / "run.json").read_text())
     res = rec.get("results", {})
     print(f"{args.kind}: {res.get('steps')} steps ({res.get('stopped_by')}), scale factor "
@@ -72,10 +81,10 @@ def _encode(args: argparse.Namespace) -> int:
     from lungsynth.nn.autoencoders import ensure_autoencoder, ensure_latents
 
     cfg = _cfg(args)
-    ae = ensure_autoencoder(args.kind, cfg, args.run_dir)
+    ae = ensure_autoencoder(args.kind, cfg, args.run_dir, root=args.data_root)
     splits = ("train", "val", "test") if args.split == "all" else (args.split,)
     for split in splits:
-        out = ensure_latents(args.kind, cfg, split, args.run_dir, ae=ae)
+        out = ensure_latents(args.kind, cfg, split, args.run_dir, ae=ae, root=args.data_root)
         meta = json.loads((out / "index.json").read_text())
         print(f"{args.kind} {split}: {meta['n']} latents {meta['latent_shape']} (scale factor "
               f"{meta['scale_factor']:.4g}) -> {out}")
@@ -87,8 +96,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from lungsynth.nn.autoencoders import ensure_autoencoder
 
     cfg = _cfg(args)
-    ae = ensure_autoencoder(args.kind, cfg, args.run_dir)
-    table = evaluate_autoencoder(ae, cfg, args.split, args.max_items)
+    ae = ensure_autoencoder(args.kind, cfg, args.run_dir, root=args.data_root)
+    table = evaluate_autoencoder(ae, cfg, args.split, args.max_items, root=args.data_root)
     cols = [c for c in table.columns if c not in ("id",)]
     print(table[cols].groupby("method").mean(numeric_only=True).round(4).to_string())
     return 0

@@ -75,7 +75,7 @@ class AutoencoderConfig:
     vae3d_channels: tuple[int, ...] = tiered((8, 16, 16), (32, 64, 64), (64, 128, 256))
     vae2d_channels: tuple[int, ...] = tiered((16, 32, 32), (32, 64, 64), (64, 128, 256))
     latent_channels: int = 4
-    train_steps: int = tiered(300, 2000, 100_000)  # 3D kinds (smoke: ~1 min each on 2 CPU cores)
+    train_steps: int = tiered(200, 2000, 100_000)  # 3D kinds (smoke: ~40 s each on 2 free CPU cores)
     batch_size: int = tiered(2, 4, 2)  # 3D kinds; >= 2 also takes torch's faster CPU conv3d path
     lr: float = tiered(2e-3, 1e-4, 1e-4)  # smoke: few hundred steps, so a high peak lr
     lr_schedule: str = tiered("cosine", "cosine", "constant")  # engine schedule (constant | cosine | polynomial)
@@ -83,7 +83,7 @@ class AutoencoderConfig:
     perceptual_weight: float = 0.3
     perceptual_network: str = tiered("off", "astra", "astra")  # off | astra | a MONAI PerceptualLoss network
     adv_weight: float = 0.01
-    adv_warmup_steps: int = tiered(150, 500, 10_000)
+    adv_warmup_steps: int = tiered(120, 500, 10_000)
     vq_num_embeddings: int = tiered(64, 256, 512)
     vq_embedding_dim: int = 4
     vq_commitment_cost: float = 0.25
@@ -93,11 +93,12 @@ class AutoencoderConfig:
     mask_latent_channels: int = 4
     patch_3d: int = tiered(32, 64, 128)  # 3D autoencoders train on random cubes (fully convolutional)
     foreground_crop_prob: float = 0.5  # share of 3D training cubes centred on a nodule voxel
-    train_steps_2d: int = tiered(800, 5000, 100_000)
-    batch_size_2d: int = tiered(8, 16, 32)
+    train_steps_2d: int = tiered(700, 5000, 100_000)
+    batch_size_2d: int = tiered(16, 16, 32)  # 2D KL-VAE (nodule ROIs)
+    vq_batch_size: int = tiered(8, 16, 32)  # 2D VQ-VAE (64^2 slices in smoke)
     disc_channels: int = tiered(16, 32, 64)
     disc_layers: int = 3
-    val_every: int = tiered(30, 250, 2500)
+    val_every: int = tiered(50, 250, 2500)
     sliding_roi: int = tiered(64, 128, 128)  # window (image voxels) of sliding encode/decode; larger inputs only
     sliding_overlap: float = 0.25
     scale_factor_items: int = 16  # training items encoded to estimate the latent scale factor

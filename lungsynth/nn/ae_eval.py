@@ -249,7 +249,7 @@ def _pick_slice(x: np.ndarray, label: np.ndarray | None, axis: int) -> int:
 def plot_reconstructions(x: torch.Tensor, recons: dict[str, torch.Tensor], label: torch.Tensor | None = None,
                          axis: int = 0, index: int | None = None,
                          hu_range: tuple[float, float] = (-1000.0, 400.0), window: tuple[float, float] = (-1000, 400),
-                         max_err_hu: float = 300.0, title: str | None = None) -> Any:
+                         max_err_hu: float = 300.0, title: str | None = None, unit: str = "HU") -> Any:
     """One row per method: input, reconstruction, |error| in HU.
 
     Args:
@@ -257,7 +257,8 @@ def plot_reconstructions(x: torch.Tensor, recons: dict[str, torch.Tensor], label
         recons: {method name: reconstruction shaped like x}.
         label: optional nodule label map; 3D slices go through the largest nodule cross-section.
         axis / index: 3D slice axis (0 axial) and index (default as above, else the centre).
-        window: HU display window; max_err_hu: top of the error colour scale.
+        window: HU display window; max_err_hu: top of the error colour scale; unit: its label
+            (pass ``hu_range=(0, 1), unit=""`` for condition masks).
     Returns the matplotlib Figure.
     """
     import matplotlib.pyplot as plt
@@ -286,7 +287,7 @@ def plot_reconstructions(x: torch.Tensor, recons: dict[str, torch.Tensor], label
         rec = to_hu(r)
         err = np.abs(rec - img)
         panels = [(take(img), "input", "gray", window), (take(rec), name, "gray", window),
-                  (take(err), f"|error| HU (MAE {err.mean():.0f})", "magma", (0, max_err_hu))]
+                  (take(err), f"|error| {unit} (MAE {err.mean():.3g})", "magma", (0, max_err_hu))]
         for col, (a, t, cmap, (vmin, vmax)) in enumerate(panels):
             ax = axes[row, col]
             im = ax.imshow(a, cmap=cmap, vmin=vmin, vmax=vmax)

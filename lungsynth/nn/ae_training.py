@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from lungsynth import paths
 from lungsynth.engine import TrainTask
 from lungsynth.nn.losses import PatchAdversarial, build_perceptual_loss, kl_divergence
 
@@ -117,7 +118,9 @@ class ImageView(Dataset):
 def train_budget(kind: str, cfg: Any) -> tuple[int, int]:
     """(optimiser steps, batch size) of ``kind`` under ``cfg``: the 2D kinds are cheaper per step."""
     a = cfg.autoencoders
-    if kind in ("vqvae2d", "vae2d"):
+    if kind == "vqvae2d":
+        return int(a.train_steps_2d), int(a.vq_batch_size)
+    if kind == "vae2d":
         return int(a.train_steps_2d), int(a.batch_size_2d)
     return int(a.train_steps), int(a.batch_size)
 
@@ -307,6 +310,7 @@ def train_autoencoder(kind: str, cfg: Any, run_dir: Path | str | None = None, *,
         train_ds = ImageView(train_base, key, patch, float(a.foreground_crop_prob))
         val_ds = ImageView(val_base, key) if len(val_base) else None  # type: ignore[arg-type]
         roi = int(a.sliding_roi)
+        runtime.seed_everything(int(cfg.seed))  # the initial weights (the engine seeds the rest)
         side = int(min(train_ds[0]["image"].shape[1:]))
         task = AutoencoderTask(kind, cfg, perceptual_loader=perceptual_loader, val_roi=roi, image_size=side)
         trainer = Trainer.from_config(
@@ -330,6 +334,7 @@ def train_autoencoder(kind: str, cfg: Any, run_dir: Path | str | None = None, *,
             ckpt["config"] = {**dict(ckpt["config"]), "scale_factor": sf}
             save_checkpoint(ckpt, run_dir / "final.pt")
         rec["scale_factor"] = sf
+        rec["data_root"] = str(root) if root is not None else str(paths.prepared_dir(cfg.profile))
     return run_dir
 
 

@@ -101,24 +101,23 @@ def test_checkpoint_round_trip_and_refusals(tmp_path, cfg):
         load_autoencoder("vae3d", tmp_path / "missing.pt", cfg)
 
 
-def test_sliding_window_encode_and_decode_match_whole(tmp_path, cfg):
-    """With windows half the volume and 50 % overlap, tiled encoding/decoding stays close to the
-    whole pass (GroupNorm statistics and borders differ a little; both blend by Gaussian weights)."""
+def test_sliding_window_shapes_and_window_rules(cfg):
+    """Tiled encode/decode give the whole pass's shapes; a window as large as the input is the
+    whole pass itself. (Closeness of tiles to the whole pass needs a trained model: see
+    test_ae_training.py; a random GroupNorm network has no reason to be local.)"""
     torch.manual_seed(0)
     ae = build_autoencoder("vae3d", cfg).eval()
-    x = torch.rand(1, 1, 8, 8, 8).repeat_interleave(4, 2).repeat_interleave(4, 3).repeat_interleave(4, 4)
+    x = torch.rand(1, 1, 32, 32, 32)
     with torch.no_grad():
-        mean, _ = ae.encode(x)
-        smean, _ = ae.encode(x, roi_size=16, overlap=0.5)
-        assert smean.shape == mean.shape
+        mean, std = ae.encode(x)
+        smean, sstd = ae.encode(x, roi_size=16, overlap=0.5)
+        assert smean.shape == mean.shape and sstd.shape == std.shape
         whole = ae.decode(mean)
         tiled = ae.decode(mean, roi_size=16, overlap=0.5)
-    assert tiled.shape == whole.shape == x.shape
-    rel = (tiled - whole).abs().mean() / whole.abs().mean()
-    assert rel < 0.1
-    # a window at least as large as the input is the whole pass, exactly
-    with torch.no_grad():
+        assert tiled.shape == whole.shape == x.shape
+        assert 0 <= float(tiled.min()) and float(tiled.max()) <= 1  # decodings stay in [0,1]
         assert torch.equal(ae.decode(mean, roi_size=32), whole)
+        assert torch.equal(ae.encode(x, roi_size=64)[0], mean)
     with pytest.raises(ValueError, match="multiple"):
         ae.decode(mean, roi_size=10)
 
