@@ -46,6 +46,7 @@ import sys
 import time
 import warnings
 from abc import ABC, abstractmethod
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -341,8 +342,18 @@ def init_distributed(device_type: str | None = None) -> DistInfo:
 def _destroy_process_group() -> None:
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if not dist.is_initialized():
+        return
+    # Meet before tearing down: a rank that destroys the group while a peer's gloo threads are
+    # still talking to it makes that peer abort ("terminate called without an active exception").
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=timedelta(seconds=60))
+        else:
+            dist.barrier()
+    except Exception:  # a peer already died; tear down anyway
+        pass
+    dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------- checkpoints

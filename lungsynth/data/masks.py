@@ -53,13 +53,27 @@ def remove_airways(candidate: np.ndarray, hu: np.ndarray, spacing_mm: float,
     return ndimage.binary_dilation(airway, iterations=1)
 
 
+def _outside_labels(lab: np.ndarray) -> np.ndarray:
+    """Labels of the air around the body: components holding a corner of some axial slice.
+
+    Touching the in-plane border is not enough: with a tight reconstruction field of view the
+    lungs themselves reach the image edge (LIDC has such scans), while the slice corners stay
+    outside the body. Falls back to "touches the border" when no corner is air anywhere.
+    """
+    corners = np.concatenate([lab[:, 0, 0], lab[:, 0, -1], lab[:, -1, 0], lab[:, -1, -1]])
+    found = np.unique(corners[corners > 0])
+    if found.size:
+        return found
+    border = np.unique(np.concatenate([lab[:, 0, :].ravel(), lab[:, -1, :].ravel(),
+                                       lab[:, :, 0].ravel(), lab[:, :, -1].ravel()]))
+    return border[border > 0]
+
+
 def classical_lung_mask(hu: np.ndarray, spacing_mm: float) -> np.ndarray:
     """Lung mask (bool [D, H, W]) of an isotropic HU volume [D, H, W] at ``spacing_mm``."""
     air = hu < -400
     lab, n = ndimage.label(air)
-    border = np.unique(np.concatenate([lab[:, 0, :].ravel(), lab[:, -1, :].ravel(),
-                                       lab[:, :, 0].ravel(), lab[:, :, -1].ravel()]))
-    outside = np.isin(lab, border[border > 0])
+    outside = np.isin(lab, _outside_labels(lab))
     candidate = air & ~outside
     candidate &= ~remove_airways(candidate, hu, spacing_mm)
     candidate = ndimage.binary_opening(candidate, iterations=1) if spacing_mm < 3 else candidate

@@ -507,6 +507,11 @@ def prepare_scan(scan: Any, out_dir: Path, cfg: Any, lung_method: str = "classic
             "reader_scores": json.dumps(nod.reader_scores), "_nodule": nod})
     n_vox = int((label_c > 0).sum())
     in_lung = float(((lung_c > 0) & (label_c > 0)).sum() / n_vox) if n_vox else 1.0  # QA, before the union
+    qa_notes = []
+    if in_lung < 0.5:  # a lung mask that misses the nodules is almost always a failed mask
+        qa_notes.append(f"QA: only {in_lung:.0%} of nodule voxels lie in the {method} lung mask; "
+                        f"inspect it (lungsynth.viz) or prepare with --lung-mask lungmask")
+        warnings.warn(f"{key}: {qa_notes[-1]}", stacklevel=2)
     lung_c = np.maximum(lung_c, (label_c > 0).astype(np.uint8))  # the nodules belong to the lungs
     cond = np.where(lung_c > 0, 0.5, 0.0).astype(np.float32)
     hr = np.zeros(size + (3,), dtype=np.uint8)
@@ -553,7 +558,7 @@ def prepare_scan(scan: Any, out_dir: Path, cfg: Any, lung_method: str = "classic
         "slice_spacing_mm": round(float(np.median(np.diff(ct.zs))) if len(ct.zs) > 1 else 0.0, 4),
         "contrast_used": bool(scan.contrast_used), "lung_mask_method": method,
         "crop_start": ",".join(str(int(x)) for x in start), "nodule_voxels": n_vox,
-        "nodule_in_lung_fraction": round(in_lung, 4), "notes": "; ".join(ct.notes),
+        "nodule_in_lung_fraction": round(in_lung, 4), "notes": "; ".join(ct.notes + qa_notes),
     }
     return {"status": "done", "scan": scan_row, "nodules": nod_rows,
             "skipped": [{"scan_id": key, "what": sk.split(":")[0], "reason": sk} for sk in skipped],

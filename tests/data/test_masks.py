@@ -1,0 +1,37 @@
+import numpy as np
+import pytest
+
+from lungsynth.data.masks import classical_lung_mask, lung_mask
+
+
+def chest(size: int = 48, lung_reaches_edge: bool = False) -> np.ndarray:
+    """[D, H, W] HU toy chest: air around an elliptic body holding two lungs (ellipsoids)."""
+    d, h, w = np.mgrid[:size, :size, :size].astype(np.float32)
+    c = (size - 1) / 2
+    hu = np.full((size, size, size), -1000.0, np.float32)
+    body_a = 0.62 * size if lung_reaches_edge else 0.45 * size  # a body wider than the field of view
+    body = ((w - c) / body_a) ** 2 + ((h - c) / (0.36 * size)) ** 2 <= 1
+    hu[body] = 40.0
+    lung_a = 0.3 * size if lung_reaches_edge else 0.14 * size
+    for side in (-1, 1):
+        cx = c + side * (0.3 * size if lung_reaches_edge else 0.2 * size)
+        lung = ((w - cx) / lung_a) ** 2 + ((h - c) / (0.22 * size)) ** 2 + ((d - c) / (0.4 * size)) ** 2 <= 1
+        hu[lung] = -850.0
+    return hu
+
+
+@pytest.mark.parametrize("reaches_edge", [False, True])
+def test_classical_mask_finds_both_lungs(reaches_edge):
+    hu = chest(lung_reaches_edge=reaches_edge)
+    truth = hu == -850.0
+    if reaches_edge:  # the lungs really do run into the field-of-view edge
+        assert truth[:, :, 0].any() and truth[:, :, -1].any()
+    mask = classical_lung_mask(hu, spacing_mm=6.0)
+    dice = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
+    assert dice > 0.9
+    assert not mask[0, 0, 0]  # the air around the body is never lung
+
+
+def test_lung_mask_rejects_unknown_method():
+    with pytest.raises(ValueError, match="unknown lung mask method"):
+        lung_mask(chest(), 6.0, method="magic")
