@@ -77,11 +77,18 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _encode(args: argparse.Namespace) -> int:
-    from lungsynth.nn.autoencoders import ensure_autoencoder, ensure_latents
+def _trained(args: argparse.Namespace):
+    """(config, the autoencoder of ``args.kind``: loaded, or trained first when missing)."""
+    from lungsynth.nn.autoencoders import ensure_autoencoder
 
     cfg = _cfg(args)
-    ae = ensure_autoencoder(args.kind, cfg, args.run_dir, root=args.data_root)
+    return cfg, ensure_autoencoder(args.kind, cfg, args.run_dir, root=args.data_root)
+
+
+def _encode(args: argparse.Namespace) -> int:
+    from lungsynth.nn.autoencoders import ensure_latents
+
+    cfg, ae = _trained(args)
     splits = ("train", "val", "test") if args.split == "all" else (args.split,)
     for split in splits:
         out = ensure_latents(args.kind, cfg, split, args.run_dir, ae=ae, root=args.data_root)
@@ -93,10 +100,8 @@ def _encode(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from lungsynth.nn.ae_eval import evaluate_autoencoder
-    from lungsynth.nn.autoencoders import ensure_autoencoder
 
-    cfg = _cfg(args)
-    ae = ensure_autoencoder(args.kind, cfg, args.run_dir, root=args.data_root)
+    cfg, ae = _trained(args)
     table = evaluate_autoencoder(ae, cfg, args.split, args.max_items, root=args.data_root)
     cols = [c for c in table.columns if c not in ("id",)]
     print(table[cols].groupby("method").mean(numeric_only=True).round(4).to_string())

@@ -144,7 +144,10 @@ def resize_volume(x: Any, size: int, kind: str) -> Any:
     return out[0].to(x.dtype)
 
 
-class _Cached:
+class CachedDataset:
+    """Map-style base: ``_load(idx)`` runs once per item and is kept in memory; ``_finish`` may
+    add per-access randomness to a copy. Subclasses set ``self.table`` (one row per item)."""
+
     def __init__(self) -> None:
         self._cache: dict[int, dict[str, Any]] = {}
 
@@ -164,7 +167,7 @@ class _Cached:
         return item
 
 
-class VolumeDataset(_Cached):
+class VolumeDataset(CachedDataset):
     """Whole prepared volumes. Item: each key [1,S,S,S] ("hrmask" [3,S,S,S]) and "scan_id".
 
     "ct" float in [0, 1] (``hu_to_unit`` with cfg.data.hu_min/hu_max), "lung"/"label" long-valued
@@ -202,7 +205,7 @@ class VolumeDataset(_Cached):
         return item
 
 
-class SliceDataset(_Cached):
+class SliceDataset(CachedDataset):
     """2D axial slices through nodule centres (chapter 04).
 
     Item: "image" [1,H,W] in [0,1] (clipped to ``hu_clip``, default cfg.bbox_ldm.hu_clip),
@@ -250,7 +253,7 @@ class SliceDataset(_Cached):
         return item
 
 
-class RoiDataset(_Cached):
+class RoiDataset(CachedDataset):
     """Nodule ROIs (side 2 x diameter, centre slice) with scores and a prompt (chapter 07).
 
     Item: "image" [1,R,R] in [0,1] (cfg.data.hu_min..hu_max), "scores" dict of the medians,
@@ -279,7 +282,7 @@ class RoiDataset(_Cached):
                 "scores": scores, "prompt": write_prompt(scores), "nodule_id": row["nodule_id"]}
 
 
-class CropDataset(_Cached):
+class CropDataset(CachedDataset):
     """Nodule-centred 3D crops at 1 mm (chapters 05, 11).
 
     Item: "ct" [1,C,C,C] in [0,1], "mask" [1,C,C,C], "hrmask" [3,C,C,C] (nodule, solid core,

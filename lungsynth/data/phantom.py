@@ -259,15 +259,6 @@ def render_anatomy(rng: np.random.Generator, zs: np.ndarray, pixel_spacing: floa
     arch = (((X - 0.02 * F) ** 2 + (Y - (yc - 0.05 * F)) ** 2) <= (0.07 * F) ** 2) & (T > 0.2) & (T < 0.5)
     # Grow the lungs around every nodule (with room for spikes) so each nodule lies inside.
     zi = np.arange(K)
-    for nod in nodules:
-        ci, cj, ck = nod.centroid_ijk
-        cy = (ci - (MATRIX - 1) / 2) * pixel_spacing
-        cxn = (cj - (MATRIX - 1) / 2) * pixel_spacing
-        cz = float(np.interp(ck, zi, zs))
-        r_eq = (nod.mask.sum() * 3 / (4 * np.pi)) ** (1 / 3) * pixel_spacing
-        reach = r_eq * (1.5 + 0.3 * nod.scores["spiculation"]) + 8.0
-        lung |= ((X - cxn) ** 2 + (Y - cy) ** 2 + (Z - cz) ** 2) <= reach ** 2
-    lung &= body & (depth > 0.125 * F)
     protected = np.zeros_like(lung)
     for nod in nodules:
         ci, cj, ck = nod.centroid_ijk
@@ -275,8 +266,10 @@ def render_anatomy(rng: np.random.Generator, zs: np.ndarray, pixel_spacing: floa
         cxn = (cj - (MATRIX - 1) / 2) * pixel_spacing
         cz = float(np.interp(ck, zi, zs))
         r_eq = (nod.mask.sum() * 3 / (4 * np.pi)) ** (1 / 3) * pixel_spacing
-        protected |= ((X - cxn) ** 2 + (Y - cy) ** 2 + (Z - cz) ** 2) <= (r_eq * (1.5 + 0.3 * nod.scores["spiculation"]) + 8.0) ** 2
-    lung |= protected & body & (depth > 0.05 * F)
+        reach = r_eq * (1.5 + 0.3 * nod.scores["spiculation"]) + 8.0
+        protected |= ((X - cxn) ** 2 + (Y - cy) ** 2 + (Z - cz) ** 2) <= reach ** 2
+    lung = (lung | protected) & body & (depth > 0.125 * F)
+    lung |= protected & body & (depth > 0.05 * F)  # a sub-pleural nodule keeps lung around it
     lung &= ~((heart | aorta | arch) & ~protected)
 
     hu = np.where(heart | aorta | arch, 40.0, hu)

@@ -293,15 +293,12 @@ def run_classification(cfg: Any, synthetic: Any = None, *,
 
 
 def _save(cfg: Any, res: ClsResult, out: Path) -> None:
-    from lungsynth.runtime import RunRecord
+    from lungsynth.downstream.common import save_result
 
-    out.mkdir(parents=True, exist_ok=True)
-    with RunRecord(out, config=cfg, seed=cfg.seed, command="lungsynth downstream cls") as rec:
-        for name in ("subtype_runs", "subtype_table", "scarcity_runs", "scarcity_table", "malignancy_runs",
-                     "malignancy_table", "composition", "ratio_runs", "ratio_table"):
-            getattr(res, name).to_csv(out / f"{name}.csv", index=False)
-        rec["synthetic"] = res.synthetic
-        rec["seconds"] = res.seconds
+    names = ("subtype_runs", "subtype_table", "scarcity_runs", "scarcity_table", "malignancy_runs",
+             "malignancy_table", "composition", "ratio_runs", "ratio_table")
+    save_result(cfg, out, "lungsynth downstream cls", {n: getattr(res, n) for n in names},
+                synthetic=res.synthetic, seconds=res.seconds)
 
 
 def plot_pr_curves(res: ClsResult, experiment: str = "subtype", ax: Any = None) -> Any:

@@ -123,3 +123,15 @@ def finite_mean(values: Sequence[float]) -> float:
     v = np.asarray(values, dtype=np.float64)
     v = v[np.isfinite(v)]
     return float(v.mean()) if len(v) else float("nan")
+
+
+def save_result(cfg: Any, out: Path, command: str, tables: dict[str, Any], **record: Any) -> None:
+    """Write each table as ``out/<name>.csv`` and a run.json (config, seed, ``record`` entries)."""
+    from lungsynth.runtime import RunRecord
+
+    out.mkdir(parents=True, exist_ok=True)
+    with RunRecord(out, config=cfg, seed=cfg.seed, command=command) as rec:
+        for name, df in tables.items():
+            df.to_csv(out / f"{name}.csv", index=False)
+        for key, value in record.items():
+            rec[key] = value

@@ -27,6 +27,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from lungsynth.data.datasets import CachedDataset
+
 SUBTYPES: tuple[str, ...] = ("solid", "part-solid", "ground-glass")  # subtype_id 0, 1, 2 (DATA_API.md)
 UNITS_FOR: dict[str, tuple[str, ...]] = {"volume": ("volume",), "nodule": ("volume", "crop")}
 ITEM_UNITS: tuple[str, ...] = ("volume", "nodule")
@@ -289,7 +291,7 @@ def cut_crop(ct_hu: np.ndarray, label: np.ndarray, centre_vox: Sequence[float], 
     return ct.astype(np.float32), (mask > 0.5).astype(np.float32)
 
 
-class ItemDataset:
+class ItemDataset(CachedDataset):
     """A map-style dataset over an item table (real and synthetic rows alike), cached in memory.
 
     Args:
@@ -309,12 +311,9 @@ class ItemDataset:
         if len(table) == 0:
             raise ValueError("an empty item table: nothing to train or evaluate on")
         self.cfg, self.kind, self.size = cfg, kind, int(size)
+        super().__init__()
         self.table = table.reset_index(drop=True)
-        self._cache: dict[int, dict[str, Any]] = {}
         self._volumes: dict[tuple[str, str], np.ndarray] = {}
-
-    def __len__(self) -> int:
-        return len(self.table)
 
     def _volume(self, root: str, rel: str) -> np.ndarray:
         key = (root, rel)
@@ -353,14 +352,6 @@ class ItemDataset:
                 "diameter_mm": float(r["diameter_mm"]) if np.isfinite(float(r["diameter_mm"])) else 0.0,
                 "malignancy": malig, "index": idx, "synthetic": int(r["synthetic"])}
 
-    def __getitem__(self, idx: int) -> dict[str, Any]:
-        if idx < 0:
-            idx += len(self)
-        if not 0 <= idx < len(self):
-            raise IndexError(idx)
-        if idx not in self._cache:
-            self._cache[idx] = self._load(idx)
-        return dict(self._cache[idx])
 
 
 class LabelView:

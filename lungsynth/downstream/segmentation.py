@@ -165,12 +165,8 @@ def run_segmentation(cfg: Any, synthetic: Any = None, *, settings: Sequence[str]
 
 
 def _save(cfg: Any, res: SegResult, out: Path) -> None:
-    from lungsynth.runtime import RunRecord
+    from lungsynth.downstream.common import save_result
 
-    out.mkdir(parents=True, exist_ok=True)
-    with RunRecord(out, config=cfg, seed=cfg.seed, command="lungsynth downstream seg") as rec:
-        for name, df in (("seg_runs", res.runs), ("seg_items", res.items), ("seg_table", res.table)):
-            df.to_csv(out / f"{name}.csv", index=False)
-        rec["synthetic"] = res.synthetic
-        rec["seconds"] = res.seconds
-        rec["table"] = res.table.to_dict("records")
+    save_result(cfg, out, "lungsynth downstream seg", {"seg_runs": res.runs, "seg_items": res.items,
+                                                         "seg_table": res.table},
+                synthetic=res.synthetic, seconds=res.seconds, table=res.table.to_dict("records"))
