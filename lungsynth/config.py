@@ -92,6 +92,7 @@ class AutoencoderConfig:
     vqvae2d_channels: tuple[int, ...] = tiered((32, 64), (64, 128), (128, 256))  # two stride-2 levels: x4
     maskvae_channels: tuple[int, ...] = tiered((8, 16, 16), (16, 32, 32), (32, 64, 64))
     mask_latent_channels: int = 4
+    maskvae_nodule_weight: float = 10.0  # L1 weight of nodule voxels: they are ~0.1% of a mask and vanish otherwise
     patch_3d: int = tiered(32, 64, 128)  # 3D autoencoders train on random cubes (fully convolutional)
     foreground_crop_prob: float = 0.5  # share of 3D training cubes centred on a nodule voxel
     train_steps_2d: int = tiered(700, 5000, 100_000)

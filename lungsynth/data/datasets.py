@@ -57,6 +57,10 @@ def ensure_prepared(cfg: Any, verbose: bool = True) -> Path:
     ids = default_scan_ids(int(cfg.data.n_scans), strict=False)  # full: every patient once
     keys = [scan_key(get_scan(i)) for i in ids]
     if _records_complete(P, keys, cfg):
+        from lungsynth.data.manifest import manifest_current, write_manifest
+
+        if not manifest_current(P, cfg):  # same scans, other split settings: re-cut the splits only
+            write_manifest(P, cfg)
         _ENSURED.add(memo)
         return P
     from lungsynth.runtime import RunRecord

@@ -110,5 +110,17 @@ def write_manifest(prepared: Path | str, cfg: Any) -> None:
         df.to_csv(tmp, index=False)
         tmp.replace(prepared / name)
     write_json_atomic(prepared / "splits.json", splits)
+    write_json_atomic(prepared / "manifest.json", split_settings(cfg))
+
+
+def split_settings(cfg: Any) -> dict[str, Any]:
+    """What the splits depend on besides the records (kept in manifest.json to notice changes)."""
+    return {"split_fractions": [float(f) for f in cfg.data.split_fractions], "split_seed": int(cfg.data.split_seed)}
+
+
+def manifest_current(prepared: Path | str, cfg: Any) -> bool:
+    """True when manifest.json says the splits were cut with ``cfg``'s split settings."""
+    path = Path(prepared) / "manifest.json"
+    return path.is_file() and json.loads(path.read_text()) == split_settings(cfg)
 
 

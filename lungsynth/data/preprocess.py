@@ -40,6 +40,8 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import ndimage
 
+# Bump when preparation output changes (mask method, views): older records are then prepared again.
+PREPARE_VERSION = 2  # 2: lung mask keeps lungs that reach the field-of-view edge
 CROP_SPACING_MM = 1.0  # the nodule-centred 3D crops are at 1 mm (chapters 05, 11)
 SOLID_CORE_HU = -300.0
 
@@ -564,7 +566,7 @@ def prepare_scan(scan: Any, out_dir: Path, cfg: Any, lung_method: str = "classic
             "skipped": [{"scan_id": key, "what": sk.split(":")[0], "reason": sk} for sk in skipped],
             "seconds": {"read": round(t_read - t0, 3), "volumes": round(t_vol - t_read, 3),
                         "views": round(t_end - t_vol, 3), "total": round(t_end - t0, 3)},
-            "config": {"spacing_3d_mm": s, "size_3d": S, "spacing_2d_mm": dc.spacing_2d_mm,
+            "config": {"version": PREPARE_VERSION, "spacing_3d_mm": s, "size_3d": S, "spacing_2d_mm": dc.spacing_2d_mm,
                        "size_2d": dc.size_2d, "roi_size": dc.roi_size, "crop_size": dc.crop_size}}
 
 
@@ -588,7 +590,7 @@ def scans_under_root(dicom_root: Path) -> list[Any]:
 def _record_ok(out_dir: Path, rec: dict[str, Any], cfg: Any) -> bool:
     if rec.get("status") != "done":
         return False
-    want = {"spacing_3d_mm": float(cfg.data.spacing_3d_mm), "size_3d": int(cfg.data.size_3d),
+    want = {"version": PREPARE_VERSION, "spacing_3d_mm": float(cfg.data.spacing_3d_mm), "size_3d": int(cfg.data.size_3d),
             "spacing_2d_mm": cfg.data.spacing_2d_mm, "size_2d": cfg.data.size_2d,
             "roi_size": cfg.data.roi_size, "crop_size": cfg.data.crop_size}
     if rec.get("config") != want:

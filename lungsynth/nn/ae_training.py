@@ -193,7 +193,7 @@ class AutoencoderTask(TrainTask):
         x = batch["image"]
         out = self.ae(x)
         recon = out["recon"]
-        l1 = (recon.float() - x.float()).abs().mean()
+        l1 = self._l1(recon.float(), x.float())
         loss = l1
         logs: dict[str, Any] = {"l1": l1.detach()}
         if self.ae.quantized:
@@ -217,6 +217,16 @@ class AutoencoderTask(TrainTask):
             logs["adv_g"] = g.detach()
             d_loss = self.adv.discriminator_loss(x, recon)
         return {"loss_generator": loss, "loss_discriminator": d_loss, **logs}
+
+    def _l1(self, recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Mean L1; the mask VAE weights nodule voxels (condition >= 0.2) by maskvae_nodule_weight."""
+        err = (recon - x).abs()
+        if self.kind != "maskvae":
+            return err.mean()
+        from lungsynth.nn.ae_eval import LUNG_COND
+
+        w = 1.0 + (float(self.cfg.autoencoders.maskvae_nodule_weight) - 1.0) * (x > (LUNG_COND + 0.2) / 2).float()
+        return (err * w).sum() / w.sum()
 
     def validation_step(self, batch: Any, step: int) -> dict[str, float] | None:
         if batch is None:

@@ -35,3 +35,36 @@ def test_slice_roi_crop_datasets(prepared, small_cfg):
     assert torch.equal(c["hrmask"][0], c["mask"][0])
     assert (c["hrmask"][1] + c["hrmask"][2] == c["hrmask"][0]).all()
     assert c["subtype_id"] in (0, 1, 2) and cr.table.split.isin(["train", "val", "test"]).all()
+
+
+def test_ensure_prepared_recuts_splits_and_redoes_stale_records(tmp_path, monkeypatch):
+    import json
+
+    from lungsynth.config import get_config
+    from lungsynth.data import datasets
+    from lungsynth.data.preprocess import PREPARE_VERSION
+
+    monkeypatch.setenv("LUNGSYNTH_HOME", str(tmp_path))
+    monkeypatch.setattr(datasets, "_ENSURED", set())
+    base = {"data.size_3d": 32, "data.spacing_3d_mm": 8.0, "data.size_2d": 32, "data.roi_size": 16,
+            "data.crop_size": 16, "data.n_scans": 4, "data.phantom_render_matrix": 64}
+    P = datasets.ensure_prepared(get_config("smoke", {**base, "data.split_fractions": (2, 1, 1)}), verbose=False)
+    assert len(json.loads((P / "splits.json").read_text())["train"]) == 2
+    records = sorted((P / "records").glob("*.json"))
+    stamps = {r: r.stat().st_mtime_ns for r in records}
+
+    # other split settings: the splits are cut again, no scan is prepared again
+    datasets.ensure_prepared(get_config("smoke", {**base, "data.split_fractions": (1, 1, 2)}), verbose=False)
+    splits = json.loads((P / "splits.json").read_text())
+    assert [len(splits[k]) for k in ("train", "val", "test")] == [1, 1, 2]
+    assert {r: r.stat().st_mtime_ns for r in records} == stamps
+
+    # a record written by an older preparation is prepared again
+    rec = json.loads(records[0].read_text())
+    assert rec["config"]["version"] == PREPARE_VERSION
+    rec["config"]["version"] = PREPARE_VERSION - 1
+    records[0].write_text(json.dumps(rec))
+    monkeypatch.setattr(datasets, "_ENSURED", set())
+    datasets.ensure_prepared(get_config("smoke", {**base, "data.split_fractions": (1, 1, 2)}), verbose=False)
+    assert json.loads(records[0].read_text())["config"]["version"] == PREPARE_VERSION
+    assert all(r.stat().st_mtime_ns == stamps[r] for r in records[1:])

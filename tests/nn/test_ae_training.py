@@ -25,7 +25,7 @@ DATA = {"data.size_3d": 32, "data.spacing_3d_mm": 8.0, "data.size_2d": 32, "data
 BUDGET = {"autoencoders.train_steps": 60, "autoencoders.train_steps_2d": 300, "autoencoders.adv_warmup_steps": 50,
           "autoencoders.vq_batch_size": 16, "autoencoders.val_every": 40, "autoencoders.patch_3d": 32,
           "autoencoders.scale_factor_items": 4}
-STEPS_3D = {"maskvae": 150}
+STEPS_3D = {"vae3d": 120, "maskvae": 150}
 
 
 @pytest.fixture(scope="session")
