@@ -95,6 +95,9 @@ class AutoencoderConfig:
     maskvae_nodule_weight: float = 10.0  # L1 weight of nodule voxels: they are ~0.1% of a mask and vanish otherwise
     patch_3d: int = tiered(32, 64, 128)  # 3D autoencoders train on random cubes (fully convolutional)
     foreground_crop_prob: float = 0.5  # share of 3D training cubes centred on a nodule voxel
+    # share of vae3d training items that are 1 mm nodule crops (HR-LDM encodes those); the full
+    # profile's volumes are at 1 mm already
+    vae3d_crop_share: float = tiered(0.5, 0.3, 0.0)
     train_steps_2d: int = tiered(700, 5000, 100_000)
     batch_size_2d: int = tiered(16, 16, 32)  # 2D KL-VAE (nodule ROIs)
     vq_batch_size: int = tiered(8, 16, 32)  # 2D VQ-VAE (64^2 slices in smoke)
@@ -160,7 +163,10 @@ class HrLdmConfig:
     hist_bins: int = 40
     hist_range_hu: tuple[float, float] = (-1000.0, 400.0)
     hist_weight: float = 10.0
-    train_steps: int = tiered(25, 5000, 100_000)
+    # "none" is the paper's eq. 8; "alpha_bar" weights the histogram term by alpha_bar_t, without which
+    # eps is not learned in short runs (hr_ldm_losses explains why); full keeps the paper's form
+    hist_timestep_weighting: str = tiered("alpha_bar", "alpha_bar", "none")
+    train_steps: int = tiered(200, 5000, 100_000)
     batch_size: int = tiered(2, 4, 4)
     lr: float = tiered(1e-3, 1e-4, 1e-4)
     ddim_steps: int = tiered(10, 100, 1000)
@@ -170,7 +176,14 @@ class HrLdmConfig:
     context_dim: int = tiered(32, 64, 256)  # width of the histogram token for cross-attention
     hist_hidden: int = tiered(64, 128, 256)  # MLP (SiLU) hidden width of the histogram encoder
     lr_power: float = 1.0  # polynomial LR decay power
-    anchor_noise_background: bool = True  # Algorithm 2: re-anchor to q(z_bg, t-1); False pastes z_bg clean
+    # Algorithm 2 re-anchors the background to q(z_bg, t-1) (True); training noises only the lesion
+    # (eq. 3), so pasting z_bg clean (False) matches what the network saw: in the smoke run it halved
+    # the decoded change outside the nodule. full keeps the paper's form.
+    anchor_noise_background: bool = tiered(False, False, True)
+    # clip each step's predicted z0 to [-c, c] (scaled latents have std ~1; 0 = off, the paper's form):
+    # a short run's eps errors, amplified by 1/sqrt(alpha_bar_t), otherwise give latents far outside
+    # the decoder's range, and the decoder smears them over the whole crop
+    clip_latent: float = tiered(3.0, 3.0, 0.0)
     lung_erosion_mm: float = 4.0  # candidate centres keep this margin (plus the nodule radius) to the pleura
     n_cache: int = tiered(48, 400, 0)  # training crops encoded once into the latent cache (0 = all)
     eval_per_subtype: int = tiered(4, 32, 200)  # generated nodules per subtype in evaluate()

@@ -9,6 +9,7 @@ discriminator) and prepares its data.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -110,6 +111,54 @@ class ImageView(Dataset):
             starts = [min(max(c - p // 2, 0), s - p) for c, s in zip(centre, spatial)]
         sl = tuple(slice(a, a + p) for a in starts)
         return {"image": x[(slice(None), *sl)].contiguous()}
+
+
+class MixedDataset(Dataset):
+    """Items of ``a`` and ``b`` interleaved so that a share ``share_b`` of the indices come from ``b``.
+
+    Index i is ``b``'s when floor((i+1) s) > floor(i s) (an even, deterministic spread); each source
+    is walked in order, so one pass over ``len(self)`` indices visits every item of both.
+    """
+
+    def __init__(self, a: Dataset, b: Dataset, share_b: float) -> None:
+        if not 0.0 <= share_b <= 1.0:
+            raise ValueError(f"share_b must lie in [0, 1], got {share_b}")
+        self.a, self.b = a, b
+        self.n_a, self.n_b = len(a), len(b)  # type: ignore[arg-type]
+        self.share_b = 0.0 if self.n_b == 0 else (1.0 if self.n_a == 0 else float(share_b))
+
+    def __len__(self) -> int:
+        s = self.share_b
+        if s in (0.0, 1.0):
+            return self.n_b if s == 1.0 else self.n_a
+        return int(math.ceil(max(self.n_a / (1.0 - s), self.n_b / s)))
+
+    def source(self, i: int) -> str:
+        s = self.share_b
+        return "b" if math.floor((i + 1) * s) > math.floor(i * s) else "a"
+
+    def __getitem__(self, i: int) -> Any:
+        before_b = math.floor(i * self.share_b)  # b items among indices < i
+        if self.source(i) == "b":
+            return self.b[before_b % self.n_b]
+        return self.a[(i - before_b) % self.n_a]
+
+
+def _with_nodule_crops(volumes: Dataset, cfg: Any, root: Path | str | None) -> Dataset:
+    """vae3d training items: cubes of the volumes mixed with 1 mm nodule crops.
+
+    HR-LDM (chapter 05) encodes 1 mm nodule crops with this autoencoder; when the volumes are
+    coarser (smoke 4 mm, course 2 mm) crops alone are out of its training distribution.
+    Cubes of side min(patch_3d, crop_size) from both, so a batch stacks.
+    """
+    from lungsynth.data.datasets import CropDataset
+
+    a = cfg.autoencoders
+    side = min(int(a.patch_3d), int(cfg.data.crop_size))
+    crops = CropDataset(cfg, "train", root=root)
+    fg = float(a.foreground_crop_prob)
+    return MixedDataset(ImageView(volumes, "ct", side, fg), ImageView(crops, "ct", side, fg, fg_key="mask"),
+                        float(a.vae3d_crop_share))
 
 
 # ---------------------------------------------------------------------- the task
@@ -318,6 +367,8 @@ def train_autoencoder(kind: str, cfg: Any, run_dir: Path | str | None = None, *,
                              f"prepare more scans (cfg.data.n_scans)")
         patch = int(a.patch_3d) if kind in ("vae3d", "maskvae") else None
         train_ds = ImageView(train_base, key, patch, float(a.foreground_crop_prob))
+        if kind == "vae3d" and float(a.vae3d_crop_share) > 0:
+            train_ds = _with_nodule_crops(train_base, cfg, root)
         val_ds = ImageView(val_base, key) if len(val_base) else None  # type: ignore[arg-type]
         roi = int(a.sliding_roi)
         runtime.seed_everything(int(cfg.seed))  # the initial weights (the engine seeds the rest)

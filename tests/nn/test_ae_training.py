@@ -24,7 +24,8 @@ DATA = {"data.size_3d": 32, "data.spacing_3d_mm": 8.0, "data.size_2d": 32, "data
 # Few steps at the smoke lr; the 3D kinds see whole 32^3 volumes (patch = volume).
 BUDGET = {"autoencoders.train_steps": 60, "autoencoders.train_steps_2d": 300, "autoencoders.adv_warmup_steps": 50,
           "autoencoders.vq_batch_size": 16, "autoencoders.val_every": 40, "autoencoders.patch_3d": 32,
-          "autoencoders.scale_factor_items": 4}
+          "autoencoders.scale_factor_items": 4,
+          "autoencoders.vae3d_crop_share": 0.0}  # a capacity test on volumes; the crop mix is tested below
 STEPS_3D = {"vae3d": 120, "maskvae": 150}
 
 
@@ -198,3 +199,32 @@ def test_cli_encode_and_bad_input(trained, capsys):
     rc = main(["autoencoder", "encode", "--kind", "vae3d", "--run-dir", str(run), "--data-root", str(_root_of(run)),
                *sets])
     assert rc == 2 and "kind 'maskvae'" in capsys.readouterr().err
+
+
+def test_mixed_dataset_shares_and_covers():
+    from lungsynth.nn.ae_training import MixedDataset
+
+    a, b = list(range(5)), [f"b{i}" for i in range(3)]
+    for share in (0.3, 0.5, 0.8):
+        mix = MixedDataset(a, b, share)
+        items = [mix[i] for i in range(len(mix))]
+        assert set(items) == set(a) | set(b)  # one pass sees every item
+        assert abs(sum(isinstance(v, str) for v in items) / len(items) - share) <= 1 / len(items) + 1e-9
+    big = MixedDataset(list(range(500)), list(range(500)), 0.3)
+    assert abs(sum(big.source(i) == "b" for i in range(1000)) / 1000 - 0.3) < 0.002
+    assert [MixedDataset(a, [], 0.5)[i] for i in range(len(a))] == a and len(MixedDataset(a, [], 0.5)) == 5
+    with pytest.raises(ValueError, match="share_b"):
+        MixedDataset(a, b, 1.5)
+
+
+def test_vae3d_trains_on_volumes_and_nodule_crops(tiny_root, tmp_path):
+    """With vae3d_crop_share > 0 the 3D VAE sees 1 mm nodule crops too (HR-LDM encodes those)."""
+    from lungsynth.data.datasets import CropDataset
+
+    cfg = get_config("smoke", {**DATA, **BUDGET, "autoencoders.train_steps": 30,
+                               "autoencoders.vae3d_crop_share": 0.5})
+    run = train_autoencoder("vae3d", cfg, tmp_path / "mix", progress=False, root=tiny_root)
+    ae = load_autoencoder("vae3d", run, cfg)
+    crop = CropDataset(cfg, "train", root=tiny_root)[0]["ct"][None]
+    assert crop.shape[-1] == 16 and torch.isfinite(ae.reconstruct(crop, None)).all()
+    assert json.loads((run / "run.json").read_text())["results"]["steps"] == 30

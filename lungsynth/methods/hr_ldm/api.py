@@ -63,7 +63,8 @@ def train(cfg: Any, hist_loss: bool = True, run_dir: Path | str | None = None, *
         rec["vae"] = str(getattr(vae, "checkpoint_path", "in-memory"))
         train_sched, _ = make_schedulers(cfg)
         net = HrLdmNet(net_spec(cfg, vae.latent_channels))
-        task = HrLdmTask(net, train_sched, trunc if hist_loss else None, h.hist_weight, h.hist_bins)
+        task = HrLdmTask(net, train_sched, trunc if hist_loss else None, h.hist_weight, h.hist_bins,
+                         h.hist_timestep_weighting)
         trainer = Trainer.from_config(cfg.engine, run_dir, max_steps=h.train_steps, batch_size=h.batch_size,
                                       lr=h.lr, schedule="polynomial", poly_power=h.lr_power, seed=cfg.seed,
                                       progress=progress, fresh=fresh)

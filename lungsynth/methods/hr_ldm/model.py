@@ -119,7 +119,9 @@ def make_schedulers(cfg: Any):
     train = make_scheduler("ddpm", h.num_train_timesteps, "scaled_linear", "epsilon", **kw)
     if h.sampler not in ("ddpm", "ddim"):
         raise ValueError(f"hr_ldm.sampler must be 'ddpm' or 'ddim', got {h.sampler!r}")
-    sample = make_scheduler(h.sampler, h.num_train_timesteps, "scaled_linear", "epsilon", **kw)
+    clip = float(h.clip_latent)
+    sample = make_scheduler(h.sampler, h.num_train_timesteps, "scaled_linear", "epsilon", clip_sample=clip > 0,
+                            clip_sample_range=(-clip, clip), **kw)
     return train, sample
 
 
@@ -251,8 +253,9 @@ class HrLdmTask(TrainTask):
     kind = KIND
 
     def __init__(self, net: HrLdmNet, scheduler, trunc: TruncatedDecoder | None, hist_weight: float,
-                 hist_bins: int = 40) -> None:
+                 hist_bins: int = 40, hist_timestep_weighting: str = "none") -> None:
         self.net = net
+        self.hist_timestep_weighting = hist_timestep_weighting
         self.scheduler = scheduler
         self.trunc = trunc
         self.hist_weight = float(hist_weight)
@@ -269,14 +272,25 @@ class HrLdmTask(TrainTask):
         return {**self.net.spec, "hist_loss": self.trunc is not None and self.hist_weight > 0}
 
     def training_step(self, batch: Mapping[str, torch.Tensor], step: int) -> dict[str, Any]:
-        return hr_ldm_losses(self.net, self.scheduler, batch, self.trunc, self.hist_weight, self.hist_bins)
+        return hr_ldm_losses(self.net, self.scheduler, batch, self.trunc, self.hist_weight, self.hist_bins,
+                             hist_timestep_weighting=self.hist_timestep_weighting)
 
 
 def hr_ldm_losses(net: HrLdmNet, scheduler, batch: Mapping[str, torch.Tensor], trunc: TruncatedDecoder | None,
                   hist_weight: float, hist_bins: int = 40, timesteps: torch.Tensor | None = None,
-                  noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                  noise: torch.Tensor | None = None, hist_timestep_weighting: str = "none") -> dict[str, torch.Tensor]:
     """Eq. 3-8 for one batch of the latent cache; ``trunc=None`` or ``hist_weight=0`` is the
-    MAISI-DDPM baseline (no histogram term). Returns ``loss``, ``loss_eps`` and (when on) ``loss_hist``."""
+    MAISI-DDPM baseline (no histogram term). Returns ``loss``, ``loss_eps`` and (when on) ``loss_hist``
+    (the unweighted mean JSD).
+
+    ``hist_timestep_weighting``: "none" is eq. 8 as printed; "alpha_bar" multiplies each sample's
+    JSD by alpha_bar_t. z0_hat (eq. 5) divides by sqrt(alpha_bar_t), so at large t the histogram
+    gradient on eps is amplified up to ~15x and, at lambda_hist = 10, stops eps from being learned in
+    short runs (the L1 stays at 0.8, that of predicting zero); weighting by alpha_bar_t keeps the
+    term where z0_hat is informative.
+    """
+    if hist_timestep_weighting not in ("none", "alpha_bar"):
+        raise ValueError(f"hist_timestep_weighting must be 'none' or 'alpha_bar', got {hist_timestep_weighting!r}")
     from lungsynth.diffusion.objectives import add_noise_masked, masked_l1, x0_from_eps
     from lungsynth.diffusion.schedules import alpha_bar_at, sample_timesteps
 
@@ -296,9 +310,10 @@ def hr_ldm_losses(net: HrLdmNet, scheduler, batch: Mapping[str, torch.Tensor], t
         with torch.no_grad():
             f_true = trunc(z0 / trunc.scale_factor)
         hp, ht = feature_histograms(f_pred.float(), f_true.float(), batch["feat_weight"], hist_bins)  # eq. 6
-        loss_hist = js_divergence(hp, ht).mean()  # eq. 7
-        out["loss_hist"] = loss_hist
-        loss = loss + hist_weight * loss_hist  # eq. 8
+        jsd = js_divergence(hp, ht)  # eq. 7, [B, ...]
+        out["loss_hist"] = jsd.mean()
+        w = ab.reshape((B,) + (1,) * (jsd.ndim - 1)) if hist_timestep_weighting == "alpha_bar" else 1.0
+        loss = loss + hist_weight * (w * jsd).mean()  # eq. 8
     out["loss"] = loss
     return out
 
