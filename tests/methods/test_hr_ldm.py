@@ -182,6 +182,38 @@ def test_histogram_term_reaches_the_denoiser(cfg, vae, crops):
     assert "loss_hist" not in base and torch.equal(base["loss"], base["loss_eps"])
 
 
+
+def test_alpha_bar_weighting_scales_the_histogram_term(cfg, vae, crops):
+    """hist_timestep_weighting="alpha_bar": the histogram term of each sample is multiplied by
+    alpha_bar_t (tiny at large t), the logged loss_hist stays the unweighted JSD; unknown modes fail."""
+    trunc = hr_ldm.TruncatedDecoder(vae)
+    cache = hr_ldm.build_latent_cache(cfg, crops, vae, trunc)
+    torch.manual_seed(0)
+    net = hr_ldm.HrLdmNet(hr_ldm.net_spec(cfg, vae.latent_channels))
+    sched, _ = hr_ldm.make_schedulers(cfg)
+    batch = torch.utils.data.default_collate([cache[0], cache[1]])
+    t, noise = torch.tensor([999, 999]), torch.randn_like(batch["z0"])
+    plain = hr_ldm.hr_ldm_losses(net, sched, batch, trunc, 10.0, timesteps=t, noise=noise)
+    weighted = hr_ldm.hr_ldm_losses(net, sched, batch, trunc, 10.0, timesteps=t, noise=noise,
+                                    hist_timestep_weighting="alpha_bar")
+    ab = float(sched.alphas_cumprod[999])
+    assert torch.allclose(plain["loss_hist"], weighted["loss_hist"])
+    term_plain = (plain["loss"] - plain["loss_eps"]).detach()
+    term_weighted = (weighted["loss"] - weighted["loss_eps"]).detach()
+    assert float(term_plain) > 0 and float(term_weighted) == pytest.approx(ab * float(term_plain), rel=1e-4)
+    with pytest.raises(ValueError, match="hist_timestep_weighting"):
+        hr_ldm.hr_ldm_losses(net, sched, batch, trunc, 10.0, timesteps=t, hist_timestep_weighting="snr")
+
+
+def test_sampling_scheduler_clips_z0_when_asked(cfg):
+    from lungsynth.config import apply_overrides
+
+    _, sample = hr_ldm.make_schedulers(cfg)
+    assert cfg.hr_ldm.clip_latent == 3.0 and sample.clip_sample and tuple(sample.clip_sample_values) == (-3.0, 3.0)
+    _, off = hr_ldm.make_schedulers(apply_overrides(cfg, {"hr_ldm.clip_latent": 0.0}))
+    assert not off.clip_sample
+
+
 @pytest.mark.parametrize("noise_background", [True, False])
 def test_background_is_exact_in_latent_space(cfg, vae, runs, noise_background):
     model = hr_ldm.load(cfg, runs[0], vae=vae, device="cpu")
