@@ -566,8 +566,7 @@ def prepare_scan(scan: Any, out_dir: Path, cfg: Any, lung_method: str = "classic
             "skipped": [{"scan_id": key, "what": sk.split(":")[0], "reason": sk} for sk in skipped],
             "seconds": {"read": round(t_read - t0, 3), "volumes": round(t_vol - t_read, 3),
                         "views": round(t_end - t_vol, 3), "total": round(t_end - t0, 3)},
-            "config": {"version": PREPARE_VERSION, "spacing_3d_mm": s, "size_3d": S, "spacing_2d_mm": dc.spacing_2d_mm,
-                       "size_2d": dc.size_2d, "roi_size": dc.roi_size, "crop_size": dc.crop_size}}
+            "config": prepare_settings(cfg)}
 
 
 # --------------------------------------------------------------------------- many scans
@@ -587,13 +586,18 @@ def scans_under_root(dicom_root: Path) -> list[Any]:
     return query(Scan).filter(Scan.patient_id.in_(patients)).order_by(Scan.id).all()
 
 
+def prepare_settings(cfg: Any) -> dict[str, Any]:
+    """What a prepared scan depends on besides its DICOM (stored in its record as ``config``)."""
+    dc = cfg.data
+    return {"version": PREPARE_VERSION, "spacing_3d_mm": float(dc.spacing_3d_mm), "size_3d": int(dc.size_3d),
+            "spacing_2d_mm": dc.spacing_2d_mm, "size_2d": dc.size_2d, "roi_size": dc.roi_size,
+            "crop_size": dc.crop_size}
+
+
 def _record_ok(out_dir: Path, rec: dict[str, Any], cfg: Any) -> bool:
     if rec.get("status") != "done":
         return False
-    want = {"version": PREPARE_VERSION, "spacing_3d_mm": float(cfg.data.spacing_3d_mm), "size_3d": int(cfg.data.size_3d),
-            "spacing_2d_mm": cfg.data.spacing_2d_mm, "size_2d": cfg.data.size_2d,
-            "roi_size": cfg.data.roi_size, "crop_size": cfg.data.crop_size}
-    if rec.get("config") != want:
+    if rec.get("config") != prepare_settings(cfg):
         return False
     return all((out_dir / rec["scan"][k]).is_file() for k in ("ct", "lung", "label", "cond", "hrmask"))
 

@@ -21,9 +21,11 @@ from torch.utils.data import Dataset
 
 from lungsynth import paths
 from lungsynth.engine import TrainTask
+from lungsynth.nn.ae_eval import LUNG_COND
 from lungsynth.nn.losses import PatchAdversarial, build_perceptual_loss, kl_divergence
 
 LATENTS_DIR = "latents"
+NODULE_COND_MIN = (LUNG_COND + 0.2) / 2  # condition values above this are nodule (texture 1..5 -> 0.2..1)
 
 
 # ---------------------------------------------------------------------- data views
@@ -201,6 +203,7 @@ class AutoencoderTask(TrainTask):
         self.kind = kind
         self.cfg = cfg
         a = cfg.autoencoders
+        self.nodule_weight = float(a.maskvae_nodule_weight)
         self.ae = build_autoencoder(kind, cfg)
         self.kl_weight = float(a.kl_weight)
         self.perceptual_weight = float(a.perceptual_weight)
@@ -272,9 +275,7 @@ class AutoencoderTask(TrainTask):
         err = (recon - x).abs()
         if self.kind != "maskvae":
             return err.mean()
-        from lungsynth.nn.ae_eval import LUNG_COND
-
-        w = 1.0 + (float(self.cfg.autoencoders.maskvae_nodule_weight) - 1.0) * (x > (LUNG_COND + 0.2) / 2).float()
+        w = 1.0 + (self.nodule_weight - 1.0) * (x > NODULE_COND_MIN).float()
         return (err * w).sum() / w.sum()
 
     def validation_step(self, batch: Any, step: int) -> dict[str, float] | None:
@@ -366,9 +367,10 @@ def train_autoencoder(kind: str, cfg: Any, run_dir: Path | str | None = None, *,
             raise ValueError(f"the {cfg.profile} prepared dataset has no training items for {kind}; "
                              f"prepare more scans (cfg.data.n_scans)")
         patch = int(a.patch_3d) if kind in ("vae3d", "maskvae") else None
-        train_ds = ImageView(train_base, key, patch, float(a.foreground_crop_prob))
         if kind == "vae3d" and float(a.vae3d_crop_share) > 0:
             train_ds = _with_nodule_crops(train_base, cfg, root)
+        else:
+            train_ds = ImageView(train_base, key, patch, float(a.foreground_crop_prob))
         val_ds = ImageView(val_base, key) if len(val_base) else None  # type: ignore[arg-type]
         roi = int(a.sliding_roi)
         runtime.seed_everything(int(cfg.seed))  # the initial weights (the engine seeds the rest)
