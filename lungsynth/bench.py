@@ -8,23 +8,21 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import time
-from contextlib import contextmanager
-from typing import Iterator
 
 # name -> "module:function"
 BENCHMARKS: dict[str, str] = {
     "data": "lungsynth.data.bench:bench_data",
-    "vae": "lungsynth.autoencoders_cli:bench_vae",
-    "land": "lungsynth.methods.land:bench_land",
-    "lung-ddpm": "lungsynth.methods.lung_ddpm:bench_lung_ddpm",
+    "vae": "lungsynth.autoencoders.bench:bench_vae",
+    "land": "lungsynth.methods.land.bench:bench_land",
+    "lung-ddpm": "lungsynth.methods.lung_ddpm.bench:bench_lung_ddpm",
     "hr-ldm": "lungsynth.methods.hr_ldm.bench:bench_hr_ldm",
     "bbox-ldm": "lungsynth.methods.bbox_ldm.bench:bench_bbox_ldm",
+    "text2img": "lungsynth.methods.text2img.bench:bench_text2img",
 }
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from lungsynth.cli import add_profile_argument
+    from lungsynth.config import add_profile_argument
 
     p = sub.add_parser("bench", help="benchmarks: speed and memory, as ratios measured in one run")
     p.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
@@ -37,27 +35,3 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     module, func = BENCHMARKS[args.name].split(":")
     return int(getattr(importlib.import_module(module), func)(args) or 0)
-
-
-@contextmanager
-def measure() -> Iterator[dict]:
-    """Wall time and peak memory (CUDA peak allocated, or the process's peak RSS on CPU)."""
-    import resource
-
-    import torch
-
-    out: dict = {}
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    try:
-        yield out
-    finally:
-        if cuda:
-            torch.cuda.synchronize()
-            out["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        else:
-            out["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        out["seconds"] = time.perf_counter() - t0

@@ -8,23 +8,32 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
+
 
 # (module, what it adds). Order is the order of ``lungsynth --help``.
 COMMAND_MODULES: tuple[str, ...] = (
     "lungsynth.course",
     "lungsynth.data.cli",
-    "lungsynth.autoencoders_cli",
-    "lungsynth.methods.land",
-    "lungsynth.methods.bbox_ldm",
-    "lungsynth.methods.hr_ldm",
-    "lungsynth.methods.lung_ddpm",
+    "lungsynth.autoencoders.cli",
+    "lungsynth.methods.land.cli",
+    "lungsynth.methods.bbox_ldm.cli",
+    "lungsynth.methods.hr_ldm.cli",
+    "lungsynth.methods.lung_ddpm.cli",
     "lungsynth.methods.text2img.cli",
     "lungsynth.sampling.synth",
-    "lungsynth.eval.report",
+    "lungsynth.leaderboard",
     "lungsynth.downstream.cli",
     "lungsynth.bench",
 )
+
+
+def _present(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,16 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     sub.required = True
     for name in COMMAND_MODULES:
+        if name.startswith("lungsynth.methods.") and not _present(name):
+            continue  # a method removed from this checkout: the rest of the course still runs
         importlib.import_module(name).register(sub)
     return parser
-
-
-def add_profile_argument(parser: argparse.ArgumentParser) -> None:
-    """``--profile`` and ``--set key=value`` overrides, shared by every subcommand."""
-    parser.add_argument("--profile", default=None,
-                        help="smoke | course | full (default: $LUNGSYNTH_PROFILE or smoke)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set land.train_steps=10 (repeatable)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ papermill parameters or the command line::
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 from dataclasses import dataclass, field, fields
@@ -398,3 +399,11 @@ def profile_table(keys: tuple[str, ...] = ("data.size_3d", "data.spacing_3d_mm",
             row[name] = value
         rows.append(row)
     return rows
+
+
+def add_profile_argument(parser: argparse.ArgumentParser) -> None:
+    """``--profile`` and ``--set key=value`` overrides, shared by every subcommand."""
+    parser.add_argument("--profile", default=None,
+                        help="smoke | course | full (default: $LUNGSYNTH_PROFILE or smoke)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set land.train_steps=10 (repeatable)")

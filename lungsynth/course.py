@@ -230,7 +230,7 @@ def run_course(profile: str | None = None, only: str | None = None, start: str |
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from lungsynth.cli import add_profile_argument
+    from lungsynth.config import add_profile_argument
 
     p = sub.add_parser("course", help="list or run the course's notebooks (papermill)")
     verbs = p.add_subparsers(dest="verb", metavar="<verb>")

@@ -189,3 +189,25 @@ def environment_report() -> dict[str, Any]:
         report["gpu"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB"
     report["optional_weights"] = optional_weights()
     return report
+
+
+@contextlib.contextmanager
+def measure() -> Iterator[dict]:
+    """Wall time and peak memory (CUDA peak allocated, or the process's peak RSS on CPU)."""
+    import resource
+
+    out: dict = {}
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    try:
+        yield out
+    finally:
+        if cuda:
+            torch.cuda.synchronize()
+            out["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            out["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        out["seconds"] = time.perf_counter() - t0

@@ -5,10 +5,15 @@ session by fixtures in the sub-folders' conftest files.
 """
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+
+# Test files are imported by path (--import-mode=importlib, so two rooms may both have a
+# test_model.py); the shared fakes beside this file (synth_fakes, sd_tiny) are imported by name.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 if "LUNGSYNTH_HOME" not in os.environ:
     os.environ["LUNGSYNTH_HOME"] = tempfile.mkdtemp(prefix="lungsynth-test-home-")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lungsynth.sampling.registry import MethodAdapter
+from lungsynth.methods.base import MethodFace
 
 ATTRS = {"sphericity": 4, "margin": 4, "lobulation": 2, "spiculation": 1, "texture": 5, "calcification": 6,
          "internal_structure": 1, "subtlety": 4, "malignancy": 3}
@@ -66,7 +66,7 @@ def make_fake_prepared(root: Path, n_train: int = 8, n_test: int = 6, size: int 
     return root
 
 
-class NoisyCopy(MethodAdapter):
+class NoisyCopy(MethodFace):
     """A 'method' that returns the condition's real image plus seeded noise (volume or slice unit).
 
     ``fail_after``: raise after that many generate() calls (simulates a killed run).

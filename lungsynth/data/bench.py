@@ -10,7 +10,7 @@ from pathlib import Path
 
 def bench_data(args: argparse.Namespace) -> int:
     """Render (phantom + DICOM write) and prepare the first default scan, ``--repeats`` times."""
-    from lungsynth.bench import measure
+    from lungsynth.runtime import measure
     from lungsynth.config import get_config, parse_overrides
     from lungsynth.data.lidc import get_scan
     from lungsynth.data.phantom import default_scan_ids, render_scan, write_dicom_series

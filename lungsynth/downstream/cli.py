@@ -7,7 +7,7 @@ import argparse
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``lungsynth downstream seg|cls``."""
-    from lungsynth.cli import add_profile_argument
+    from lungsynth.config import add_profile_argument
 
     p = sub.add_parser("downstream", help="chapters 10-11: segmentation and classification with synthetic data")
     verbs = p.add_subparsers(dest="task", metavar="{seg,cls}")

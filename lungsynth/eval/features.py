@@ -504,3 +504,21 @@ def describe_network(name: str) -> dict[str, Any]:
         dim *= 3
     return {"network": name, "dim": dim, "trained": trained, "load_seconds": LOAD_TIMES.get("astra")}
 
+
+# --------------------------------------------------------------------------- HU images of a unit
+
+
+def hu_to_unit_range(hu: np.ndarray, cfg: Any) -> np.ndarray:
+    """HU clipped to ``[cfg.data.hu_min, cfg.data.hu_max]`` and scaled to [0, 1] (float32, any shape)."""
+    lo, hi = float(cfg.data.hu_min), float(cfg.data.hu_max)
+    return ((np.clip(hu, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+
+
+def unit_features(cfg: Any, unit: str, images_hu: np.ndarray, slice_net: Any = None) -> tuple[np.ndarray, str]:
+    """Feature rows of HU images: 3D units through ``cfg.evaluation.feature_network``; 2D through the slice net."""
+    unit_range = (float(cfg.data.hu_min), float(cfg.data.hu_max))
+    if unit in ("slice", "roi"):
+        return slice_features(hu_to_unit_range(images_hu, cfg)[:, None], net=slice_net, intensity="unit", seed=cfg.seed)
+    net = cfg.evaluation.feature_network
+    kwargs = {"unit_range": unit_range} if net.startswith("astra") else {}
+    return extract_features(hu_to_unit_range(images_hu, cfg), net, "unit", **kwargs)

@@ -2,7 +2,7 @@
 
 - :mod:`lungsynth.sampling.registry`   ``METHODS = {name: adapter}``: one adapter per method chapter turns
   (cfg, run dir, conditions, seed) into samples through that method's public API;
-- :mod:`lungsynth.sampling.conditions` where conditions come from: held-out real scans/nodules or a
+- :mod:`lungsynth.data.conditions` where conditions come from: held-out real scans/nodules or a
   method's own sampler;
 - :mod:`lungsynth.sampling.writer`     a synthetic dataset in the prepared format (scans.csv / nodules.csv /
   volumes/*.nii.gz, or views/{slices,rois,crops}/*.npz for 2D and crop methods) with per-sample provenance;

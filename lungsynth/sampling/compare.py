@@ -31,7 +31,7 @@ def compare_samplers(cfg: Any, method: str, settings: Sequence[tuple[str, int]],
     """
     from lungsynth.eval.distribution import mmd
     from lungsynth.eval.fidelity import masked_mse, ms_ssim_diversity
-    from lungsynth.eval.report import _to_unit, features
+    from lungsynth.eval.features import hu_to_unit_range, unit_features
     from lungsynth.sampling.registry import get_method
 
     base = get_method(method)
@@ -43,7 +43,7 @@ def compare_samplers(cfg: Any, method: str, settings: Sequence[tuple[str, int]],
     model = model if model is not None else base.load(cfg, base.ensure_trained(cfg))
     real = np.stack([c.arrays["ct"] for c in conds]).astype(np.float32)
     lung = np.stack([c.arrays["lung"] > 0 for c in conds]).astype(np.float32)
-    f_real, name = features(cfg, "volume", real)
+    f_real, name = unit_features(cfg, "volume", real)
     rows, images = [], {}
     for sampler, steps in settings:
         adapter = copy.copy(base)
@@ -52,15 +52,15 @@ def compare_samplers(cfg: Any, method: str, settings: Sequence[tuple[str, int]],
         samples = adapter.generate(cfg, model, conds, seed)
         secs = (time.perf_counter() - t0) / len(conds)
         x = np.stack([s["arrays"]["ct"] for s in samples]).astype(np.float32)
-        f, _ = features(cfg, "volume", x)
+        f, _ = unit_features(cfg, "volume", x)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             m = mmd(f_real, f, network=name).value
         label = f"{sampler} {steps}"
         images[label] = x
         rows.append({"sampler": sampler, "steps": int(steps), "s_per_sample": round(secs, 3), "mmd": m,
-                     "ms_ssim": ms_ssim_diversity(_to_unit(x, cfg)[:, None])["mean"],
-                     "lung_mse": float(masked_mse(_to_unit(x, cfg)[:, None], _to_unit(real, cfg)[:, None],
+                     "ms_ssim": ms_ssim_diversity(hu_to_unit_range(x, cfg)[:, None])["mean"],
+                     "lung_mse": float(masked_mse(hu_to_unit_range(x, cfg)[:, None], hu_to_unit_range(real, cfg)[:, None],
                                                   lung[:, None]).mean())})
     return {"rows": rows, "images": images, "real": real, "network": name}
 

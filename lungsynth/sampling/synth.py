@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from lungsynth.sampling.registry import METHODS, MethodAdapter, get_method
+from lungsynth.methods.base import MethodFace
+from lungsynth.sampling.registry import METHODS, get_method
 from lungsynth.sampling.writer import SyntheticWriter
 
 META_KEYS = ("method", "variant", "unit", "checkpoint", "conditions", "seed", "batch_size", "options")
@@ -80,7 +81,7 @@ def _check_meta(out: Path, meta: dict[str, Any]) -> None:
                          f"use another --out or the same settings to resume it")
 
 
-def synthesize(cfg: Any, method: str | MethodAdapter, n: int | None = None, *, conditions: str = "heldout",
+def synthesize(cfg: Any, method: str | MethodFace, n: int | None = None, *, conditions: str = "heldout",
                out: Path | str | None = None, checkpoint: Path | str | None = None, batch_size: int | None = None,
                seed: int | None = None, train_missing: bool = False, real_root: Path | str | None = None,
                progress: bool = True, model: Any = None) -> SynthResult:
@@ -102,7 +103,7 @@ def synthesize(cfg: Any, method: str | MethodAdapter, n: int | None = None, *, c
 
     from lungsynth.runtime import write_json_atomic
 
-    adapter = method if isinstance(method, MethodAdapter) else get_method(method)
+    adapter = method if isinstance(method, MethodFace) else get_method(method)
     n = int(n if n is not None else cfg.sampling.n_samples)
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
@@ -179,7 +180,7 @@ def synthesize(cfg: Any, method: str | MethodAdapter, n: int | None = None, *, c
 
 def register(sub: argparse._SubParsersAction) -> None:
     """``lungsynth synth --method M --n N --conditions heldout|sampler --out D``."""
-    from lungsynth.cli import add_profile_argument
+    from lungsynth.config import add_profile_argument
 
     p = sub.add_parser("synth", help="chapter 08: sample a method into a synthetic dataset (resumable)")
     p.add_argument("--method", required=True, choices=sorted(METHODS), help="which method")

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from lungsynth.sampling.conditions import UNITS, VIEW_DIRS, Condition, reader_scores_of
+from lungsynth.data.conditions import UNITS, VIEW_DIRS, Condition, reader_scores_of
 
 PROVENANCE_KEYS = ("sample_id", "index", "method", "variant", "checkpoint", "seed", "batch_seed", "position",
                    "condition_source", "condition_scan_id", "condition_nodule_id", "condition_split", "seconds")

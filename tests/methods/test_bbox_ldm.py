@@ -27,7 +27,7 @@ def _lungs(n: int, size: int = S) -> np.ndarray:
 @pytest.fixture(scope="session")
 def tiny_setup(tmp_path_factory):
     """A tiny config, synthetic training split and an untrained VQ-VAE."""
-    from lungsynth.nn.autoencoders import build_autoencoder
+    from lungsynth.autoencoders import build_autoencoder
 
     cfg = get_config("smoke", {"data.size_2d": S, "bbox_ldm.unet_channels": "16,16,32", "bbox_ldm.batch_size": 4,
                                "bbox_ldm.train_steps": 2, "bbox_ldm.ddim_steps": 2,

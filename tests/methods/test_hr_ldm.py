@@ -41,7 +41,7 @@ def cfg():
 
 @pytest.fixture(scope="module")
 def vae(cfg):
-    from lungsynth.nn.autoencoders import build_autoencoder
+    from lungsynth.autoencoders import build_autoencoder
 
     torch.manual_seed(0)
     return build_autoencoder("vae3d", cfg).eval().requires_grad_(False)

@@ -169,7 +169,7 @@ def test_conditioning_changes_the_sample_where_the_mask_changed(trained_mask_run
 
 
 def test_ddim_and_ddpm_sample_from_the_same_checkpoint(trained_mask_run):
-    from lungsynth.nn.autoencoders import build_autoencoder
+    from lungsynth.autoencoders import build_autoencoder
 
     cfg, run = trained_mask_run
     torch.manual_seed(0)

@@ -47,7 +47,7 @@ def __dir__() -> list[str]:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """``lungsynth bbox-ldm train|sample|evaluate``."""
-    from lungsynth.cli import add_profile_argument
+    from lungsynth.config import add_profile_argument
 
     p = sub.add_parser("bbox-ldm", help="chapter 04: 2D LDM with a nodule box mask and LIDC attributes")
     p.add_argument("verb", choices=("train", "sample", "evaluate"))

@@ -19,7 +19,7 @@ TAG = "BBOXLDMJSON"
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from lungsynth.bench import measure
+    from lungsynth.runtime import measure
     from lungsynth.config import get_config
     from lungsynth.diffusion.samplers import sample
     from lungsynth.diffusion.schedules import make_scheduler

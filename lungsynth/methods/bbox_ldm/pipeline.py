@@ -110,7 +110,7 @@ class LatentSlices(torch.utils.data.Dataset):
 
 def autoencoder(cfg, device: torch.device | str | None = None):
     """The frozen 2D VQ-VAE of chapter 02 (trained when missing), on ``device`` (default: the runtime's)."""
-    from lungsynth.nn.autoencoders import ensure_autoencoder
+    from lungsynth.autoencoders import ensure_autoencoder
 
     ae = ensure_autoencoder("vqvae2d", cfg, device=device)
     return ae.eval().requires_grad_(False)

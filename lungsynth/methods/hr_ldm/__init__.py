@@ -62,7 +62,7 @@ def _run(verb: str):
 
 def register(sub: argparse._SubParsersAction) -> None:
     """``lungsynth hr-ldm train|inpaint|evaluate``."""
-    from lungsynth.cli import add_profile_argument
+    from lungsynth.config import add_profile_argument
 
     p = sub.add_parser("hr-ldm", help="chapter 05: HR-LDM, histogram-regularised latent inpainting of nodules")
     verbs = p.add_subparsers(dest="verb", metavar="<verb>")

@@ -19,7 +19,7 @@ from lungsynth.methods.hr_ldm.model import (KIND, HrLdmNet, HrLdmTask, Truncated
 def _vae(cfg: Any, vae: Any = None) -> Any:
     if vae is not None:
         return vae.eval().requires_grad_(False)
-    from lungsynth.nn.autoencoders import ensure_autoencoder
+    from lungsynth.autoencoders import ensure_autoencoder
 
     return ensure_autoencoder("vae3d", cfg).eval().requires_grad_(False)
 

@@ -80,7 +80,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """``lungsynth land train|sample|evaluate``."""
-    from lungsynth.cli import add_profile_argument
+    from lungsynth.config import add_profile_argument
 
     p = sub.add_parser("land", help="chapter 03: LAND 3D latent diffusion with anatomical masks")
     verbs = p.add_subparsers(dest="verb", metavar="<verb>")

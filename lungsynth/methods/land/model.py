@@ -108,7 +108,7 @@ def condition_grid(cond: torch.Tensor, variant: str, mask_vae: Any = None, facto
         return mask_to_latent_grid(vol, factor)
     if mask_vae is None:
         raise ValueError(f"variant {variant!r} encodes its mask with the mask VAE: pass mask_vae "
-                         f"(lungsynth.nn.autoencoders.ensure_autoencoder('maskvae', cfg))")
+                         f"(lungsynth.autoencoders.ensure_autoencoder('maskvae', cfg))")
     dev = next(mask_vae.parameters()).device
     with torch.no_grad():
         return mask_vae.encode_latent(vol.to(dev), sample=False).float()
@@ -248,7 +248,7 @@ class LandDataset(torch.utils.data.Dataset):
 
 def build_dataset(cfg: Any, variant: str, split: str = "train", mask_vae: Any = None) -> LandDataset:
     """The training set of ``variant``: vae3d latent cache of ``split`` + grids from the prepared ``cond``."""
-    from lungsynth.nn.autoencoders import LatentDataset, ensure_autoencoder
+    from lungsynth.autoencoders import LatentDataset, ensure_autoencoder
 
     check_variant(variant)
     latents = LatentDataset(cfg, "vae3d", split)

@@ -24,7 +24,7 @@ def train(cfg: Any, variant: str, run_dir: Path | str | None = None, *, skip: st
     Resumes from ``last.pt`` unless ``fresh``. Writes final.pt, metrics.csv and run.json; returns the run dir.
     """
     from lungsynth.engine import Trainer
-    from lungsynth.nn.autoencoders import ensure_autoencoder
+    from lungsynth.autoencoders import ensure_autoencoder
     from lungsynth.runtime import RunRecord, seed_everything
 
     check_variant(variant)
@@ -116,7 +116,7 @@ def load(cfg: Any, variant: str, run_dir: Path | str | None = None, *, device: t
          train_if_missing: bool = True) -> LandModel:
     """Load a trained variant (training it first when ``train_if_missing`` and it has no final.pt)."""
     from lungsynth import runtime
-    from lungsynth.nn.autoencoders import ensure_autoencoder
+    from lungsynth.autoencoders import ensure_autoencoder
 
     check_variant(variant)
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg, variant, create=train_if_missing)

@@ -81,7 +81,7 @@ def __getattr__(name: str) -> Any:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """``lungsynth lung-ddpm train|sample|evaluate --profile P [--no-aas] [--no-lung-layout]``."""
-    from lungsynth.cli import add_profile_argument
+    from lungsynth.config import add_profile_argument
 
     p = sub.add_parser("lung-ddpm", help="chapter 06: Lung-DDPM, pixel-space 3D DDPM with anatomically aware sampling")
     verbs = p.add_subparsers(dest="verb", metavar="<verb>")

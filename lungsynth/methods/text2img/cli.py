@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from lungsynth.cli import add_profile_argument
+    from lungsynth.config import add_profile_argument
 
     p = sub.add_parser("text2img", help="chapter 07: text-to-image LDM of nodule ROIs")
     verbs = p.add_subparsers(dest="verb", metavar="<verb>")

@@ -39,7 +39,7 @@ def default_run_dir(cfg: Config, pretrained: str | Path | None = None) -> Path:
 
 def course_codec(cfg: Config) -> LatentCodec:
     """The frozen 2D KL-VAE of chapter 02 (trained there when missing) as a latent codec."""
-    from lungsynth.nn.autoencoders import ensure_autoencoder
+    from lungsynth.autoencoders import ensure_autoencoder
 
     vae = ensure_autoencoder("vae2d", cfg)
     return LatentCodec(vae, vae.scale_factor, sd=False)

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from lungsynth.config import get_config
-from lungsynth.nn.ae_eval import codebook_stats, evaluate_autoencoder
-from lungsynth.nn.autoencoders import (KINDS, LatentDataset, encode_dataset, ensure_autoencoder, load_autoencoder,
+from lungsynth.autoencoders import codebook_stats, evaluate_autoencoder
+from lungsynth.autoencoders import (KINDS, LatentDataset, encode_dataset, ensure_autoencoder, load_autoencoder,
                                        train_autoencoder)
 
 SCANS = [698, 769, 672, 616]  # small annotated LIDC scans: splits train 2, val 1, test 1
@@ -202,7 +202,7 @@ def test_cli_encode_and_bad_input(trained, capsys):
 
 
 def test_mixed_dataset_shares_and_covers():
-    from lungsynth.nn.ae_training import MixedDataset
+    from lungsynth.autoencoders import MixedDataset
 
     a, b = list(range(5)), [f"b{i}" for i in range(3)]
     for share in (0.3, 0.5, 0.8):

@@ -1,6 +1,6 @@
-"""Training, scale factor and latent caches of the chapter 02 autoencoders.
+"""Training and the latent scale factor of the chapter 02 autoencoders.
 
-Re-exported by :mod:`lungsynth.nn.autoencoders`; import from there. Training goes through the
+Training goes through the
 course's one loop (:class:`lungsynth.engine.Trainer`): this module only describes the
 autoencoder as a :class:`lungsynth.engine.TrainTask` (two optimisers, generator and patch
 discriminator) and prepares its data.
@@ -21,10 +21,10 @@ from torch.utils.data import Dataset
 
 from lungsynth import paths
 from lungsynth.engine import TrainTask
-from lungsynth.nn.ae_eval import LUNG_COND
+from lungsynth.autoencoders.model import (LUNG_COND, TRAINING_VIEWS, build_autoencoder, check_kind,
+                                          codebook_stats, default_run_dir, load_autoencoder)
 from lungsynth.nn.losses import PatchAdversarial, build_perceptual_loss, kl_divergence
 
-LATENTS_DIR = "latents"
 NODULE_COND_MIN = (LUNG_COND + 0.2) / 2  # condition values above this are nodule (texture 1..5 -> 0.2..1)
 
 
@@ -33,10 +33,9 @@ NODULE_COND_MIN = (LUNG_COND + 0.2) / 2  # condition values above this are nodul
 
 def source_key(kind: str) -> str:
     """The item key of the image an autoencoder of ``kind`` reconstructs ("ct", "cond" or "image")."""
-    from lungsynth.nn.autoencoders import _SOURCES, _check_kind
 
-    _check_kind(kind)
-    return _SOURCES[kind][1]
+    check_kind(kind)
+    return TRAINING_VIEWS[kind][1]
 
 
 def source_dataset(kind: str, cfg: Any, split: str = "train", keys: Sequence[str] = (),
@@ -48,10 +47,9 @@ def source_dataset(kind: str, cfg: Any, split: str = "train", keys: Sequence[str
     prepared folder (default: ``ensure_prepared(cfg)``, built on first use).
     """
     from lungsynth.data.datasets import RoiDataset, SliceDataset, VolumeDataset
-    from lungsynth.nn.autoencoders import _SOURCES, _check_kind
 
-    _check_kind(kind)
-    view, key = _SOURCES[kind]
+    check_kind(kind)
+    view, key = TRAINING_VIEWS[kind]
     if view == "volume":
         wanted = tuple(dict.fromkeys((key, *keys)))
         return VolumeDataset(cfg, split, keys=wanted, root=root)
@@ -189,7 +187,7 @@ class AutoencoderTask(TrainTask):
     an adversarial term (its input is a piecewise-constant label image): one optimiser, L1 + KL.
 
     Args:
-        kind: one of lungsynth.nn.autoencoders.KINDS.
+        kind: one of lungsynth.autoencoders.KINDS.
         cfg: the course config (``cfg.autoencoders``).
         perceptual_loader: optional callable returning the frozen perceptual encoder (tests).
         val_roi: sliding-window size for validation reconstructions (None: whole items).
@@ -198,7 +196,6 @@ class AutoencoderTask(TrainTask):
 
     def __init__(self, kind: str, cfg: Any, perceptual_loader: Any = None, val_roi: int | None = None,
                  image_size: int | None = None) -> None:
-        from lungsynth.nn.autoencoders import build_autoencoder
 
         self.kind = kind
         self.cfg = cfg
@@ -285,7 +282,6 @@ class AutoencoderTask(TrainTask):
         recon = self.ae.reconstruct(x, self.val_roi)
         out = {"l1": float((recon.float() - x.float()).abs().mean())}
         if self.ae.quantized:
-            from lungsynth.nn.ae_eval import codebook_stats
 
             stats = codebook_stats(self.ae.codebook_indices(x), self.ae.spec["num_embeddings"])
             out.update(codebook_usage=stats["usage"], perplexity=stats["perplexity"])
@@ -351,7 +347,6 @@ def train_autoencoder(kind: str, cfg: Any, run_dir: Path | str | None = None, *,
     """
     from lungsynth import runtime
     from lungsynth.engine import Trainer, save_checkpoint
-    from lungsynth.nn.autoencoders import default_run_dir
 
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(kind, cfg.profile)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -407,12 +402,11 @@ def ensure_autoencoder(kind: str, cfg: Any, run_dir: Path | str | None = None, *
     ``runs/<profile>/02_<kind>``), trained first when missing, unfinished, or trained for fewer
     steps than ``cfg`` asks (a killed run resumes from its last checkpoint).
 
-    Returns an :class:`lungsynth.nn.autoencoders.Autoencoder` in eval mode on ``device`` (default
+    Returns an :class:`lungsynth.autoencoders.Autoencoder` in eval mode on ``device`` (default
     :func:`lungsynth.runtime.device`). A run directory holding another architecture is refused
     (ValueError): pass another ``run_dir``.
     """
     from lungsynth import runtime
-    from lungsynth.nn.autoencoders import default_run_dir, load_autoencoder
 
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(kind, cfg.profile)
     device = device if device is not None else runtime.device()
@@ -424,152 +418,3 @@ def ensure_autoencoder(kind: str, cfg: Any, run_dir: Path | str | None = None, *
             return ae.to(device)
     train_autoencoder(kind, cfg, run_dir, progress=progress, root=root)
     return load_autoencoder(kind, run_dir, cfg, device=device)
-
-
-# ---------------------------------------------------------------------- latent caches
-
-
-def _cache_dir(run_dir: Path, split: str) -> Path:
-    return run_dir / LATENTS_DIR / split
-
-
-def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _identity(ae: Any) -> dict[str, Any]:
-    return {"checkpoint_step": int(getattr(ae, "step", 0)), "scale_factor": float(ae.scale_factor),
-            "spec": ae.spec}
-
-
-@torch.no_grad()
-def encode_dataset(kind: str, cfg: Any, split: str = "train", run_dir: Path | str | None = None,
-                   ae: Any = None, progress: bool = False, root: Path | str | None = None) -> Path:
-    """Cache the posterior (mean, std) of every item of ``split`` under ``run_dir/latents/<split>``.
-
-    One ``<index>.pt`` per item (``{"mean": [c,*s], "std": [c,*s]}``, float32, read with
-    weights_only) and ``index.json`` (ids, scale factor, the checkpoint step they came from).
-    Large volumes are encoded by sliding window (``cfg.autoencoders.sliding_roi``).
-    Returns the cache directory.
-    """
-    from lungsynth import runtime
-    from lungsynth.nn.autoencoders import default_run_dir, load_autoencoder
-
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(kind, cfg.profile)
-    ae = ae if ae is not None else load_autoencoder(kind, run_dir, cfg, device=runtime.device())
-    device = next(ae.parameters()).device
-    base = source_dataset(kind, cfg, split, root=root)
-    key = source_key(kind)
-    out = _cache_dir(run_dir, split)
-    out.mkdir(parents=True, exist_ok=True)
-    ids: list[str] = []
-    t0 = time.perf_counter()
-    a = cfg.autoencoders
-    for i in range(len(base)):  # type: ignore[arg-type]
-        item = base[i]
-        x = torch.as_tensor(item[key]).float()[None].to(device)
-        mean, std = ae.encode(x, int(a.sliding_roi), float(a.sliding_overlap))
-        _save_atomic({"mean": mean[0].float().cpu().contiguous(), "std": std[0].float().cpu().contiguous()},
-                     out / f"{i:06d}.pt")
-        ids.append(item_id(item, i))
-        if progress:
-            print(f"\r{kind} {split}: encoded {i + 1}/{len(base)}", end="", flush=True)  # type: ignore[arg-type]
-    if progress:
-        print()
-    shape = list(mean.shape[1:]) if ids else []
-    runtime.write_json_atomic(out / "index.json", {
-        "kind": kind, "split": split, "n": len(ids), "ids": ids, "latent_shape": shape,
-        "seconds": round(time.perf_counter() - t0, 3), **_identity(ae)})
-    return out
-
-
-def ensure_latents(kind: str, cfg: Any, split: str = "train", run_dir: Path | str | None = None,
-                   ae: Any = None, root: Path | str | None = None) -> Path:
-    """The latent cache of ``split``; (re-)encodes when missing or made by another checkpoint."""
-    from lungsynth.nn.autoencoders import default_run_dir
-
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(kind, cfg.profile)
-    ae = ae if ae is not None else ensure_autoencoder(kind, cfg, run_dir, root=root)
-    out = _cache_dir(run_dir, split)
-    index = out / "index.json"
-    if index.is_file():
-        meta = json.loads(index.read_text())
-        ident = _identity(ae)
-        if all(meta.get(k) == v for k, v in ident.items()) and all((out / f"{i:06d}.pt").is_file()
-                                                                  for i in range(int(meta.get("n", 0)))):
-            return out
-    return encode_dataset(kind, cfg, split, run_dir, ae=ae, root=root)
-
-
-class LatentDataset(Dataset):
-    """Cached posteriors of an autoencoder, sampled afresh at every load.
-
-    Item: ``{"z": [c,*s]`` = scale_factor * (mean + std * eps), ``"mean"``, ``"std"`` (unscaled),
-    ``"id"``, plus the requested ``keys`` of the underlying prepared item (e.g. ``"cond"`` for
-    LAND, at full resolution)}.
-
-    Why a sample per load and not one cached sample: the KL-VAE encodes each volume as a
-    distribution, and its decoder was trained on draws from it. Caching one draw freezes a
-    single realisation of the posterior noise std * eps into every epoch: the denoiser is then
-    trained to reproduce that particular noise, which carries no anatomy and cannot be predicted
-    from anything but the cached copy, so its loss on the noise part levels off at a floor set
-    by std (and samples learn to copy the noise pattern). Drawing eps anew each time trains on the
-    aggregated posterior, the distribution the decoder expects, and acts as free augmentation;
-    storing mean and std costs twice one sample. For the VQ-VAE std is zero (deterministic codes).
-
-    Args:
-        cfg: course config.
-        kind: autoencoder kind.
-        split: "train" | "val" | "test".
-        keys: keys of the prepared item to return alongside (3D kinds: VolumeDataset keys).
-        run_dir: the autoencoder's run directory (default ``runs/<profile>/02_<kind>``).
-        sample: draw eps (True) or return the scaled mean (False).
-        root: a prepared folder other than the profile's.
-    """
-
-    def __init__(self, cfg: Any, kind: str, split: str = "train", keys: Sequence[str] = (),
-                 run_dir: Path | str | None = None, sample: bool = True, root: Path | str | None = None) -> None:
-        from lungsynth.nn.autoencoders import default_run_dir
-
-        self.run_dir = Path(run_dir) if run_dir is not None else default_run_dir(kind, cfg.profile)
-        self.dir = ensure_latents(kind, cfg, split, self.run_dir, root=root)
-        self.meta = json.loads((self.dir / "index.json").read_text())
-        self.scale_factor = float(self.meta["scale_factor"])
-        self.ids: list[str] = list(self.meta["ids"])
-        self.kind, self.split, self.sample, self.keys = kind, split, bool(sample), tuple(keys)
-        self.base = None
-        if self.keys:
-            if kind in ("vae3d", "maskvae"):
-                from lungsynth.data.datasets import VolumeDataset
-
-                self.base = VolumeDataset(cfg, split, keys=self.keys, root=root)
-            else:
-                self.base = source_dataset(kind, cfg, split, root=root)
-            if len(self.base) != len(self.ids):  # type: ignore[arg-type]
-                raise ValueError(f"latent cache {self.dir} has {len(self.ids)} items but the {split} split has "
-                                 f"{len(self.base)}; re-encode with `lungsynth autoencoder encode --kind {kind}`")  # type: ignore[arg-type]
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def posterior(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stored (mean, std) of item ``i``, each [c,*s], unscaled."""
-        d = torch.load(self.dir / f"{i:06d}.pt", map_location="cpu", weights_only=True)
-        return d["mean"], d["std"]
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        mean, std = self.posterior(i)
-        z = mean + std * torch.randn_like(std) if self.sample else mean
-        item: dict[str, Any] = {"z": z * self.scale_factor, "mean": mean, "std": std, "id": self.ids[i]}
-        if self.base is not None:
-            extra = self.base[i]
-            got = item_id(extra, i)
-            if got != self.ids[i]:
-                raise ValueError(f"latent cache {self.dir} item {i} is {self.ids[i]!r} but the dataset gives "
-                                 f"{got!r}; the prepared data changed: re-encode with `lungsynth autoencoder "
-                                 f"encode --kind {self.kind}`")
-            for k in self.keys:
-                item[k] = extra[k]
-        return item

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from lungsynth.config import get_config
-from lungsynth.nn.ae_eval import codebook_stats, mask_metrics, reconstruction_metrics, resample_baseline
-from lungsynth.nn.autoencoders import KINDS, Autoencoder, autoencoder_spec, build_autoencoder, load_autoencoder
+from lungsynth.autoencoders import codebook_stats, mask_metrics, reconstruction_metrics, resample_baseline
+from lungsynth.autoencoders import KINDS, Autoencoder, autoencoder_spec, build_autoencoder, load_autoencoder
 from lungsynth.nn.losses import AstraPerceptualLoss, PatchAdversarial, build_perceptual_loss, kl_divergence
 
 TINY = {"autoencoders.vae3d_channels": "8,8,8", "autoencoders.maskvae_channels": "4,8,8",

@@ -8,7 +8,7 @@ import pytest
 from synth_fakes import NoisyCopy, make_fake_prepared
 
 from lungsynth.config import get_config
-from lungsynth.eval.report import build_leaderboard, evaluate_method, write_leaderboard
+from lungsynth.leaderboard import build_leaderboard, evaluate_method, write_leaderboard
 from lungsynth.sampling import registry
 
 
@@ -79,7 +79,7 @@ def test_memorising_method_is_flagged(setup, tmp_path):
 
     class Copier(Trained):
         def conditions(self, cfg, source, n, seed=0, root=None):  # copies TRAINING scans
-            from lungsynth.sampling.conditions import real_conditions
+            from lungsynth.data.conditions import real_conditions
 
             return real_conditions(cfg, "volume", n, source="heldout", root=root, split="train")
 

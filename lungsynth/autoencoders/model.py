@@ -1,24 +1,8 @@
-"""The course's autoencoders (chapter 02): what the latent-diffusion chapters diffuse in.
+"""The four autoencoder networks of chapter 02 (MONAI AutoencoderKL / VQVAE behind one wrapper),
+their architecture spec, and loading a trained one from its checkpoint without unpickling objects.
 
-Four kinds, all x4 spatial compression, all built from MONAI networks:
-
-| kind      | network (MONAI)          | input                      | latent                     | used by |
-|-----------|--------------------------|----------------------------|----------------------------|---------|
-| ``vae3d``   | AutoencoderKL, 3 levels, 1 res block each, no attention (MAISI-like, as in LAND) | CT [1,S,S,S] in [0,1] | [4,S/4,S/4,S/4] | 03 LAND, 05 HR-LDM |
-| ``vqvae2d`` | VQVAE, two stride-2 levels, EMA codebook | slice [1,H,W] in [0,1] | [4,H/4,W/4] (quantised) | 04 bbox LDM |
-| ``vae2d``   | AutoencoderKL 2D, 3 levels | nodule ROI [1,R,R] in [0,1] | [4,R/4,R/4] | 07 text-to-image |
-| ``maskvae`` | AutoencoderKL 3D (small) | LAND condition mask [1,S,S,S] in [0,1] | [c,S/4,S/4,S/4] | 03 LAND-LatentMask |
-
-What later chapters call::
-
-    ae = ensure_autoencoder("vae3d", cfg)          # trains into runs/<profile>/02_vae3d when missing
-    z = ae.encode_latent(x)                        # [B,1,S,S,S] -> [B,4,S/4,S/4,S/4], times ae.scale_factor
-    x_hat = ae.decode_latent(z)                    # back to [B,1,S,S,S] (sliding window when large)
-    ds = LatentDataset(cfg, "vae3d", "train", keys=("cond",))   # cached posteriors, z sampled per load
-
-``ae.encode(x) -> (mean, std)`` and ``ae.decode(z)`` are the raw (unscaled) maps;
-``ae.latent_shape(spatial)`` gives the latent shape of an input size. Checkpoints are the
-engine's (``final.pt``); their ``config`` holds the architecture and the latent scale factor.
+:class:`Autoencoder` maps an image [B, C, *S] to a latent [B, c, *S/4] (``encode`` / ``decode`` raw,
+``encode_latent`` / ``decode_latent`` times the latent scale factor); see :mod:`lungsynth.autoencoders`.
 """
 
 from __future__ import annotations
@@ -41,9 +25,11 @@ ARCH_KEYS: tuple[str, ...] = ("kind", "spatial_dims", "in_channels", "channels",
 MODULE_NAME = "autoencoder"
 LOG_VAR_INIT = -6.0
 FINAL_NAME = "final.pt"
+TEXTURES = (1, 2, 3, 4, 5)
+LUNG_COND = 0.1  # the condition mask's lung value (0.5 / 5)
 
 # Which prepared-data view each kind trains on, and the item key holding its image.
-_SOURCES: dict[str, tuple[str, str]] = {
+TRAINING_VIEWS: dict[str, tuple[str, str]] = {
     "vae3d": ("volume", "ct"),
     "maskvae": ("volume", "cond"),
     "vqvae2d": ("slice", "image"),
@@ -51,14 +37,14 @@ _SOURCES: dict[str, tuple[str, str]] = {
 }
 
 
-def _check_kind(kind: str) -> None:
+def check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise ValueError(f"unknown autoencoder kind {kind!r}; valid kinds: {', '.join(KINDS)}")
 
 
 def default_run_dir(kind: str, profile: str, create: bool = True) -> Path:
     """``runs/<profile>/02_<kind>`` (e.g. ``02_vae3d``)."""
-    _check_kind(kind)
+    check_kind(kind)
     return paths.run_dir(profile, f"02_{kind}", create=create)
 
 
@@ -68,7 +54,7 @@ def autoencoder_spec(kind: str, cfg: Any) -> dict[str, Any]:
     Only what shapes the weights is here; loss weights and budgets are not (a run may be resumed
     with another learning rate, but not with other channels).
     """
-    _check_kind(kind)
+    check_kind(kind)
     a = cfg.autoencoders
     spec: dict[str, Any] = {"kind": kind, "downsample": DOWNSAMPLE, "in_channels": 1, "quantized": False,
                             "num_embeddings": 0, "embedding_dim": 0, "net_shift": 0.5, "net_scale": 2.0}
@@ -331,6 +317,26 @@ class Autoencoder(nn.Module):
 # ---------------------------------------------------------------------- factory and loading
 
 
+def codebook_stats(indices: torch.Tensor, num_embeddings: int) -> dict[str, float]:
+    """Usage and perplexity of a VQ codebook from the code index of every latent voxel.
+
+    usage = (#codes used at least once) / K;
+    perplexity = exp(H(p)) with p the empirical code frequencies, H(p) = -sum_k p_k log p_k
+    (1 when one code is used, K when all are used equally often).
+    """
+    idx = torch.as_tensor(indices).reshape(-1).long()
+    if idx.numel() == 0:
+        raise ValueError("codebook_stats needs at least one index")
+    if int(idx.min()) < 0 or int(idx.max()) >= num_embeddings:
+        raise ValueError(f"indices must lie in [0, {num_embeddings}); got [{int(idx.min())}, {int(idx.max())}]")
+    counts = torch.bincount(idx, minlength=num_embeddings).double()
+    p = counts / counts.sum()
+    nz = p[p > 0]
+    entropy = float(-(nz * nz.log()).sum())
+    return {"usage": float((counts > 0).sum()) / num_embeddings, "perplexity": math.exp(entropy),
+            "codes_used": int((counts > 0).sum())}
+
+
 def build_autoencoder(kind: str, cfg: Any) -> Autoencoder:
     """A fresh (untrained) autoencoder of ``kind`` with the architecture of ``cfg``."""
     return Autoencoder(autoencoder_spec(kind, cfg))
@@ -363,7 +369,7 @@ def load_autoencoder(kind: str, run_dir_or_ckpt: Path | str, cfg: Any = None,
     """
     from lungsynth.engine import check_compatible, load_checkpoint
 
-    _check_kind(kind)
+    check_kind(kind)
     path = _final_path(run_dir_or_ckpt)
     ckpt = load_checkpoint(path, map_location="cpu")
     wanted = autoencoder_spec(kind, cfg) if cfg is not None else None
@@ -372,7 +378,7 @@ def load_autoencoder(kind: str, run_dir_or_ckpt: Path | str, cfg: Any = None,
     missing = [k for k in ARCH_KEYS if k not in stored]
     if missing:
         raise ValueError(f"{path} has no autoencoder architecture in its config (missing {missing}); "
-                         f"it was not written by lungsynth.nn.autoencoders")
+                         f"it was not written by lungsynth.autoencoders")
     ae = Autoencoder(stored)
     ae.net.load_state_dict(_strip(ckpt["modules"][MODULE_NAME]))
     if "scale_factor" not in stored:
@@ -386,12 +392,3 @@ def load_autoencoder(kind: str, run_dir_or_ckpt: Path | str, cfg: Any = None,
 def _strip(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The engine saves the Autoencoder module; its weights live under ``net.``."""
     return {k[len("net."):] if k.startswith("net.") else k: v for k, v in state.items()}
-
-
-from lungsynth.nn.ae_training import (  # noqa: E402  (the training half of this module's API)
-    AutoencoderTask, LatentDataset, compute_scale_factor, encode_dataset, ensure_autoencoder, ensure_latents,
-    train_autoencoder)
-
-__all__ = ["KINDS", "DOWNSAMPLE", "Autoencoder", "autoencoder_spec", "build_autoencoder", "load_autoencoder",
-           "default_run_dir", "AutoencoderTask", "train_autoencoder", "ensure_autoencoder", "compute_scale_factor",
-           "encode_dataset", "ensure_latents", "LatentDataset"]

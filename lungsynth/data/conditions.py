@@ -69,7 +69,7 @@ def real_root(cfg: Any, root: Path | str | None = None) -> Path:
     return ensure_prepared(cfg, verbose=False)
 
 
-def _rows(root: Path, unit: str, split: str) -> list[dict[str, Any]]:
+def view_rows(root: Path, unit: str, split: str) -> list[dict[str, Any]]:
     from lungsynth.data.datasets import load_nodules, load_scans
 
     table = load_scans(root) if unit == "volume" else load_nodules(root)
@@ -117,7 +117,7 @@ def real_conditions(cfg: Any, unit: str, n: int, *, source: str = "heldout", see
         raise ValueError(f"n must be >= 1, got {n}")
     root = real_root(cfg, root)
     split = split or ("test" if source == "heldout" else "train")
-    rows = _rows(root, unit, split)
+    rows = view_rows(root, unit, split)
     if not rows:
         raise ValueError(f"the {split!r} split of {root} holds no {unit} items; prepare more scans "
                          f"(cfg.data.n_scans) or use another split")

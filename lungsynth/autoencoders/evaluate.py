@@ -6,42 +6,19 @@
   up-sampling); an autoencoder worth its training beats it.
 - :func:`evaluate_autoencoder` / :func:`nodule_errors`: tables over a split, per item and per
   nodule (size and texture), for the notebook's "what compression loses" section.
-- :func:`codebook_stats`: VQ-VAE codebook usage and perplexity.
 - :func:`plot_reconstructions`: input, reconstruction and error maps.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-TEXTURES = (1, 2, 3, 4, 5)
-LUNG_COND = 0.1  # the condition mask's lung value (0.5 / 5)
-
-
-def codebook_stats(indices: torch.Tensor, num_embeddings: int) -> dict[str, float]:
-    """Usage and perplexity of a VQ codebook from the code index of every latent voxel.
-
-    usage = (#codes used at least once) / K;
-    perplexity = exp(H(p)) with p the empirical code frequencies, H(p) = -sum_k p_k log p_k
-    (1 when one code is used, K when all are used equally often).
-    """
-    idx = torch.as_tensor(indices).reshape(-1).long()
-    if idx.numel() == 0:
-        raise ValueError("codebook_stats needs at least one index")
-    if int(idx.min()) < 0 or int(idx.max()) >= num_embeddings:
-        raise ValueError(f"indices must lie in [0, {num_embeddings}); got [{int(idx.min())}, {int(idx.max())}]")
-    counts = torch.bincount(idx, minlength=num_embeddings).double()
-    p = counts / counts.sum()
-    nz = p[p > 0]
-    entropy = float(-(nz * nz.log()).sum())
-    return {"usage": float((counts > 0).sum()) / num_embeddings, "perplexity": math.exp(entropy),
-            "codes_used": int((counts > 0).sum())}
-
+from lungsynth.autoencoders.model import LUNG_COND, TEXTURES
+from lungsynth.autoencoders.train import item_id, source_dataset, source_key
 
 def resample_baseline(x: torch.Tensor, factor: int = 4, down: str = "area") -> torch.Tensor:
     """Down-sample each side by ``factor`` and up-sample back with (tri|bi)linear interpolation.
@@ -173,7 +150,6 @@ def evaluate_autoencoder(ae: Any, cfg: Any, split: str = "val", max_items: int |
     """
     import pandas as pd
 
-    from lungsynth.nn.ae_training import item_id, source_dataset, source_key
 
     key = source_key(ae.kind)
     extra = ("lung", "label", "cond") if ae.kind == "vae3d" else ()
@@ -209,7 +185,6 @@ def nodule_errors(ae: Any, cfg: Any, split: str = "val", max_items: int | None =
     import pandas as pd
 
     from lungsynth.data.datasets import load_nodules
-    from lungsynth.nn.ae_training import source_dataset
 
     if ae.kind != "vae3d":
         raise ValueError(f"nodule_errors needs the 3D CT autoencoder (vae3d), got {ae.kind}")

@@ -30,6 +30,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from lungsynth.eval.features import hu_to_unit_range, unit_features
+
 SUBTYPE_NAMES = ("solid", "part-solid", "ground-glass")
 COLUMNS = ("method", "variant", "unit", "n_synthetic", "n_real", "network", "fid", "fid_ci", "kid", "kid_ci",
            "mmd", "mmd_ci", "ms_ssim", "ms_ssim_real", "masked_mse", "jsd_solid", "jsd_part-solid",
@@ -82,9 +84,9 @@ def _resize(arrs: np.ndarray, shape: Sequence[int], kind: str) -> np.ndarray:
 def load_real(root: Path, unit: str, split: str) -> dict[str, Any]:
     """Real ``split`` items of ``unit``: ``{"image" [N, ...] HU, "mask" [N, ...] | None, "lung" | None,
     "subtype" [N], "ids"}``."""
-    from lungsynth.sampling.conditions import _rows, load_arrays
+    from lungsynth.data.conditions import load_arrays, view_rows
 
-    rows = _rows(Path(root), unit, split)
+    rows = view_rows(Path(root), unit, split)
     if len(rows) < 2:
         raise ValueError(f"the {split!r} split of {root} has {len(rows)} {unit} item(s); the leaderboard needs at "
                          f"least 2 (prepare more scans: cfg.data.n_scans)")
@@ -116,7 +118,7 @@ def _pack(arrays: list[dict[str, np.ndarray]], unit: str, subtypes: list[int], i
 
 def load_synthetic(out: Path) -> dict[str, Any]:
     """A synthetic dataset's images, masks, subtypes and provenance records (in sample order)."""
-    from lungsynth.sampling.conditions import load_arrays
+    from lungsynth.data.conditions import load_arrays
     from lungsynth.sampling.writer import SyntheticWriter
 
     meta = json.loads((Path(out) / "synth.json").read_text())
@@ -138,29 +140,12 @@ def load_synthetic(out: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- features
 
 
-def _to_unit(hu: np.ndarray, cfg: Any) -> np.ndarray:
-    lo, hi = float(cfg.data.hu_min), float(cfg.data.hu_max)
-    return ((np.clip(hu, lo, hi) - lo) / (hi - lo)).astype(np.float32)
-
-
-def features(cfg: Any, unit: str, images_hu: np.ndarray, slice_net: Any = None) -> tuple[np.ndarray, str]:
-    """Feature rows of HU images: 3D units through ``cfg.evaluation.feature_network``; 2D through the slice net."""
-    from lungsynth.eval.features import extract_features, slice_features
-
-    unit_range = (float(cfg.data.hu_min), float(cfg.data.hu_max))
-    if unit in ("slice", "roi"):
-        return slice_features(_to_unit(images_hu, cfg)[:, None], net=slice_net, intensity="unit", seed=cfg.seed)
-    net = cfg.evaluation.feature_network
-    kwargs = {"unit_range": unit_range} if net.startswith("astra") else {}
-    return extract_features(_to_unit(images_hu, cfg), net, "unit", **kwargs)
-
-
 def train_slice_net(cfg: Any, train_hu: np.ndarray):
     """The 2D feature net of the slice/ROI leaderboard rows, trained on real training images."""
     from lungsynth.eval.features import train_slice_net as fit
 
-    return fit(_to_unit(train_hu, cfg), int(cfg.evaluation.slice_net_steps), batch_size=16, seed=cfg.seed,
-               progress=False)
+    return fit(hu_to_unit_range(train_hu, cfg), int(cfg.evaluation.slice_net_steps), batch_size=16,
+               seed=cfg.seed, progress=False)
 
 
 # --------------------------------------------------------------------------- one method
@@ -189,7 +174,7 @@ def _paired_mse(cfg: Any, syn: dict[str, Any], root: Path) -> float | None:
     """Masked MSE in the lung (course [0, 1] scale) against the real scan whose masks conditioned each sample."""
     from lungsynth.data.datasets import load_scans
     from lungsynth.eval.fidelity import masked_mse
-    from lungsynth.sampling.conditions import load_arrays
+    from lungsynth.data.conditions import load_arrays
 
     if syn["unit"] != "volume" or syn["lung"] is None:
         return None
@@ -201,7 +186,8 @@ def _paired_mse(cfg: Any, syn: dict[str, Any], root: Path) -> float | None:
             return None
         real.append(load_arrays(root, "volume", {**scans.loc[sid].to_dict(), "scan_id": sid})["ct"])
     real_hu = _resize(np.stack(real).astype(np.float32), syn["image"].shape[1:], "image")
-    mse = masked_mse(_to_unit(syn["image"], cfg)[:, None], _to_unit(real_hu, cfg)[:, None], syn["lung"][:, None])
+    mse = masked_mse(hu_to_unit_range(syn["image"], cfg)[:, None], hu_to_unit_range(real_hu, cfg)[:, None],
+                     syn["lung"][:, None])
     return float(mse.mean())
 
 
@@ -212,11 +198,12 @@ def evaluate_method(cfg: Any, method: Any, *, n: int | None = None, real_root: P
     from lungsynth.eval.distribution import evaluate_distribution
     from lungsynth.eval.fidelity import ms_ssim_diversity, nodule_dice
     from lungsynth.eval.memorization import audit
-    from lungsynth.sampling.conditions import real_root as find_root
-    from lungsynth.sampling.registry import MethodAdapter, get_method
+    from lungsynth.data.conditions import real_root as find_root
+    from lungsynth.sampling.registry import get_method
+    from lungsynth.methods.base import MethodFace
     from lungsynth.sampling.synth import synthesize
 
-    adapter = method if isinstance(method, MethodAdapter) else get_method(method)
+    adapter = method if isinstance(method, MethodFace) else get_method(method)
     root = find_root(cfg, real_root)
     n = int(n or cfg.evaluation.n_samples)
     res = synthesize(cfg, adapter, n, conditions="heldout", out=out, checkpoint=checkpoint,
@@ -232,17 +219,18 @@ def evaluate_method(cfg: Any, method: Any, *, n: int | None = None, real_root: P
             if d[k] is not None:
                 d[k] = _resize(d[k], shape, "mask")
     net = train_slice_net(cfg, train["image"]) if unit in ("slice", "roi") else None
-    f_syn, name = features(cfg, unit, syn["image"], net)
-    f_real, _ = features(cfg, unit, real["image"], net)
-    f_train, _ = features(cfg, unit, train["image"], net)
+    f_syn, name = unit_features(cfg, unit, syn["image"], net)
+    f_real, _ = unit_features(cfg, unit, real["image"], net)
+    f_train, _ = unit_features(cfg, unit, train["image"], net)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # small-N warnings: the row carries its n and CIs
         dist = evaluate_distribution(f_real, f_syn, cfg, network=name, seed=cfg.seed)
         mem = audit(f_syn, f_train, f_real, network=name, percentile=cfg.evaluation.memorization_percentile)
-        mem_vox = audit(_to_unit(syn["image"], cfg), _to_unit(train["image"], cfg), _to_unit(real["image"], cfg),
+        unit_syn, unit_train, unit_real = (hu_to_unit_range(a["image"], cfg) for a in (syn, train, real))
+        mem_vox = audit(unit_syn, unit_train, unit_real,
                         space="voxel", percentile=cfg.evaluation.memorization_percentile)
-    div = ms_ssim_diversity(_to_unit(syn["image"], cfg)[:, None], seed=cfg.seed)
-    div_real = ms_ssim_diversity(_to_unit(real["image"], cfg)[:, None], seed=cfg.seed)
+    div = ms_ssim_diversity(hu_to_unit_range(syn["image"], cfg)[:, None], seed=cfg.seed)
+    div_real = ms_ssim_diversity(hu_to_unit_range(real["image"], cfg)[:, None], seed=cfg.seed)
     dice = None
     if syn["mask"] is not None and all((m > 0.5).any() for m in syn["mask"]):
         dice = float(nodule_dice(syn["image"][:, None], syn["mask"][:, None], cfg.evaluation.dice_threshold_hu).mean())
@@ -353,7 +341,7 @@ def write_leaderboard(results: dict[str, MethodEvaluation] | Sequence[dict[str, 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """``lungsynth evaluate --profile P [--methods ...] [--train-missing]``."""
-    from lungsynth.cli import add_profile_argument
+    from lungsynth.config import add_profile_argument
 
     p = sub.add_parser("evaluate", help="chapter 09: the leaderboard of every trained method")
     p.add_argument("--methods", nargs="*", default=None, help="default: every method with a trained run")

@@ -1,0 +1,63 @@
+"""HR-LDM's face for chapters 08-11: a nodule of a subtype inpainted into a real scan."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lungsynth.methods.base import MethodFace, condition_volume_from
+
+
+class HrLdmMethod(MethodFace):
+    """HR-LDM (chapter 05): one nodule of a subtype inpainted into a real scan (the condition's CT and lung).
+
+    The written label map holds the scan's real nodules (1..k) and the inpainted one (k+1); its subtype
+    is the condition's first nodule's (heldout) or drawn uniformly (sampler).
+    """
+
+    name, unit, module, chapter = "hr_ldm", "volume", "lungsynth.methods.hr_ldm", "05"
+    description = "histogram-regularised latent inpainting"
+    TEXTURE_OF_SUBTYPE = {0: 5, 1: 3, 2: 1}
+
+    def __init__(self, hist_loss: bool = True, **options: Any) -> None:
+        super().__init__(**options)
+        self.hist_loss = hist_loss
+        self.variant = "hist" if hist_loss else "no_hist"
+        self._library: Any = None
+
+    def run_dir(self, cfg: Any) -> Path:
+        from lungsynth import paths
+
+        return paths.run_dir(cfg.profile, self.api().run_name(self.hist_loss), create=False)
+
+    def ensure_trained(self, cfg: Any) -> Path:
+        return self.api().ensure_trained(cfg, self.hist_loss)
+
+    def load(self, cfg: Any, run_dir: Path) -> Any:
+        return self.api().load(cfg, run_dir, self.hist_loss)
+
+    def generate(self, cfg, model, conditions, seed):
+        hr = self.api()
+        if self._library is None:
+            self._library = hr.NoduleLibrary.from_prepared(cfg, "train")
+        rng = np.random.default_rng(int(seed))
+        out = []
+        for k, c in enumerate(conditions):
+            sub = int(c.nodules[0]["subtype_id"]) if c.nodules and c.source == "heldout" else int(rng.integers(3))
+            res = hr.inpaint_volume(model, c.arrays["ct"], c.arrays["lung"], sub, spacing_mm=self.spacing_mm(cfg),
+                                    library=self._library, seed=int(seed) + k, steps=self.options.get("steps"))
+            label = np.asarray(c.arrays["label"]).astype(np.uint8).copy()
+            new = int(label.max()) + 1
+            label[(res.nodule_mask > 0) & (label == 0)] = new
+            hrmask = np.maximum(np.asarray(c.arrays["hrmask"]), np.moveaxis(res.hrmask, 0, -1))
+            tex = self.TEXTURE_OF_SUBTYPE[sub]
+            rows = [dict(r) for r in c.nodules] + [{
+                "label_value": new, "texture": tex, "subtype": ("solid", "part-solid", "ground-glass")[sub],
+                "subtype_id": sub, "diameter_mm": float(res.diameter_mm), "inpainted": True}]
+            out.append({"arrays": {"ct": res.ct_hu, "label": label, "hrmask": hrmask,
+                                   "cond": condition_volume_from(c.arrays["lung"], label, rows)},
+                        "nodules": rows, "info": {"subtype": sub, "centre": list(map(int, res.centre)),
+                                                  "inpainted_label": new}})
+        return out

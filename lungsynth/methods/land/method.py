@@ -1,0 +1,39 @@
+"""LAND's face for chapters 08-11: whole volumes from the prepared condition volume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lungsynth.methods.base import MethodFace, stack_arrays
+
+
+class LandMethod(MethodFace):
+    """LAND (chapter 03): whole volumes from the prepared ``cond`` volume; masks stay the condition's."""
+
+    name, unit, module, chapter = "land", "volume", "lungsynth.methods.land", "03"
+    description = "3D latent diffusion with anatomical masks"
+
+    def __init__(self, variant: str = "mask", **options: Any) -> None:
+        super().__init__(**options)
+        self.variant = variant
+
+    def run_dir(self, cfg: Any) -> Path:
+        return self.api().default_run_dir(cfg, self.variant, create=False)
+
+    def ensure_trained(self, cfg: Any) -> Path:
+        return self.api().ensure_trained(cfg, self.variant)
+
+    def load(self, cfg: Any, run_dir: Path) -> Any:
+        return self.api().load(cfg, self.variant, run_dir, train_if_missing=False)
+
+    def generate(self, cfg, model, conditions, seed):
+        land = self.api()
+        cond = None if self.variant == "none" else stack_arrays(conditions, "cond")[:, None].astype(np.float32)
+        out = land.sample(model, cond, n=len(conditions), sampler=self.options.get("sampler"),
+                          steps=self.options.get("steps"), seed=int(seed))
+        hu = out["ct_hu"].numpy()
+        info = {"sampler": out["sampler"], "steps": out["steps"], "variant": self.variant}
+        return [{"arrays": {"ct": hu[i, 0]}, "info": info} for i in range(len(conditions))]

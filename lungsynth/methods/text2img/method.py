@@ -1,0 +1,40 @@
+"""The text-to-image LDM's face for chapters 08-11: nodule ROIs from prompts written from LIDC scores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lungsynth.methods.base import MethodFace
+
+
+class Text2ImgMethod(MethodFace):
+    """The text-to-image LDM (chapter 07): nodule ROIs from prompts written from the condition's scores."""
+
+    name, unit, module, chapter = "text2img", "roi", "lungsynth.methods.text2img", "07"
+    description = "text-to-image LDM of nodule ROIs"
+
+    def run_dir(self, cfg: Any) -> Path:
+        from lungsynth import paths
+
+        return paths.run_dir(cfg.profile, "07_text2img", create=False)
+
+    def ensure_trained(self, cfg: Any) -> Path:
+        self.api().ensure_trained(cfg)
+        return self.run_dir(cfg)
+
+    def load(self, cfg: Any, run_dir: Path) -> Any:
+        return self.api().load(cfg, run_dir)
+
+    def generate(self, cfg, model, conditions, seed):
+        from lungsynth.data.preprocess import unit_to_hu
+        from lungsynth.data.prompts import PROMPT_ATTRIBUTES, write_prompt
+
+        prompts = [write_prompt({k: float(c.nodules[0][k]) for k in PROMPT_ATTRIBUTES}) for c in conditions]
+        scale = float(self.options.get("guidance_scale", 5.0))
+        steps = int(self.options.get("steps") or cfg.text2img.sample_steps)
+        x = self.api().generate(model, prompts, guidance_scale=scale, steps=steps, sampler=cfg.text2img.sampler,
+                                seed=int(seed))
+        hu = unit_to_hu(x, cfg.data.hu_min, cfg.data.hu_max).numpy()
+        return [{"arrays": {"image": hu[i, 0]}, "info": {"prompt": p, "guidance_scale": scale, "steps": steps}}
+                for i, p in enumerate(prompts)]
