@@ -30,6 +30,11 @@ Checkpoint layout (``<run_dir>/last.pt``, a plain dict of tensors and Python sca
     rng [per process {python, numpy, torch, cuda}], trainer {settings}
 
 ``<run_dir>/final.pt`` holds only ``format, kind, config, step, modules, ema``.
+
+Stopping: SIGINT (Ctrl-C, a notebook's interrupt) or SIGTERM during :meth:`Trainer.fit` finishes the
+current step, writes ``last.pt`` atomically, prints ``stopped at step N; run the same command to
+resume`` and raises :class:`TrainingStopped` (a ``SystemExit`` with status 130). A second signal
+stops at once (KeyboardInterrupt).
 """
 
 from __future__ import annotations
@@ -42,7 +47,9 @@ import io
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 import warnings
 from abc import ABC, abstractmethod
@@ -64,7 +71,7 @@ SETTINGS_NAME = "engine.json"
 SCHEDULES = ("constant", "cosine", "polynomial")
 
 __all__ = [
-    "TrainTask", "SimpleTask", "Trainer", "FitResult", "EMA", "InfiniteSampler", "DistInfo",
+    "TrainTask", "SimpleTask", "Trainer", "FitResult", "TrainingStopped", "EMA", "InfiniteSampler", "DistInfo",
     "lr_factor", "loss_key", "init_distributed", "dist_info", "save_checkpoint", "load_checkpoint",
     "check_compatible", "load_weights", "read_metrics", "plot_metrics",
 ]
@@ -620,6 +627,39 @@ def _as_float(v: Any) -> float:
     return float(v.detach().float().item()) if isinstance(v, torch.Tensor) else float(v)
 
 
+class TrainingStopped(SystemExit):
+    """A fit stopped by SIGINT/SIGTERM after writing its checkpoint; exit status 130 (128 + SIGINT)."""
+
+    def __init__(self, step: int, checkpoint: Path | None) -> None:
+        super().__init__(130)
+        self.step, self.checkpoint = step, checkpoint
+
+
+class _StopRequests:
+    """SIGINT/SIGTERM become a flag the loop reads between steps (main thread only; a second signal
+    raises KeyboardInterrupt at once). Restores the previous handlers on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> "_StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
 class Trainer:
     """Trains a :class:`TrainTask`; see the module docstring.
 
@@ -1024,55 +1064,86 @@ class Trainer:
         disable = True if not show else (None if self.progress is None else False)  # None: TTY only
         bar = tqdm(total=self.max_steps, initial=self.step, disable=disable, desc=str(task.kind),
                    dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
-        window: dict[str, list[Any]] = {}
         last_logged: dict[str, float] = {}
-        stopped_by = "max_steps"
+        stop = _StopRequests()
         try:
-            while self.step < self.max_steps:
-                logs = self._train_step(data_iter)
-                for k, v in logs.items():
-                    window.setdefault(k, []).append(v)
-                bar.update(1)
-                done = self.step >= self.max_steps
-                over_budget = (self.time_budget_s is not None
-                               and time.perf_counter() - self._t0 >= self.time_budget_s)
-                if self.dist.distributed and self.time_budget_s is not None:
-                    import torch.distributed as dist
-
-                    flag = torch.tensor([float(over_budget)], device=self.device)
-                    dist.broadcast(flag, src=0)
-                    over_budget = bool(flag.item())
-                if over_budget and not done:
-                    stopped_by, done = "time_budget", True
-                if self.step % self.log_every == 0 or done:
-                    means = {k: sum(_as_float(x) for x in v) / len(v) for k, v in window.items()}
-                    window.clear()
-                    bad = [k for k, v in means.items() if k.startswith("loss") and not math.isfinite(v)]
-                    if bad:
-                        raise FloatingPointError(f"{task.kind}: non-finite {bad} at step {self.step}; lower "
-                                                 f"the lr or set grad_clip (last good checkpoint: {last})")
-                    lr_keys = {k for k in means if k.startswith("lr")}
-                    means = {**self._mean_over_processes({k: v for k, v in means.items() if k not in lr_keys}),
-                             **{k: means[k] for k in lr_keys}}
-                    last_logged = means
-                    if log is not None:
-                        log.append({"step": self.step, **means,
-                                    "seconds": round(self._elapsed_before + time.perf_counter() - self._t0, 3)})
-                    shown = {k: f"{v:.4g}" for k, v in means.items() if k.startswith("loss")}
-                    bar.set_postfix(shown, refresh=False)
-                if self.val_every and (self.step % self.val_every == 0):
-                    val = self.validate(val_data)
-                    if val and log is not None:
-                        log.append({"step": self.step, **val,
-                                    "seconds": round(self._elapsed_before + time.perf_counter() - self._t0, 3)})
-                    last_logged.update(val)
-                if done:
-                    break
-                if self.checkpoint_every and self.step % self.checkpoint_every == 0:
-                    self.save()
+            with stop:
+                stopped_by = self._loop(data_iter, log, bar, last_logged, val_data, last, stop)
         finally:
             bar.close()
             del data_iter
+        if stopped_by == "signal":
+            path = self.save()
+            print(f"{task.kind}: stopped at step {self.step}; run the same command to resume"
+                  + ("" if path is not None else " (no run directory: nothing was saved)"), file=sys.stderr)
+            raise TrainingStopped(self.step, path)
         path = self.save(final=True)
         return FitResult(self.step, start_step, last_logged, time.perf_counter() - self._t0, stopped_by, path,
                          self.run_dir / FINAL_NAME if self.run_dir is not None else None, self.run_dir)
+
+    def _stop_requested(self, stop: _StopRequests) -> bool:
+        """True on every process once any process got SIGINT/SIGTERM (one collective under DDP)."""
+        flag = stop.signum is not None
+        if self.dist.distributed:
+            import torch.distributed as dist
+
+            t = torch.tensor([float(flag)], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = bool(t.item())
+            if flag and stop.signum is None:
+                stop.signum = int(signal.SIGTERM)
+        return flag
+
+    def _loop(self, data_iter: Iterator[Any], log: MetricsLog | None, bar: Any, last_logged: dict[str, float],
+              val_data: Any, last: Path | None, stop: _StopRequests) -> str:
+        """The steps of :meth:`fit` until ``max_steps``, the time budget or a stop request; returns which."""
+        task = self.task
+        assert task is not None
+        window: dict[str, list[Any]] = {}
+        stopped_by = "max_steps"
+        while self.step < self.max_steps:
+            logs = self._train_step(data_iter)
+            for k, v in logs.items():
+                window.setdefault(k, []).append(v)
+            bar.update(1)
+            done = self.step >= self.max_steps
+            over_budget = (self.time_budget_s is not None
+                           and time.perf_counter() - self._t0 >= self.time_budget_s)
+            if self.dist.distributed and self.time_budget_s is not None:
+                import torch.distributed as dist
+
+                flag = torch.tensor([float(over_budget)], device=self.device)
+                dist.broadcast(flag, src=0)
+                over_budget = bool(flag.item())
+            if over_budget and not done:
+                stopped_by, done = "time_budget", True
+            if self._stop_requested(stop) and not done:
+                stopped_by, done = "signal", True
+            if self.step % self.log_every == 0 or done:
+                means = {k: sum(_as_float(x) for x in v) / len(v) for k, v in window.items()}
+                window.clear()
+                bad = [k for k, v in means.items() if k.startswith("loss") and not math.isfinite(v)]
+                if bad:
+                    raise FloatingPointError(f"{task.kind}: non-finite {bad} at step {self.step}; lower "
+                                             f"the lr or set grad_clip (last good checkpoint: {last})")
+                lr_keys = {k for k in means if k.startswith("lr")}
+                means = {**self._mean_over_processes({k: v for k, v in means.items() if k not in lr_keys}),
+                         **{k: means[k] for k in lr_keys}}
+                last_logged.clear()
+                last_logged.update(means)
+                if log is not None:
+                    log.append({"step": self.step, **means,
+                                "seconds": round(self._elapsed_before + time.perf_counter() - self._t0, 3)})
+                shown = {k: f"{v:.4g}" for k, v in means.items() if k.startswith("loss")}
+                bar.set_postfix(shown, refresh=False)
+            if self.val_every and (self.step % self.val_every == 0):
+                val = self.validate(val_data)
+                if val and log is not None:
+                    log.append({"step": self.step, **val,
+                                "seconds": round(self._elapsed_before + time.perf_counter() - self._t0, 3)})
+                last_logged.update(val)
+            if done:
+                break
+            if self.checkpoint_every and self.step % self.checkpoint_every == 0:
+                self.save()
+        return stopped_by

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 KINDS = ("vae3d", "vqvae2d", "vae2d", "maskvae")  # lungsynth.autoencoders.KINDS, without importing torch
 

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from filelock import FileLock
 from torch.utils.data import Dataset
 
 from lungsynth.autoencoders.model import default_run_dir, load_autoencoder
-from lungsynth.autoencoders.train import item_id, source_dataset, source_key
+from lungsynth.autoencoders.train import ensure_autoencoder, item_id, source_dataset, source_key
 
 LATENTS_DIR = "latents"
 
@@ -83,14 +84,16 @@ def ensure_latents(kind: str, cfg: Any, split: str = "train", run_dir: Path | st
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(kind, cfg.profile)
     ae = ae if ae is not None else ensure_autoencoder(kind, cfg, run_dir, root=root)
     out = _cache_dir(run_dir, split)
-    index = out / "index.json"
-    if index.is_file():
-        meta = json.loads(index.read_text())
-        ident = _identity(ae)
-        if all(meta.get(k) == v for k, v in ident.items()) and all((out / f"{i:06d}.pt").is_file()
-                                                                  for i in range(int(meta.get("n", 0)))):
-            return out
-    return encode_dataset(kind, cfg, split, run_dir, ae=ae, root=root)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):  # a second process waits for the first one's cache, then reuses it
+        index = out / "index.json"
+        if index.is_file():
+            meta = json.loads(index.read_text())
+            ident = _identity(ae)
+            if all(meta.get(k) == v for k, v in ident.items()) and all((out / f"{i:06d}.pt").is_file()
+                                                                      for i in range(int(meta.get("n", 0)))):
+                return out
+        return encode_dataset(kind, cfg, split, run_dir, ae=ae, root=root)
 
 
 class LatentDataset(Dataset):

@@ -8,10 +8,7 @@ discriminator) and prepares its data.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import time
 from pathlib import Path
 from typing import Any, Sequence
 

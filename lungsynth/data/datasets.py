@@ -45,24 +45,58 @@ def ensure_prepared(cfg: Any, verbose: bool = True) -> Path:
     (:func:`lungsynth.data.phantom.default_scan_ids`) rendered into
     ``paths.phantom_dicom_dir()`` and prepared into ``paths.prepared_dir(cfg.profile)``.
     A run record (``prepare_run.json``) is written beside the data when it is built.
+
+    A file lock (``<P>.lock``) lets one process prepare while a second waits, then reuses its
+    output. Phantom scans are never added to a folder that holds a LIDC-IDRI (DICOM) preparation:
+    that is an error naming the missing scans.
     """
+    from filelock import FileLock
+
     from lungsynth.data.lidc import get_scan, scan_key
-    from lungsynth.data.phantom import default_scan_ids, make_phantom
-    from lungsynth.data.preprocess import prepare
+    from lungsynth.data.manifest import manifest_current, write_manifest
 
     P = paths.prepared_dir(cfg.profile)
     memo = (str(P), int(cfg.data.n_scans), repr(cfg.data))
     if memo in _ENSURED and (P / "scans.csv").is_file():
         return P
+    from lungsynth.data.phantom import default_scan_ids
+
     ids = default_scan_ids(int(cfg.data.n_scans), strict=False)  # full: every patient once
     keys = [scan_key(get_scan(i)) for i in ids]
-    if _records_complete(P, keys, cfg):
-        from lungsynth.data.manifest import manifest_current, write_manifest
-
-        if not manifest_current(P, cfg):  # same scans, other split settings: re-cut the splits only
-            write_manifest(P, cfg)
+    if _records_complete(P, keys, cfg) and manifest_current(P, cfg):
         _ENSURED.add(memo)
         return P
+    P.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(P) + ".lock"):
+        if _records_complete(P, keys, cfg):  # maybe another process just finished it
+            if not manifest_current(P, cfg):  # same scans, other split settings: re-cut the splits only
+                write_manifest(P, cfg)
+        else:
+            _refuse_phantom_into_dicom(P, ids, keys, cfg)
+            _build_default(P, ids, keys, cfg, verbose)
+    _ENSURED.add(memo)
+    return P
+
+
+def _refuse_phantom_into_dicom(P: Path, ids: Sequence[Any], keys: Sequence[str], cfg: Any) -> None:
+    """Raise when P holds scans prepared from real DICOM: phantom and LIDC-IDRI never mix silently."""
+    if not (P / "scans.csv").is_file():
+        return
+    scans = load_scans(P)
+    real = scans[scans["source"].astype(str) != "phantom"] if "source" in scans.columns else scans.iloc[:0]
+    if real.empty:
+        return
+    missing = [str(i) for i, k in zip(ids, keys) if not _records_complete(P, [k], cfg)]
+    raise ValueError(
+        f"{P} holds {len(real)} scans prepared from LIDC-IDRI DICOM, and the profile's default scans "
+        f"{', '.join(missing)} are missing or were prepared with other settings; phantom scans are never "
+        f"added to a real dataset. Prepare them from your download: `lungsynth data prepare --dicom-root ROOT "
+        f"--out {P} --scans {','.join(missing)} --profile {cfg.profile}`, or set data.n_scans to the scans you have.")
+
+
+def _build_default(P: Path, ids: Sequence[Any], keys: Sequence[str], cfg: Any, verbose: bool) -> None:
+    from lungsynth.data.phantom import make_phantom
+    from lungsynth.data.preprocess import prepare
     from lungsynth.runtime import RunRecord
 
     root = paths.phantom_dicom_dir()
@@ -74,9 +108,7 @@ def ensure_prepared(cfg: Any, verbose: bool = True) -> Path:
                          render_matrix=cfg.data.phantom_render_matrix, verbose=verbose)
         with run.timer("prepare"):
             prepare(root, P, cfg, scans=ids, verbose=verbose)
-        run["scans"] = keys
-    _ENSURED.add(memo)
-    return P
+        run["scans"] = list(keys)
 
 
 # --------------------------------------------------------------------------- tables

@@ -99,6 +99,7 @@ def synthesize(cfg: Any, method: str | MethodFace, n: int | None = None, *, cond
     Returns:
         :class:`SynthResult`; time per sample covers generation and writing, not loading.
     """
+    from filelock import FileLock
     from tqdm.auto import tqdm
 
     from lungsynth.runtime import write_json_atomic
@@ -131,48 +132,49 @@ def synthesize(cfg: Any, method: str | MethodFace, n: int | None = None, *, cond
             "checkpoint": str(checkpoint), "conditions": conditions, "seed": seed, "batch_size": bs,
             "options": dict(adapter.options)}
     out.mkdir(parents=True, exist_ok=True)
-    _check_meta(out, meta)
-    write_json_atomic(out / "synth.json", {**meta, "n": n, "profile": cfg.profile, "config": cfg,
-                                           "method_info": adapter.describe()})
-    writer = SyntheticWriter(out, adapter.unit, adapter.spacing_mm(cfg))
-    ids = [sample_id(adapter.name, i) for i in range(n)]
-    todo = [s for s in range(0, n, bs) if not all(writer.done(i) for i in ids[s:s + bs])]
-    skipped = sum(writer.done(i) for i in ids)
-    generated = 0
-    t_gen = 0.0
-    t0 = time.perf_counter()
-    if todo:
-        conds = adapter.conditions(cfg, conditions, n, seed, real_root)
-        if model is None:
-            model = adapter.load(cfg, checkpoint)
-        bar = tqdm(total=n, initial=skipped, desc=f"synth {adapter.name}", disable=not progress, unit="sample")
-        for start in todo:
-            batch = conds[start:start + bs]
-            bseed = batch_seed(seed, start)
-            tb = time.perf_counter()
-            samples = adapter.generate(cfg, model, batch, bseed)
-            if len(samples) != len(batch):
-                raise ValueError(f"{adapter.name}: {len(samples)} samples for a batch of {len(batch)} conditions")
-            per = (time.perf_counter() - tb) / len(batch)
-            for pos, (c, s) in enumerate(zip(batch, samples)):
-                sid = ids[start + pos]
-                if writer.done(sid):
-                    continue
-                writer.write(sid, c, s, {"sample_id": sid, "index": start + pos, "method": adapter.name,
-                                         "variant": adapter.variant, "checkpoint": str(checkpoint), "seed": seed,
-                                         "batch_seed": bseed, "position": pos, "seconds": round(per, 4),
-                                         "peak_memory_mb": round(_peak_mb(), 1)})
-                generated += 1
-                bar.update(1)
-            t_gen += time.perf_counter() - tb
-            writer.write_tables()
-        bar.close()
-    writer.write_tables()
-    records = writer.records()
-    secs = [r["seconds"] for r in records if r.get("seconds") is not None]
-    return SynthResult(out, adapter.name, n, generated, skipped, round(time.perf_counter() - t0, 3),
-                       float(np.mean(secs)) if secs else None,
-                       max([float(r.get("peak_memory_mb") or 0.0) for r in records] + [0.0]), records)
+    with FileLock(str(out) + ".lock"):  # a second process writing the same dataset waits, then resumes it
+        _check_meta(out, meta)
+        write_json_atomic(out / "synth.json", {**meta, "n": n, "profile": cfg.profile, "config": cfg,
+                                               "method_info": adapter.describe()})
+        writer = SyntheticWriter(out, adapter.unit, adapter.spacing_mm(cfg))
+        ids = [sample_id(adapter.name, i) for i in range(n)]
+        todo = [s for s in range(0, n, bs) if not all(writer.done(i) for i in ids[s:s + bs])]
+        skipped = sum(writer.done(i) for i in ids)
+        generated = 0
+        t_gen = 0.0
+        t0 = time.perf_counter()
+        if todo:
+            conds = adapter.conditions(cfg, conditions, n, seed, real_root)
+            if model is None:
+                model = adapter.load(cfg, checkpoint)
+            bar = tqdm(total=n, initial=skipped, desc=f"synth {adapter.name}", disable=not progress, unit="sample")
+            for start in todo:
+                batch = conds[start:start + bs]
+                bseed = batch_seed(seed, start)
+                tb = time.perf_counter()
+                samples = adapter.generate(cfg, model, batch, bseed)
+                if len(samples) != len(batch):
+                    raise ValueError(f"{adapter.name}: {len(samples)} samples for a batch of {len(batch)} conditions")
+                per = (time.perf_counter() - tb) / len(batch)
+                for pos, (c, s) in enumerate(zip(batch, samples)):
+                    sid = ids[start + pos]
+                    if writer.done(sid):
+                        continue
+                    writer.write(sid, c, s, {"sample_id": sid, "index": start + pos, "method": adapter.name,
+                                             "variant": adapter.variant, "checkpoint": str(checkpoint), "seed": seed,
+                                             "batch_seed": bseed, "position": pos, "seconds": round(per, 4),
+                                             "peak_memory_mb": round(_peak_mb(), 1)})
+                    generated += 1
+                    bar.update(1)
+                t_gen += time.perf_counter() - tb
+                writer.write_tables()
+            bar.close()
+        writer.write_tables()
+        records = writer.records()
+        secs = [r["seconds"] for r in records if r.get("seconds") is not None]
+        return SynthResult(out, adapter.name, n, generated, skipped, round(time.perf_counter() - t0, 3),
+                           float(np.mean(secs)) if secs else None,
+                           max([float(r.get("peak_memory_mb") or 0.0) for r in records] + [0.0]), records)
 
 
 # --------------------------------------------------------------------------- CLI

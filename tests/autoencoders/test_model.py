@@ -1,16 +1,12 @@
-"""Chapter 02 autoencoders without training: shapes, x4 compression, bad input, checkpoints,
-sliding windows, losses, metrics (tiny sizes, fixed seeds)."""
-
-import math
+"""Chapter 02 autoencoder networks without training: shapes, x4 compression, bad input, checkpoints,
+sliding windows, codebook statistics (tiny sizes, fixed seeds)."""
 
 import pytest
 import torch
-from torch import nn
 
 from lungsynth.config import get_config
-from lungsynth.autoencoders import codebook_stats, mask_metrics, reconstruction_metrics, resample_baseline
-from lungsynth.autoencoders import KINDS, Autoencoder, autoencoder_spec, build_autoencoder, load_autoencoder
-from lungsynth.nn.losses import AstraPerceptualLoss, PatchAdversarial, build_perceptual_loss, kl_divergence
+from lungsynth.autoencoders import (KINDS, Autoencoder, autoencoder_spec, build_autoencoder, codebook_stats,
+                                    load_autoencoder)
 
 TINY = {"autoencoders.vae3d_channels": "8,8,8", "autoencoders.maskvae_channels": "4,8,8",
         "autoencoders.vae2d_channels": "8,8,8", "autoencoders.vqvae2d_channels": "8,8",
@@ -132,86 +128,6 @@ def test_codebook_usage_and_perplexity_by_hand():
     assert codebook_stats(torch.arange(8), 8)["perplexity"] == pytest.approx(8.0)
     with pytest.raises(ValueError, match="indices must lie"):
         codebook_stats(torch.tensor([8]), 8)
-
-
-def test_kl_divergence_by_hand():
-    mean = torch.zeros(2, 1, 2, 2)
-    assert kl_divergence(mean, torch.ones_like(mean)) == pytest.approx(0.0, abs=1e-7)
-    # one element mu = 1, sigma = e: 0.5 (1 + e^2 - 2 - 1) per element, summed per item, batch mean
-    m, s = torch.tensor([[1.0]]), torch.tensor([[math.e]])
-    assert kl_divergence(m, s).item() == pytest.approx(0.5 * (1 + math.e ** 2 - 2 - 1), rel=1e-5)
-
-
-class _StandIn(nn.Module):
-    """Same attribute names as the packaged I3ResNet-152, a thousand times smaller."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv3d(3, 4, (3, 7, 7), (1, 2, 2), (1, 3, 3), bias=False)
-        self.bn1 = nn.BatchNorm3d(4)
-        self.relu = nn.ReLU()
-        self.maxpool = nn.MaxPool3d(3, 2, 1)
-        self.layer1 = nn.Conv3d(4, 8, 3, padding=1)
-        self.layer2 = nn.Conv3d(8, 8, 3, stride=2, padding=1)
-
-
-@pytest.mark.parametrize("nd", [2, 3])
-def test_astra_perceptual_loss_with_a_stand_in_encoder(nd):
-    torch.manual_seed(0)
-    loss = build_perceptual_loss("astra", nd, loader=_StandIn)
-    assert isinstance(loss, AstraPerceptualLoss)
-    x = torch.rand(2, 1, *([16] * nd))
-    y = (x + 0.1 * torch.randn_like(x)).clamp(0, 1).requires_grad_(True)
-    assert loss(x, x).item() == 0.0
-    val = loss(y, x)
-    val.backward()
-    assert val.item() > 0 and y.grad is not None and y.grad.abs().sum() > 0
-    assert all(not p.requires_grad for p in loss.encoder.parameters())
-    loss.train()
-    assert not loss.encoder.training  # frozen BatchNorm statistics
-
-
-def test_perceptual_off_and_unavailable_network():
-    assert build_perceptual_loss("off", 3) is None
-    with pytest.raises(ValueError, match="pretrained weights.*perceptual_network=astra"):
-        build_perceptual_loss("no-such-network", 2)
-
-
-def test_patch_adversarial_losses():
-    torch.manual_seed(0)
-    adv = PatchAdversarial(2, 1, channels=8, num_layers=2, warmup_steps=5)
-    assert not adv.active(4) and adv.active(5)
-    real, fake = torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32, requires_grad=True)
-    g = adv.generator_loss(fake)
-    g.backward()
-    assert fake.grad is not None
-    d = adv.discriminator_loss(real, fake)
-    assert d.item() > 0 and d.requires_grad
-
-
-def test_resample_baseline_and_metrics():
-    torch.manual_seed(0)
-    smooth = torch.ones(1, 1, 16, 16, 16) * 0.3
-    for down in ("area", "linear"):
-        assert torch.allclose(resample_baseline(smooth, 4, down), smooth)
-    x = torch.rand(1, 1, 16, 16, 16)
-    assert resample_baseline(x, 4).shape == x.shape
-    lung = torch.zeros(1, 16, 16, 16)
-    lung[:, 4:12, 4:12, 4:12] = 1
-    label = torch.zeros(1, 16, 16, 16)
-    label[:, 7:9, 7:9, 7:9] = 1
-    cond = 0.1 * lung
-    cond[label > 0] = 0.8  # texture 4
-    r = x.clone()
-    r[0][label > 0] += 0.01  # 14 HU error on the nodule only
-    m = reconstruction_metrics(x[0], r[0], lung, label, cond)
-    assert m["mae_hu_nodule"] == pytest.approx(14.0, rel=1e-4)
-    assert m["mae_hu_nodule_t4"] == pytest.approx(14.0, rel=1e-4)
-    assert math.isnan(m["mae_hu_nodule_t1"])
-    assert m["mae_hu_lung"] == pytest.approx(14.0 * 8 / 512, rel=1e-3)
-    assert m["ssim"] > 0.99 and m["psnr"] > 40
-    perfect = mask_metrics(cond, cond)
-    assert perfect["mae"] == 0 and perfect["class_accuracy"] == 1 and perfect["nodule_dice"] == 1
 
 
 def test_spec_is_plain_and_rebuilds(cfg):

@@ -1,3 +1,6 @@
+import json
+
+import pytest
 import torch
 
 from lungsynth.data.datasets import CropDataset, RoiDataset, SliceDataset, VolumeDataset
@@ -68,3 +71,46 @@ def test_ensure_prepared_recuts_splits_and_redoes_stale_records(tmp_path, monkey
     datasets.ensure_prepared(get_config("smoke", {**base, "data.split_fractions": (1, 1, 2)}), verbose=False)
     assert json.loads(records[0].read_text())["config"]["version"] == PREPARE_VERSION
     assert all(r.stat().st_mtime_ns == stamps[r] for r in records[1:])
+
+    # a folder prepared from real DICOM never gets phantom scans: a missing/stale scan is an error
+    import pandas as pd
+
+    scans = pd.read_csv(P / "scans.csv")
+    scans["source"] = "dicom"
+    scans.to_csv(P / "scans.csv", index=False)
+    rec = json.loads(records[1].read_text())
+    rec["config"]["version"] = PREPARE_VERSION - 1
+    records[1].write_text(json.dumps(rec))
+    stale = records[1].stat().st_mtime_ns
+    monkeypatch.setattr(datasets, "_ENSURED", set())
+    with pytest.raises(ValueError, match=r"prepared from LIDC-IDRI DICOM.*never added.*--scans \d+") as err:
+        datasets.ensure_prepared(get_config("smoke", {**base, "data.split_fractions": (1, 1, 2)}), verbose=False)
+    assert str(P) in str(err.value)
+    assert records[1].stat().st_mtime_ns == stale  # nothing was written into the real dataset
+
+
+def test_two_processes_preparing_at_once_leave_one_dataset(tmp_path):
+    """`lungsynth data default` twice at the same moment: one prepares, the other waits and reuses it."""
+    import os
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    env = {**os.environ, "LUNGSYNTH_HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "lungsynth", "data", "default", "--profile", "smoke"]
+    for key, value in {"data.n_scans": 2, "data.size_3d": 32, "data.spacing_3d_mm": 8.0, "data.size_2d": 32,
+                       "data.roi_size": 16, "data.crop_size": 16, "data.phantom_render_matrix": 64}.items():
+        cmd += ["--set", f"{key}={value}"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    # exactly one process rendered and prepared; the other waited on the lock and reused its output
+    assert sorted(out.count("prepare LIDC-IDRI") for out in outs) == [0, 2], outs
+    P = tmp_path / "data" / "generated" / "smoke" / "prepared"
+    scans = pd.read_csv(P / "scans.csv")
+    assert len(scans) == 2 and scans["scan_id"].is_unique
+    assert len(list((P / "records").glob("*.json"))) == 2
+    run = json.loads((P / "prepare_run.json").read_text())
+    assert run["status"] == "ok" and len(run["results"]["scans"]) == 2

@@ -1,5 +1,30 @@
 """Chapter 04 — 2D latent diffusion with a nodule box mask and LIDC attributes (Mari et al.).
 
+An axial CT slice is generated *around* a nodule chosen in advance: where it is (a square box
+``(y0, x0, side)``) and what it looks like (five LIDC-IDRI reader scores ``s`` in 1..5: sphericity,
+margin, lobulation, spiculation, texture). The diffusion runs in the latent space of the frozen 2D
+VQ-VAE of chapter 02 (x4):
+
+    z_0 = E(x)                                                   x [1, H, W] in [0, 1] over [-1000, 2500] HU
+    z_t = sqrt(ab_t) z_0 + sqrt(1 - ab_t) eps,  eps ~ N(0, I)    linear betas, T = 1000 (Ho et al. 2020, eq. 4)
+    m   = maxpool_4(box mask)                                    [1, H/4, W/4], a 2-pixel nodule survives
+    L   = E_{z_0, eps, t} || eps - eps_theta([z_t, m], t, c) ||^2   (Mari et al. §2.2; Ho et al., eq. 14)
+
+The three configurations of the paper's Table 2 differ only in the cross-attention context ``c``:
+
+- config 1: ``c`` empty, the mask only as an extra input channel;
+- config 2: ``c = T(m)``, the mask as ``grid^2`` tokens of width D' = 10;
+- config 3: ``c = [T(m); a]`` with the attribute token
+  ``a = FC_{128->10}(ReLU(FC_{128->128}(ReLU(FC_{50->128}([E_1(s_1); ...; E_5(s_5)])))))``,
+  one learnable table ``E_k`` in R^{5 x 10} per attribute.
+
+Sampling runs the reverse process from ``z_T ~ N(0, I)`` (DDPM with ``T`` steps, else DDIM) and decodes
+``x = D(z_0)``. At inference the paper draws the box centre from a per-pixel map of training nodule
+centres, the side from the training box sizes and each score uniformly in 1..5 (``paper`` sampler);
+the course's ``anatomical`` sampler places a real nodule (size and scores together) inside a real lung.
+The chapter's table: FID on whole slices and on 32 x 32 crops around the boxes, per configuration, and
+the share of each sampler's boxes that lie in the lung.
+
 What later chapters call::
 
     from lungsynth.methods import bbox_ldm
@@ -11,65 +36,24 @@ What later chapters call::
     table = bbox_ldm.evaluate(cfg)["table"]                  # FID on slices and 32x32 crops per config
 
 Command line: ``lungsynth bbox-ldm train|sample|evaluate --config 1|2|3 --sampler paper|anatomical``.
+
+Rooms: :mod:`.model` (condition encoding and validation, attribute embedder, U-Net, the frozen VQ-VAE),
+:mod:`.train` (the training slices, the engine task, ``train`` / ``ensure_trained``), :mod:`.sample`
+(``load``, ``BboxLdm.sample``, the paper's and the anatomical box samplers), :mod:`.evaluate` (Table 2,
+where the boxes fall), :mod:`.method` (the face for chapters 08-11), :mod:`.plots`, :mod:`.cli`
+(``lungsynth bbox-ldm``), :mod:`.bench` (``lungsynth bench bbox-ldm``).
 """
 
 from __future__ import annotations
 
-import argparse
+from lungsynth.exports import lazy_exports
 
-# Public names -> the submodule defining them. Loaded on first use (PEP 562), so that
-# ``lungsynth --help`` (which imports this package for ``register``) does not import torch.
-_EXPORTS: dict[str, str] = {
-    **dict.fromkeys(("TISSUES", "AnatomicalMaskSampler", "MaskDraw", "PaperMaskSampler", "body_mask", "box_centres",
-                     "classify_box", "classify_boxes", "inside_lung_rate", "tissue_counts"), "masks"),
-    **dict.fromkeys(("ATTRIBUTES", "CONFIG_NAMES", "CONFIGS", "AttributeEmbedder", "ConditionEncoder", "box_masks",
-                     "boxes_from_masks", "check_config", "mask_to_latent", "validate_attributes", "validate_boxes"),
-                    "model"),
-    **dict.fromkeys(("CROP", "SAMPLERS", "BboxLdm", "BboxLdmTask", "anatomical_sampler", "box_placement",
-                     "compare_samplers", "crops", "default_run_dir", "draw_conditions", "ensure_trained", "evaluate",
-                     "feature_net", "fid_2d", "load", "load_split", "paper_sampler", "run_name", "slice_dataset",
-                     "to_hu", "train"), "pipeline"),
-}
-__all__ = [*_EXPORTS, "register"]
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    """``lungsynth bbox-ldm train|sample|evaluate``."""
-    from lungsynth.config import add_profile_argument
-
-    p = sub.add_parser("bbox-ldm", help="chapter 04: 2D LDM with a nodule box mask and LIDC attributes")
-    p.add_argument("verb", choices=("train", "sample", "evaluate"))
-    p.add_argument("--config", type=int, choices=(1, 2, 3), default=3,
-                   help="1: mask concat; 2: + mask cross-attention; 3: + attribute cross-attention (default 3)")
-    p.add_argument("--sampler", choices=("paper", "anatomical"), default="paper",
-                   help="sample: where boxes and attributes come from (default paper)")
-    p.add_argument("--n", type=int, default=None, help="sample: how many slices (default cfg.sampling.n_samples)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--run-dir", default=None, help="default runs/<profile>/04_bbox_ldm_config<k>")
-    p.add_argument("--fresh", action="store_true", help="train: start over instead of resuming")
-    add_profile_argument(p)
-    p.set_defaults(func=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
-    from lungsynth.config import get_config, parse_overrides
-    from lungsynth.methods.bbox_ldm.cli import run_sample, run_train, run_evaluate
-
-    cfg = get_config(args.profile, parse_overrides(args.overrides))
-    if args.verb == "train":
-        return run_train(cfg, args)
-    if args.verb == "sample":
-        return run_sample(cfg, args)
-    return run_evaluate(cfg, args)
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    "model": ("ATTRIBUTES", "CONFIG_NAMES", "CONFIGS", "AttributeEmbedder", "ConditionEncoder", "box_masks",
+              "boxes_from_masks", "check_config", "mask_to_latent", "validate_attributes", "validate_boxes"),
+    "train": ("BboxLdmTask", "default_run_dir", "ensure_trained", "load_split", "run_name", "slice_dataset", "train"),
+    "sample": ("SAMPLERS", "AnatomicalMaskSampler", "BboxLdm", "MaskDraw", "PaperMaskSampler", "anatomical_sampler",
+               "box_centres", "draw_conditions", "load", "paper_sampler", "table_sides_and_attributes", "to_hu"),
+    "evaluate": ("CROP", "TISSUES", "body_mask", "box_placement", "classify_box", "classify_boxes", "compare_samplers",
+                 "crops", "evaluate", "feature_net", "fid_2d", "inside_lung_rate", "tissue_counts"),
+})

@@ -23,7 +23,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     from lungsynth.config import get_config
     from lungsynth.diffusion.samplers import sample
     from lungsynth.diffusion.schedules import make_scheduler
-    from lungsynth.methods.bbox_ldm.pipeline import BboxLdmTask
+    from lungsynth.methods.bbox_ldm.train import BboxLdmTask
     from lungsynth.runtime import device
 
     cfg = get_config(spec["profile"], spec["overrides"])
@@ -81,8 +81,8 @@ def bench_bbox_ldm(args: argparse.Namespace) -> int:
         for k in (1, 2, 3):
             spec = {"profile": cfg.profile, "overrides": overrides, "size": size, "config": k, "what": what,
                     "repeats": args.repeats}
-            proc = subprocess.run([sys.executable, "-c", f"import json,sys; from lungsynth.methods.bbox_ldm.bench "
-                                   f"import _child, TAG; print(TAG + json.dumps(_child(json.loads(sys.argv[1]))))",
+            proc = subprocess.run([sys.executable, "-c", "import json,sys; from lungsynth.methods.bbox_ldm.bench "
+                                   "import _child, TAG; print(TAG + json.dumps(_child(json.loads(sys.argv[1]))))",
                                    json.dumps(spec)], capture_output=True, text=True)
             line = [x for x in proc.stdout.splitlines() if x.startswith(TAG)]
             if proc.returncode != 0 or not line:

@@ -1,42 +1,57 @@
-"""The verbs of ``lungsynth bbox-ldm``: train, sample (arrays + a PNG grid with red boxes), evaluate."""
+"""``lungsynth bbox-ldm train|sample|evaluate``: the subcommand and its verbs (train; sample: arrays + a PNG grid
+with red boxes; evaluate: Table 2 and the samplers' box placement)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 
 
+def register(sub: argparse._SubParsersAction) -> None:
+    """``lungsynth bbox-ldm train|sample|evaluate``."""
+    from lungsynth.config import add_profile_argument
+
+    p = sub.add_parser("bbox-ldm", help="chapter 04: 2D LDM with a nodule box mask and LIDC attributes")
+    p.add_argument("verb", choices=("train", "sample", "evaluate"))
+    p.add_argument("--config", type=int, choices=(1, 2, 3), default=3,
+                   help="1: mask concat; 2: + mask cross-attention; 3: + attribute cross-attention (default 3)")
+    p.add_argument("--sampler", choices=("paper", "anatomical"), default="paper",
+                   help="sample: where boxes and attributes come from (default paper)")
+    p.add_argument("--n", type=int, default=None, help="sample: how many slices (default cfg.sampling.n_samples)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--run-dir", default=None, help="default runs/<profile>/04_bbox_ldm_config<k>")
+    p.add_argument("--fresh", action="store_true", help="train: start over instead of resuming")
+    add_profile_argument(p)
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from lungsynth.config import get_config, parse_overrides
+
+    cfg = get_config(args.profile, parse_overrides(args.overrides))
+    if args.verb == "train":
+        return run_train(cfg, args)
+    if args.verb == "sample":
+        return run_sample(cfg, args)
+    return run_evaluate(cfg, args)
+
+
 def run_train(cfg, args: argparse.Namespace) -> int:
-    from lungsynth.methods.bbox_ldm.pipeline import train
+    from lungsynth.methods.bbox_ldm.train import train
 
     run_dir = train(cfg, args.config, args.run_dir, fresh=args.fresh)
     print(f"bbox-ldm config {args.config}: trained into {run_dir}")
     return 0
 
 
-def save_grid(images: np.ndarray, boxes: np.ndarray, path: Path, titles: list[str] | None = None) -> Path:
-    """A PNG of [N, 1, H, W] slices with their condition boxes drawn in red (atomic write)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    from lungsynth.methods.bbox_ldm.plots import show_slices
-
-    fig = show_slices(images, boxes, titles=titles)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
-
-
 def run_sample(cfg, args: argparse.Namespace) -> int:
-    from lungsynth.methods.bbox_ldm.pipeline import box_placement, draw_conditions, ensure_trained, load
+    from lungsynth.methods.bbox_ldm.evaluate import box_placement
+    from lungsynth.methods.bbox_ldm.plots import save_grid
+    from lungsynth.methods.bbox_ldm.sample import draw_conditions, load
+    from lungsynth.methods.bbox_ldm.train import ensure_trained
 
     run_dir = ensure_trained(cfg, args.config, args.run_dir)
     model = load(cfg, args.config, run_dir)
@@ -60,7 +75,7 @@ def run_sample(cfg, args: argparse.Namespace) -> int:
 
 
 def run_evaluate(cfg, args: argparse.Namespace) -> int:
-    from lungsynth.methods.bbox_ldm.pipeline import evaluate
+    from lungsynth.methods.bbox_ldm.evaluate import evaluate
     from lungsynth.runtime import write_json_atomic
 
     result = evaluate(cfg, seed=args.seed)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -35,7 +35,8 @@ class BboxLdmMethod(MethodFace):
     def load(self, cfg: Any, run_dir: Path) -> Any:
         return self.api().load(cfg, self.config, run_dir)
 
-    def conditions(self, cfg, source, n, seed=0, root=None):
+    def conditions(self, cfg: Any, source: str, n: int, seed: int = 0, root: Path | str | None = None
+                   ) -> list[Condition]:
         if source == "heldout":
             return real_conditions(cfg, "slice", n, source=source, seed=seed, root=root)
         api = self.api()
@@ -53,7 +54,7 @@ class BboxLdmMethod(MethodFace):
                                  else None, split="train", arrays=arrays, extra={"sampler": "anatomical", **attrs}))
         return out
 
-    def generate(self, cfg, model, conditions, seed):
+    def generate(self, cfg: Any, model: Any, conditions: Sequence[Condition], seed: int) -> list[dict[str, Any]]:
         import torch
 
         api = self.api()

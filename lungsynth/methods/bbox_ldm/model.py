@@ -1,6 +1,14 @@
-"""The conditioned denoiser of chapter 04 (Mari et al.): box mask, mask tokens, attribute embedding.
+"""The networks of chapter 04 (Mari et al., Fig. 1): the frozen VQ-VAE, the conditioned U-Net, the condition encoding.
 
-Three configurations decide how the nodule's place and attributes reach the U-Net:
+The paper has no numbered equations; references are to its sections (Mari §2.2, Table 2) and, for the
+diffusion itself, to Ho et al. 2020 (DDPM, eqs. 4 and 14).
+
+- **VQ-VAE** (Mari §2.2): ``z_0 = E(x)`` [4, H/4, W/4], x4 compression, frozen (chapter 02's ``vqvae2d``);
+  :func:`autoencoder`, :func:`encode`, :func:`decode`.
+- **U-Net** (Mari §2.2): ``eps_theta([z_t, m], t, c)`` predicts the noise of
+  ``z_t = sqrt(ab_t) z_0 + sqrt(1 - ab_t) eps`` (DDPM eq. 4); in = latent + 1 mask channel
+  (:func:`build_unet`).
+- **Condition encoding** (Mari §2.2, the three configurations of Table 2):
 
 =======  ====================================================================================
 config   condition
@@ -10,10 +18,22 @@ config   condition
 3        (2) + the attribute embedding as one more token (:class:`AttributeEmbedder`)
 =======  ====================================================================================
 
-The attribute embedder is the paper's: one learnable table per attribute (sphericity, margin,
-lobulation, spiculation, texture; scores 1..5) of width D = 10, the five vectors concatenated
-(5 D = 50), two fully connected layers of 128 units with ReLU, then a linear output of D' = 10.
-Every cross-attention token has width D', so the attribute vector enters the U-Net as it is.
+  ``m = maxpool_4(box_mask(y0, x0, side))`` (:func:`box_masks`, :func:`mask_to_latent`); the context is
+  ``c = [T(m)]`` (config 2) or ``c = [T(m); a]`` (config 3) with ``T`` the shared mask tokenizer and
+
+      a = FC_{128->D'}(ReLU(FC_{128->128}(ReLU(FC_{5D->128}([E_1(s_1); ...; E_5(s_5)])))))
+
+  The attribute embedder is the paper's: one learnable table ``E_k`` per attribute (sphericity, margin,
+  lobulation, spiculation, texture; scores 1..5) of width D = 10, the five vectors concatenated
+  (5 D = 50), two fully connected layers of 128 units with ReLU, then a linear output of D' = 10.
+  Every cross-attention token has width D', so the attribute vector enters the U-Net as it is.
+- **The loss** (Mari §2.2; DDPM eq. 14): ``L = E_{z_0, eps, t} || eps - eps_theta([z_t, m], t, c) ||^2``, the
+  course's shared ``lungsynth.diffusion.objectives.diffusion_loss``, taken in
+  :meth:`lungsynth.methods.bbox_ldm.train.BboxLdmTask.training_step`.
+
+Conditions are validated here: boxes ``(y0, x0, side)`` entirely inside the image
+(:func:`validate_boxes`), scores integers in 1..5 (:func:`validate_attributes`), configuration 1, 2 or 3
+(:func:`check_config`).
 """
 
 from __future__ import annotations
@@ -89,6 +109,9 @@ def validate_boxes(boxes: torch.Tensor | Sequence, image_size: int | tuple[int, 
             raise ValueError(f"box {i} (y0={y0}, x0={x0}, side={s}) lies outside the {h}x{w} image; "
                              f"every box must fit entirely inside it")
     return b
+
+
+# --------------------------------------------------------------------------- condition encoding (Mari §2.2)
 
 
 def box_masks(boxes: torch.Tensor, image_size: int | tuple[int, int]) -> torch.Tensor:
@@ -178,6 +201,9 @@ class ConditionEncoder(nn.Module):
         return ctx
 
 
+# --------------------------------------------------------------------------- the networks
+
+
 def build_unet(cfg, config: int, latent_channels: int) -> nn.Module:
     """The noise-predicting 2D U-Net: in = latent + 1 mask channel, out = latent channels.
 
@@ -193,3 +219,29 @@ def build_unet(cfg, config: int, latent_channels: int) -> nn.Module:
         channels=tuple(c.unet_channels), attention_levels=(False,) + (True,) * (levels - 1),
         num_res_blocks=2, num_head_channels=c.unet_channels[-1] // 4 if c.unet_channels[-1] >= 32 else 8,
         cross_attention_dim=c.attr_out_dim if check_config(config) > 1 else None)
+
+
+def autoencoder(cfg, device: torch.device | str | None = None):
+    """The frozen 2D VQ-VAE of chapter 02 (trained when missing), on ``device`` (default: the runtime's)."""
+    from lungsynth.autoencoders import ensure_autoencoder
+
+    ae = ensure_autoencoder("vqvae2d", cfg, device=device)
+    return ae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode(ae, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """Images [N, 1, H, W] in [0, 1] -> diffusion latents [N, C, H/4, W/4] (scaled)."""
+    dev = next(ae.parameters()).device
+    out = [ae.encode_latent(images[i:i + batch_size].to(dev), sample=False).float().cpu()
+           for i in range(0, images.shape[0], batch_size)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def decode(ae, latents: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """Latents [N, C, h, w] -> images [N, 1, 4h, 4w] clipped to [0, 1]."""
+    dev = next(ae.parameters()).device
+    out = [ae.decode_latent(latents[i:i + batch_size].to(dev)).float().cpu()
+           for i in range(0, latents.shape[0], batch_size)]
+    return torch.cat(out).clamp(0.0, 1.0)

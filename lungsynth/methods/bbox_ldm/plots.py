@@ -1,7 +1,9 @@
-"""Figures of chapter 04: slices with their red condition box, configurations side by side, samplers."""
+"""Figures of chapter 04: slices with their red condition box, configurations side by side, samplers, PNG grids."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -116,3 +118,18 @@ def show_failures(images: Any, boxes: np.ndarray, labels: Sequence[str], per_cla
         ax.axis("off")
     fig.tight_layout()
     return fig
+
+
+def save_grid(images: np.ndarray, boxes: np.ndarray, path: Path, titles: list[str] | None = None) -> Path:
+    """A PNG of [N, 1, H, W] slices with their condition boxes drawn in red (atomic write)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig = show_slices(images, boxes, titles=titles)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

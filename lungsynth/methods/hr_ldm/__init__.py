@@ -1,8 +1,33 @@
 """Chapter 05 — HR-LDM: histogram-regularised latent inpainting of lung nodules by subtype.
 
-No public code of the paper exists; this package is the course's reference implementation of its
-Algorithm 1 (training, :mod:`.model`) and Algorithm 2 (inpainting, :mod:`.inpaint`), with the
-histograms in :mod:`.histogram` and the API and CLI verbs in :mod:`.api`.
+Kannan et al., "Controllable Lung Nodule Synthesis via Histogram-Regularized Latent Diffusion
+Models" (arXiv:2605.30631; equation numbers below are the paper's). No public code of the paper
+exists; this package is the course's reference implementation of its Algorithm 1 (training) and
+Algorithm 2 (inpainting).
+
+The method. A denoiser ``eps_theta`` works in the latent space of a frozen 3D KL-VAE
+(``z_0 = s E(x)``) on nodule-centred crops, with three conditions: the subtype ``y`` (an embedding
+added to the time embedding), the target HU histogram ``h`` (one cross-attention token
+``c_hist = MLP(h)``, eq. 3) and the 3-channel nodule mask concatenated to the latent (``M`` = its
+nodule channel on the latent grid). Training noises only the lesion and adds a histogram term::
+
+    z_t      = sqrt(ab_t) z_0 + sqrt(1 - ab_t) eps,     eps ~ N(0, I)                  (1)
+    z~_t     = (1 - M) z_0 + M z_t                         lesion-only noise             (4)
+    L_inp    = sum |M (eps - eps_theta([z~_t, M], t, y, h))| / (sum M + delta)          (5)
+    z^_0     = (z~_t - sqrt(1 - ab_t) eps_theta) / sqrt(ab_t)   (inside M)              (6)
+    h_k      = sum_{i in S} max(0, 1 - |f_i - mu_k| / w) / |S|,  f = D_trunc(z), S = lesion  (7)
+    L_hist   = JSD(p, q) = KL(p || a) / 2 + KL(q || a) / 2,   a = (p + q) / 2,
+               p = H(D_trunc(z^_0)),  q = H(D_trunc(z_0))                               (8)
+    L_total  = L_inp + lambda_hist L_hist,   lambda_hist = 10                           (9)
+
+``D_trunc`` is a frozen copy of the VAE decoder cut after its penultimate residual block; without
+``L_hist`` the model is the paper's MAISI-DDPM ablation. Inference (Algorithm 2) draws a centre in
+the eroded lung, a real nodule shape of the requested size and a real target histogram of the
+subtype, starts from ``z_T ~ N(0, I)`` and re-anchors the background after every reverse step::
+
+    z_{t-1} <- M z_{t-1} + (1 - M) q(z_bg, t - 1),   z_bg = s E(crop)                   (10)
+
+then decodes ``x^ = D(z_0)`` and pastes the generated region back into the scan.
 
 What later chapters (08-11) call to put nodules of a chosen subtype into real CT::
 
@@ -15,74 +40,29 @@ What later chapters (08-11) call to put nodules of a chosen subtype into real CT
 
 Command line: ``lungsynth hr-ldm train|inpaint|evaluate --profile P [--no-hist-loss]``.
 
+Rooms: :mod:`.model` (histograms, condition checks, networks, the loss, eq. 1-9), :mod:`.train`
+(latent cache, the engine task, ``train`` / ``ensure_trained``, run dirs), :mod:`.sample` (``load``,
+Algorithm 2: centres, the nodule library, the inpainting loop), :mod:`.evaluate` (the ablation
+table), :mod:`.plots` (figures), :mod:`.method` (the face for chapters 08-11), :mod:`.cli`
+(``lungsynth hr-ldm``), :mod:`.bench` (``lungsynth bench hr-ldm``).
+
 Names are imported lazily (PEP 562) so ``lungsynth --help`` does not import torch.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
-from typing import Any
+from lungsynth.exports import lazy_exports
 
-_EXPORTS: dict[str, tuple[str, ...]] = {
-    "api": ("train", "ensure_trained", "load", "evaluate", "eval_items", "generate_for_eval", "metrics_for",
-            "train_crops"),
-    "histogram": ("SUBTYPES", "HIST_BINS", "HIST_RANGE_HU", "bin_centres", "hu_histogram", "soft_histogram",
-                  "js_divergence", "js_divergence_np", "feature_histograms", "validate_histogram",
-                  "validate_subtype", "validate_mask_in_lung"),
-    "inpaint": ("SIZE_BINS_MM", "HrLdm", "InpaintResult", "NoduleLibrary", "candidate_centres", "sample_centre",
-                "place_mask", "inpaint_crops", "inpaint_latent", "inpaint_volume"),
-    "model": ("HistogramEncoder", "HrLdmNet", "HrLdmTask", "LatentCache", "TruncatedDecoder", "build_latent_cache",
-              "crop_side", "hr_ldm_losses", "make_schedulers", "mask_to_latent", "net_spec", "default_run_dir",
-              "run_name"),
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    "model": ("SUBTYPES", "HIST_BINS", "HIST_RANGE_HU", "bin_centres", "hu_histogram", "soft_histogram",
+              "js_divergence", "js_divergence_np", "feature_histograms", "validate_histogram", "validate_subtype",
+              "validate_mask_in_lung", "HistogramEncoder", "HrLdmNet", "TruncatedDecoder", "crop_side",
+              "hr_ldm_losses", "make_schedulers", "mask_to_latent", "net_spec"),
+    "train": ("HrLdmTask", "LatentCache", "build_latent_cache", "default_run_dir", "run_name", "train_crops", "train",
+              "ensure_trained"),
+    "sample": ("SIZE_BINS_MM", "HrLdm", "InpaintResult", "NoduleLibrary", "load", "candidate_centres", "sample_centre",
+               "place_mask", "inpaint_crops", "inpaint_latent", "inpaint_volume"),
+    "evaluate": ("evaluate", "eval_items", "generate_for_eval", "metrics_for"),
     "plots": ("plot_soft_histogram", "plot_inpaint_steps", "plot_subtype_size_grid", "plot_histograms",
               "subtype_size_grid"),
-}
-_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_WHERE) + ["register"]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
-
-
-def _run(verb: str):
-    def call(args: argparse.Namespace) -> int:
-        from lungsynth.methods.hr_ldm import api
-
-        return getattr(api, f"_cmd_{verb}")(args)
-    return call
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    """``lungsynth hr-ldm train|inpaint|evaluate``."""
-    from lungsynth.config import add_profile_argument
-
-    p = sub.add_parser("hr-ldm", help="chapter 05: HR-LDM, histogram-regularised latent inpainting of nodules")
-    verbs = p.add_subparsers(dest="verb", metavar="<verb>")
-    verbs.required = True
-    t = verbs.add_parser("train", help="train HR-LDM (Algorithm 1); --no-hist-loss trains the MAISI-DDPM ablation")
-    t.add_argument("--no-hist-loss", action="store_true", help="drop the histogram regulariser (ablation)")
-    t.add_argument("--fresh", action="store_true", help="start over instead of resuming")
-    add_profile_argument(t)
-    t.set_defaults(func=_run("train"))
-    i = verbs.add_parser("inpaint", help="inpaint a nodule of a chosen subtype into a prepared scan (Algorithm 2)")
-    i.add_argument("--no-hist-loss", action="store_true", help="use the ablation model")
-    i.add_argument("--subtype", default="solid", help="0/solid, 1/part-solid or 2/ground-glass")
-    i.add_argument("--size-mm", default=None, help="diameter range of the drawn shape in mm, e.g. 10,20")
-    i.add_argument("--split", default="test", help="which split's scan to inpaint into")
-    i.add_argument("--index", type=int, default=0, help="which scan of the split")
-    i.add_argument("--include-rim", action="store_true", help="allow sub-pleural centres")
-    i.add_argument("--seed", type=int, default=0)
-    i.add_argument("--out", default=None, help="output folder (default <run dir>/inpainted)")
-    add_profile_argument(i)
-    i.set_defaults(func=_run("inpaint"))
-    e = verbs.add_parser("evaluate", help="ablation table: per-subtype JSD, 2.5D FID/KID/MMD, delta HU outside")
-    add_profile_argument(e)
-    e.set_defaults(func=_run("evaluate"))
+})

@@ -21,9 +21,9 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
 
     from lungsynth.runtime import measure
     from lungsynth.config import get_config
-    from lungsynth.methods.hr_ldm.inpaint import HrLdm, inpaint_latent
     from lungsynth.methods.hr_ldm.model import (HrLdmNet, TruncatedDecoder, crop_side, hr_ldm_losses,
                                                 make_schedulers, net_spec)
+    from lungsynth.methods.hr_ldm.sample import HrLdm, inpaint_latent
     from lungsynth.autoencoders import build_autoencoder
     from lungsynth.runtime import device
 

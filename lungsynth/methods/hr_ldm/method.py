@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
+from lungsynth.data.conditions import Condition
 from lungsynth.methods.base import MethodFace, condition_volume_from
 
 
@@ -38,7 +39,7 @@ class HrLdmMethod(MethodFace):
     def load(self, cfg: Any, run_dir: Path) -> Any:
         return self.api().load(cfg, run_dir, self.hist_loss)
 
-    def generate(self, cfg, model, conditions, seed):
+    def generate(self, cfg: Any, model: Any, conditions: Sequence[Condition], seed: int) -> list[dict[str, Any]]:
         hr = self.api()
         if self._library is None:
             self._library = hr.NoduleLibrary.from_prepared(cfg, "train")

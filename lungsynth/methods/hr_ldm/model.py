@@ -1,51 +1,242 @@
-"""HR-LDM's networks, latent cache and training (the paper's Algorithm 1).
+"""HR-LDM's networks, conditions and loss (the paper's Sec. 3.2 and Algorithm 1).
 
-Conditions (paper, Sec. 3):
+Equation numbers are those of the paper (Kannan et al., "Controllable Lung Nodule Synthesis via
+Histogram-Regularized Latent Diffusion Models", arXiv:2605.30631v1).
+
+Conditions (paper, Sec. 3.2.1), each checked here before it reaches the network:
 
 - subtype ``y`` in {0 solid, 1 part-solid, 2 ground-glass}: a learned embedding added to the time
   embedding (MONAI ``DiffusionModelUNet(num_class_embeds=3)`` does exactly ``emb = t_emb + E[y]``);
-- target HU histogram ``h`` (40 bins over [-1000, 400] HU): ``MLP_SiLU(h)`` is one context token for
-  cross-attention;
+- target HU histogram ``h`` (40 bins over [-1000, 400] HU): ``c_hist = MLP_SiLU(h)`` (eq. 3) is one
+  context token for cross-attention;
 - multi-channel nodule mask (nodule, solid core, ground-glass part) max-pooled x4 to the latent grid
   and concatenated to ``z_t``.
 
 Algorithm 1, one step (``M`` = nodule mask on the latent grid):
 
-    z~_t  = (1 - M) z_0 + M (sqrt(ab_t) z_0 + sqrt(1 - ab_t) eps)                       (eq. 3)
-    L_eps = sum |eps - eps_theta(z~_t, t, y, h, mask)| M / sum M                        (eq. 4)
-    z^_0  = M (z~_t - sqrt(1 - ab_t) eps_theta) / sqrt(ab_t) + (1 - M) z_0                (eq. 5)
+    z_t   = sqrt(ab_t) z_0 + sqrt(1 - ab_t) eps                                         (eq. 1)
+    z~_t  = (1 - M) z_0 + M z_t                                                          (eq. 4)
+    L_eps = sum |eps - eps_theta(z~_t, t, y, h, mask)| M / sum M                        (eq. 5)
+    z^_0  = M (z~_t - sqrt(1 - ab_t) eps_theta) / sqrt(ab_t) + (1 - M) z_0                (eq. 6)
     L_hist = JSD(H(D'(z^_0)), H(D'(z_0)))   D' = frozen decoder up to its penultimate res block,
-                                             H = soft histogram over the lesion        (eq. 6-7)
-    L = L_eps + lambda_hist L_hist,  lambda_hist = 10                                   (eq. 8)
+                                             H = soft histogram over the lesion        (eq. 7-8)
+    L = L_eps + lambda_hist L_hist,  lambda_hist = 10                                   (eq. 9)
 
 with scaled-linear betas 0.0015..0.0195 over T = 1000 and polynomial LR decay (engine).
+
+The histograms: the hard HU histogram (condition and metric), the differentiable soft histogram
+with a triangular kernel (the regulariser), Jensen-Shannon divergence, and the checks every
+condition goes through.
+
+Notation (paper, Sec. 3.2.3): K bins of width ``Delta`` and centres
+``c_k = lo + (k + 1/2) Delta``; a value x contributes ``w_k(x) = max(0, 1 - |x - c_k| / Delta)`` to
+bin k (a triangular kernel: linear interpolation between the two nearest centres, so the weights of
+one value sum to 1); ``h_k = sum_i m_i w_k(x_i) / sum_i m_i`` with lesion weights ``m_i`` (eq. 7).
+``JSD(p, q) = 1/2 KL(p || r) + 1/2 KL(q || r)``, ``r = (p + q) / 2`` (natural log: 0 <= JSD <= ln 2;
+eq. 8).
 """
 
 from __future__ import annotations
 
 import copy
-from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from lungsynth.engine import TrainTask
-from lungsynth.methods.hr_ldm.histogram import (feature_histograms, hu_histogram, js_divergence,
-                                                validate_histogram, validate_subtype)
-
+SUBTYPES: tuple[str, ...] = ("solid", "part-solid", "ground-glass")
+HIST_BINS = 40
+HIST_RANGE_HU: tuple[float, float] = (-1000.0, 400.0)
 KIND = "hr_ldm"
 MASK_CHANNELS = 3  # hrmask: nodule, solid core, ground-glass part
 NUM_SUBTYPES = 3
 
 
-# --------------------------------------------------------------------------- conditions
+# --------------------------------------------------------------------------- validation
+
+
+def validate_subtype(subtype: int | Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """Subtype id(s) as LongTensor [B]; anything outside {0 solid, 1 part-solid, 2 ground-glass} is an error."""
+    t = torch.as_tensor(subtype)
+    if t.is_floating_point() and not torch.equal(t, t.round()):
+        raise ValueError(f"subtype must be an integer id 0 (solid), 1 (part-solid) or 2 (ground-glass), got {subtype!r}")
+    t = t.long().reshape(-1)
+    bad = [int(v) for v in t.tolist() if v not in (0, 1, 2)]
+    if bad:
+        raise ValueError(f"subtype {bad[0]} is not valid: use 0 (solid), 1 (part-solid) or 2 (ground-glass)")
+    return t
+
+
+def validate_histogram(hist: np.ndarray | torch.Tensor | Sequence[float], bins: int = HIST_BINS,
+                       atol: float = 1e-3) -> torch.Tensor:
+    """A target histogram as float32 [B, bins]: ``bins`` non-negative values per row summing to 1.
+
+    Raises ValueError for the wrong number of bins, negative or non-finite entries, or rows that do
+    not sum to 1 (within ``atol``); build one with :func:`hu_histogram`.
+    """
+    h = torch.as_tensor(np.asarray(hist, dtype=np.float32) if not torch.is_tensor(hist) else hist).float()
+    if h.ndim == 1:
+        h = h[None]
+    if h.ndim != 2 or h.shape[1] != bins:
+        raise ValueError(f"target histogram has shape {tuple(h.shape)}; expected {bins} bins over HU "
+                         f"[{HIST_RANGE_HU[0]:.0f}, {HIST_RANGE_HU[1]:.0f}] (shape [{bins}] or [B, {bins}]); "
+                         f"build one with hr_ldm.hu_histogram(hu, mask)")
+    if not torch.isfinite(h).all() or (h < 0).any():
+        raise ValueError("target histogram has negative or non-finite entries; it must be a probability vector")
+    sums = h.sum(dim=1)
+    if ((sums - 1.0).abs() > atol).any():
+        raise ValueError(f"target histogram sums to {sums.tolist()} instead of 1; normalise it (h / h.sum())")
+    return h
+
+
+def validate_mask_in_lung(mask: np.ndarray | torch.Tensor, lung: np.ndarray | torch.Tensor,
+                          min_inside: float = 1.0, what: str = "nodule mask") -> None:
+    """Raise ValueError when less than ``min_inside`` of the (binary) ``mask`` lies inside ``lung``.
+
+    Both are arrays of the same spatial shape (a leading channel axis of the mask is reduced with any).
+    """
+    m = np.asarray(torch.as_tensor(mask).cpu().numpy() if torch.is_tensor(mask) else mask) > 0
+    lu = np.asarray(torch.as_tensor(lung).cpu().numpy() if torch.is_tensor(lung) else lung) > 0
+    if m.ndim == lu.ndim + 1:
+        m = m.any(axis=0)
+    if m.shape != lu.shape:
+        raise ValueError(f"{what} of shape {m.shape} does not match the lung mask {lu.shape}")
+    n = int(m.sum())
+    if n == 0:
+        raise ValueError(f"{what} is empty; give at least one nodule voxel")
+    inside = float((m & lu).sum()) / n
+    if inside < min_inside - 1e-9:
+        raise ValueError(f"{what} lies {100 * (1 - inside):.1f}% outside the lung; place the nodule inside the "
+                         f"lung mask (e.g. a centre from hr_ldm.sample_centre) or pass include_rim=True for "
+                         f"sub-pleural nodules")
+
+
+def conditions(subtype: int | Iterable[int] | torch.Tensor, hist: Any, batch: int, bins: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validated (subtype [B] long, hist [B, bins]) broadcast to ``batch``."""
+    y = validate_subtype(subtype)
+    h = validate_histogram(hist, bins)
+    if y.shape[0] == 1:
+        y = y.expand(batch)
+    if h.shape[0] == 1:
+        h = h.expand(batch, -1)
+    if y.shape[0] != batch or h.shape[0] != batch:
+        raise ValueError(f"{y.shape[0]} subtypes and {h.shape[0]} histograms for a batch of {batch}")
+    return y, h
+
+
+# --------------------------------------------------------------------------- histograms
+
+
+def hu_histogram(hu: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor | None = None,
+                 bins: int = HIST_BINS, hu_range: tuple[float, float] = HIST_RANGE_HU) -> np.ndarray:
+    """Normalised hard HU histogram of the voxels where ``mask`` > 0 (all voxels when None).
+
+    Values outside ``hu_range`` are clipped into the edge bins. Returns float64 [bins] summing to 1
+    (raises ValueError for an empty mask).
+    """
+    a = hu.detach().cpu().numpy() if torch.is_tensor(hu) else np.asarray(hu)
+    if mask is not None:
+        m = mask.detach().cpu().numpy() if torch.is_tensor(mask) else np.asarray(mask)
+        a = a[np.broadcast_to(m > 0, a.shape)]
+    a = np.clip(a.astype(np.float64).ravel(), hu_range[0], hu_range[1])
+    if a.size == 0:
+        raise ValueError("hu_histogram: the mask selects no voxel")
+    h, _ = np.histogram(a, bins=bins, range=hu_range)
+    return h / h.sum()
+
+
+def bin_centres(bins: int = HIST_BINS, value_range: tuple[float, float] = HIST_RANGE_HU) -> np.ndarray:
+    """Centres ``c_k`` of ``bins`` equal bins over ``value_range`` (for plots)."""
+    lo, hi = value_range
+    width = (hi - lo) / bins
+    return lo + width * (np.arange(bins) + 0.5)
+
+
+def soft_histogram(values: torch.Tensor, weights: torch.Tensor | None = None, bins: int = HIST_BINS,
+                   value_range: tuple[float, float] = (0.0, 1.0), eps: float = 1e-8) -> torch.Tensor:
+    """Differentiable histogram with a triangular kernel (module docstring).
+
+    Args:
+        values: [N] or [B, N]. Values are clamped to [c_0, c_{K-1}] so every one counts.
+        weights: None or the same shape (lesion weights m_i >= 0, soft masks allowed).
+        bins: K. value_range: (lo, hi).
+    Returns:
+        [K] or [B, K], each row summing to 1 (an all-zero weight row gives the uniform histogram).
+    """
+    squeeze = values.ndim == 1
+    v = values[None] if squeeze else values
+    w = torch.ones_like(v) if weights is None else (weights[None] if squeeze else weights).to(v.dtype)
+    if w.shape != v.shape:
+        raise ValueError(f"soft_histogram: weights {tuple(w.shape)} do not match values {tuple(v.shape)}")
+    lo, hi = float(value_range[0]), float(value_range[1])
+    width = (hi - lo) / bins
+    centres = torch.linspace(lo + width / 2, hi - width / 2, bins, device=v.device, dtype=v.dtype)
+    x = v.clamp(centres[0].item(), centres[-1].item())
+    kernel = (1.0 - (x[..., None] - centres).abs() / width).clamp_min(0.0)  # [B, N, K]
+    h = (kernel * w[..., None]).sum(dim=1) + eps
+    h = h / h.sum(dim=1, keepdim=True)
+    return h[0] if squeeze else h
+
+
+def js_divergence(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Jensen-Shannon divergence (natural log) between histograms over the last axis: [..., K] -> [...].
+
+    Both are renormalised after adding ``eps`` (so empty bins have finite gradients); 0 for equal
+    histograms, at most ln 2.
+    """
+    if p.shape != q.shape:
+        raise ValueError(f"js_divergence: shapes {tuple(p.shape)} and {tuple(q.shape)} differ")
+    p = (p + eps) / (p + eps).sum(dim=-1, keepdim=True)
+    q = (q + eps) / (q + eps).sum(dim=-1, keepdim=True)
+    r = 0.5 * (p + q)
+    kl_pr = (p * (p.log() - r.log())).sum(dim=-1)
+    kl_qr = (q * (q.log() - r.log())).sum(dim=-1)
+    return (0.5 * (kl_pr + kl_qr)).clamp_min(0.0)
+
+
+def js_divergence_np(p: np.ndarray, q: np.ndarray) -> float:
+    """:func:`js_divergence` for two NumPy histograms [K] (metrics)."""
+    return float(js_divergence(torch.as_tensor(p, dtype=torch.float64), torch.as_tensor(q, dtype=torch.float64)))
+
+
+def feature_histograms(feat_pred: torch.Tensor, feat_true: torch.Tensor, weights: torch.Tensor,
+                       bins: int = HIST_BINS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft histograms of decoder features inside the lesion, for the JSD regulariser.
+
+    Decoder features have no fixed range, so both are mapped by ``sigmoid((f - mu) / sd)`` with the
+    ground truth's lesion mean and std (detached) and binned on [0, 1]: the same map for both keeps
+    the comparison fair and every value differentiable.
+
+    Args:
+        feat_pred, feat_true: [B, F, *S] features of the truncated decoder (prediction, ground truth).
+        weights: [B, 1, *S] lesion weights at the feature grid (soft allowed).
+    Returns:
+        (h_pred, h_true), each [B, bins]; only lesion voxels enter (per-sample loop).
+    """
+    hp, ht = [], []
+    for b in range(feat_pred.shape[0]):
+        w = weights[b].expand_as(feat_true[b]).reshape(-1)
+        keep = w > 0
+        if not bool(keep.any()):
+            keep = torch.ones_like(keep)
+            w = torch.ones_like(w)
+        ft = feat_true[b].reshape(-1)[keep].detach()
+        fp = feat_pred[b].reshape(-1)[keep]
+        wk = w[keep]
+        mu = (ft * wk).sum() / wk.sum()
+        sd = (((ft - mu) ** 2 * wk).sum() / wk.sum()).sqrt().clamp_min(1e-4)
+        hp.append(soft_histogram(torch.sigmoid((fp - mu) / sd), wk, bins))
+        ht.append(soft_histogram(torch.sigmoid((ft - mu) / sd), wk, bins))
+    return torch.stack(hp), torch.stack(ht)
+
+
+# --------------------------------------------------------------------------- networks: condition encoding, denoiser
 
 
 class HistogramEncoder(nn.Module):
-    """Target histogram -> one cross-attention token: ``[B, bins] -> [B, 1, context_dim]``.
+    """Target histogram -> one cross-attention token: ``[B, bins] -> [B, 1, context_dim]`` (eq. 3).
 
     Two hidden layers with SiLU, as the paper's "MLP with SiLU activations".
     """
@@ -153,7 +344,7 @@ class TruncatedDecoder(nn.Module):
         return self.blocks(z)
 
 
-# --------------------------------------------------------------------------- latent cache
+# --------------------------------------------------------------------------- the [0, 1] scale and HU
 
 
 def unit_to_hu(x: torch.Tensor | np.ndarray, cfg: Any) -> torch.Tensor | np.ndarray:
@@ -169,122 +360,18 @@ def hu_to_unit(x: torch.Tensor | np.ndarray, cfg: Any) -> torch.Tensor | np.ndar
     return np.clip((x - lo) / (hi - lo), 0.0, 1.0)
 
 
-class LatentCache(torch.utils.data.Dataset):
-    """Nodule crops encoded once by the frozen VAE (it never changes, so encoding every step is waste).
-
-    Items: ``z0`` [c, l, l, l] (posterior mean x scale factor), ``mask`` [1, l, l, l] (binary nodule
-    channel, the M of eq. 3), ``cond`` [3, l, l, l] (max-pooled hrmask), ``feat_weight`` [1, *Sf]
-    (the nodule's share of each truncated-decoder feature voxel, for eq. 6), ``hist`` [bins] (HU
-    histogram of the crop's nodule), ``subtype`` (long).
-    """
-
-    def __init__(self, items: list[dict[str, torch.Tensor]]) -> None:
-        if not items:
-            raise ValueError("the HR-LDM latent cache is empty: the crop dataset has no nodules")
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return self.items[i]
-
-    def subtype_counts(self) -> list[int]:
-        counts = [0, 0, 0]
-        for it in self.items:
-            counts[int(it["subtype"])] += 1
-        return counts
-
-
-def _check_crop_item(item: Mapping[str, Any], side: int) -> None:
-    for key in ("ct", "hrmask", "subtype_id"):
-        if key not in item:
-            raise ValueError(f"crop item lacks {key!r}; HR-LDM needs CropDataset items with ct, hrmask, subtype_id")
-    if tuple(item["ct"].shape) != (1, side, side, side) or tuple(item["hrmask"].shape) != (3, side, side, side):
-        raise ValueError(f"crop items must be ct [1,{side},{side},{side}] and hrmask [3,...]; got "
-                         f"{tuple(item['ct'].shape)} and {tuple(item['hrmask'].shape)}")
-
-
-@torch.no_grad()
-def build_latent_cache(cfg: Any, crops: Iterable[Mapping[str, Any]], vae: nn.Module,
-                       trunc: TruncatedDecoder, limit: int = 0, batch: int = 8) -> LatentCache:
-    """Encode crop items (``CropDataset`` items: ct [1,C,C,C] in [0,1], hrmask [3,C,C,C], subtype_id)."""
-    side = crop_side(cfg, vae.downsample)
-    dev = next(vae.parameters()).device
-    items: list[dict[str, torch.Tensor]] = []
-    pending: list[Mapping[str, Any]] = []
-
-    def flush() -> None:
-        ct = torch.stack([torch.as_tensor(p["ct"]).float() for p in pending]).to(dev)
-        hr = torch.stack([torch.as_tensor(p["hrmask"]).float() for p in pending]).to(dev)
-        z0 = vae.encode_latent(ct, sample=False)
-        cond = mask_to_latent(hr, vae.downsample)
-        feat_shape = trunc(z0[:1] / vae.scale_factor).shape[2:]
-        fw = F.adaptive_avg_pool3d(hr[:, :1], feat_shape)
-        hu = unit_to_hu(ct, cfg)
-        for j, p in enumerate(pending):
-            items.append({"z0": z0[j].cpu(), "mask": (cond[j, :1] > 0).float().cpu(), "cond": cond[j].cpu(),
-                          "feat_weight": fw[j].cpu(),
-                          "hist": torch.from_numpy(hu_histogram(hu[j, 0], hr[j, 0], cfg.hr_ldm.hist_bins,
-                                                                tuple(cfg.hr_ldm.hist_range_hu))).float(),
-                          "subtype": validate_subtype(int(p["subtype_id"]))[0]})
-        pending.clear()
-
-    for item in crops:
-        _check_crop_item(item, side)
-        if float(torch.as_tensor(item["hrmask"])[0].sum()) == 0:
-            continue
-        pending.append(item)
-        if len(pending) == batch:
-            flush()
-        if limit and len(items) + len(pending) >= limit:
-            break
-    if pending:
-        flush()
-    return LatentCache(items)
-
-
-# --------------------------------------------------------------------------- Algorithm 1
-
-
-class HrLdmTask(TrainTask):
-    """Algorithm 1 as an engine task (module docstring, eq. 3-8)."""
-
-    kind = KIND
-
-    def __init__(self, net: HrLdmNet, scheduler, trunc: TruncatedDecoder | None, hist_weight: float,
-                 hist_bins: int = 40, hist_timestep_weighting: str = "none") -> None:
-        self.net = net
-        self.hist_timestep_weighting = hist_timestep_weighting
-        self.scheduler = scheduler
-        self.trunc = trunc
-        self.hist_weight = float(hist_weight)
-        self.hist_bins = int(hist_bins)
-
-    def modules(self) -> dict[str, nn.Module]:
-        return {"net": self.net}
-
-    def setup(self, device: torch.device) -> None:
-        if self.trunc is not None:
-            self.trunc.to(device)
-
-    def config(self) -> dict[str, Any]:
-        return {**self.net.spec, "hist_loss": self.trunc is not None and self.hist_weight > 0}
-
-    def training_step(self, batch: Mapping[str, torch.Tensor], step: int) -> dict[str, Any]:
-        return hr_ldm_losses(self.net, self.scheduler, batch, self.trunc, self.hist_weight, self.hist_bins,
-                             hist_timestep_weighting=self.hist_timestep_weighting)
+# --------------------------------------------------------------------------- Algorithm 1: the loss
 
 
 def hr_ldm_losses(net: HrLdmNet, scheduler, batch: Mapping[str, torch.Tensor], trunc: TruncatedDecoder | None,
                   hist_weight: float, hist_bins: int = 40, timesteps: torch.Tensor | None = None,
                   noise: torch.Tensor | None = None, hist_timestep_weighting: str = "none") -> dict[str, torch.Tensor]:
-    """Eq. 3-8 for one batch of the latent cache; ``trunc=None`` or ``hist_weight=0`` is the
+    """Eq. 4-9 for one batch of the latent cache; ``trunc=None`` or ``hist_weight=0`` is the
     MAISI-DDPM baseline (no histogram term). Returns ``loss``, ``loss_eps`` and (when on) ``loss_hist``
     (the unweighted mean JSD).
 
-    ``hist_timestep_weighting``: "none" is eq. 8 as printed; "alpha_bar" multiplies each sample's
-    JSD by alpha_bar_t. z0_hat (eq. 5) divides by sqrt(alpha_bar_t), so at large t the histogram
+    ``hist_timestep_weighting``: "none" is eq. 9 as printed; "alpha_bar" multiplies each sample's
+    JSD by alpha_bar_t. z0_hat (eq. 6) divides by sqrt(alpha_bar_t), so at large t the histogram
     gradient on eps is amplified up to ~15x and, at lambda_hist = 10, stops eps from being learned in
     short runs (the L1 stays at 0.8, that of predicting zero); weighting by alpha_bar_t keeps the
     term where z0_hat is informative.
@@ -298,46 +385,21 @@ def hr_ldm_losses(net: HrLdmNet, scheduler, batch: Mapping[str, torch.Tensor], t
     B = z0.shape[0]
     t = timesteps if timesteps is not None else sample_timesteps(B, scheduler.num_train_timesteps, device=z0.device)
     eps = noise if noise is not None else torch.randn_like(z0)
-    zt = add_noise_masked(scheduler, z0, eps, t, m)  # eq. 3: noise only inside the lesion
+    zt = add_noise_masked(scheduler, z0, eps, t, m)  # eq. 1 and 4: noise only inside the lesion
     eps_hat = net(torch.cat([zt, batch["cond"]], dim=1), t, batch["hist"], batch["subtype"])
-    loss_eps = masked_l1(eps_hat, eps, m)  # eq. 4, normalised by the mask sum
+    loss_eps = masked_l1(eps_hat, eps, m)  # eq. 5, normalised by the mask sum
     out: dict[str, torch.Tensor] = {"loss_eps": loss_eps}
     loss = loss_eps
     if trunc is not None and hist_weight > 0:
         ab = alpha_bar_at(scheduler, t, like=z0)
-        z0_hat = m * x0_from_eps(zt.float(), eps_hat.float(), ab) + (1.0 - m) * z0  # eq. 5
+        z0_hat = m * x0_from_eps(zt.float(), eps_hat.float(), ab) + (1.0 - m) * z0  # eq. 6
         f_pred = trunc(z0_hat / trunc.scale_factor)
         with torch.no_grad():
             f_true = trunc(z0 / trunc.scale_factor)
-        hp, ht = feature_histograms(f_pred.float(), f_true.float(), batch["feat_weight"], hist_bins)  # eq. 6
-        jsd = js_divergence(hp, ht)  # eq. 7, [B, ...]
+        hp, ht = feature_histograms(f_pred.float(), f_true.float(), batch["feat_weight"], hist_bins)  # eq. 7
+        jsd = js_divergence(hp, ht)  # eq. 8, [B, ...]
         out["loss_hist"] = jsd.mean()
         w = ab.reshape((B,) + (1,) * (jsd.ndim - 1)) if hist_timestep_weighting == "alpha_bar" else 1.0
-        loss = loss + hist_weight * (w * jsd).mean()  # eq. 8
+        loss = loss + hist_weight * (w * jsd).mean()  # eq. 9
     out["loss"] = loss
     return out
-
-
-def conditions(subtype: int | Iterable[int] | torch.Tensor, hist: Any, batch: int, bins: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validated (subtype [B] long, hist [B, bins]) broadcast to ``batch``."""
-    y = validate_subtype(subtype)
-    h = validate_histogram(hist, bins)
-    if y.shape[0] == 1:
-        y = y.expand(batch)
-    if h.shape[0] == 1:
-        h = h.expand(batch, -1)
-    if y.shape[0] != batch or h.shape[0] != batch:
-        raise ValueError(f"{y.shape[0]} subtypes and {h.shape[0]} histograms for a batch of {batch}")
-    return y, h
-
-
-def run_name(hist_loss: bool) -> str:
-    """``05_hr_ldm_hist`` (HR-LDM) or ``05_hr_ldm_nohist`` (the MAISI-DDPM ablation)."""
-    return "05_hr_ldm_hist" if hist_loss else "05_hr_ldm_nohist"
-
-
-def default_run_dir(cfg: Any, hist_loss: bool = True) -> Path:
-    from lungsynth import paths
-
-    return paths.run_dir(cfg.profile, run_name(hist_loss))

@@ -8,8 +8,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from lungsynth.methods.hr_ldm.histogram import SUBTYPES, bin_centres, soft_histogram
-from lungsynth.methods.hr_ldm.inpaint import SIZE_BINS_MM, HrLdm, InpaintResult, NoduleLibrary, inpaint_volume
+from lungsynth.methods.hr_ldm.model import SUBTYPES, bin_centres, soft_histogram
+from lungsynth.methods.hr_ldm.sample import SIZE_BINS_MM, HrLdm, InpaintResult, NoduleLibrary, inpaint_volume
 
 WINDOW = (-1000.0, 400.0)
 
@@ -66,7 +66,7 @@ def subtype_size_grid(model: HrLdm, ct_hu: np.ndarray, lung: np.ndarray, library
                       size_bins: Sequence[tuple[float, float]] = SIZE_BINS_MM) -> list[list[InpaintResult]]:
     """One nodule per (subtype, size bin) inpainted into the same scan at the same centre: rows are
     subtypes, columns size bins (the paper's Figure 4)."""
-    from lungsynth.methods.hr_ldm.inpaint import sample_centre
+    from lungsynth.methods.hr_ldm.sample import sample_centre
 
     rng = np.random.default_rng(seed)
     biggest = max(b[1] for b in size_bins)
@@ -106,7 +106,7 @@ def plot_histograms(results: Sequence[InpaintResult], bins: int = 40,
     """Target vs generated HU histogram of each result (one panel per result)."""
     import matplotlib.pyplot as plt
 
-    from lungsynth.methods.hr_ldm.histogram import js_divergence_np
+    from lungsynth.methods.hr_ldm.model import js_divergence_np
 
     centres = bin_centres(bins, hu_range)
     width = centres[1] - centres[0]

@@ -1,29 +1,47 @@
 """Chapter 03 — LAND: 3D latent diffusion of chest CT conditioned on lung, nodule and texture masks.
 
-The method (LAND, on a MAISI-like 3D KL-VAE of chapter 02):
+The method (LAND, Oliveras et al., the poster ``/work/shared/papers/000_6102a2132f5ee72a.txt``; it numbers
+no equations, so they are cited by section), on a MAISI-like 3D KL-VAE of chapter 02:
 
-- latents ``z0 = s * (mu + sigma * eps)`` of the frozen ``vae3d`` (posterior sampled at every load,
-  ``s`` the latent scale factor), ``[4, S/4, S/4, S/4]``;
-- v-prediction: the denoiser predicts ``v = sqrt(ab_t) eps - sqrt(1 - ab_t) z0`` from
-  ``z_t = sqrt(ab_t) z0 + sqrt(1 - ab_t) eps`` on a linear beta schedule, T = 1000;
-- Min-SNR-gamma weighting: ``L = E_t[ min(SNR_t, gamma) / (SNR_t + 1) * ||v - v_hat||^2 ]`` with
-  ``SNR_t = ab_t / (1 - ab_t)`` and gamma = 5 (``cfg.land.min_snr_gamma``), i.e. the x0-space weight
-  ``min(SNR, gamma)`` written in v-space (:mod:`lungsynth.diffusion.objectives`);
-- the condition, on the latent grid, is concatenated to ``z_t`` and re-injected by cross-attention
-  (:class:`lungsynth.nn.conditioning.MaskTokenizer` tokens) in :class:`lungsynth.nn.unets.LandUNet`,
-  a 5-level U-Net with additive skips.
+- latents of the frozen ``vae3d`` (posterior sampled at every load, ``s`` the latent scale factor),
+  ``[4, S/4, S/4, S/4]`` (the paper: 256^3 -> 64^3 x 4)::
+
+      z0 = s * (mu(x) + sigma(x) * eps'),   eps' ~ N(0, I)
+
+- forward process on a linear beta schedule, T = 1000, ``ab_t = prod_{k<=t} (1 - beta_k)``, and the
+  velocity target ("Velocity Prediction Training")::
+
+      z_t = sqrt(ab_t) z0 + sqrt(1 - ab_t) eps,      v_t = sqrt(ab_t) eps - sqrt(1 - ab_t) z0
+
+- Min-SNR-gamma weighting: ``L_min-SNR = gamma(SNR_t) ||v_hat_t(z_t, m) - v_t||^2``, here::
+
+      L = E_{t, eps} [ min(SNR_t, gamma) / (SNR_t + 1) * || v_t - v_hat(z_t, c, t) ||^2 ],
+      SNR_t = ab_t / (1 - ab_t),   gamma = 5 (cfg.land.min_snr_gamma)
+
+  i.e. the x0-space weight ``min(SNR, gamma)`` written in v-space (:mod:`lungsynth.diffusion.objectives`);
+- the condition ``c``, on the latent grid, is concatenated to ``z_t`` and re-injected by cross-attention
+  to its tokens ``tau(c)`` (:class:`lungsynth.nn.conditioning.MaskTokenizer`)::
+
+      v_hat = f_theta([z_t, c], t, tau(c))
+
+  in :class:`lungsynth.nn.unets.LandUNet`, a 5-level U-Net (two residual blocks per level) whose decoder
+  adds its skips, ``h <- h + s``, instead of concatenating them, ``h <- [h, s]`` (less memory);
+- sampling runs the reverse process from ``z_T ~ N(0, I)`` with DDPM (the paper's ancestral sampler) or
+  DDIM from the same checkpoint, then decodes ``x = D(z0 / s)`` with the vae3d.
 
 Variants (``VARIANTS``) and what they condition on, all derived from the prepared ``cond`` volume
-(background 0, lung 0.5, nodule texture 1..5, divided by 5):
+(background 0, lung 0.5, nodule texture 1..5, divided by 5: ``cond`` in {0, 0.1, 0.2, ..., 1.0}):
 
 =======================  =========================  =============================================
 variant                  condition                  to the latent grid
 =======================  =========================  =============================================
 ``none``                 none (unconditional)       —
-``mask``                 nodule (binary)            3D max-pool x4 (LAND-Mask), 1 channel
+``mask``                 nodule (binary)            3D max-pool x4 (LAND-Mask), 1 channel:
+                                                    ``c = maxpool_4(1[cond > 0.15])``
 ``latentmask``           nodule + lung              mask VAE encoder (LAND-LatentMask); nodules
                                                     all given value 1 (no texture)
-``latentmask-texture``   nodule + lung + texture    mask VAE encoder of ``cond`` itself (LAND+)
+``latentmask-texture``   nodule + lung + texture    mask VAE encoder of ``cond`` itself (LAND+):
+                                                    ``c = s_m * mu_m(cond)``
 =======================  =========================  =============================================
 
 What chapters 08-11 call::
@@ -34,26 +52,27 @@ What chapters 08-11 call::
     conds = land.heldout_conditions(cfg, "test")                # [N,1,S,S,S] prepared cond volumes
     out = land.sample(model, conds[:2], sampler="ddim", steps=50, seed=0)
     out["ct_hu"]   # [2,1,S,S,S] float32 HU;  out["ct"] in [0,1];  out["latents"] [2,4,S/4,S/4,S/4]
+
+Rooms: :mod:`.model` (variants, condition validation and grids, the denoiser, its loss), :mod:`.train`
+(the training view of the data, the engine task, ``train`` / ``ensure_trained``), :mod:`.sample`
+(``load``, ``sample``, held-out conditions by nodule size), :mod:`.evaluate` (Table 1: FID, MS-SSIM,
+peak memory), :mod:`.plots` (figures, the texture sweep), :mod:`.method` (the face for chapters 08-11),
+:mod:`.cli` (``lungsynth land``), :mod:`.bench` (``lungsynth bench land``, peak-memory measurement).
 """
 
 from __future__ import annotations
 
-from lungsynth.methods.land.cli import register
-from lungsynth.methods.land.table import (_bench_child, _child, bench_land, evaluate,
-                                             peak_sampling_memory)
-from lungsynth.methods.land.model import (CONDITIONS, KIND, SAMPLERS, VARIANTS, LandDataset, LandDenoiser,
-                                          LandTask, build_dataset, check_condition, check_variant,
-                                          condition_grid, condition_volume, default_run_dir, denoiser_spec,
-                                          heldout_by_nodule_size, heldout_conditions, land_loss, make_scheduler,
-                                          real_volumes, uses_mask_vae)
-from lungsynth.methods.land.pipeline import (LandModel, ensure_trained, load, load_denoiser, nodule_mean_hu,
-                                             nodule_slices, sample, texture_sweep, train)
+from lungsynth.exports import lazy_exports
 
-__all__ = [
-    "VARIANTS", "CONDITIONS", "KIND", "SAMPLERS", "LandDenoiser", "LandTask", "LandDataset", "LandModel",
-    "check_variant", "uses_mask_vae", "check_condition", "condition_volume", "condition_grid", "denoiser_spec",
-    "make_scheduler", "land_loss", "build_dataset", "heldout_conditions", "heldout_by_nodule_size",
-    "real_volumes", "default_run_dir", "train", "ensure_trained", "load", "load_denoiser", "sample",
-    "texture_sweep", "nodule_mean_hu", "nodule_slices", "evaluate", "peak_sampling_memory", "bench_land",
-    "register",
-]
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    "model": ("VARIANTS", "CONDITIONS", "KIND", "SAMPLERS", "LandDenoiser", "check_variant", "uses_mask_vae",
+              "check_condition", "condition_volume", "condition_grid", "denoiser_spec", "make_scheduler",
+              "land_loss"),
+    "train": ("LandDataset", "LandTask", "build_dataset", "heldout_conditions", "default_run_dir", "train",
+              "ensure_trained"),
+    "sample": ("LandModel", "load", "load_denoiser", "sample", "heldout_by_nodule_size"),
+    "evaluate": ("evaluate", "nodule_mean_hu", "real_volumes"),
+    "plots": ("nodule_slices", "plot_condition_grids", "texture_sweep"),
+    "bench": ("bench_land", "peak_sampling_memory"),
+    "cli": ("register",),
+})

@@ -1,4 +1,7 @@
-"""LAND (chapter 03): `lungsynth land train|sample|evaluate`."""
+"""LAND (chapter 03): ``lungsynth land train|sample|evaluate``.
+
+Importing this module (``lungsynth --help``) does not import torch: the verbs import the rooms they run.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +11,10 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from lungsynth.methods.land.model import SAMPLERS, VARIANTS, heldout_conditions
-from lungsynth.methods.land.pipeline import load, sample, train
-from lungsynth.methods.land.table import evaluate
-
-# --------------------------------------------------------------------------- CLI
+# lungsynth.methods.land.VARIANTS and SAMPLERS (model.py), repeated here without importing torch
+VARIANTS: tuple[str, ...] = ("none", "mask", "latentmask", "latentmask-texture")
+SAMPLERS: tuple[str, ...] = ("ddim", "ddpm")
 
 
 def _save_nifti(path: Path, vol: np.ndarray, spacing: float) -> None:
@@ -28,6 +28,7 @@ def _save_nifti(path: Path, vol: np.ndarray, spacing: float) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from lungsynth.config import get_config, parse_overrides
+    from lungsynth.methods.land.train import train
 
     cfg = get_config(args.profile, parse_overrides(args.overrides))
     if args.variant == "all" and args.run_dir:
@@ -39,7 +40,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
     from lungsynth.config import get_config, parse_overrides
+    from lungsynth.methods.land.sample import load, sample
+    from lungsynth.methods.land.train import heldout_conditions
     from lungsynth.nn.conditioning import move_nodule, resize_nodule, set_texture
 
     cfg = get_config(args.profile, parse_overrides(args.overrides))
@@ -69,6 +74,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from lungsynth.config import get_config, parse_overrides
+    from lungsynth.methods.land.evaluate import evaluate
 
     cfg = get_config(args.profile, parse_overrides(args.overrides))
     variants = VARIANTS if args.variant == "all" else (args.variant,)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
+from lungsynth.data.conditions import Condition
 from lungsynth.methods.base import MethodFace, stack_arrays
 
 
@@ -29,7 +30,7 @@ class LandMethod(MethodFace):
     def load(self, cfg: Any, run_dir: Path) -> Any:
         return self.api().load(cfg, self.variant, run_dir, train_if_missing=False)
 
-    def generate(self, cfg, model, conditions, seed):
+    def generate(self, cfg: Any, model: Any, conditions: Sequence[Condition], seed: int) -> list[dict[str, Any]]:
         land = self.api()
         cond = None if self.variant == "none" else stack_arrays(conditions, "cond")[:, None].astype(np.float32)
         out = land.sample(model, cond, n=len(conditions), sampler=self.options.get("sampler"),

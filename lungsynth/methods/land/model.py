@@ -1,15 +1,17 @@
-"""LAND (chapter 03): variants, condition validation and grids, the denoiser, its loss, the data."""
+"""LAND (chapter 03): variants, conditions (validation, image volume, latent grid), the denoiser, its loss.
+
+The poster (``/work/shared/papers/000_6102a2132f5ee72a.txt``) numbers none of its equations; the comments
+cite them by section: "Volumetric Conditioning" (the masks), "3D U-Net (Latent Diffusion)" (the
+denoiser) and "Velocity Prediction Training" (the loss ``L_min-SNR``).
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-
-from lungsynth.engine import TrainTask
 
 VARIANTS: tuple[str, ...] = ("none", "mask", "latentmask", "latentmask-texture")
 CONDITIONS: dict[str, str] = {"none": "none", "mask": "nodule", "latentmask": "nodule+lung",
@@ -31,13 +33,8 @@ def uses_mask_vae(variant: str) -> bool:
     return check_variant(variant).startswith("latentmask")
 
 
-def default_run_dir(cfg: Any, variant: str, create: bool = True) -> Path:
-    """``runs/<profile>/03_land_<variant>``."""
-    from lungsynth import paths
-
-    return paths.run_dir(cfg.profile, f"03_land_{check_variant(variant)}", create=create)
-
-
+# Poster, "Volumetric Conditioning": lungs 0.5, nodules 1..5 (non-solid -> solid), masks normalised to
+# [0, 1] (divided by 5): every voxel of ``cond`` is 0 (background), 0.1 (lung) or t/5 for texture t.
 def check_condition(cond: Any, cfg: Any, variant: str) -> torch.Tensor | None:
     """Validate a condition for ``variant``; returns it as float32 [B, 1, S, S, S] (None for ``none``).
 
@@ -93,6 +90,8 @@ def condition_volume(cond: torch.Tensor, variant: str) -> torch.Tensor:
     raise ValueError(f"variant {variant!r} has no condition volume")
 
 
+# Poster, "Volumetric Conditioning": the mask is "downsampled 4x via 3D max pooling or encoded with a
+# dedicated VAE (LAND-LatentMask)", then concatenated with z_t and injected into cross-attention.
 def condition_grid(cond: torch.Tensor, variant: str, mask_vae: Any = None, factor: int = 4) -> torch.Tensor | None:
     """Validated condition [B,1,S,S,S] -> latent-grid condition [B, K, S/4, S/4, S/4] (None for ``none``).
 
@@ -114,7 +113,7 @@ def condition_grid(cond: torch.Tensor, variant: str, mask_vae: Any = None, facto
         return mask_vae.encode_latent(vol.to(dev), sample=False).float()
 
 
-# --------------------------------------------------------------------------- the denoiser
+# --------------------------------------------------------------------------- the denoiser and its loss
 
 
 def denoiser_spec(cfg: Any, variant: str, latent_channels: int = 4, cond_channels: int | None = None,
@@ -133,6 +132,8 @@ def denoiser_spec(cfg: Any, variant: str, latent_channels: int = 4, cond_channel
             "beta_start": float(L.beta_start), "beta_end": float(L.beta_end), "prediction_type": "v_prediction"}
 
 
+# Poster, "3D U-Net (Latent Diffusion)": a 5-level 3D U-Net, two residual blocks per level, additive
+# skips (h <- h + s instead of h <- [h, s]); cross-attention re-injects the condition at several resolutions.
 class LandDenoiser(nn.Module):
     """LAND's denoiser: a :class:`~lungsynth.nn.unets.LandUNet` plus the mask tokenizer.
 
@@ -165,6 +166,7 @@ class LandDenoiser(nn.Module):
         return self.unet(x, timesteps, self.tokenizer(grid.to(x.dtype)))
 
 
+# Poster, "Velocity Prediction Training": a linear noise schedule, the network predicts the velocity v.
 def make_scheduler(spec: dict[str, Any], kind: str = "ddpm"):
     """MONAI scheduler of the denoiser's schedule (linear betas, v-prediction)."""
     from lungsynth.diffusion.schedules import make_scheduler as _make
@@ -173,6 +175,10 @@ def make_scheduler(spec: dict[str, Any], kind: str = "ddpm"):
                  beta_start=spec["beta_start"], beta_end=spec["beta_end"])
 
 
+# Poster, "Velocity Prediction Training" (unnumbered):
+#     L_min-SNR = gamma(SNR_t) * || v_hat_t(z_t, m) - v_t ||^2
+# with z_t = sqrt(ab_t) z0 + sqrt(1 - ab_t) eps, v_t = sqrt(ab_t) eps - sqrt(1 - ab_t) z0, SNR_t = ab_t / (1 - ab_t)
+# and the Min-SNR weight of a v target gamma(SNR_t) = min(SNR_t, gamma) / (SNR_t + 1) (Hang et al. 2023).
 def land_loss(denoiser: nn.Module, scheduler, z0: torch.Tensor, grid: torch.Tensor | None, gamma: float,
               timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """LAND's training loss on one batch: Min-SNR-gamma weighted MSE on the v target.
@@ -196,101 +202,3 @@ def land_loss(denoiser: nn.Module, scheduler, z0: torch.Tensor, grid: torch.Tens
     pred = denoiser(x, timesteps, grid)
     w = min_snr_weights_for(scheduler, timesteps, gamma)
     return {"loss": diffusion_loss(pred, v, weights=w, check_finite=False), "snr_weight": w.mean()}
-
-
-class LandTask(TrainTask):
-    """The engine's view of LAND training: one denoiser, the loss of :func:`land_loss`."""
-
-    kind = KIND
-
-    def __init__(self, spec: dict[str, Any], gamma: float = 5.0) -> None:
-        self.spec = dict(spec)
-        self.denoiser = LandDenoiser(spec)
-        self.scheduler = make_scheduler(spec)
-        self.gamma = float(gamma)
-
-    def modules(self) -> dict[str, nn.Module]:
-        return {"denoiser": self.denoiser}
-
-    def setup(self, device: torch.device) -> None:
-        self.scheduler.to(device)
-
-    def training_step(self, batch: Any, step: int) -> dict[str, Any]:
-        return land_loss(self.denoiser, self.scheduler, batch["z"].float(), batch.get("grid"), self.gamma)
-
-    def config(self) -> dict[str, Any]:
-        return dict(self.spec)
-
-
-# --------------------------------------------------------------------------- data
-
-
-class LandDataset(torch.utils.data.Dataset):
-    """Latents (a fresh posterior sample per load, from the vae3d cache) with precomputed grid conditions.
-
-    Item: ``{"z": [4, s,s,s]}`` plus ``"grid": [K, s,s,s]`` for conditional variants.
-    """
-
-    def __init__(self, latents: Any, grids: Sequence[torch.Tensor] | None) -> None:
-        self.latents, self.grids = latents, list(grids) if grids is not None else None
-        if self.grids is not None and len(self.grids) != len(latents):
-            raise ValueError(f"{len(self.grids)} condition grids for {len(latents)} latents")
-
-    def __len__(self) -> int:
-        return len(self.latents)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        item = {"z": self.latents[i]["z"].float()}
-        if self.grids is not None:
-            item["grid"] = self.grids[i]
-        return item
-
-
-def build_dataset(cfg: Any, variant: str, split: str = "train", mask_vae: Any = None) -> LandDataset:
-    """The training set of ``variant``: vae3d latent cache of ``split`` + grids from the prepared ``cond``."""
-    from lungsynth.autoencoders import LatentDataset, ensure_autoencoder
-
-    check_variant(variant)
-    latents = LatentDataset(cfg, "vae3d", split)
-    grids = None
-    if variant != "none":
-        if uses_mask_vae(variant) and mask_vae is None:
-            mask_vae = ensure_autoencoder("maskvae", cfg)
-        conds = heldout_conditions(cfg, split)
-        if len(conds) != len(latents):
-            raise ValueError(f"{split}: {len(conds)} condition volumes but {len(latents)} cached latents; "
-                             f"re-encode with `lungsynth autoencoder encode --kind vae3d`")
-        grids = [condition_grid(c[None], variant, mask_vae)[0].cpu() for c in conds]
-    return LandDataset(latents, grids)
-
-
-def heldout_conditions(cfg: Any, split: str = "test", n: int | None = None) -> torch.Tensor:
-    """Prepared condition volumes of ``split`` (default the held-out test split): [N, 1, S, S, S]."""
-    from lungsynth.data.datasets import VolumeDataset
-
-    ds = VolumeDataset(cfg, split, keys=("cond",))
-    if len(ds) == 0:
-        raise ValueError(f"the {split} split of profile {cfg.profile} is empty; prepare more scans (cfg.data.n_scans)")
-    idx = range(len(ds) if n is None else min(int(n), len(ds)))
-    return torch.stack([torch.as_tensor(ds[i]["cond"]).float() for i in idx])
-
-
-def heldout_by_nodule_size(cfg: Any, splits: Sequence[str] = ("test", "val")) -> torch.Tensor:
-    """Held-out condition volumes of ``splits``, the one with the largest nodule first: [N, 1, S, S, S]
-    (figures and the texture sweep want a nodule that spans several voxels)."""
-    from lungsynth.nn.conditioning import nodule_mask
-
-    conds = torch.cat([heldout_conditions(cfg, s) for s in splits])
-    order = torch.argsort(nodule_mask(conds).flatten(1).sum(1), descending=True)
-    return conds[order]
-
-
-def real_volumes(cfg: Any, splits: Sequence[str] = ("test", "val")) -> torch.Tensor:
-    """Real CT volumes in [0, 1] of the held-out splits: [N, 1, S, S, S]."""
-    from lungsynth.data.datasets import VolumeDataset
-
-    out = []
-    for split in splits:
-        ds = VolumeDataset(cfg, split, keys=("ct",))
-        out += [torch.as_tensor(ds[i]["ct"]).float() for i in range(len(ds))]
-    return torch.stack(out)

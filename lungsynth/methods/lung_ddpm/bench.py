@@ -6,8 +6,6 @@ import argparse
 import time
 from typing import Any
 
-from lungsynth.methods.lung_ddpm.model import LungDDPM, _task_class
-
 
 def _bench_child(spec: dict[str, Any]) -> dict[str, Any]:
     """One configuration in a fresh process: a train step, or one sample with / without AAS."""
@@ -16,6 +14,8 @@ def _bench_child(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from lungsynth.config import get_config
+    from lungsynth.methods.lung_ddpm.sample import LungDDPM
+    from lungsynth.methods.lung_ddpm.train import LungDdpmTask
     from lungsynth.runtime import device
 
     torch.manual_seed(0)
@@ -23,7 +23,7 @@ def _bench_child(spec: dict[str, Any]) -> dict[str, Any]:
                                        "lung_ddpm.sample_steps": spec["steps"]})
     dev = device()
     s = int(spec["size"])
-    task = _task_class()(cfg, "layout")
+    task = LungDdpmTask(cfg, "layout")
     task.unet.to(dev)
     ct = torch.rand(1, 1, s, s, s, device=dev)
     layout = torch.zeros(1, 1, s, s, s, device=dev)

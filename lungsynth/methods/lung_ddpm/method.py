@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
+from lungsynth.data.conditions import Condition
 from lungsynth.methods.base import MethodFace, condition_volume_from
 
 
@@ -50,7 +51,7 @@ class LungDdpmMethod(MethodFace):
         out["hrmask"] = np.moveaxis(resize_volume(hr, S, "mask").numpy(), 0, -1)
         return out
 
-    def generate(self, cfg, model, conditions, seed):
+    def generate(self, cfg: Any, model: Any, conditions: Sequence[Condition], seed: int) -> list[dict[str, Any]]:
         import torch
 
         from lungsynth.data.preprocess import hu_to_unit, unit_to_hu

@@ -1,13 +1,15 @@
-"""Lung-DDPM's network, schedule, training task (through the engine) and sampler with AAS."""
+"""Lung-DDPM's model: the semantic layout (condition encoding and input checks), the denoiser and its schedule.
+
+Equation numbers are the paper's (Lung-DDPM, Sec. II-B to II-D). The condition ``m`` of eqs. (3)-(4) is the
+layout's channels (:func:`layout_channels`), concatenated to ``x_t``; ``m_l`` of eq. (6) is
+:func:`generation_mask`. The loss, eq. (7) (L1 on epsilon), is the shared
+``lungsynth.diffusion.objectives.diffusion_loss(kind="l1")``, taken in the engine task's training step
+(:class:`lungsynth.methods.lung_ddpm.train.LungDdpmTask`).
+"""
 
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
-
-from lungsynth.methods.lung_ddpm.layout import (check_layout, check_reference, generation_mask, layout_channels,
-                                                make_layout, n_layout_channels, to_model_scale, to_unit_scale)
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -17,16 +19,126 @@ if TYPE_CHECKING:
 
 KIND = "lung_ddpm"
 VARIANTS: tuple[str, ...] = ("layout", "no_lung_layout")
-RUN_NAMES: dict[str, str] = {"layout": "06_lung_ddpm_layout", "no_lung_layout": "06_lung_ddpm_no_lung_layout"}
 
 
 def check_variant(variant: str) -> str:
     if variant not in VARIANTS:
         raise ValueError(f"unknown Lung-DDPM variant {variant!r}; use one of {', '.join(VARIANTS)}")
     return variant
+
+
+# --------------------------------------------------------------------------- semantic layout (the condition)
+
+
+LAYOUT_LABELS: dict[int, str] = {0: "background", 1: "lung", 2: "nodule"}
+ENCODINGS: tuple[str, ...] = ("onehot", "scaled")
+
+
+def make_layout(lung: "torch.Tensor", label: "torch.Tensor") -> "torch.Tensor":
+    """Semantic layout from the prepared lung mask and nodule label map.
+
+    Args:
+        lung: [B, 1, *S] lung mask (> 0.5 inside the lungs).
+        label: [B, 1, *S] nodule label map (0 background, k > 0 nodule k; resampled maps may be soft).
+    Returns:
+        float32 [B, 1, *S] with 0 background, 1 lung, 2 nodule (a nodule overrides the lung, so
+        juxta-pleural nodules that leave the lung mask are still generated).
+    """
+    import torch
+
+    if lung.shape != label.shape:
+        raise ValueError(f"lung mask {tuple(lung.shape)} and label map {tuple(label.shape)} differ in shape")
+    layout = (lung > 0.5).float()
+    return torch.where(label > 0.5, torch.full_like(layout, 2.0), layout)
+
+
+def check_layout(layout: "torch.Tensor") -> "torch.Tensor":
+    """Validate a layout [B, 1, *S] (3 spatial dims) holding only 0, 1 and 2; returns it as float32."""
+    import torch
+
+    if not torch.is_tensor(layout):
+        raise ValueError(f"layout must be a torch tensor [B, 1, D, H, W], got {type(layout).__name__}")
+    if layout.ndim != 5 or layout.shape[1] != 1:
+        raise ValueError(f"layout of shape {tuple(layout.shape)}: expected [B, 1, D, H, W] with values "
+                         f"0 (background), 1 (lung), 2 (nodule)")
+    lay = layout.float()
+    bad = ~((lay == 0) | (lay == 1) | (lay == 2))
+    if bool(bad.any()):
+        found = torch.unique(lay[bad])[:6].tolist()
+        raise ValueError(f"layout holds values {found} besides the three labels 0 (background), 1 (lung), "
+                         f"2 (nodule); build it with make_layout(lung, label)")
+    return lay
+
+
+def check_reference(reference: "torch.Tensor", layout: "torch.Tensor") -> "torch.Tensor":
+    """Validate a reference CT [B or 1, 1, *S] in [0, 1] against the layout's shape; returns float32."""
+    import torch
+
+    if not torch.is_tensor(reference):
+        raise ValueError(f"reference must be a torch tensor [B, 1, D, H, W], got {type(reference).__name__}")
+    if reference.ndim != 5 or reference.shape[1] != 1 or reference.shape[2:] != layout.shape[2:] \
+            or reference.shape[0] not in (1, layout.shape[0]):
+        raise ValueError(f"reference of shape {tuple(reference.shape)} does not match the layout "
+                         f"{tuple(layout.shape)}: expected [{layout.shape[0]} or 1, 1, "
+                         f"{', '.join(map(str, layout.shape[2:]))}] (resample it to the layout's grid)")
+    ref = reference.float()
+    if not bool(torch.isfinite(ref).all()) or float(ref.min()) < -1e-3 or float(ref.max()) > 1 + 1e-3:
+        raise ValueError(f"reference values span [{float(ref.min()):.3g}, {float(ref.max()):.3g}]; expected the "
+                         f"course's [0, 1] scale (lungsynth.data.preprocess.hu_to_unit)")
+    return ref
+
+
+# ``m`` in eqs. (3)-(4) and Alg. 1 line 5: x_t (+) m, the layout's channels concatenated to x_t.
+def layout_channels(layout: "torch.Tensor", lung_layout: bool = True, encoding: str = "onehot") -> "torch.Tensor":
+    """The condition concatenated to x_t.
+
+    Args:
+        layout: [B, 1, *S] in {0, 1, 2}.
+        lung_layout: False for the "w/o lung layout" ablation: lung voxels count as background.
+        encoding: ``onehot`` -> [B, 3, *S] (background, lung, nodule; [B, 2, *S] without the lung) or
+            ``scaled`` -> [B, 1, *S] with labels mapped to -1, 0, 1 (-1, 1 without the lung).
+    """
+    import torch
+
+    lay = layout.float()
+    if not lung_layout:
+        lay = torch.where(lay == 1, torch.zeros_like(lay), lay)
+    if encoding == "scaled":
+        return lay - 1.0
+    if encoding != "onehot":
+        raise ValueError(f"unknown layout encoding {encoding!r}; use one of {', '.join(ENCODINGS)}")
+    labels = (0, 1, 2) if lung_layout else (0, 2)
+    return torch.cat([(lay == v).float() for v in labels], dim=1)
+
+
+def n_layout_channels(lung_layout: bool, encoding: str) -> int:
+    if encoding == "scaled":
+        return 1
+    if encoding != "onehot":
+        raise ValueError(f"unknown layout encoding {encoding!r}; use one of {', '.join(ENCODINGS)}")
+    return 3 if lung_layout else 2
+
+
+def to_model_scale(x: "torch.Tensor") -> "torch.Tensor":
+    """[0, 1] -> [-1, 1] (the DDPM's data range; sampling clips the predicted x0 there)."""
+    return x * 2.0 - 1.0
+
+
+def to_unit_scale(x: "torch.Tensor") -> "torch.Tensor":
+    """[-1, 1] -> [0, 1], clamped."""
+    return ((x + 1.0) * 0.5).clamp(0.0, 1.0)
+
+
+# ``m_l`` of eq. (6) (``m_e = 1 - m_l``): lung and nodule are generated, the rest comes from the reference.
+def generation_mask(layout: "torch.Tensor") -> "torch.Tensor":
+    """``m_l``: where the model generates under AAS (lung or nodule), bool [B, 1, *S]."""
+    return layout >= 1
+
+
 # --------------------------------------------------------------------------- networks
 
 
+# eps_theta(x_t (+) m, t) of eqs. (3)-(4): the 3D U-Net with residual and attention blocks (Sec. II-C).
 def build_unet(cfg: "Config", lung_layout: bool = True) -> "nn.Module":
     """The denoiser: ``net(cat[x_t, layout channels] [B, 1+K, *S], t [B]) -> eps [B, 1, *S]``."""
     from lungsynth.nn.unets import diffusion_unet
@@ -41,6 +153,7 @@ def build_unet(cfg: "Config", lung_layout: bool = True) -> "nn.Module":
                           attention_levels=tuple(i in set(int(a) for a in c.attention_at) for i in range(levels)))
 
 
+# beta_t of eq. (1) and alpha_bar_t of eq. (2): the cosine schedule, T = 250.
 def build_scheduler(cfg: "Config", kind: str = "ddpm"):
     """MONAI DDPM scheduler: cosine schedule (Nichol & Dhariwal 2021), T = 250, epsilon, x0 clipped to [-1, 1]."""
     from lungsynth.diffusion.schedules import make_scheduler
@@ -56,242 +169,3 @@ def model_config(cfg: "Config", variant: str) -> dict[str, Any]:
             "num_res_blocks": int(c.num_res_blocks), "layout_encoding": c.layout_encoding,
             "lung_layout": check_variant(variant) == "layout", "num_train_timesteps": int(c.num_train_timesteps),
             "schedule": c.schedule, "size": int(cfg.data.size_ddpm)}
-
-
-# --------------------------------------------------------------------------- training
-
-
-def _make_task_class() -> type:
-    """Build :class:`LungDdpmTask` on first use, so importing this module (``lungsynth --help``) stays free of torch."""
-    from lungsynth.engine import TrainTask
-
-    class LungDdpmTask(TrainTask):
-        """The engine's view of Lung-DDPM: one U-Net, L1 on epsilon (paper Alg. 1).
-
-        Batches are dicts with ``"ct"`` [B, 1, *S] in [0, 1] and either ``"layout"`` [B, 1, *S] or
-        ``"lung"`` and ``"label"`` [B, 1, *S] (as :class:`lungsynth.data.datasets.VolumeDataset` yields).
-        """
-
-        kind = KIND
-
-        def __init__(self, cfg: "Config", variant: str = "layout") -> None:
-            self.cfg = cfg
-            self.variant = check_variant(variant)
-            self.lung_layout = variant == "layout"
-            self.unet = build_unet(cfg, self.lung_layout)
-            self.scheduler = build_scheduler(cfg)
-
-        def modules(self) -> dict[str, "nn.Module"]:
-            return {"unet": self.unet}
-
-        def condition(self, batch: Mapping[str, Any]) -> "torch.Tensor":
-            """Layout channels [B, K, *S] of a batch."""
-            layout = batch["layout"] if "layout" in batch else make_layout(batch["lung"], batch["label"])
-            return layout_channels(check_layout(layout), self.lung_layout, self.cfg.lung_ddpm.layout_encoding)
-
-        def training_step(self, batch: Any, step: int) -> dict[str, Any]:
-            import torch
-
-            from lungsynth.diffusion.objectives import diffusion_loss
-            from lungsynth.diffusion.schedules import add_noise, sample_timesteps
-
-            x0 = to_model_scale(batch["ct"].float())
-            cond = self.condition(batch).to(x0)
-            noise = torch.randn_like(x0)
-            t = sample_timesteps(x0.shape[0], self.scheduler.num_train_timesteps, device=x0.device)
-            x_t = add_noise(self.scheduler, x0, noise, t)
-            eps = self.unet(torch.cat([x_t, cond], dim=1), t)
-            return {"loss": diffusion_loss(eps, noise, kind="l1", check_finite=False)}
-
-        def config(self) -> dict[str, Any]:
-            return model_config(self.cfg, self.variant)
-
-    LungDdpmTask.__module__ = __name__
-    LungDdpmTask.__qualname__ = "LungDdpmTask"
-    return LungDdpmTask
-
-
-def _task_class() -> type:
-    cls = globals().get("LungDdpmTask")
-    if cls is None:
-        cls = globals()["LungDdpmTask"] = _make_task_class()
-    return cls
-
-
-def __getattr__(name: str) -> Any:
-    # ``from lungsynth.methods.lung_ddpm import LungDdpmTask`` builds the class lazily (PEP 562).
-    if name == "LungDdpmTask":
-        return _task_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def default_run_dir(cfg: "Config", variant: str = "layout") -> Path:
-    from lungsynth.paths import run_dir
-
-    return run_dir(cfg.profile, RUN_NAMES[check_variant(variant)])
-
-
-def make_trainer(cfg: "Config", run_dir: Path | str | None, **kwargs: Any):
-    """The engine's Trainer with Lung-DDPM's budget and EMA (decay, start, interval) from ``cfg.lung_ddpm``."""
-    from lungsynth.engine import Trainer
-
-    c = cfg.lung_ddpm
-    settings = dict(max_steps=c.train_steps, lr=c.lr, batch_size=c.batch_size, ema_decay=c.ema_decay,
-                    ema_start=c.ema_start, ema_every=c.ema_every, seed=cfg.seed)
-    settings.update(kwargs)
-    return Trainer.from_config(cfg.engine, run_dir, **settings)
-
-
-def training_dataset(cfg: "Config", split: str = "train"):
-    """The prepared volumes at ``cfg.data.size_ddpm`` (prepares the data first when missing)."""
-    from lungsynth.data.datasets import VolumeDataset, ensure_prepared
-
-    ensure_prepared(cfg)
-    return VolumeDataset(cfg, split, size=cfg.data.size_ddpm, keys=("ct", "lung", "label"))
-
-
-def train(cfg: "Config", variant: str = "layout", run_dir: Path | str | None = None, *, dataset: Any = None,
-          fresh: bool = False, progress: bool | None = None) -> Path:
-    """Train (or resume) one variant; returns the run directory (``final.pt``, ``metrics.csv``, ``run.json``).
-
-    Args:
-        variant: ``"layout"`` (Lung-DDPM) or ``"no_lung_layout"`` (ablation).
-        dataset: map-style dataset of batches as :class:`LungDdpmTask` reads (default: the prepared
-            training split at ``cfg.data.size_ddpm``).
-    """
-    from lungsynth.runtime import RunRecord
-
-    run = Path(run_dir) if run_dir is not None else default_run_dir(cfg, variant)
-    run.mkdir(parents=True, exist_ok=True)
-    data = dataset if dataset is not None else training_dataset(cfg)
-    if len(data) == 0:
-        raise ValueError(f"no training volumes for Lung-DDPM in profile {cfg.profile!r}; run `lungsynth data "
-                         f"prepare --profile {cfg.profile}`")
-    task = _task_class()(cfg, variant)
-    with RunRecord(run, config=cfg, seed=cfg.seed, command=f"lung-ddpm train {variant}") as record:
-        with record.timer("train"):
-            result = make_trainer(cfg, run, fresh=fresh, progress=progress).fit(task, data)
-        record["steps"] = result.steps
-        record["stopped_by"] = result.stopped_by
-        record["last_losses"] = result.last_losses
-        record["variant"] = variant
-    return run
-
-
-def is_trained(run_dir: Path | str) -> bool:
-    from lungsynth.engine import FINAL_NAME
-
-    return (Path(run_dir) / FINAL_NAME).is_file()
-
-
-def ensure_trained(cfg: "Config", variant: str = "layout", run_dir: Path | str | None = None,
-                   progress: bool | None = None) -> Path:
-    """The run dir of ``variant``, training (or resuming a killed run) when it has no ``final.pt``."""
-    run = Path(run_dir) if run_dir is not None else default_run_dir(cfg, variant)
-    if is_trained(run):
-        return run
-    return train(cfg, variant, run, progress=progress)
-
-
-# --------------------------------------------------------------------------- sampling
-
-
-@dataclasses.dataclass
-class LungDDPM:
-    """A trained Lung-DDPM: the (EMA) U-Net, its scheduler and how it reads layouts."""
-
-    unet: "nn.Module"
-    scheduler: Any
-    cfg: "Config"
-    variant: str = "layout"
-    run_dir: Path | None = None
-
-    @property
-    def lung_layout(self) -> bool:
-        return self.variant == "layout"
-
-    def denoise_fn(self, x: "torch.Tensor", t: "torch.Tensor") -> "torch.Tensor":
-        return self.unet(x, t)
-
-    def sample(self, layout: "torch.Tensor", reference: "torch.Tensor | None" = None, *, aas: bool = True,
-               generator: "torch.Generator | None" = None, num_inference_steps: int | None = None,
-               blend_from: int | None = None, device: Any = None, progress: bool = False,
-               intermediates_every: int | None = None, stats: dict | None = None) -> Any:
-        """Generate CT volumes for a layout (paper Alg. 2 with AAS, or plain DDPM sampling without).
-
-        Args:
-            layout: [B, 1, S, S, S] in {0, 1, 2} (:func:`make_layout`); always the full layout: the
-                "w/o lung layout" model drops the lung itself, and AAS uses lung + nodule as ``m_l``.
-            reference: [B or 1, 1, S, S, S] CT in [0, 1]; required with ``aas=True``.
-            aas: anatomically aware sampling (outside the lungs: the reference diffused to t-1).
-            generator: seeds the start noise and the step noise; the reference's noise uses a
-                generator seeded from it, so a seed gives one sample.
-            num_inference_steps: reverse steps (default ``cfg.lung_ddpm.sample_steps``; T = all).
-            blend_from: AAS from this timestep down (default ``cfg.lung_ddpm.blend_from``).
-            intermediates_every: also return ``x_t`` every k steps (see ``samplers.sample``).
-        Returns:
-            [B, 1, S, S, S] float32 in [0, 1] on the CPU; with AAS, bit-identical to ``reference``
-            outside ``m_l``. With ``intermediates_every``: ``(x, intermediates)`` (model scale).
-        """
-        import torch
-
-        from lungsynth.diffusion.samplers import anatomically_aware
-        from lungsynth.diffusion.samplers import sample as reverse_diffusion
-        from lungsynth.runtime import device as default_device
-
-        lay = check_layout(layout)
-        ref = check_reference(reference, lay) if reference is not None else None
-        if aas and ref is None:
-            raise ValueError("anatomically aware sampling needs the reference CT [B or 1, 1, S, S, S] in [0, 1]; "
-                             "pass reference=... or aas=False")
-        dev = torch.device(device) if device is not None else default_device()
-        self.unet.to(dev).eval()
-        B = lay.shape[0]
-        cond = layout_channels(lay, self.lung_layout, self.cfg.lung_ddpm.layout_encoding).to(dev)
-        steps = int(num_inference_steps or self.cfg.lung_ddpm.sample_steps)
-        callbacks = []
-        gen = generator if generator is not None else torch.Generator().manual_seed(self.cfg.seed)
-        if aas:
-            assert ref is not None
-            ref_gen = torch.Generator(device=gen.device).manual_seed(
-                int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device)))
-            m_l = generation_mask(lay).to(dev)
-            callbacks.append(anatomically_aware(to_model_scale(ref).to(dev), m_l, self.scheduler,
-                                                self.cfg.lung_ddpm.blend_from if blend_from is None else blend_from,
-                                                generator=ref_gen))
-        out = reverse_diffusion(self.denoise_fn, self.scheduler, (B, 1, *lay.shape[2:]), steps, generator=gen,
-                                device=dev, condition={"concat": cond}, step_callback=callbacks,
-                                intermediates_every=intermediates_every, amp=True, progress=progress,
-                                desc="lung-ddpm", stats=stats)
-        x, inter = out if intermediates_every else (out, None)
-        x = to_unit_scale(x.float()).cpu()
-        if aas:
-            assert ref is not None
-            # The last AAS step pasted the reference in [-1, 1]; mapping back to [0, 1] rounds, so the
-            # same paste is repeated in the output scale to give the reference bit for bit.
-            x = torch.where(generation_mask(lay), x, ref.expand_as(x))
-        return (x, inter) if intermediates_every else x
-
-
-def load(cfg: "Config", variant: str = "layout", run_dir: Path | str | None = None, *, use_ema: bool = True,
-         train_if_missing: bool = True, progress: bool | None = None) -> LungDDPM:
-    """A trained model (EMA weights by default) ready to :meth:`LungDDPM.sample`.
-
-    Trains first (:func:`ensure_trained`) when the run has no ``final.pt`` and ``train_if_missing``.
-    """
-    from lungsynth.engine import LAST_NAME, load_weights
-
-    run = Path(run_dir) if run_dir is not None else default_run_dir(cfg, variant)
-    if train_if_missing:
-        ensure_trained(cfg, variant, run, progress=progress)
-    elif not (is_trained(run) or (run / LAST_NAME).is_file()):
-        raise FileNotFoundError(f"no Lung-DDPM checkpoint in {run}; run `lungsynth lung-ddpm train --profile "
-                                f"{cfg.profile}{' --no-lung-layout' if variant == 'no_lung_layout' else ''}`")
-    unet = build_unet(cfg, variant == "layout")
-    load_weights(run, kind=KIND, config=model_config(cfg, variant), modules={"unet": unet}, use_ema=use_ema)
-    return LungDDPM(unet.eval(), build_scheduler(cfg), cfg, variant, run)
-
-
-def sample(model: LungDDPM, layout: "torch.Tensor", reference: "torch.Tensor | None" = None, **kwargs: Any):
-    """Function form of :meth:`LungDDPM.sample` (same arguments)."""
-    return model.sample(layout, reference, **kwargs)

@@ -38,7 +38,8 @@ def _config(args):
 
 
 def _train(args: argparse.Namespace) -> int:
-    from lungsynth.methods.text2img import check_pipeline_folder, train
+    from lungsynth.methods.text2img import check_pipeline_folder
+    from lungsynth.methods.text2img.train import train
 
     if args.pretrained:
         check_pipeline_folder(args.pretrained)
@@ -50,8 +51,7 @@ def _train(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from lungsynth.methods.text2img import default_run_dir, generate, load
-    from lungsynth.methods.text2img.core import roi_dataset
+    from lungsynth.methods.text2img import default_run_dir, generate, load, roi_dataset
 
     cfg = _config(args)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg, args.pretrained)

@@ -1,4 +1,5 @@
-"""Chapter 07's metrics per guidance scale (the paper's Table 1 in shape).
+"""Chapter 07's metrics per guidance scale (the paper's Table 1 in shape; Urata et al. report FID, KID,
+LPIPS, CLIPScore and BioCLIPScore at GS = 5 .. 60, §2.4 and §3).
 
 - FID and KID of generated ROIs against held-out real ROIs, with the course's 2D slice network
   (trained on real ROIs; the name of the network is recorded with every number);
@@ -98,7 +99,8 @@ def guidance_sweep(cfg: Config, model, scales: Sequence[float] | None = None, n:
     from lungsynth.eval.distribution import fid, kid
     from lungsynth.eval.features import slice_features, train_slice_net
     from lungsynth.eval.fidelity import ms_ssim_diversity
-    from lungsynth.methods.text2img.core import generate, roi_dataset
+    from lungsynth.methods.text2img.sample import generate
+    from lungsynth.methods.text2img.train import roi_dataset
 
     c = cfg.text2img
     scales = tuple(scales or c.guidance_scales)

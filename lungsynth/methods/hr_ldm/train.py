@@ -1,0 +1,217 @@
+"""HR-LDM training (the paper's Algorithm 1): the training view of the data, the engine task, the runs.
+
+The frozen 3D KL-VAE encodes the nodule crops once (:class:`LatentCache`); :class:`HrLdmTask` is one
+step of Algorithm 1 (the loss, eq. 4-9, is :func:`lungsynth.methods.hr_ldm.model.hr_ldm_losses`);
+:func:`train` / :func:`ensure_trained` write ``runs/<profile>/05_hr_ldm_{hist,nohist}``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lungsynth.engine import TrainTask
+from lungsynth.methods.hr_ldm.model import (KIND, SUBTYPES, HrLdmNet, TruncatedDecoder, crop_side, hr_ldm_losses,
+                                            hu_histogram, make_schedulers, mask_to_latent, net_spec, unit_to_hu,
+                                            validate_subtype)
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def run_name(hist_loss: bool) -> str:
+    """``05_hr_ldm_hist`` (HR-LDM) or ``05_hr_ldm_nohist`` (the MAISI-DDPM ablation)."""
+    return "05_hr_ldm_hist" if hist_loss else "05_hr_ldm_nohist"
+
+
+def default_run_dir(cfg: Any, hist_loss: bool = True) -> Path:
+    from lungsynth import paths
+
+    return paths.run_dir(cfg.profile, run_name(hist_loss))
+
+
+def frozen_vae(cfg: Any, vae: Any = None) -> Any:
+    """``vae`` (or ``ensure_autoencoder("vae3d", cfg)``) in eval mode, without gradients."""
+    if vae is not None:
+        return vae.eval().requires_grad_(False)
+    from lungsynth.autoencoders import ensure_autoencoder
+
+    return ensure_autoencoder("vae3d", cfg).eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------- the training view of the data
+
+
+def train_crops(cfg: Any, split: str = "train") -> Any:
+    """The prepared nodule crops (``CropDataset``) at the side the model works on."""
+    from lungsynth.data.datasets import CropDataset, ensure_prepared
+
+    ensure_prepared(cfg)
+    return CropDataset(cfg, split, size=crop_side(cfg))
+
+
+class LatentCache(torch.utils.data.Dataset):
+    """Nodule crops encoded once by the frozen VAE (it never changes, so encoding every step is waste).
+
+    Items: ``z0`` [c, l, l, l] (posterior mean x scale factor), ``mask`` [1, l, l, l] (binary nodule
+    channel, the M of eq. 4), ``cond`` [3, l, l, l] (max-pooled hrmask), ``feat_weight`` [1, *Sf]
+    (the nodule's share of each truncated-decoder feature voxel, for eq. 7), ``hist`` [bins] (HU
+    histogram of the crop's nodule), ``subtype`` (long).
+    """
+
+    def __init__(self, items: list[dict[str, torch.Tensor]]) -> None:
+        if not items:
+            raise ValueError("the HR-LDM latent cache is empty: the crop dataset has no nodules")
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.items[i]
+
+    def subtype_counts(self) -> list[int]:
+        counts = [0, 0, 0]
+        for it in self.items:
+            counts[int(it["subtype"])] += 1
+        return counts
+
+
+def _check_crop_item(item: Mapping[str, Any], side: int) -> None:
+    for key in ("ct", "hrmask", "subtype_id"):
+        if key not in item:
+            raise ValueError(f"crop item lacks {key!r}; HR-LDM needs CropDataset items with ct, hrmask, subtype_id")
+    if tuple(item["ct"].shape) != (1, side, side, side) or tuple(item["hrmask"].shape) != (3, side, side, side):
+        raise ValueError(f"crop items must be ct [1,{side},{side},{side}] and hrmask [3,...]; got "
+                         f"{tuple(item['ct'].shape)} and {tuple(item['hrmask'].shape)}")
+
+
+@torch.no_grad()
+def build_latent_cache(cfg: Any, crops: Iterable[Mapping[str, Any]], vae: nn.Module,
+                       trunc: TruncatedDecoder, limit: int = 0, batch: int = 8) -> LatentCache:
+    """Encode crop items (``CropDataset`` items: ct [1,C,C,C] in [0,1], hrmask [3,C,C,C], subtype_id)."""
+    side = crop_side(cfg, vae.downsample)
+    dev = next(vae.parameters()).device
+    items: list[dict[str, torch.Tensor]] = []
+    pending: list[Mapping[str, Any]] = []
+
+    def flush() -> None:
+        ct = torch.stack([torch.as_tensor(p["ct"]).float() for p in pending]).to(dev)
+        hr = torch.stack([torch.as_tensor(p["hrmask"]).float() for p in pending]).to(dev)
+        z0 = vae.encode_latent(ct, sample=False)
+        cond = mask_to_latent(hr, vae.downsample)
+        feat_shape = trunc(z0[:1] / vae.scale_factor).shape[2:]
+        fw = F.adaptive_avg_pool3d(hr[:, :1], feat_shape)
+        hu = unit_to_hu(ct, cfg)
+        for j, p in enumerate(pending):
+            items.append({"z0": z0[j].cpu(), "mask": (cond[j, :1] > 0).float().cpu(), "cond": cond[j].cpu(),
+                          "feat_weight": fw[j].cpu(),
+                          "hist": torch.from_numpy(hu_histogram(hu[j, 0], hr[j, 0], cfg.hr_ldm.hist_bins,
+                                                                tuple(cfg.hr_ldm.hist_range_hu))).float(),
+                          "subtype": validate_subtype(int(p["subtype_id"]))[0]})
+        pending.clear()
+
+    for item in crops:
+        _check_crop_item(item, side)
+        if float(torch.as_tensor(item["hrmask"])[0].sum()) == 0:
+            continue
+        pending.append(item)
+        if len(pending) == batch:
+            flush()
+        if limit and len(items) + len(pending) >= limit:
+            break
+    if pending:
+        flush()
+    return LatentCache(items)
+
+
+# --------------------------------------------------------------------------- Algorithm 1
+
+
+class HrLdmTask(TrainTask):
+    """Algorithm 1 as an engine task (eq. 4-9, :func:`hr_ldm_losses`)."""
+
+    kind = KIND
+
+    def __init__(self, net: HrLdmNet, scheduler, trunc: TruncatedDecoder | None, hist_weight: float,
+                 hist_bins: int = 40, hist_timestep_weighting: str = "none") -> None:
+        self.net = net
+        self.hist_timestep_weighting = hist_timestep_weighting
+        self.scheduler = scheduler
+        self.trunc = trunc
+        self.hist_weight = float(hist_weight)
+        self.hist_bins = int(hist_bins)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"net": self.net}
+
+    def setup(self, device: torch.device) -> None:
+        if self.trunc is not None:
+            self.trunc.to(device)
+
+    def config(self) -> dict[str, Any]:
+        return {**self.net.spec, "hist_loss": self.trunc is not None and self.hist_weight > 0}
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], step: int) -> dict[str, Any]:
+        return hr_ldm_losses(self.net, self.scheduler, batch, self.trunc, self.hist_weight, self.hist_bins,
+                             hist_timestep_weighting=self.hist_timestep_weighting)
+
+
+# --------------------------------------------------------------------------- train / ensure_trained
+
+
+def train(cfg: Any, hist_loss: bool = True, run_dir: Path | str | None = None, *, vae: Any = None,
+          crops: Iterable[Mapping[str, Any]] | None = None, fresh: bool = False, progress: bool | None = None) -> Path:
+    """Algorithm 1: train HR-LDM (``hist_loss``) or its MAISI-DDPM ablation (no histogram term).
+
+    Args:
+        cfg: the profile's config (``cfg.hr_ldm``). run_dir: default ``runs/<profile>/05_hr_ldm_{hist,nohist}``.
+        vae: the frozen 3D KL-VAE (default ``ensure_autoencoder("vae3d", cfg)``).
+        crops: crop items (default the prepared ``CropDataset`` train split).
+        fresh: start over instead of resuming from ``last.pt``.
+    Returns:
+        the run directory (``final.pt``, ``last.pt``, ``metrics.csv``, ``run.json``).
+    """
+    from lungsynth.engine import Trainer
+    from lungsynth.runtime import RunRecord
+
+    h = cfg.hr_ldm
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg, hist_loss)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    vae = frozen_vae(cfg, vae)
+    trunc = TruncatedDecoder(vae)
+    with RunRecord(run_dir, config=cfg.to_dict(), seed=cfg.seed,
+                   command=f"lungsynth hr-ldm train --profile {cfg.profile}" + ("" if hist_loss else " --no-hist-loss")
+                   ) as rec:
+        with rec.timer("latent_cache"):
+            cache = build_latent_cache(cfg, crops if crops is not None else train_crops(cfg), vae, trunc,
+                                       limit=h.n_cache)
+        rec["n_train_crops"] = len(cache)
+        rec["subtype_counts"] = dict(zip(SUBTYPES, cache.subtype_counts()))
+        rec["vae"] = str(getattr(vae, "checkpoint_path", "in-memory"))
+        train_sched, _ = make_schedulers(cfg)
+        net = HrLdmNet(net_spec(cfg, vae.latent_channels))
+        task = HrLdmTask(net, train_sched, trunc if hist_loss else None, h.hist_weight, h.hist_bins,
+                         h.hist_timestep_weighting)
+        trainer = Trainer.from_config(cfg.engine, run_dir, max_steps=h.train_steps, batch_size=h.batch_size,
+                                      lr=h.lr, schedule="polynomial", poly_power=h.lr_power, seed=cfg.seed,
+                                      progress=progress, fresh=fresh)
+        with rec.timer("train"):
+            result = trainer.fit(task, cache)
+        rec["steps"] = result.steps
+        rec["last_losses"] = result.last_losses
+    return run_dir
+
+
+def ensure_trained(cfg: Any, hist_loss: bool = True, *, vae: Any = None,
+                   crops: Iterable[Mapping[str, Any]] | None = None, run_dir: Path | str | None = None,
+                   progress: bool | None = None) -> Path:
+    """The run directory with a ``final.pt``: trains (or resumes a killed run) when it has none."""
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg, hist_loss)
+    if (run_dir / "final.pt").is_file():
+        return run_dir
+    return train(cfg, hist_loss, run_dir, vae=vae, crops=crops, progress=progress)

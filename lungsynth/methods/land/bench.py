@@ -1,0 +1,140 @@
+"""LAND (chapter 03): ``lungsynth bench land`` (additive vs concatenated skips) and the peak memory of
+Table 1, each measured in a fresh process (peak RSS is per process)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lungsynth.methods.land.model import LandDenoiser, denoiser_spec, land_loss, make_scheduler
+from lungsynth.methods.land.sample import load, sample
+from lungsynth.methods.land.train import heldout_conditions
+
+
+def _child(spec: dict[str, Any]) -> dict[str, Any]:
+    """Runs in a fresh process (peak RSS is per process): load a variant and sample once."""
+    import resource
+
+    from lungsynth.config import get_config
+
+    cfg = get_config(spec["profile"], spec.get("overrides") or {})
+    model = load(cfg, spec["variant"], spec.get("run_dir"), train_if_missing=False)
+    cond = heldout_conditions(cfg, "test", 1) if spec["variant"] != "none" else None
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out = sample(model, cond, 1, sampler=spec.get("sampler"), steps=spec.get("steps"), seed=0)
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return {"peak_mb": peak, "loaded_mb": before, "sampling_mb": max(peak - before, 0.0), "seconds": out["seconds"]}
+
+
+def _run_child(fn: str, spec: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
+    code = (f"import json, sys; from lungsynth.methods.land.bench import {fn}; "
+            f"print('LANDJSON' + json.dumps({fn}(json.loads(sys.argv[1]))))")
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
+                          timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("LANDJSON")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"measurement subprocess failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return json.loads(lines[-1][len("LANDJSON"):])
+
+
+def peak_sampling_memory(cfg: Any, variant: str, run_dir: Path | str | None = None, *, sampler: str | None = None,
+                         steps: int | None = None, overrides: dict | None = None) -> dict[str, float]:
+    """Peak memory of loading ``variant`` and sampling one volume, in a fresh process:
+    ``{"peak_mb", "loaded_mb", "seconds"}`` (CUDA: max allocated; CPU: peak RSS, model load included)."""
+    spec = {"profile": cfg.profile, "overrides": overrides or {}, "variant": variant,
+            "run_dir": str(run_dir) if run_dir else None, "sampler": sampler, "steps": steps}
+    return _run_child("_child", spec)
+
+
+# --------------------------------------------------------------------------- bench
+
+
+def _bench_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """One benchmark configuration in a fresh process: a train step, a denoiser call, or a whole sample."""
+    import resource
+
+    from lungsynth.diffusion.samplers import sample as reverse
+    from lungsynth.runtime import device
+
+    torch.manual_seed(0)
+    dev = device()
+    den = LandDenoiser(spec["denoiser"]).to(dev)
+    s, k = int(spec["latent_size"]), int(spec["denoiser"]["cond_channels"])
+    z = torch.randn(1, 4, s, s, s, device=dev)
+    grid = torch.rand(1, k, s, s, s, device=dev)
+    sched = make_scheduler(spec["denoiser"], "ddim")
+    what, reps = spec["what"], int(spec.get("repeats", 3))
+    cuda = dev.type == "cuda"
+
+    def once() -> None:
+        if what == "train_step":
+            den.train()
+            land_loss(den, sched, z, grid, 5.0)["loss"].backward()
+        elif what == "denoiser_step":
+            with torch.no_grad():
+                den.eval()(torch.cat([z, grid], 1), torch.tensor([500], device=dev), grid)
+        else:
+            den.eval()
+            reverse(lambda x, t, **kw: den(x, t, **kw), sched, (1, 4, s, s, s), int(spec["steps"]), device=dev,
+                    condition={"concat": grid, "grid": grid}, progress=False)
+        if cuda:
+            torch.cuda.synchronize()
+
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # imports + model + inputs
+    once()  # warm-up
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(reps if what != "sample" else 1):
+        t0 = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - t0)
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    # CPU: peak RSS minus the RSS before the first call = what the computation itself added
+    return {"seconds": float(np.median(times)), "peak_mb": peak, "delta_mb": peak if cuda else max(peak - base, 0.0),
+            "params": sum(p.numel() for p in den.parameters())}
+
+
+def bench_land(args: argparse.Namespace) -> int:
+    """``lungsynth bench land [--size S]``: additive vs concatenated skips, each config in its own process."""
+    from lungsynth.config import get_config, parse_overrides
+
+    cfg = get_config(args.profile, parse_overrides(args.overrides))
+    size = int(args.size or cfg.data.size_3d)
+    if size % (4 * 2 ** (len(cfg.land.unet_channels) - 1)):
+        raise ValueError(f"--size {size} must be a multiple of {4 * 2 ** (len(cfg.land.unet_channels) - 1)} "
+                         f"(x4 autoencoder, {len(cfg.land.unet_channels)}-level U-Net)")
+    s = size // 4
+    steps = int(cfg.land.ddim_steps)
+    print(f"LAND denoiser bench: image {size}^3 -> latent 4x{s}^3, channels {tuple(cfg.land.unet_channels)}, "
+          f"{cfg.land.num_res_blocks} res blocks/level, condition latentmask-texture, DDIM {steps} steps, "
+          f"repeats {args.repeats}; each number from its own process")
+    res: dict[tuple[str, str], dict[str, Any]] = {}
+    for what in ("train_step", "denoiser_step", "sample"):
+        for skip in ("additive", "concat"):
+            spec = {"denoiser": denoiser_spec(cfg, "latentmask-texture", 4, None, skip), "latent_size": s,
+                    "what": what, "steps": steps, "repeats": args.repeats}
+            r = _run_child("_bench_child", spec)
+            res[(what, skip)] = r
+            print(f"  {what:14s} {skip:9s} {r['seconds']:8.3f} s  peak {r['peak_mb']:9.1f} MB  "
+                  f"(+{r['delta_mb']:.1f} MB over the loaded process)  params {r['params'] / 1e6:.2f}M", flush=True)
+    print("ratios additive / concat (memory: CUDA max allocated; CPU: peak RSS increase over the loaded process):")
+    for what in ("train_step", "denoiser_step", "sample"):
+        a, c = res[(what, "additive")], res[(what, "concat")]
+        mem = a["delta_mb"] / c["delta_mb"] if c["delta_mb"] > 0 else float("nan")
+        print(f"  {what:14s} time {a['seconds'] / c['seconds']:.3f}  peak memory {mem:.3f}")
+    a, c = res[("sample", "additive")], res[("sample", "concat")]
+    print(f"  parameters {a['params'] / c['params']:.3f}")
+    return 0

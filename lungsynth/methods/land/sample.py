@@ -1,0 +1,148 @@
+"""LAND (chapter 03): load a trained variant, sample it (DDIM or DDPM from one checkpoint), held-out
+conditions to sample on."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from lungsynth.methods.land.model import (KIND, SAMPLERS, LandDenoiser, check_condition, check_variant, condition_grid,
+                                          make_scheduler, uses_mask_vae)
+from lungsynth.methods.land.train import default_run_dir, ensure_trained, heldout_conditions
+
+
+# --------------------------------------------------------------------------- load
+
+
+def load_denoiser(run_dir: Path | str, device: torch.device | str = "cpu") -> LandDenoiser:
+    """The trained denoiser of a LAND run (final.pt, else last.pt), built from the checkpoint's spec;
+    eval mode, frozen."""
+    from lungsynth.engine import load_checkpoint, load_weights
+
+    run_dir = Path(run_dir)
+    path = run_dir / "final.pt" if (run_dir / "final.pt").is_file() else run_dir
+    ckpt = load_checkpoint(path)
+    if ckpt.get("kind") != KIND:
+        raise ValueError(f"{run_dir} holds a {ckpt.get('kind')!r} checkpoint, not a LAND denoiser")
+    den = LandDenoiser(dict(ckpt["config"]))
+    load_weights(path, kind=KIND, modules={"denoiser": den}, use_ema=False)
+    return den.eval().requires_grad_(False).to(device)
+
+
+@dataclass
+class LandModel:
+    """A trained LAND variant ready to sample: denoiser, frozen autoencoders, config."""
+
+    variant: str
+    denoiser: LandDenoiser
+    vae: Any
+    mask_vae: Any
+    cfg: Any
+    run_dir: Path | None
+    device: torch.device
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return self.denoiser.spec
+
+    def grid(self, cond: torch.Tensor | None) -> torch.Tensor | None:
+        """Validated condition -> latent grid on the model's device."""
+        c = check_condition(cond, self.cfg, self.variant)
+        if c is None:
+            return None
+        return condition_grid(c.to(self.device), self.variant, self.mask_vae, self.vae.downsample).to(self.device)
+
+
+def load(cfg: Any, variant: str, run_dir: Path | str | None = None, *, device: torch.device | str | None = None,
+         train_if_missing: bool = True) -> LandModel:
+    """Load a trained variant (training it first when ``train_if_missing`` and it has no final.pt)."""
+    from lungsynth import runtime
+    from lungsynth.autoencoders import ensure_autoencoder
+
+    check_variant(variant)
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg, variant, create=train_if_missing)
+    if train_if_missing:
+        ensure_trained(cfg, variant, run_dir)
+    dev = torch.device(device) if device is not None else runtime.device()
+    den = load_denoiser(run_dir, dev)
+    if den.spec.get("variant") != variant:
+        raise ValueError(f"{run_dir} holds LAND variant {den.spec.get('variant')!r}, not {variant!r}; "
+                         f"pass the run directory of a {variant!r} run")
+    vae = ensure_autoencoder("vae3d", cfg, device=dev)
+    mask_vae = ensure_autoencoder("maskvae", cfg, device=dev) if uses_mask_vae(variant) else None
+    return LandModel(variant, den, vae, mask_vae, cfg, run_dir, dev)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def sample(model: LandModel, cond: Any = None, n: int | None = None, *, sampler: str | None = None,
+           steps: int | None = None, seed: int = 0, decode: bool = True, eta: float = 0.0,
+           progress: bool = False) -> dict[str, Any]:
+    """Generate CT volumes with a trained LAND model.
+
+    Args:
+        model: from :func:`load`.
+        cond: condition volume(s) (see :func:`check_condition`); None for ``none``. A single volume
+            with ``n > 1`` is repeated (different noise per sample).
+        n: number of volumes (default: the batch of ``cond``, else 1).
+        sampler: ``"ddim"`` (default ``cfg.land.sampler``) or ``"ddpm"`` — the same checkpoint serves both.
+        steps: reverse steps (default ``cfg.land.ddim_steps`` / ``cfg.land.ddpm_steps``; DDPM with
+            T = 1000 steps is the paper's sampler, fewer steps respace the betas).
+        seed: seeds the start noise and DDPM noise.
+        decode: decode the latents with the vae3d (sliding window beyond ``cfg.autoencoders.sliding_roi``).
+    Returns:
+        ``{"latents" [B,4,s,s,s], "ct" [B,1,S,S,S] in [0,1], "ct_hu" [B,1,S,S,S], "cond" [B,1,S,S,S] | None,
+        "sampler", "steps", "seconds"}`` (CPU tensors; no "ct" keys when ``decode`` is False).
+    """
+    from lungsynth.data.preprocess import unit_to_hu
+    from lungsynth.diffusion.samplers import sample as reverse
+
+    cfg = model.cfg
+    sampler = sampler or cfg.land.sampler
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; use {' or '.join(SAMPLERS)}")
+    c = check_condition(cond, cfg, model.variant)
+    B = int(n) if n is not None else (c.shape[0] if c is not None else 1)
+    if c is not None:
+        if c.shape[0] == 1 and B > 1:
+            c = c.expand(B, *c.shape[1:])
+        elif c.shape[0] != B:
+            raise ValueError(f"{c.shape[0]} condition volumes for n={B} samples; pass one volume or n of them")
+    grid = condition_grid(c.to(model.device), model.variant, model.mask_vae, model.vae.downsample) \
+        if c is not None else None
+    if steps is None:
+        steps = cfg.land.ddim_steps if sampler == "ddim" else cfg.land.ddpm_steps
+    sched = make_scheduler(model.spec, sampler)
+    s = int(cfg.data.size_3d) // int(model.vae.downsample)
+    shape = (B, int(model.spec["latent_channels"]), s, s, s)
+    gen = torch.Generator().manual_seed(int(seed))
+    condition = {"concat": grid, "grid": grid} if grid is not None else None
+    stats: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    z = reverse(lambda x, t, **kw: model.denoiser(x, t, **kw), sched, shape, int(steps), generator=gen,
+                device=model.device, condition=condition, eta=eta, progress=progress, stats=stats,
+                desc=f"LAND {model.variant} {sampler}", amp=True)
+    out: dict[str, Any] = {"latents": z.float().cpu(), "cond": c, "sampler": sampler, "steps": int(steps)}
+    if decode:
+        with torch.no_grad():
+            x = model.vae.decode_latent(z.to(model.device), roi_size=cfg.autoencoders.sliding_roi).float().cpu()
+        x = x.clamp(0.0, 1.0)
+        out["ct"] = x
+        out["ct_hu"] = unit_to_hu(x, cfg.data.hu_min, cfg.data.hu_max)
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def heldout_by_nodule_size(cfg: Any, splits: Sequence[str] = ("test", "val")) -> torch.Tensor:
+    """Held-out condition volumes of ``splits``, the one with the largest nodule first: [N, 1, S, S, S]
+    (figures and the texture sweep want a nodule that spans several voxels)."""
+    from lungsynth.nn.conditioning import nodule_mask
+
+    conds = torch.cat([heldout_conditions(cfg, s) for s in splits])
+    order = torch.argsort(nodule_mask(conds).flatten(1).sum(1), descending=True)
+    return conds[order]

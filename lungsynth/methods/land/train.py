@@ -1,0 +1,156 @@
+"""LAND (chapter 03): the training view of the data, the engine task, ``train`` / ``ensure_trained``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from lungsynth.engine import TrainTask
+from lungsynth.methods.land.model import (CONDITIONS, KIND, LandDenoiser, check_variant, condition_grid, denoiser_spec,
+                                          land_loss, make_scheduler, uses_mask_vae)
+
+
+def default_run_dir(cfg: Any, variant: str, create: bool = True) -> Path:
+    """``runs/<profile>/03_land_<variant>``."""
+    from lungsynth import paths
+
+    return paths.run_dir(cfg.profile, f"03_land_{check_variant(variant)}", create=create)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def heldout_conditions(cfg: Any, split: str = "test", n: int | None = None) -> torch.Tensor:
+    """Prepared condition volumes of ``split`` (default the held-out test split): [N, 1, S, S, S]."""
+    from lungsynth.data.datasets import VolumeDataset
+
+    ds = VolumeDataset(cfg, split, keys=("cond",))
+    if len(ds) == 0:
+        raise ValueError(f"the {split} split of profile {cfg.profile} is empty; prepare more scans (cfg.data.n_scans)")
+    idx = range(len(ds) if n is None else min(int(n), len(ds)))
+    return torch.stack([torch.as_tensor(ds[i]["cond"]).float() for i in idx])
+
+
+class LandDataset(torch.utils.data.Dataset):
+    """Latents (a fresh posterior sample per load, from the vae3d cache) with precomputed grid conditions.
+
+    Item: ``{"z": [4, s,s,s]}`` plus ``"grid": [K, s,s,s]`` for conditional variants.
+    """
+
+    def __init__(self, latents: Any, grids: Sequence[torch.Tensor] | None) -> None:
+        self.latents, self.grids = latents, list(grids) if grids is not None else None
+        if self.grids is not None and len(self.grids) != len(latents):
+            raise ValueError(f"{len(self.grids)} condition grids for {len(latents)} latents")
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = {"z": self.latents[i]["z"].float()}
+        if self.grids is not None:
+            item["grid"] = self.grids[i]
+        return item
+
+
+def build_dataset(cfg: Any, variant: str, split: str = "train", mask_vae: Any = None) -> LandDataset:
+    """The training set of ``variant``: vae3d latent cache of ``split`` + grids from the prepared ``cond``."""
+    from lungsynth.autoencoders import LatentDataset, ensure_autoencoder
+
+    check_variant(variant)
+    latents = LatentDataset(cfg, "vae3d", split)
+    grids = None
+    if variant != "none":
+        if uses_mask_vae(variant) and mask_vae is None:
+            mask_vae = ensure_autoencoder("maskvae", cfg)
+        conds = heldout_conditions(cfg, split)
+        if len(conds) != len(latents):
+            raise ValueError(f"{split}: {len(conds)} condition volumes but {len(latents)} cached latents; "
+                             f"re-encode with `lungsynth autoencoder encode --kind vae3d`")
+        grids = [condition_grid(c[None], variant, mask_vae)[0].cpu() for c in conds]
+    return LandDataset(latents, grids)
+
+
+# --------------------------------------------------------------------------- the engine task, train
+
+
+class LandTask(TrainTask):
+    """The engine's view of LAND training: one denoiser, the loss of :func:`land_loss`."""
+
+    kind = KIND
+
+    def __init__(self, spec: dict[str, Any], gamma: float = 5.0) -> None:
+        self.spec = dict(spec)
+        self.denoiser = LandDenoiser(spec)
+        self.scheduler = make_scheduler(spec)
+        self.gamma = float(gamma)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"denoiser": self.denoiser}
+
+    def setup(self, device: torch.device) -> None:
+        self.scheduler.to(device)
+
+    def training_step(self, batch: Any, step: int) -> dict[str, Any]:
+        return land_loss(self.denoiser, self.scheduler, batch["z"].float(), batch.get("grid"), self.gamma)
+
+    def config(self) -> dict[str, Any]:
+        return dict(self.spec)
+
+
+def train(cfg: Any, variant: str, run_dir: Path | str | None = None, *, skip: str | None = None,
+          progress: bool | None = None, fresh: bool = False) -> Path:
+    """Train LAND ``variant`` into ``run_dir`` (default ``runs/<profile>/03_land_<variant>``).
+
+    Resumes from ``last.pt`` unless ``fresh``. Writes final.pt, metrics.csv and run.json; returns the run dir.
+    """
+    from lungsynth.engine import Trainer
+    from lungsynth.autoencoders import ensure_autoencoder
+    from lungsynth.runtime import RunRecord, seed_everything
+
+    check_variant(variant)
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg, variant)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    with RunRecord(run_dir, config=cfg, seed=cfg.seed, command=f"land train --variant {variant}") as rec:
+        with rec.timer("data"):
+            vae = ensure_autoencoder("vae3d", cfg, progress=progress)
+            mask_vae = ensure_autoencoder("maskvae", cfg, progress=progress) if uses_mask_vae(variant) else None
+            ds = build_dataset(cfg, variant, "train", mask_vae)
+        spec = denoiser_spec(cfg, variant, vae.latent_channels,
+                             mask_vae.latent_channels if mask_vae is not None else None, skip)
+        task = LandTask(spec, cfg.land.min_snr_gamma)
+        trainer = Trainer.from_config(cfg.engine, run_dir, max_steps=cfg.land.train_steps, lr=cfg.land.lr,
+                                      batch_size=cfg.land.batch_size, seed=cfg.seed, progress=progress, fresh=fresh)
+        with rec.timer("train"):
+            result = trainer.fit(task, ds)
+        rec["variant"] = variant
+        rec["condition"] = CONDITIONS[variant]
+        rec["parameters"] = sum(p.numel() for p in task.denoiser.parameters())
+        rec["steps"] = result.steps
+        rec["last_losses"] = result.last_losses
+        rec["vae_scale_factor"] = float(vae.scale_factor)
+    return run_dir
+
+
+def _is_done(run_dir: Path, cfg: Any, variant: str) -> bool:
+    from lungsynth.engine import check_compatible, load_checkpoint
+
+    final = run_dir / "final.pt"
+    if not final.is_file():
+        return False
+    ckpt = load_checkpoint(final)
+    # a run of another architecture (say land.skip=concat over an additive run) is refused, not reused
+    check_compatible(ckpt, final, KIND, denoiser_spec(cfg, variant, int(cfg.autoencoders.latent_channels)))
+    return int(ckpt.get("step", 0)) >= int(cfg.land.train_steps)
+
+
+def ensure_trained(cfg: Any, variant: str, run_dir: Path | str | None = None, *, progress: bool | None = None) -> Path:
+    """The run dir of a trained ``variant``: trains (or resumes a killed run) when final.pt is missing
+    or has fewer steps than ``cfg.land.train_steps``."""
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg, variant)
+    if _is_done(run_dir, cfg, variant):
+        return run_dir
+    return train(cfg, variant, run_dir, progress=progress)

@@ -1,0 +1,129 @@
+"""Lung-DDPM's training: the data's training view, the engine task (paper Alg. 1), ``train`` / ``ensure_trained``
+and the run directories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+from lungsynth.engine import TrainTask
+from lungsynth.methods.lung_ddpm.model import (KIND, build_scheduler, build_unet, check_layout, check_variant,
+                                               layout_channels, make_layout, model_config, to_model_scale)
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from lungsynth.config import Config
+
+RUN_NAMES: dict[str, str] = {"layout": "06_lung_ddpm_layout", "no_lung_layout": "06_lung_ddpm_no_lung_layout"}
+
+
+class LungDdpmTask(TrainTask):
+    """The engine's view of Lung-DDPM: one U-Net, L1 on epsilon (paper Alg. 1).
+
+    Batches are dicts with ``"ct"`` [B, 1, *S] in [0, 1] and either ``"layout"`` [B, 1, *S] or
+    ``"lung"`` and ``"label"`` [B, 1, *S] (as :class:`lungsynth.data.datasets.VolumeDataset` yields).
+    """
+
+    kind = KIND
+
+    def __init__(self, cfg: "Config", variant: str = "layout") -> None:
+        self.cfg = cfg
+        self.variant = check_variant(variant)
+        self.lung_layout = variant == "layout"
+        self.unet = build_unet(cfg, self.lung_layout)
+        self.scheduler = build_scheduler(cfg)
+
+    def modules(self) -> dict[str, "nn.Module"]:
+        return {"unet": self.unet}
+
+    def condition(self, batch: Mapping[str, Any]) -> "torch.Tensor":
+        """Layout channels [B, K, *S] of a batch."""
+        layout = batch["layout"] if "layout" in batch else make_layout(batch["lung"], batch["label"])
+        return layout_channels(check_layout(layout), self.lung_layout, self.cfg.lung_ddpm.layout_encoding)
+
+    def training_step(self, batch: Any, step: int) -> dict[str, Any]:
+        import torch
+
+        from lungsynth.diffusion.objectives import diffusion_loss
+        from lungsynth.diffusion.schedules import add_noise, sample_timesteps
+
+        x0 = to_model_scale(batch["ct"].float())
+        cond = self.condition(batch).to(x0)
+        noise = torch.randn_like(x0)
+        t = sample_timesteps(x0.shape[0], self.scheduler.num_train_timesteps, device=x0.device)
+        x_t = add_noise(self.scheduler, x0, noise, t)  # eq. (2)
+        eps = self.unet(torch.cat([x_t, cond], dim=1), t)
+        return {"loss": diffusion_loss(eps, noise, kind="l1", check_finite=False)}  # eq. (7)
+
+    def config(self) -> dict[str, Any]:
+        return model_config(self.cfg, self.variant)
+
+
+def default_run_dir(cfg: "Config", variant: str = "layout") -> Path:
+    from lungsynth.paths import run_dir
+
+    return run_dir(cfg.profile, RUN_NAMES[check_variant(variant)])
+
+
+def make_trainer(cfg: "Config", run_dir: Path | str | None, **kwargs: Any):
+    """The engine's Trainer with Lung-DDPM's budget and EMA (decay, start, interval) from ``cfg.lung_ddpm``."""
+    from lungsynth.engine import Trainer
+
+    c = cfg.lung_ddpm
+    settings = dict(max_steps=c.train_steps, lr=c.lr, batch_size=c.batch_size, ema_decay=c.ema_decay,
+                    ema_start=c.ema_start, ema_every=c.ema_every, seed=cfg.seed)
+    settings.update(kwargs)
+    return Trainer.from_config(cfg.engine, run_dir, **settings)
+
+
+def training_dataset(cfg: "Config", split: str = "train"):
+    """The prepared volumes at ``cfg.data.size_ddpm`` (prepares the data first when missing)."""
+    from lungsynth.data.datasets import VolumeDataset, ensure_prepared
+
+    ensure_prepared(cfg)
+    return VolumeDataset(cfg, split, size=cfg.data.size_ddpm, keys=("ct", "lung", "label"))
+
+
+def train(cfg: "Config", variant: str = "layout", run_dir: Path | str | None = None, *, dataset: Any = None,
+          fresh: bool = False, progress: bool | None = None) -> Path:
+    """Train (or resume) one variant; returns the run directory (``final.pt``, ``metrics.csv``, ``run.json``).
+
+    Args:
+        variant: ``"layout"`` (Lung-DDPM) or ``"no_lung_layout"`` (ablation).
+        dataset: map-style dataset of batches as :class:`LungDdpmTask` reads (default: the prepared
+            training split at ``cfg.data.size_ddpm``).
+    """
+    from lungsynth.runtime import RunRecord
+
+    run = Path(run_dir) if run_dir is not None else default_run_dir(cfg, variant)
+    run.mkdir(parents=True, exist_ok=True)
+    data = dataset if dataset is not None else training_dataset(cfg)
+    if len(data) == 0:
+        raise ValueError(f"no training volumes for Lung-DDPM in profile {cfg.profile!r}; run `lungsynth data "
+                         f"prepare --profile {cfg.profile}`")
+    task = LungDdpmTask(cfg, variant)
+    with RunRecord(run, config=cfg, seed=cfg.seed, command=f"lung-ddpm train {variant}") as record:
+        with record.timer("train"):
+            result = make_trainer(cfg, run, fresh=fresh, progress=progress).fit(task, data)
+        record["steps"] = result.steps
+        record["stopped_by"] = result.stopped_by
+        record["last_losses"] = result.last_losses
+        record["variant"] = variant
+    return run
+
+
+def is_trained(run_dir: Path | str) -> bool:
+    from lungsynth.engine import FINAL_NAME
+
+    return (Path(run_dir) / FINAL_NAME).is_file()
+
+
+def ensure_trained(cfg: "Config", variant: str = "layout", run_dir: Path | str | None = None,
+                   progress: bool | None = None) -> Path:
+    """The run dir of ``variant``, training (or resuming a killed run) when it has no ``final.pt``."""
+    run = Path(run_dir) if run_dir is not None else default_run_dir(cfg, variant)
+    if is_trained(run):
+        return run
+    return train(cfg, variant, run, progress=progress)

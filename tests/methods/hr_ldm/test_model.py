@@ -1,0 +1,126 @@
+"""Chapter 05 — HR-LDM, the model room: histograms, condition checks, the loss and the schedulers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lungsynth.methods import hr_ldm
+
+
+# --------------------------------------------------------------------------- histograms
+
+
+def test_soft_histogram_sums_to_one_and_has_gradient():
+    torch.manual_seed(0)
+    x = torch.rand(2, 500, requires_grad=True)
+    w = (torch.rand(2, 500) > 0.3).float()
+    h = hr_ldm.soft_histogram(x, w, bins=40)
+    assert h.shape == (2, 40)
+    assert torch.allclose(h.sum(dim=1), torch.ones(2), atol=1e-6)
+    (h * torch.arange(40.0)).sum().backward()  # mean bin index: moves when values move
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert x.grad[w == 0].abs().max() == 0  # voxels outside the lesion do not count
+
+
+def test_soft_histogram_matches_hard_binning_at_centres():
+    centres = torch.tensor(hr_ldm.bin_centres(10, (0.0, 1.0)))
+    h = hr_ldm.soft_histogram(centres[[0, 0, 3, 9]], bins=10)
+    assert h[0] == pytest.approx(0.5, abs=1e-6) and h[3] == pytest.approx(0.25, abs=1e-6)
+
+
+def test_jsd_zero_for_equal_positive_for_different():
+    p = torch.softmax(torch.randn(3, 40, generator=torch.Generator().manual_seed(0)), dim=1)
+    q = torch.softmax(torch.randn(3, 40, generator=torch.Generator().manual_seed(1)), dim=1)
+    assert torch.allclose(hr_ldm.js_divergence(p, p), torch.zeros(3), atol=1e-6)
+    d = hr_ldm.js_divergence(p, q)
+    assert (d > 1e-3).all() and (d <= math.log(2) + 1e-6).all()
+    one_hot_a, one_hot_b = torch.eye(40)[0], torch.eye(40)[5]
+    assert float(hr_ldm.js_divergence(one_hot_a, one_hot_b)) == pytest.approx(math.log(2), abs=1e-4)
+
+
+def test_hu_histogram_is_normalised_and_clips():
+    hu = np.array([-2000.0, -1000.0, 0.0, 399.0, 5000.0])
+    h = hr_ldm.hu_histogram(hu)
+    assert h.shape == (40,) and h.sum() == pytest.approx(1.0)
+    assert h[0] == pytest.approx(0.4) and h[-1] == pytest.approx(0.4)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_bad_subtype_histogram_and_mask_are_errors():
+    with pytest.raises(ValueError, match="subtype 3 is not valid"):
+        hr_ldm.validate_subtype(3)
+    with pytest.raises(ValueError, match="subtype"):
+        hr_ldm.validate_subtype(-1)
+    with pytest.raises(ValueError, match="40 bins"):
+        hr_ldm.validate_histogram(np.full(32, 1 / 32))
+    with pytest.raises(ValueError, match="sums to"):
+        hr_ldm.validate_histogram(np.full(40, 0.1))
+    with pytest.raises(ValueError, match="negative"):
+        hr_ldm.validate_histogram(np.r_[-0.5, 1.5, np.zeros(38)])
+    lung = np.zeros((8, 8, 8), bool)
+    lung[2:6, 2:6, 2:6] = True
+    mask = np.zeros_like(lung)
+    mask[0:3, 3, 3] = True
+    with pytest.raises(ValueError, match="outside the lung"):
+        hr_ldm.validate_mask_in_lung(mask, lung)
+    hr_ldm.validate_mask_in_lung(mask & lung, lung)
+
+
+# --------------------------------------------------------------------------- the loss and the schedulers
+
+
+def test_histogram_term_reaches_the_denoiser(cfg, vae, crops):
+    trunc = hr_ldm.TruncatedDecoder(vae)
+    cache = hr_ldm.build_latent_cache(cfg, crops, vae, trunc)
+    assert len(cache) == 6 and cache.subtype_counts() == [2, 2, 2]
+    assert cache[0]["hist"].sum() == pytest.approx(1.0, abs=1e-5)
+    torch.manual_seed(0)
+    net = hr_ldm.HrLdmNet(hr_ldm.net_spec(cfg, vae.latent_channels))
+    sched, _ = hr_ldm.make_schedulers(cfg)
+    batch = torch.utils.data.default_collate([cache[0], cache[1]])
+    t = torch.tensor([10, 500])
+    out = hr_ldm.hr_ldm_losses(net, sched, batch, trunc, hist_weight=10.0, timesteps=t)
+    assert out["loss_hist"] > 0
+    out["loss_hist"].backward()
+    grads = [p.grad.abs().sum() for p in net.unet.parameters() if p.grad is not None]
+    assert grads and sum(grads) > 0
+    assert all(p.grad is None for p in trunc.parameters())  # the decoder copy stays frozen
+    base = hr_ldm.hr_ldm_losses(net, sched, batch, None, hist_weight=10.0, timesteps=t)
+    assert "loss_hist" not in base and torch.equal(base["loss"], base["loss_eps"])
+
+
+def test_alpha_bar_weighting_scales_the_histogram_term(cfg, vae, crops):
+    """hist_timestep_weighting="alpha_bar": the histogram term of each sample is multiplied by
+    alpha_bar_t (tiny at large t), the logged loss_hist stays the unweighted JSD; unknown modes fail."""
+    trunc = hr_ldm.TruncatedDecoder(vae)
+    cache = hr_ldm.build_latent_cache(cfg, crops, vae, trunc)
+    torch.manual_seed(0)
+    net = hr_ldm.HrLdmNet(hr_ldm.net_spec(cfg, vae.latent_channels))
+    sched, _ = hr_ldm.make_schedulers(cfg)
+    batch = torch.utils.data.default_collate([cache[0], cache[1]])
+    t, noise = torch.tensor([999, 999]), torch.randn_like(batch["z0"])
+    plain = hr_ldm.hr_ldm_losses(net, sched, batch, trunc, 10.0, timesteps=t, noise=noise)
+    weighted = hr_ldm.hr_ldm_losses(net, sched, batch, trunc, 10.0, timesteps=t, noise=noise,
+                                    hist_timestep_weighting="alpha_bar")
+    ab = float(sched.alphas_cumprod[999])
+    assert torch.allclose(plain["loss_hist"], weighted["loss_hist"])
+    term_plain = (plain["loss"] - plain["loss_eps"]).detach()
+    term_weighted = (weighted["loss"] - weighted["loss_eps"]).detach()
+    assert float(term_plain) > 0 and float(term_weighted) == pytest.approx(ab * float(term_plain), rel=1e-4)
+    with pytest.raises(ValueError, match="hist_timestep_weighting"):
+        hr_ldm.hr_ldm_losses(net, sched, batch, trunc, 10.0, timesteps=t, hist_timestep_weighting="snr")
+
+
+def test_sampling_scheduler_clips_z0_when_asked(cfg):
+    from lungsynth.config import apply_overrides
+
+    _, sample = hr_ldm.make_schedulers(cfg)
+    assert cfg.hr_ldm.clip_latent == 3.0 and sample.clip_sample and tuple(sample.clip_sample_values) == (-3.0, 3.0)
+    _, off = hr_ldm.make_schedulers(apply_overrides(cfg, {"hr_ldm.clip_latent": 0.0}))
+    assert not off.clip_sample

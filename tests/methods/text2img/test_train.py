@@ -1,0 +1,57 @@
+"""Chapter 07, train room: the engine task, augmentation, prompt dropout, fine-tuning a local SD folder."""
+
+import pytest
+import torch
+
+from lungsynth.methods.text2img import Text2ImgTask, augment, drop_prompts
+
+PROMPT = ("The nodule is nearly round in shape, solid internally, with mostly well-defined margins, "
+          "no spiculation and no calcification.")
+
+
+def test_training_step_moves_only_the_unet(tiny_model):
+    task = Text2ImgTask(tiny_model, prompt_dropout=0.5)
+    torch.manual_seed(0)
+    loss = task.training_step({"image": torch.rand(2, 1, 32, 32), "prompt": [PROMPT, PROMPT]}, 0)["loss"]
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert any(p.grad is not None for p in tiny_model.unet.parameters())
+    assert all(p.grad is None for p in tiny_model.text.parameters())
+    assert all(p.grad is None for p in tiny_model.codec.parameters())
+
+
+def test_augmentation_and_prompt_dropout():
+    torch.manual_seed(0)
+    image = torch.arange(16.0).reshape(1, 1, 4, 4).repeat(8, 1, 1, 1)
+    out = augment(image)
+    assert out.shape == image.shape
+    assert all(torch.equal(o.flatten().sort().values, image[0].flatten().sort().values) for o in out)
+    assert drop_prompts(["a", "b"], 1.0) == ["", ""] and drop_prompts(["a", "b"], 0.0) == ["a", "b"]
+
+
+class _Rois(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        return {"image": torch.rand(1, 32, 32, generator=g), "prompt": PROMPT if i % 2 else ""}
+
+
+def test_fine_tunes_a_local_stable_diffusion_folder(tiny_pipeline, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from lungsynth.config import get_config
+    from lungsynth.methods.text2img import load, train
+
+    cfg = get_config("smoke", {"data.roi_size": 32, "text2img.batch_size": 2, "text2img.pretrained_lr": 1e-3})
+    run_dir = train(cfg, pretrained=tiny_pipeline, run_dir=tmp_path / "run", max_steps=3, data=_Rois())
+    assert (run_dir / "final.pt").is_file() and (run_dir / "run.json").is_file()
+    tuned = load(cfg, run_dir, pretrained=tiny_pipeline)
+    original = UNet2DConditionModel.from_pretrained(tiny_pipeline, subfolder="unet")
+    changed = [not torch.equal(a, b) for a, b in zip(tuned.unet.state_dict().values(), original.state_dict().values())]
+    assert any(changed)
+    assert tuned.text.name == "sd-clip" and tuned.codec.sd
+    with pytest.raises(ValueError, match="kind"):
+        from lungsynth.engine import load_weights
+        load_weights(run_dir, kind="vae3d")
