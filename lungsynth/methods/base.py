@@ -37,8 +37,10 @@ class MethodFace:
     variant: str | None = None
     description: str = ""
 
-    def __init__(self, **options: Any) -> None:
+    def __init__(self, variant: str | None = None, **options: Any) -> None:
         self.options = dict(options)
+        if variant is not None:
+            self.variant = variant
 
     # ------------------------------------------------------------------ the method's module and runs
 

@@ -15,11 +15,8 @@ class LandMethod(MethodFace):
     """LAND (chapter 03): whole volumes from the prepared ``cond`` volume; masks stay the condition's."""
 
     name, unit, module, chapter = "land", "volume", "lungsynth.methods.land", "03"
+    variant = "mask"  # the default; LandMethod("none") etc. pick another
     description = "3D latent diffusion with anatomical masks"
-
-    def __init__(self, variant: str = "mask", **options: Any) -> None:
-        super().__init__(**options)
-        self.variant = variant
 
     def run_dir(self, cfg: Any) -> Path:
         return self.api().default_run_dir(cfg, self.variant, create=False)

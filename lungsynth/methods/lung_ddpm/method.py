@@ -16,11 +16,8 @@ class LungDdpmMethod(MethodFace):
     layout, with anatomically aware sampling against the condition's real CT (paired: masked MSE)."""
 
     name, unit, module, chapter = "lung_ddpm", "volume", "lungsynth.methods.lung_ddpm", "06"
+    variant = "layout"  # the default; "no_lung_layout" is the ablation
     description = "pixel-space 3D DDPM with anatomically aware sampling"
-
-    def __init__(self, variant: str = "layout", **options: Any) -> None:
-        super().__init__(**options)
-        self.variant = variant
 
     def run_dir(self, cfg: Any) -> Path:
         from lungsynth import paths
