@@ -34,6 +34,14 @@ def heldout_conditions(cfg: Any, split: str = "test", n: int | None = None) -> t
     return torch.stack([torch.as_tensor(ds[i]["cond"]).float() for i in idx])
 
 
+def conditions_by_scan(cfg: Any, split: str) -> dict[str, torch.Tensor]:
+    """``{scan_id: cond [1, S, S, S]}`` of the prepared ``split``."""
+    from lungsynth.data.datasets import VolumeDataset
+
+    ds = VolumeDataset(cfg, split, keys=("cond",))
+    return {str(item["scan_id"]): torch.as_tensor(item["cond"]).float() for item in (ds[i] for i in range(len(ds)))}
+
+
 class LandDataset(torch.utils.data.Dataset):
     """Latents (a fresh posterior sample per load, from the vae3d cache) with precomputed grid conditions.
 
@@ -65,11 +73,14 @@ def build_dataset(cfg: Any, variant: str, split: str = "train", mask_vae: Any = 
     if variant != "none":
         if uses_mask_vae(variant) and mask_vae is None:
             mask_vae = ensure_autoencoder("maskvae", cfg)
-        conds = heldout_conditions(cfg, split)
-        if len(conds) != len(latents):
-            raise ValueError(f"{split}: {len(conds)} condition volumes but {len(latents)} cached latents; "
-                             f"re-encode with `lungsynth autoencoder encode --kind vae3d`")
-        grids = [condition_grid(c[None], variant, mask_vae)[0].cpu() for c in conds]
+        conds = conditions_by_scan(cfg, split)
+        missing = [i for i in latents.ids if i not in conds]
+        if missing or len(conds) != len(latents):
+            raise ValueError(f"{split}: the vae3d latent cache {latents.dir} holds {len(latents)} scans, the prepared "
+                             f"split {len(conds)}; not in the split: {missing[:3]} (were the splits re-cut?). "
+                             f"Re-encode with `lungsynth autoencoder encode --kind vae3d --split {split}`")
+        # paired by scan id, never by position (a cache and a split can hold the same count of other scans)
+        grids = [condition_grid(conds[i][None], variant, mask_vae)[0].cpu() for i in latents.ids]
     return LandDataset(latents, grids)
 
 
