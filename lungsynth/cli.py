@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
+
+from lungsynth.exports import module_present
 
 
 # (module, what it adds). Order is the order of ``lungsynth --help``.
@@ -29,13 +30,6 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
-def _present(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lungsynth",
@@ -44,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     sub.required = True
     for name in COMMAND_MODULES:
-        if name.startswith("lungsynth.methods.") and not _present(name):
+        if name.startswith("lungsynth.methods.") and not module_present(name):
             continue  # a method removed from this checkout: the rest of the course still runs
         importlib.import_module(name).register(sub)
     return parser

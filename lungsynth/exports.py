@@ -14,6 +14,7 @@ reach a room with ``from lungsynth.methods.land.train import name`` or ``importl
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 from types import ModuleType
 from typing import Any, Callable, Mapping, Sequence
@@ -59,3 +60,11 @@ def lazy_exports(package: str, rooms: Mapping[str, Sequence[str]]
         return list(public)
 
     return public, __getattr__, __dir__
+
+
+def module_present(name: str) -> bool:
+    """True when module ``name`` can be imported (False when it, or a package above it, is missing)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False

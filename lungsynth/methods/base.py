@@ -13,13 +13,13 @@ the method changed; masks it did not change come from the condition (:mod:`lungs
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from lungsynth.data.conditions import Condition, real_conditions
+from lungsynth.exports import module_present
 
 
 class MethodFace:
@@ -46,10 +46,7 @@ class MethodFace:
 
     def available(self) -> bool:
         """True when the method's module can be imported (it has landed)."""
-        try:
-            return importlib.util.find_spec(self.module) is not None
-        except ModuleNotFoundError:
-            return False
+        return module_present(self.module)
 
     def api(self) -> Any:
         return importlib.import_module(self.module)

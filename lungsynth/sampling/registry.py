@@ -9,9 +9,9 @@ method joins the synthetic datasets and the leaderboard with :func:`register_met
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from typing import Any
 
+from lungsynth.exports import module_present
 from lungsynth.methods.base import MethodFace
 
 # (module, class) of each face, in chapter order.
@@ -36,15 +36,8 @@ def register_method(face: MethodFace, replace: bool = False) -> MethodFace:
     return face
 
 
-def _present(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:  # the method's package itself is missing
-        return False
-
-
 for _module, _cls in FACES:
-    if _present(_module):
+    if module_present(_module):  # a method removed from this checkout is skipped
         register_method(getattr(importlib.import_module(_module), _cls)())
 
 
