@@ -26,6 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "lungsynth.sampling.synth",
     "lungsynth.leaderboard",
     "lungsynth.downstream.cli",
+    "lungsynth.quality",
     "lungsynth.bench",
 )
 

@@ -30,10 +30,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from lungsynth.data import fingerprint
 from lungsynth.eval.features import hu_to_unit_range, unit_features
 
 SUBTYPE_NAMES = ("solid", "part-solid", "ground-glass")
-COLUMNS = ("method", "variant", "unit", "n_synthetic", "n_real", "network", "fid", "fid_ci", "kid", "kid_ci",
+COLUMNS = ("method", "variant", "unit", "source", "n_synthetic", "n_real", "network", "fid", "fid_ci", "kid", "kid_ci",
            "mmd", "mmd_ci", "ms_ssim", "ms_ssim_real", "masked_mse", "jsd_solid", "jsd_part-solid",
            "jsd_ground-glass", "dice", "memorization_flag_rate", "memorization_p", "memorization_flag_rate_voxel",
            "s_per_sample", "peak_memory_mb")
@@ -208,6 +209,8 @@ def evaluate_method(cfg: Any, method: Any, *, n: int | None = None, real_root: P
     n = int(n or cfg.evaluation.n_samples)
     res = synthesize(cfg, adapter, n, conditions="heldout", out=out, checkpoint=checkpoint,
                      train_missing=train_missing, real_root=root, progress=progress)
+    # the generator never saw a test patient (its run's data stamp says whom it trained on)
+    fingerprint.refuse_overlap(res.out, root, ("test",), what=f"{adapter.name} generator of {res.out}")
     syn = load_synthetic(res.out)
     unit = adapter.unit
     real = load_real(root, unit, "test")
@@ -234,7 +237,8 @@ def evaluate_method(cfg: Any, method: Any, *, n: int | None = None, real_root: P
     dice = None
     if syn["mask"] is not None and all((m > 0.5).any() for m in syn["mask"]):
         dice = float(nodule_dice(syn["image"][:, None], syn["mask"][:, None], cfg.evaluation.dice_threshold_hu).mean())
-    row = {"method": adapter.name, "variant": adapter.variant, "unit": unit, "n_synthetic": len(syn["image"]),
+    row = {"method": adapter.name, "variant": adapter.variant, "unit": unit, "source": fingerprint.source_label(root),
+           "n_synthetic": len(syn["image"]),
            "n_real": len(real["image"]), "network": name,
            "fid": dist["fid"].value, "fid_ci": _ci(dist["fid"]), "kid": dist["kid"].value, "kid_ci": _ci(dist["kid"]),
            "mmd": dist["mmd"].value, "mmd_ci": _ci(dist["mmd"]), "ms_ssim": div["mean"], "ms_ssim_real": div_real["mean"],
@@ -289,7 +293,9 @@ def leaderboard_markdown(rows: Sequence[dict[str, Any]], profile: str = "") -> s
     """The table as GitHub markdown (one row per method; ``-`` where a metric does not apply)."""
     head = ["method", "unit", "n syn/real", "network", "FID [95% CI]", "KID [95% CI]", "MMD", "MS-SSIM syn (real)",
             "masked MSE", "JSD solid / part-solid / GGO", "Dice", "memorised (feat / voxel)", "s/sample", "peak MB"]
-    lines = [f"# Leaderboard{f' ({profile})' if profile else ''}", "",
+    sources = sorted({str(r.get("source", "unknown source")) for r in rows})
+    label = ", ".join(([profile] if profile else []) + sources)
+    lines = [f"# Leaderboard{f' ({label})' if label else ''}", "",
              "Every method sampled on the held-out (test) conditions and compared with the same real test set "
              "of its unit. Lower is better for FID/KID/MMD, masked MSE, JSD and memorised; MS-SSIM near the real "
              "value is best (higher = less diverse).", "",

@@ -203,3 +203,29 @@ def value_counts_grid(table: Any, columns: Sequence[str], ncols: int = 5, log: b
         ax.axis("off")
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------- the data source on every figure
+
+_SOURCE: dict[str, str] = {}
+_HOOK = "lungsynth.viz:_label_source"
+
+
+def label_figures(source: str | None) -> None:
+    """Print ``data: <source>`` ("phantom", "LIDC-IDRI", ...) in the top-left corner of every figure pyplot
+    makes from now on (matplotlib's ``figure.hooks``), so no figure's numbers can be read as another
+    source's. ``None`` stops labelling."""
+    import matplotlib
+
+    hooks = [h for h in matplotlib.rcParams["figure.hooks"] if h != _HOOK]
+    if source:
+        _SOURCE["label"] = str(source)
+        hooks.append(_HOOK)
+    else:
+        _SOURCE.pop("label", None)
+    matplotlib.rcParams["figure.hooks"] = hooks
+
+
+def _label_source(fig: Any) -> None:
+    if "label" in _SOURCE:
+        fig.text(0.005, 0.995, f"data: {_SOURCE['label']}", ha="left", va="top", fontsize=7, color="0.35")

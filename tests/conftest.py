@@ -26,3 +26,10 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 @pytest.fixture(scope="session")
 def test_home() -> str:
     return os.environ["LUNGSYNTH_HOME"]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Tests marked ``after_notebooks`` run last, after the nbval notebooks of the same session (``make test``
+    runs ``pytest tests notebooks``), so they can check what the notebooks trained in this LUNGSYNTH_HOME."""
+    last = [item for item in items if item.get_closest_marker("after_notebooks")]
+    items[:] = [item for item in items if item not in last] + last

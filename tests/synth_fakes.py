@@ -63,7 +63,18 @@ def make_fake_prepared(root: Path, n_train: int = 8, n_test: int = 6, size: int 
     pd.DataFrame(scans).to_csv(root / "scans.csv", index=False)
     pd.DataFrame(nods).to_csv(root / "nodules.csv", index=False)
     (root / "splits.json").write_text(json.dumps(splits))
+    from lungsynth.data import fingerprint
+
+    fingerprint.write(root, fingerprint.compute([{"scan": s} for s in scans], splits, {"fake_seed": seed}))
     return root
+
+
+def stamp_generator(run_dir: Path, root: Path, trained_on=("train",), extra_patients=()) -> Path:
+    """Mark ``run_dir`` as a generator trained on the ``trained_on`` patients of ``root`` (its data stamp)."""
+    from lungsynth.data import fingerprint
+
+    fingerprint.write_stamp(run_dir, fingerprint.stamp(root, trained_on, extra_patients))
+    return Path(run_dir)
 
 
 class NoisyCopy(MethodFace):

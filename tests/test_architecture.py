@@ -22,7 +22,7 @@ from lungsynth.paths import PACKAGE_DIR
 # floor's room or from lower floors. Keep in step with notes/ARCHITECTURE.md.
 FLOORS: dict[str, int] = {
     "lungsynth": 0, "lungsynth.config": 0, "lungsynth.paths": 0, "lungsynth.runtime": 0,
-    "lungsynth.exports": 0, "lungsynth.viz": 0,
+    "lungsynth.exports": 0, "lungsynth.viz": 0, "lungsynth.gates": 0,
     "lungsynth.engine": 1, "lungsynth.diffusion": 1, "lungsynth.data": 1, "lungsynth.widgets": 1,
     "lungsynth.eval": 2,
     "lungsynth.nn": 3,
@@ -31,7 +31,7 @@ FLOORS: dict[str, int] = {
     "lungsynth.methods": 6,
     "lungsynth.sampling": 7,
     "lungsynth.leaderboard": 8, "lungsynth.downstream": 8,
-    "lungsynth.course": 9, "lungsynth.bench": 9,
+    "lungsynth.course": 9, "lungsynth.bench": 9, "lungsynth.quality": 9,
     "lungsynth.cli": 10, "lungsynth.__main__": 11,
 }
 METHODS = ("land", "bbox_ldm", "hr_ldm", "lung_ddpm", "text2img")

@@ -1,27 +1,32 @@
 """Chapter 09: the leaderboard on a tiny fake real dataset with fake methods."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from synth_fakes import NoisyCopy, make_fake_prepared
+from by_hand import dice_by_hand, frechet_by_hand, gaussian_mmd2_by_hand
+from synth_fakes import NoisyCopy, make_fake_prepared, stamp_generator
 
 from lungsynth.config import get_config
-from lungsynth.leaderboard import build_leaderboard, evaluate_method, write_leaderboard
+from lungsynth.eval.features import unit_features
+from lungsynth.eval.fidelity import generated_nodule
+from lungsynth.leaderboard import build_leaderboard, evaluate_method, load_synthetic, write_leaderboard
 from lungsynth.sampling import registry
 
 
 class Trained(NoisyCopy):
-    def __init__(self, run, **kw):
+    def __init__(self, run, root, **kw):
         super().__init__(**kw)
-        self.run = run
+        self.run, self.root = run, root
 
     def run_dir(self, cfg):
         return self.run
 
     def ensure_trained(self, cfg):
         (self.run / "final.pt").write_bytes(b"")
+        stamp_generator(self.run, self.root)
         return self.run
 
 
@@ -31,12 +36,13 @@ def setup(tmp_path_factory, monkeypatch_module):
     runs = tmp_path_factory.mktemp("runs")
     cfg = get_config("smoke", {"evaluation.feature_network": "slicenet2d-2.5d", "evaluation.n_samples": 6,
                                "evaluation.bootstrap": 5, "evaluation.slice_net_steps": 5})
-    vol = Trained(runs / "vol", name="fakevol", noise_hu=30.0)
+    vol = Trained(runs / "vol", root, name="fakevol", noise_hu=30.0)
     (runs / "vol").mkdir()
     (runs / "vol" / "final.pt").write_bytes(b"")
-    sl = Trained(runs / "sl", name="fakeslice", unit="slice")
+    stamp_generator(runs / "vol", root)
+    sl = Trained(runs / "sl", root, name="fakeslice", unit="slice")
     (runs / "sl").mkdir()
-    untrained = Trained(runs / "none", name="fakeuntrained")
+    untrained = Trained(runs / "none", root, name="fakeuntrained")
     monkeypatch_module.setattr(registry, "METHODS", {a.name: a for a in (vol, sl, untrained)})
     return cfg, root, runs
 
@@ -54,14 +60,24 @@ def test_leaderboard_for_the_methods_present(setup, tmp_path):
     assert list(res) == ["fakevol"]  # the untrained ones are skipped; sl has no final.pt
     row = res["fakevol"].row
     assert row["n_synthetic"] == 6 and row["n_real"] == 6 and "slicenet2d" in row["network"]
-    assert row["fid"] >= 0 and row["mmd"] >= 0 and row["fid_ci"].startswith("[")
+    assert row["fid_ci"].startswith("[")
     assert row["masked_mse"] is not None and row["masked_mse"] > 0
-    assert 0.0 <= row["dice"] <= 1.0 and row["jsd_solid"] is not None and row["jsd_ground-glass"] is None
+    assert row["jsd_solid"] is not None and row["jsd_ground-glass"] is None
+    # FID, MMD and Dice recomputed by hand from what was sampled and what it is compared with
+    ev = res["fakevol"]
+    f_real, f_syn = (unit_features(cfg, "volume", a)[0] for a in (ev.reference, ev.synthetic))
+    assert row["fid"] == pytest.approx(frechet_by_hand(f_real, f_syn), rel=1e-4) and row["fid"] > 0
+    assert row["mmd"] == pytest.approx(gaussian_mmd2_by_hand(f_real, f_syn), rel=1e-4) and row["mmd"] > 0
+    masks = load_synthetic(Path(ev.details["synthetic_dir"]))["mask"]
+    dices = [dice_by_hand(generated_nodule(v, m, cfg.evaluation.dice_threshold_hu), m > 0.5)
+             for v, m in zip(ev.synthetic, masks)]
+    assert row["dice"] == pytest.approx(np.mean(dices)) and 0 < row["dice"] < 1
     # heldout-conditioned copies of test scans are not copies of training scans
     assert row["memorization_flag_rate_voxel"] < 0.5
     files = write_leaderboard(res, tmp_path, "smoke")
     md = files["md"].read_text()
     assert "| fakevol" in md and "FID" in md
+    assert md.startswith("# Leaderboard (smoke, fake)") and row["source"] == "fake"  # the data source in the title
     assert pd.read_csv(files["csv"])["method"].tolist() == ["fakevol"]
     assert json.loads(files["json"].read_text())["details"]["fakevol"]["memorization"]["n_synthetic"] == 6
 
@@ -83,7 +99,7 @@ def test_memorising_method_is_flagged(setup, tmp_path):
 
             return real_conditions(cfg, "volume", n, source="heldout", root=root, split="train")
 
-    ev = evaluate_method(cfg, Copier(runs / "vol", name="copier", noise_hu=1.0), n=6, real_root=root,
+    ev = evaluate_method(cfg, Copier(runs / "vol", root, name="copier", noise_hu=1.0), n=6, real_root=root,
                          out=tmp_path / "copier")
     assert ev.memorization_voxel.flag_rate == 1.0 and ev.memorization_voxel.memorizes
     assert ev.row["memorization_flag_rate"] >= 0.5
@@ -92,4 +108,22 @@ def test_memorising_method_is_flagged(setup, tmp_path):
 def test_empty_leaderboard_is_written(tmp_path):
     files = write_leaderboard({}, tmp_path, "smoke")
     assert "no trained method" in files["md"].read_text()
-    assert np.isnan(np.nan)
+
+
+def test_a_generator_is_never_scored_on_its_training_patients(setup, tmp_path):
+    """The leaderboard scores on the test split: a generator whose data stamp lists a test patient, or
+    that has no stamp at all (whom it trained on is unknown), is refused before any metric."""
+    from lungsynth.data.fingerprint import DataMismatch, PatientOverlap
+
+    cfg, root, _ = setup
+    leaky = tmp_path / "leaky"
+    leaky.mkdir()
+    (leaky / "final.pt").write_bytes(b"")
+    stamp_generator(leaky, root, trained_on=("train",), extra_patients=("FAKE-009",))
+    with pytest.raises(PatientOverlap, match=r"1 patient\(s\) of the test split.*FAKE-009"):
+        evaluate_method(cfg, Trained(leaky, root, name="leaky"), n=2, real_root=root, out=tmp_path / "leaky_out")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "final.pt").write_bytes(b"")
+    with pytest.raises(DataMismatch, match="records no training patients"):
+        evaluate_method(cfg, Trained(bare, root, name="bare"), n=2, real_root=root, out=tmp_path / "bare_out")

@@ -64,3 +64,14 @@ def test_outputs_stripped_or_nbval_consistent(chapter):
     for i, cell in enumerate(_cells(chapter)):
         if cell["cell_type"] == "code" and cell.get("outputs"):
             assert cell.get("execution_count") is not None, f"cell {i} keeps outputs without an execution count"
+
+
+@pytest.mark.parametrize("chapter", [c for c in CHAPTERS if int(c.number) >= 1], ids=lambda c: c.name)
+def test_figures_say_which_data_they_show(chapter):
+    """Every chapter with data labels its figures with the source (phantom or LIDC-IDRI) before the first one."""
+    code = [_text(c) for c in _cells(chapter) if c["cell_type"] == "code"]
+    assert any("label_figures(data_source(" in src for src in code), f"{chapter.name}: no label_figures(data_source(...))"
+    labelled = [i for i, src in enumerate(code) if "label_figures(" in src]
+    draws = re.compile(r"\b(plt\.\w+|show_\w+|image_grid|value_counts_grid)\(")
+    plotting = [i for i, src in enumerate(code) if draws.search(src)]
+    assert not plotting or labelled[0] <= plotting[0], f"{chapter.name}: a figure comes before the source label"

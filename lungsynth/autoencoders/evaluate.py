@@ -274,3 +274,114 @@ def plot_reconstructions(x: torch.Tensor, recons: dict[str, torch.Tensor], label
         fig.suptitle((title or "") + (f"  (slice {k}, axis {axis})" if k is not None else ""), fontsize=9)
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------- chapter 02's quality gates
+
+CHAPTER = "02"
+# An autoencoder that keeps one latent per 4^d voxels must do clearly better than keeping one value per
+# 4^d voxels by resampling: at 0.6x the trilinear (bilinear) down-and-up error it has learned anatomy,
+# not just a smooth interpolation (the margin the latent chapters need to see nodules through it).
+MAE_FACTOR = 0.6
+MIN_PERPLEXITY_SHARE = 0.25  # a codebook with under a quarter of its codes in effective use has collapsed
+MIN_MASK_DICE = 0.5  # LAND's latentmask condition must keep nodules: at Dice 0.5 half of a nodule survives
+MIN_ITEMS = 5  # held-out items a mean is judged on: fewer lets one odd scan decide the gate
+GATE_SPLIT = "test"
+
+
+def _trained_run(kind: str, cfg: Any, root: Any, run: Any = None) -> tuple[Any, str | None]:
+    """(run dir, None) when ``kind`` has a finished run usable on ``root``'s held-out split, else (None, why)."""
+    from pathlib import Path
+
+    from lungsynth.autoencoders.model import default_run_dir
+    from lungsynth.autoencoders.train import _final_with_scale, rebuild_command
+    from lungsynth.data import fingerprint
+
+    run = Path(run) if run is not None else default_run_dir(kind, cfg.profile, create=False)
+    if _final_with_scale(run) is None:
+        return None, f"lungsynth autoencoder train --kind {kind} --profile {cfg.profile}"
+    try:
+        fingerprint.refuse_overlap(run, root, (GATE_SPLIT,), what=f"{kind} autoencoder")
+    except ValueError as exc:  # other data, unknown or overlapping training patients: not judged on it
+        return None, f"{rebuild_command(kind, cfg)}  ({str(exc).splitlines()[0][:160]})"
+    return run, None
+
+
+def _mean(table: Any, method: str, column: str) -> float:
+    col = table.loc[table["method"] == method, column].astype(float)
+    return float(col.mean(skipna=True)) if col.notna().any() else float("nan")
+
+
+def reconstruction_gates(kind: str, ae: Any, cfg: Any, root: Any) -> list[Any]:
+    """MAE (HU; body for 3D CT, whole image for 2D) of ``kind`` against the x4 linear resampling baseline,
+    plus vae3d's nodule MAE per LIDC texture class (reported, no threshold)."""
+    from lungsynth.gates import info, judge
+
+    table = evaluate_autoencoder(ae, cfg, GATE_SPLIT, root=root)
+    n = int(table["id"].nunique())
+    base = f"linear x{ae.downsample}"
+    col = "mae_hu_body" if kind == "vae3d" else "mae_hu"
+    what = "body MAE (HU)" if kind == "vae3d" else "MAE (HU)"
+    rows = [judge(CHAPTER, f"{kind}: {what} vs {base} resampling", _mean(table, kind, col), n=n,
+                  n_needed=MIN_ITEMS, factor=MAE_FACTOR, baseline=_mean(table, base, col),
+                  baseline_name=f"{base} (same items)")]
+    if kind == "vae3d":
+        for t in TEXTURES:
+            key = f"mae_hu_nodule_t{t}"
+            rows.append(info(CHAPTER, f"vae3d: nodule MAE (HU), texture {t}", _mean(table, kind, key),
+                             n=int(table.loc[table["method"] == kind, key].notna().sum()),
+                             baseline=_mean(table, f"area+linear x{ae.downsample}", key),
+                             baseline_name=f"area+linear x{ae.downsample}"))
+    return rows
+
+
+def codebook_gate(ae: Any, cfg: Any, root: Any) -> Any:
+    """VQ-VAE codebook perplexity over the held-out slices, against a quarter of the codebook."""
+    from lungsynth.autoencoders.model import codebook_stats
+    from lungsynth.gates import judge
+
+    ds = source_dataset("vqvae2d", cfg, GATE_SPLIT, root=root)
+    k = int(cfg.autoencoders.vq_num_embeddings)
+    if len(ds) == 0:
+        return judge(CHAPTER, "vqvae2d: codebook perplexity / K", None, n=0, n_needed=MIN_ITEMS,
+                     at_least=MIN_PERPLEXITY_SHARE)
+    x = torch.stack([torch.as_tensor(ds[i][source_key("vqvae2d")]).float() for i in range(len(ds))])
+    stats = codebook_stats(ae.codebook_indices(x), k)
+    return judge(CHAPTER, "vqvae2d: codebook perplexity / K", stats["perplexity"] / k, n=len(ds),
+                 n_needed=MIN_ITEMS, at_least=MIN_PERPLEXITY_SHARE,
+                 detail=f"perplexity {stats['perplexity']:.1f} of K = {k}; {stats['codes_used']} codes used")
+
+
+def mask_dice_gate(ae: Any, cfg: Any, root: Any) -> Any:
+    from lungsynth.gates import judge
+
+    table = evaluate_autoencoder(ae, cfg, GATE_SPLIT, root=root)
+    return judge(CHAPTER, "maskvae: nodule Dice", _mean(table, "maskvae", "nodule_dice"),
+                 n=int(table["id"].nunique()), n_needed=MIN_ITEMS, at_least=MIN_MASK_DICE,
+                 baseline=_mean(table, f"area+linear x{ae.downsample}", "nodule_dice"),
+                 baseline_name=f"area+linear x{ae.downsample} (reported)")
+
+
+@torch.no_grad()
+def quality_gates(cfg: Any, root: Any = None, run_dirs: dict[str, Any] | None = None) -> list[Any]:
+    """Chapter 02's gates on the held-out test split; an untrained kind is listed with its train command.
+    ``run_dirs``: {kind: run dir} instead of the profile's ``runs/<profile>/02_<kind>``."""
+    from lungsynth import paths
+    from lungsynth.autoencoders.model import KINDS, load_autoencoder
+    from lungsynth.gates import not_trained
+
+    root = root if root is not None else paths.prepared_dir(cfg.profile)
+    rows: list[Any] = []
+    for kind in KINDS:
+        run, command = _trained_run(kind, cfg, root, (run_dirs or {}).get(kind))
+        if run is None:
+            rows.append(not_trained(CHAPTER, f"{kind} autoencoder", str(command)))
+            continue
+        ae = load_autoencoder(kind, run, cfg)
+        if kind == "maskvae":
+            rows.append(mask_dice_gate(ae, cfg, root))
+            continue
+        rows += reconstruction_gates(kind, ae, cfg, root)
+        if kind == "vqvae2d":
+            rows.append(codebook_gate(ae, cfg, root))
+    return rows

@@ -18,6 +18,8 @@ from filelock import FileLock
 from torch.utils.data import Dataset
 
 from lungsynth.autoencoders.model import default_run_dir, load_autoencoder
+from lungsynth.data import fingerprint
+from lungsynth.data.datasets import training_stamp
 from lungsynth.autoencoders.train import ensure_autoencoder, item_id, source_dataset, source_key
 
 LATENTS_DIR = "latents"
@@ -57,6 +59,8 @@ def encode_dataset(kind: str, cfg: Any, split: str = "train", run_dir: Path | st
     key = source_key(kind)
     out = _cache_dir(run_dir, split)
     out.mkdir(parents=True, exist_ok=True)
+    for done in (out / "index.json", out / fingerprint.STAMP):  # a cache half-rewritten is never trusted
+        done.unlink(missing_ok=True)
     ids: list[str] = []
     t0 = time.perf_counter()
     a = cfg.autoencoders
@@ -75,19 +79,21 @@ def encode_dataset(kind: str, cfg: Any, split: str = "train", run_dir: Path | st
     runtime.write_json_atomic(out / "index.json", {
         "kind": kind, "split": split, "n": len(ids), "ids": ids, "latent_shape": shape,
         "seconds": round(time.perf_counter() - t0, 3), **_identity(ae)})
+    fingerprint.write_stamp(out, training_stamp(cfg, root))  # last: a cache killed before this is redone
     return out
 
 
 def ensure_latents(kind: str, cfg: Any, split: str = "train", run_dir: Path | str | None = None,
                    ae: Any = None, root: Path | str | None = None) -> Path:
-    """The latent cache of ``split``; (re-)encodes when missing or made by another checkpoint."""
+    """The latent cache of ``split``; (re-)encodes when missing, half-written, made by another checkpoint
+    or from other prepared data (re-cut splits: the data stamp differs)."""
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(kind, cfg.profile)
     ae = ae if ae is not None else ensure_autoencoder(kind, cfg, run_dir, root=root)
     out = _cache_dir(run_dir, split)
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):  # a second process waits for the first one's cache, then reuses it
         index = out / "index.json"
-        if index.is_file():
+        if index.is_file() and fingerprint.cache_current(out, training_stamp(cfg, root), "latent cache"):
             meta = json.loads(index.read_text())
             ident = _identity(ae)
             if all(meta.get(k) == v for k, v in ident.items()) and all((out / f"{i:06d}.pt").is_file()

@@ -17,6 +17,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from lungsynth import paths
+from lungsynth.data import fingerprint
+from lungsynth.data.datasets import training_stamp
 from lungsynth.engine import TrainTask
 from lungsynth.autoencoders.model import (LUNG_COND, TRAINING_VIEWS, build_autoencoder, check_kind,
                                           codebook_stats, default_run_dir, load_autoencoder)
@@ -332,6 +334,10 @@ def _final_with_scale(run_dir: Path) -> dict[str, Any] | None:
     return load_checkpoint(final)
 
 
+def rebuild_command(kind: str, cfg: Any) -> str:
+    return f"lungsynth autoencoder train --kind {kind} --profile {cfg.profile} --fresh"
+
+
 def train_autoencoder(kind: str, cfg: Any, run_dir: Path | str | None = None, *, progress: bool | None = None,
                       fresh: bool = False, perceptual_loader: Any = None, time_budget_s: float | None = None,
                       root: Path | str | None = None) -> Path:
@@ -347,6 +353,7 @@ def train_autoencoder(kind: str, cfg: Any, run_dir: Path | str | None = None, *,
 
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(kind, cfg.profile)
     run_dir.mkdir(parents=True, exist_ok=True)
+    fresh = fingerprint.claim_run(run_dir, training_stamp(cfg, root), rebuild_command(kind, cfg)) or fresh
     a = cfg.autoencoders
     steps, batch = train_budget(kind, cfg)
     key = source_key(kind)
@@ -409,7 +416,7 @@ def ensure_autoencoder(kind: str, cfg: Any, run_dir: Path | str | None = None, *
     device = device if device is not None else runtime.device()
     steps, _ = train_budget(kind, cfg)
     ckpt = _final_with_scale(run_dir)
-    if ckpt is not None:
+    if ckpt is not None and fingerprint.check_run(run_dir, training_stamp(cfg, root), rebuild_command(kind, cfg)):
         ae = load_autoencoder(kind, run_dir / "final.pt", cfg)  # refuses another architecture
         if "scale_factor" in (ckpt.get("config") or {}) and int(ckpt.get("step", 0)) >= steps:
             return ae.to(device)

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from lungsynth import paths
+from lungsynth.data import fingerprint
 
 VOLUME_KEYS = ("ct", "lung", "label", "cond", "hrmask")
 _ENSURED: set[tuple] = set()  # prepared datasets already checked in this process
@@ -24,15 +25,15 @@ _ENSURED: set[tuple] = set()  # prepared datasets already checked in this proces
 
 
 def _records_complete(P: Path, scan_keys: Sequence[str], cfg: Any) -> bool:
+    from lungsynth.data.manifest import read_record
     from lungsynth.data.preprocess import _record_ok
 
     if not (P / "scans.csv").is_file() or not (P / "splits.json").is_file():
         return False
     for key in scan_keys:
-        rec = P / "records" / f"{key}.json"
-        if not rec.is_file():
+        data = read_record(P / "records" / f"{key}.json")
+        if data is None:  # missing or unreadable: prepared again
             return False
-        data = json.loads(rec.read_text())
         if data.get("status") == "done" and not _record_ok(P, data, cfg):
             return False
     return True
@@ -70,6 +71,8 @@ def ensure_prepared(cfg: Any, verbose: bool = True) -> Path:
     with FileLock(str(P) + ".lock"):
         if _records_complete(P, keys, cfg):  # maybe another process just finished it
             if not manifest_current(P, cfg):  # same scans, other split settings: re-cut the splits only
+                if fingerprint.read(P) is None:
+                    print(f"{P}: no {fingerprint.FILENAME} (prepared before data fingerprints); rewriting its manifest")
                 write_manifest(P, cfg)
         else:
             _refuse_phantom_into_dicom(P, ids, keys, cfg)
@@ -153,6 +156,22 @@ def _select(df: Any, split: str | None) -> Any:
 
 def _root(cfg: Any, root: Path | str | None) -> Path:
     return Path(root) if root is not None else ensure_prepared(cfg)
+
+
+def prepared_root(cfg: Any, root: Path | str | None = None) -> Path:
+    """``root`` when given, else the profile's prepared folder (built on first use)."""
+    return _root(cfg, root)
+
+
+def data_source(cfg: Any, root: Path | str | None = None) -> str:
+    """"phantom", "LIDC-IDRI" or "mixed": the source of the prepared data, for table and figure titles."""
+    return fingerprint.source_label(_root(cfg, root))
+
+
+def training_stamp(cfg: Any, root: Path | str | None = None, trained_on: Sequence[str] = ("train",)) -> dict[str, Any]:
+    """The data stamp of a run trained on the ``trained_on`` splits of the prepared folder
+    (:func:`lungsynth.data.fingerprint.stamp`)."""
+    return fingerprint.stamp(_root(cfg, root), trained_on)
 
 
 def load_volume(P: Path, rel: str) -> np.ndarray:

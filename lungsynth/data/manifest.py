@@ -13,6 +13,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from lungsynth.data import fingerprint
+
 SCAN_COLUMNS = ("scan_id", "patient_id", "split", "ct", "lung", "label", "cond", "hrmask", "spacing_mm", "shape",
                 "n_nodules", "source")
 NODULE_COLUMNS = ("nodule_id", "scan_id", "patient_id", "split", "label_value", "centroid_vox_x", "centroid_vox_y",
@@ -77,12 +79,28 @@ def patient_strata(records: Sequence[Mapping[str, Any]]) -> dict[str, str]:
     return {p: (malignancy_class(m) if m >= 0 else "none") for p, m in worst.items()}
 
 
+def read_record(path: Path) -> dict[str, Any] | None:
+    """One scan's record, or None when it is unreadable (cut short, corrupt): the scan is prepared again."""
+    try:
+        rec = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return rec if isinstance(rec, dict) and "status" in rec and "scan" in rec else None
+
+
 def read_records(prepared: Path) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted((Path(prepared) / "records").glob("*.json"))]
+    recs = []
+    for path in sorted((Path(prepared) / "records").glob("*.json")):
+        rec = read_record(path)
+        if rec is None:
+            raise ValueError(f"{path} is unreadable (a cut-short write or a corrupt file); delete it and run the "
+                             "same prepare command again to redo that scan")
+        recs.append(rec)
+    return recs
 
 
 def write_manifest(prepared: Path | str, cfg: Any) -> None:
-    """(Re)write scans.csv, nodules.csv, skipped.csv and splits.json from the records."""
+    """(Re)write scans.csv, nodules.csv, skipped.csv, splits.json and fingerprint.json from the records."""
     import pandas as pd
 
     from lungsynth.runtime import write_json_atomic
@@ -111,6 +129,7 @@ def write_manifest(prepared: Path | str, cfg: Any) -> None:
         tmp.replace(prepared / name)
     write_json_atomic(prepared / "splits.json", splits)
     write_json_atomic(prepared / "manifest.json", split_settings(cfg))
+    fingerprint.write(prepared, fingerprint.compute(done, splits, split_settings(cfg)))
 
 
 def split_settings(cfg: Any) -> dict[str, Any]:
@@ -119,8 +138,11 @@ def split_settings(cfg: Any) -> dict[str, Any]:
 
 
 def manifest_current(prepared: Path | str, cfg: Any) -> bool:
-    """True when manifest.json says the splits were cut with ``cfg``'s split settings."""
+    """True when manifest.json says the splits were cut with ``cfg``'s split settings and the folder has
+    its fingerprint (a folder from before fingerprints gets its manifest rewritten)."""
     path = Path(prepared) / "manifest.json"
-    return path.is_file() and json.loads(path.read_text()) == split_settings(cfg)
+    if not (path.is_file() and json.loads(path.read_text()) == split_settings(cfg)):
+        return False
+    return fingerprint.read(prepared) is not None
 
 

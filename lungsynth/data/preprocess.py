@@ -611,7 +611,7 @@ def prepare(dicom_root: Path | str, out_dir: Path | str, cfg: Any, scans: Sequen
     (scans.csv, nodules.csv, skipped.csv, splits.json) at the end. Returns ``out_dir``.
     """
     from lungsynth.data.lidc import get_scan, scan_key, use_dicom_root
-    from lungsynth.data.manifest import write_manifest
+    from lungsynth.data.manifest import read_record, write_manifest
     from lungsynth.runtime import write_json_atomic
 
     dicom_root, out_dir = Path(dicom_root).resolve(), Path(out_dir).resolve()
@@ -624,7 +624,8 @@ def prepare(dicom_root: Path | str, out_dir: Path | str, cfg: Any, scans: Sequen
         for scan in todo:
             key = scan_key(scan)
             rec_path = out_dir / "records" / f"{key}.json"
-            if not force and rec_path.is_file() and _record_ok(out_dir, json.loads(rec_path.read_text()), cfg):
+            old = read_record(rec_path) if rec_path.is_file() else None
+            if not force and old is not None and _record_ok(out_dir, old, cfg):
                 continue
             try:
                 rec = prepare_scan(scan, out_dir, cfg, lung_method)

@@ -288,17 +288,17 @@ def run_classification(cfg: Any, synthetic: Any = None, *,
     res = ClsResult(sub_runs, sub_table, sc_runs, sc_table, mal_runs, mal_table, curves, pd.DataFrame(comp_rows),
                     [str(p) for p in pools.synthetic_paths], round(time.perf_counter() - t0, 2), ra_runs, ra_table)
     if out is not None:
-        _save(cfg, res, Path(out))
+        _save(cfg, res, Path(out), pools.real_root)
     return res
 
 
-def _save(cfg: Any, res: ClsResult, out: Path) -> None:
+def _save(cfg: Any, res: ClsResult, out: Path, real_root: Path) -> None:
     from lungsynth.downstream.common import save_result
 
     names = ("subtype_runs", "subtype_table", "scarcity_runs", "scarcity_table", "malignancy_runs",
              "malignancy_table", "composition", "ratio_runs", "ratio_table")
     save_result(cfg, out, "lungsynth downstream cls", {n: getattr(res, n) for n in names},
-                synthetic=res.synthetic, seconds=res.seconds)
+                real_root=real_root, synthetic=res.synthetic, seconds=res.seconds)
 
 
 def plot_pr_curves(res: ClsResult, experiment: str = "subtype", ax: Any = None) -> Any:

@@ -9,6 +9,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from lungsynth.data import fingerprint
+
 
 @dataclass
 class Pools:
@@ -58,6 +60,8 @@ def load_pools(cfg: Any, unit: str, synthetic: Any = None, real_root: Path | str
     check_no_leak(train, held, ("test",) + splits, what="real train split")
     if syn is not None:
         check_no_leak(syn, held, ("test",) + splits, what=f"synthetic pool ({', '.join(map(str, paths))})")
+    for p in paths:  # nor may the generator of a synthetic pool have trained on a scored patient
+        fingerprint.refuse_overlap(p, root, ("test",) + splits, what=f"generator of the synthetic pool {p}")
     return Pools(root, train, evaluation, syn, held, paths)
 
 
@@ -125,11 +129,15 @@ def finite_mean(values: Sequence[float]) -> float:
     return float(v.mean()) if len(v) else float("nan")
 
 
-def save_result(cfg: Any, out: Path, command: str, tables: dict[str, Any], **record: Any) -> None:
-    """Write each table as ``out/<name>.csv`` and a run.json (config, seed, ``record`` entries)."""
+def save_result(cfg: Any, out: Path, command: str, tables: dict[str, Any], real_root: Path | str | None = None,
+                **record: Any) -> None:
+    """Write each table as ``out/<name>.csv``, a run.json (config, seed, ``record`` entries) and, with
+    ``real_root``, the data stamp of the real data the models trained and were scored on."""
     from lungsynth.runtime import RunRecord
 
     out.mkdir(parents=True, exist_ok=True)
+    if real_root is not None:
+        fingerprint.write_stamp(out, fingerprint.stamp(real_root))
     with RunRecord(out, config=cfg, seed=cfg.seed, command=command) as rec:
         for name, df in tables.items():
             df.to_csv(out / f"{name}.csv", index=False)

@@ -160,13 +160,13 @@ def run_segmentation(cfg: Any, synthetic: Any = None, *, settings: Sequence[str]
     table = aggregate(runs, ["setting", "ratio"], METRICS)
     res = SegResult(runs, pd.DataFrame(item_rows), table, used, round(time.perf_counter() - t0, 2))
     if out is not None:
-        _save(cfg, res, Path(out))
+        _save(cfg, res, Path(out), pools.real_root)
     return res
 
 
-def _save(cfg: Any, res: SegResult, out: Path) -> None:
+def _save(cfg: Any, res: SegResult, out: Path, real_root: Path) -> None:
     from lungsynth.downstream.common import save_result
 
     save_result(cfg, out, "lungsynth downstream seg", {"seg_runs": res.runs, "seg_items": res.items,
                                                          "seg_table": res.table},
-                synthetic=res.synthetic, seconds=res.seconds, table=res.table.to_dict("records"))
+                real_root=real_root, synthetic=res.synthetic, seconds=res.seconds, table=res.table.to_dict("records"))

@@ -81,6 +81,11 @@ class MethodFace:
     def generate(self, cfg: Any, model: Any, conditions: Sequence[Condition], seed: int) -> list[dict[str, Any]]:
         raise ValueError(f"{self.name}: no generator")
 
+    def quality_gates(self, cfg: Any) -> list[Any]:
+        """The chapter's quality gates (:class:`lungsynth.gates.Gate` rows) on its trained run; never trains.
+        A face without gates returns none, and the report lists its chapter as having no gates yet."""
+        return []
+
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, "unit": self.unit, "module": self.module, "chapter": self.chapter,
                 "variant": self.variant, "options": dict(self.options), "available": self.available()}

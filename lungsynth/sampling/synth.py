@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from lungsynth.data import fingerprint
+from lungsynth.data.conditions import real_root as find_root
 from lungsynth.methods.base import MethodFace
 from lungsynth.sampling.registry import METHODS, get_method
 from lungsynth.sampling.writer import SyntheticWriter
@@ -81,6 +83,14 @@ def _check_meta(out: Path, meta: dict[str, Any]) -> None:
                          f"use another --out or the same settings to resume it")
 
 
+def _check_stamp(out: Path, value: dict[str, Any]) -> None:
+    had = fingerprint.read_stamp(out)
+    if had is not None and had["id"] != value["id"]:
+        raise fingerprint.DataMismatch(
+            f"{out} holds samples made from prepared data {had['id']} ({had.get('prepared')}), not {value['id']} "
+            f"({value['prepared']}); the splits changed since. Use another --out, or delete {out} to rebuild it")
+
+
 def synthesize(cfg: Any, method: str | MethodFace, n: int | None = None, *, conditions: str = "heldout",
                out: Path | str | None = None, checkpoint: Path | str | None = None, batch_size: int | None = None,
                seed: int | None = None, train_missing: bool = False, real_root: Path | str | None = None,
@@ -128,12 +138,16 @@ def synthesize(cfg: Any, method: str | MethodFace, n: int | None = None, *, cond
     if model is None and not checkpoint.exists():
         raise FileNotFoundError(f"checkpoint {checkpoint} not found; pass the method's run directory")
     out = Path(out) if out is not None else default_out(cfg, adapter.name, conditions)
+    real = find_root(cfg, real_root)
+    data_stamp = fingerprint.derived_stamp(checkpoint, real)
     meta = {"method": adapter.name, "variant": adapter.variant, "unit": adapter.unit,
             "checkpoint": str(checkpoint), "conditions": conditions, "seed": seed, "batch_size": bs,
             "options": dict(adapter.options)}
     out.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):  # a second process writing the same dataset waits, then resumes it
         _check_meta(out, meta)
+        _check_stamp(out, data_stamp)
+        fingerprint.write_stamp(out, data_stamp)
         write_json_atomic(out / "synth.json", {**meta, "n": n, "profile": cfg.profile, "config": cfg,
                                                "method_info": adapter.describe()})
         writer = SyntheticWriter(out, adapter.unit, adapter.spacing_mm(cfg))
@@ -144,7 +158,7 @@ def synthesize(cfg: Any, method: str | MethodFace, n: int | None = None, *, cond
         t_gen = 0.0
         t0 = time.perf_counter()
         if todo:
-            conds = adapter.conditions(cfg, conditions, n, seed, real_root)
+            conds = adapter.conditions(cfg, conditions, n, seed, real)
             if model is None:
                 model = adapter.load(cfg, checkpoint)
             bar = tqdm(total=n, initial=skipped, desc=f"synth {adapter.name}", disable=not progress, unit="sample")

@@ -158,16 +158,55 @@ def test_sliding_window_of_a_trained_model_is_close_to_the_whole_pass(trained):
     assert float((round_trip - x).abs().mean()) < 1.25 * err_model
 
 
-def test_ensure_reuses_and_refuses(trained):
+def test_ensure_reuses_and_refuses(trained, tiny_root):
     cfg, run = trained["vae2d"]
     before = (run / "final.pt").stat().st_mtime_ns
-    ae = ensure_autoencoder("vae2d", cfg, run, device="cpu")
+    ae = ensure_autoencoder("vae2d", cfg, run, device="cpu", root=tiny_root)
     assert (run / "final.pt").stat().st_mtime_ns == before and ae.kind == "vae2d"
     with pytest.raises(ValueError, match="kind 'vae2d'"):
-        ensure_autoencoder("vqvae2d", cfg, run, device="cpu")
+        ensure_autoencoder("vqvae2d", cfg, run, device="cpu", root=tiny_root)
     other = get_config("smoke", {**DATA, **BUDGET, "autoencoders.vae2d_channels": "8,8,8"})
     with pytest.raises(ValueError, match="channels"):
-        ensure_autoencoder("vae2d", other, run, device="cpu")
+        ensure_autoencoder("vae2d", other, run, device="cpu", root=tiny_root)
+
+
+def test_recut_splits_rebuild_the_latent_cache_and_refuse_the_old_run(trained, tmp_path, capsys):
+    """After the splits are re-cut, the autoencoder trained on the old train split (which may hold a patient
+    now in test) is refused with both fingerprints, and its latent cache is re-encoded, never reused."""
+    import shutil
+
+    from lungsynth.autoencoders import ensure_latents
+    from lungsynth.data import fingerprint
+    from lungsynth.data.manifest import write_manifest
+
+    cfg, run = trained["vae3d"]
+    root = Path(shutil.copytree(_root_of(run), tmp_path / "prepared"))
+    run = Path(shutil.copytree(run, tmp_path / "run"))
+    cache = ensure_latents("vae3d", cfg, "train", run, root=root)
+    old_ids = json.loads((cache / "index.json").read_text())["ids"]
+    old = fingerprint.load(root)
+    for seed in range(1, 50):  # a split seed that moves a training patient
+        write_manifest(root, get_config("smoke", {**DATA, "data.split_seed": seed}))
+        if fingerprint.load(root)["splits"]["train"] != old["splits"]["train"]:
+            break
+    new = fingerprint.load(root)
+    assert new["id"] != old["id"]
+    with pytest.raises(fingerprint.DataMismatch) as err:
+        ensure_autoencoder("vae3d", cfg, run, device="cpu", root=root)
+    assert old["id"] in str(err.value) and new["id"] in str(err.value)
+    assert "lungsynth autoencoder train --kind vae3d" in str(err.value)
+    with pytest.raises(fingerprint.DataMismatch):
+        ensure_latents("vae3d", cfg, "train", run, root=root)  # it would have to load the refused run
+    capsys.readouterr()
+    ae = load_autoencoder("vae3d", run, cfg)  # an autoencoder the caller vouches for: the cache is rebuilt
+    cache = ensure_latents("vae3d", cfg, "train", run, ae=ae, root=root)
+    assert "latent cache was made from data" in capsys.readouterr().out
+    ids = json.loads((cache / "index.json").read_text())["ids"]
+    from lungsynth.data.datasets import load_scans
+
+    scans = load_scans(root)
+    assert ids == scans[scans["split"] == "train"]["scan_id"].tolist() and ids != old_ids
+    assert fingerprint.read_stamp(cache)["id"] == new["id"]
 
 
 def test_resume_gives_the_losses_of_an_uninterrupted_run(tiny_root, tmp_path):
@@ -233,3 +272,31 @@ def test_vae3d_trains_on_volumes_and_nodule_crops(tiny_root, tmp_path):
     crop = CropDataset(cfg, "train", root=tiny_root)[0]["ct"][None]
     assert crop.shape[-1] == 16 and torch.isfinite(ae.reconstruct(crop, None)).all()
     assert json.loads((run / "run.json").read_text())["results"]["steps"] == 30
+
+
+def test_quality_gates_by_hand_and_too_few_items(trained, tiny_root, tmp_path, monkeypatch):
+    """Chapter 02's gates: each value is the table's mean over the held-out items, judged against 0.6 x the
+    linear resampling baseline on the same items; one test scan is too few to judge (never a pass)."""
+    from lungsynth.autoencoders import evaluate as E
+
+    runs = {kind: run for kind, (_, run) in trained.items()}
+    cfgs = {kind: c for kind, (c, _) in trained.items()}
+    rows = E.quality_gates(cfgs["vae3d"], tiny_root, runs)
+    body = [g for g in rows if g.name.startswith("vae3d: body MAE")][0]
+    assert body.status == "insufficient N" and body.n == 1 and body.n_needed == E.MIN_ITEMS
+    monkeypatch.setattr(E, "MIN_ITEMS", 1)
+    ae = load_autoencoder("vae3d", runs["vae3d"], cfgs["vae3d"])
+    table = evaluate_autoencoder(ae, cfgs["vae3d"], "test", root=tiny_root)
+    (body,) = E.reconstruction_gates("vae3d", ae, cfgs["vae3d"], tiny_root)[:1]
+    value = table.loc[table["method"] == "vae3d", "mae_hu_body"].mean()
+    baseline = table.loc[table["method"] == "linear x4", "mae_hu_body"].mean()
+    assert body.value == pytest.approx(value) and body.baseline == pytest.approx(baseline)
+    assert body.status == ("pass" if value <= 0.6 * baseline else "fail")
+    textures = [g for g in E.reconstruction_gates("vae3d", ae, cfgs["vae3d"], tiny_root) if "texture" in g.name]
+    assert len(textures) == 5 and all(g.status == "info" for g in textures)
+    mask = E.mask_dice_gate(load_autoencoder("maskvae", runs["maskvae"], cfgs["maskvae"]), cfgs["maskvae"], tiny_root)
+    assert mask.status in ("pass", "fail") and mask.threshold == ">= 0.5"
+    # a kind without a finished run is listed with the command that trains it
+    missing = E.quality_gates(cfgs["vae3d"], tiny_root, {**runs, "vae2d": tmp_path / "none"})
+    (row,) = [g for g in missing if g.name == "vae2d autoencoder"]
+    assert row.status == "not trained" and "lungsynth autoencoder train --kind vae2d" in row.detail

@@ -40,8 +40,10 @@ def test_slice_roi_crop_datasets(prepared, small_cfg):
     assert c["subtype_id"] in (0, 1, 2) and cr.table.split.isin(["train", "val", "test"]).all()
 
 
-def test_ensure_prepared_recuts_splits_and_redoes_stale_records(tmp_path, monkeypatch):
+def test_ensure_prepared_recuts_splits_and_redoes_stale_records(tmp_path, monkeypatch, capsys):
     import json
+
+    from lungsynth.data import fingerprint
 
     from lungsynth.config import get_config
     from lungsynth.data import datasets
@@ -55,11 +57,23 @@ def test_ensure_prepared_recuts_splits_and_redoes_stale_records(tmp_path, monkey
     assert len(json.loads((P / "splits.json").read_text())["train"]) == 2
     records = sorted((P / "records").glob("*.json"))
     stamps = {r: r.stat().st_mtime_ns for r in records}
+    first = fingerprint.load(P)
+    assert first["source"] == "phantom" and first["splits"] == json.loads((P / "splits.json").read_text())
 
-    # other split settings: the splits are cut again, no scan is prepared again
+    # other split settings: the splits are cut again, no scan is prepared again, the fingerprint changes
     datasets.ensure_prepared(get_config("smoke", {**base, "data.split_fractions": (1, 1, 2)}), verbose=False)
     splits = json.loads((P / "splits.json").read_text())
     assert [len(splits[k]) for k in ("train", "val", "test")] == [1, 1, 2]
+    assert {r: r.stat().st_mtime_ns for r in records} == stamps
+    second = fingerprint.load(P)
+    assert second["id"] != first["id"] and second["splits"] == splits
+
+    # a folder prepared before fingerprints gets its manifest rewritten, with a message, nothing redone
+    (P / fingerprint.FILENAME).unlink()
+    monkeypatch.setattr(datasets, "_ENSURED", set())
+    datasets.ensure_prepared(get_config("smoke", {**base, "data.split_fractions": (1, 1, 2)}), verbose=False)
+    assert fingerprint.load(P)["id"] == second["id"]
+    assert "prepared before data fingerprints" in capsys.readouterr().out
     assert {r: r.stat().st_mtime_ns for r in records} == stamps
 
     # a record written by an older preparation is prepared again
@@ -71,6 +85,13 @@ def test_ensure_prepared_recuts_splits_and_redoes_stale_records(tmp_path, monkey
     datasets.ensure_prepared(get_config("smoke", {**base, "data.split_fractions": (1, 1, 2)}), verbose=False)
     assert json.loads(records[0].read_text())["config"]["version"] == PREPARE_VERSION
     assert all(r.stat().st_mtime_ns == stamps[r] for r in records[1:])
+
+    # a record cut short (or corrupt) is detected and that scan alone is prepared again
+    records[2].write_text('{"status": "do')
+    monkeypatch.setattr(datasets, "_ENSURED", set())
+    datasets.ensure_prepared(get_config("smoke", {**base, "data.split_fractions": (1, 1, 2)}), verbose=False)
+    assert json.loads(records[2].read_text())["status"] == "done"
+    assert all(records[i].stat().st_mtime_ns == stamps[records[i]] for i in (1, 3))
 
     # a folder prepared from real DICOM never gets phantom scans: a missing/stale scan is an error
     import pandas as pd

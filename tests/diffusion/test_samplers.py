@@ -126,6 +126,45 @@ def test_background_anchor_final_background_is_exact(kind):
     assert torch.equal(mid[outside], bg[outside]) and (mid[~outside] == 0).all()
 
 
+@pytest.mark.parametrize("noise_background", [True, False])
+def test_noise_background_sets_the_intermediate_states_outside_the_mask(noise_background):
+    """Both settings end on the background exactly; along the way noise_background=True anchors to
+    q(x_bg, t-1) = sqrt(ab) x_bg + sqrt(1 - ab) eps (a fresh eps from the anchor's generator per step),
+    False to x_bg itself. Each case checks its own rule and that the other setting's states differ."""
+    sched = make_scheduler("ddim", 40, "scaled_linear", "epsilon")
+    bg = torch.randn(1, 4, 8, 8, 8, generator=torch.Generator().manual_seed(5))
+    mask = torch.zeros(1, 1, 8, 8, 8)
+    mask[..., 2:5, 2:6, 3:6] = 1.0
+    outside = (mask == 0).expand_as(bg)
+
+    def run(nb):
+        anchor = BackgroundAnchor(bg, mask, sched, generator=torch.Generator().manual_seed(9), noise_background=nb)
+        return sample(_toy, sched, bg.shape, 8, generator=torch.Generator().manual_seed(0), step_callback=anchor,
+                      intermediates_every=1, progress=False)
+
+    out, inter = run(noise_background)
+    _, other = run(not noise_background)
+    g = torch.Generator().manual_seed(9)
+    if noise_background:
+        torch.randn(bg.shape, generator=g)  # the anchor's first draw noised the background for x_T (on_start)
+    assert len(inter) == 8 and inter[-1]["timestep"] == -1
+    for it in inter[:-1]:
+        x = it["sample"][outside]
+        if noise_background:
+            ab = float(sched.alphas_cumprod[it["timestep"]])
+            eps = torch.randn(bg.shape, generator=g)
+            assert torch.allclose(x, (ab**0.5 * bg + (1 - ab) ** 0.5 * eps)[outside], atol=1e-5), it["timestep"]
+        else:
+            assert torch.equal(x, bg[outside]), it["timestep"]
+    for mine, theirs in zip(inter[:-1], other[:-1]):  # the two settings differ at every intermediate step ...
+        noise_sd = (1 - float(sched.alphas_cumprod[mine["timestep"]])) ** 0.5  # by about the noise: E|N(0,1)| = 0.8
+        gap = (mine["sample"][outside] - theirs["sample"][outside]).abs().mean()
+        assert gap > 0.5 * noise_sd, mine["timestep"]
+    assert torch.equal(out[outside], bg[outside])  # ... and agree at the end
+    assert torch.equal(other[-1]["sample"][outside], bg[outside])
+    assert not torch.allclose(out[~outside], bg[~outside])  # the model generated inside
+
+
 def test_aas_leaves_reference_outside_lung():
     sched = make_scheduler("ddpm", 25, "cosine", "epsilon")
     ref = torch.rand(2, 1, 8, 8, 8, generator=torch.Generator().manual_seed(2)) * 2 - 1

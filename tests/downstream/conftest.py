@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from synth_fakes import NoisyCopy, make_fake_prepared
+from synth_fakes import NoisyCopy, make_fake_prepared, stamp_generator
 
 from lungsynth.config import get_config
 
@@ -47,7 +47,8 @@ def real_root(tmp_path_factory) -> Path:
 def _synth(cfg, real_root: Path, out: Path, conditions: str, n: int) -> Path:
     from lungsynth.sampling.synth import synthesize
 
-    synthesize(cfg, NoisyCopy("volume"), n, conditions=conditions, out=out, checkpoint=out, real_root=real_root,
+    generator = stamp_generator(out.parent / f"generator_{out.name}", real_root)  # trained on the train split
+    synthesize(cfg, NoisyCopy("volume"), n, conditions=conditions, out=out, checkpoint=generator, real_root=real_root,
                progress=False, model="model")
     return out
 

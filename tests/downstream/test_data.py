@@ -1,8 +1,11 @@
 """Item tables, crops cut from synthetic volumes, and the validation of synthetic datasets."""
 
+import dataclasses
 import json
 import shutil
+from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
@@ -16,11 +19,24 @@ def test_item_tables_and_datasets(cfg, real_root, synthetic_train):
     syn = synthetic_items(synthetic_train, "nodule", real_root)
     assert syn["synthetic"].all() and syn["source"].eq("synthetic:noisycopy").all()
     assert syn["condition_split"].eq("train").all()
-    ds = ItemDataset(cfg, pd.concat([real_items(real_root, "nodule"), syn], ignore_index=True), "crop", 16)
+    table = pd.concat([real_items(real_root, "nodule"), syn], ignore_index=True)
+    ds = ItemDataset(cfg, table, "crop", 16)
     item = ds[len(ds) - 1]
     assert item["image"].shape == (1, 16, 16, 16) and item["target"].shape == (1, 16, 16, 16)
-    assert 0 <= float(item["image"].min()) and float(item["image"].max()) <= 1
     assert item["target"].sum() > 0  # the crop is centred on the nodule
+    # a synthetic nodule has no crop view: the crop is cut from its volume and mapped through the config's HU
+    # window, by hand here; a second, non-default window shows the window is the config's
+    r = table.iloc[len(ds) - 1]
+    ct_hu = np.asanyarray(nib.load(str(Path(r["root"]) / r["ct"])).dataobj).astype(np.float32)
+    lab = np.asanyarray(nib.load(str(Path(r["root"]) / r["label"])).dataobj)
+    crop, mask = cut_crop(ct_hu, lab, (r["centroid_vox_z"], r["centroid_vox_y"], r["centroid_vox_x"]),
+                          float(r["spacing_mm"]), 16)
+    assert np.array_equal(item["target"][0].numpy(), mask)
+    other = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, hu_min=-1100.0, hu_max=200.0))
+    for c, (lo, hi) in ((cfg, (cfg.data.hu_min, cfg.data.hu_max)), (other, (-1100.0, 200.0))):
+        image = ItemDataset(c, table, "crop", 16)[len(ds) - 1]["image"][0].numpy()
+        assert np.allclose(image, np.clip((crop - lo) / (hi - lo), 0.0, 1.0), atol=1e-6)
+    assert ((crop > -1000) & (crop < 200)).mean() > 0.5  # most voxels lie inside both windows
     v = ItemDataset(cfg, vol, "volume", 8)[0]
     assert v["image"].shape == (1, 8, 8, 8) and v["target"].max() == 1
 

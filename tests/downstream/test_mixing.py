@@ -1,5 +1,7 @@
 """The ratio mixer, scarcity subsets, class balancing and the test-patient guard."""
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
@@ -92,3 +94,25 @@ def test_guard_catches_a_leak_through_synthetic_provenance(cfg, real_root, synth
     bad2 = bad.assign(condition_patient=None)
     with pytest.raises(ValueError, match="condition split test"):
         X.check_no_leak(bad2, held)
+
+
+def test_pools_refuse_a_generator_trained_on_a_scored_patient(cfg, real_root, synthetic_train, tmp_path):
+    """Samples conditioned on training masks still leak when their generator trained on a test patient."""
+    import shutil
+
+    from synth_fakes import NoisyCopy, stamp_generator
+
+    from lungsynth.data import fingerprint
+    from lungsynth.sampling.synth import synthesize
+
+    load_pools(cfg, "volume", [synthetic_train], real_root)  # a generator of the train split only: fine
+    leaky_gen = stamp_generator(tmp_path / "gen", real_root, trained_on=("train", "test"))
+    out = tmp_path / "leaky"
+    synthesize(cfg, NoisyCopy("volume"), 2, conditions="sampler", out=out, checkpoint=leaky_gen, real_root=real_root,
+               progress=False, model="model")
+    with pytest.raises(fingerprint.PatientOverlap, match=r"generator of the synthetic pool .*leaky.*FAKE-008"):
+        load_pools(cfg, "volume", [synthetic_train, out], real_root)
+    unknown = Path(shutil.copytree(synthetic_train, tmp_path / "unknown"))
+    fingerprint.write_stamp(unknown, {**fingerprint.read_stamp(unknown), "trained_on": None})
+    with pytest.raises(fingerprint.DataMismatch, match="records no training patients"):
+        load_pools(cfg, "volume", [unknown], real_root)

@@ -1,19 +1,56 @@
 """Chapter 10: a few AttentionUnet steps on tiny data, real only and with synthetic data."""
 
+import importlib
+
 import numpy as np
+import pandas as pd
 import pytest
 
 from lungsynth.downstream.segmentation import build_segmenter, input_size, run_segmentation
 
+SEG = importlib.import_module("lungsynth.downstream.segmentation")
 
-def test_segmentation_trains_and_reports(cfg, real_root, synthetic_train, tmp_path):
+
+def _by_hand(pred, target):
+    """Dice, sensitivity, specificity of two boolean volumes, straight from the voxel counts."""
+    tp, fp = np.sum(pred & target), np.sum(pred & ~target)
+    fn, tn = np.sum(~pred & target), np.sum(~pred & ~target)
+    return {"dice": 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn),
+            "sensitivity": tp / (tp + fn) if tp + fn else float("nan"),
+            "specificity": tn / (tn + fp) if tn + fp else float("nan")}
+
+
+def _recording_predict(monkeypatch, replace=None):
+    """Patch the segmenter's ``predict``: record (prediction, target) per evaluated item; ``replace(target)``
+    swaps the network's prediction for a known one."""
+    seen, real = [], SEG.predict
+
+    def predict(model, dataset, batch_size=2):
+        preds = real(model, dataset, batch_size)
+        targets = [dataset[i]["target"][0].numpy() > 0.5 for i in range(len(dataset))]
+        if replace is not None:
+            preds = [replace(t) for t in targets]
+        seen.extend(zip(preds, targets))
+        return preds
+
+    monkeypatch.setattr(SEG, "predict", predict)
+    return seen
+
+
+def test_segmentation_trains_and_reports(cfg, real_root, synthetic_train, tmp_path, monkeypatch):
+    seen = _recording_predict(monkeypatch)
     res = run_segmentation(cfg, str(synthetic_train), ratios=(0.0, 0.5), n_runs=1, real_root=real_root,
                            out=tmp_path / "seg")
     runs = res.runs
     assert len(runs) == 2 * 2  # settings x ratios (one seed; runs over seeds: test_classification)
+    # per item, the reported metrics are those of the network's own prediction, counted by hand here;
+    # per run, their means over the run's items
+    assert len(seen) == len(res.items)
+    want = pd.DataFrame([_by_hand(p, t) for p, t in seen])
     for col in ("dice", "sensitivity", "specificity"):
-        v = runs[col].to_numpy(float)
-        assert np.all((v >= 0) & (v <= 1)), col
+        assert res.items[col].to_numpy(float) == pytest.approx(want[col].to_numpy(float), nan_ok=True), col
+        means = res.items.groupby(["setting", "ratio", "seed"], sort=False)[col].mean()
+        assert runs[col].to_numpy(float) == pytest.approx(means.to_numpy(float), nan_ok=True), col
     vol = runs[runs["setting"] == "volume"]
     assert vol.loc[vol["ratio"] == 0.0, "n_synthetic"].eq(0).all()
     assert vol.loc[vol["ratio"] == 0.5, "n_synthetic"].eq(4).all()  # 0.5 x 8 real volumes
@@ -22,9 +59,25 @@ def test_segmentation_trains_and_reports(cfg, real_root, synthetic_train, tmp_pa
     assert (tmp_path / "seg" / "seg_table.csv").is_file() and (tmp_path / "seg" / "run.json").is_file()
 
 
-def test_real_only_and_bad_sizes(cfg, real_root):
+def _shifted(target):
+    """A known prediction: the target moved one voxel along the first axis, plus one false-positive voxel."""
+    pred = np.roll(target, 1, axis=0)
+    pred[0, 0, 0] = True
+    return pred
+
+
+def test_real_only_and_bad_sizes(cfg, real_root, monkeypatch):
+    seen = _recording_predict(monkeypatch, replace=_shifted)
     res = run_segmentation(cfg, None, settings=("crop",), n_runs=1, real_root=real_root)
     assert res.runs["ratio"].tolist() == [0.0] and res.runs["n_synthetic"].tolist() == [0]
+    # a known overlap: Dice 2|P and T| / (|P| + |T|) by hand, strictly between 0 and 1 here
+    assert len(seen) == len(res.items) == 6
+    for (pred, target), (_, row) in zip(seen, res.items.iterrows()):
+        want = _by_hand(pred, target)
+        assert 0 < want["dice"] < 1 and 0 < want["sensitivity"] < 1
+        assert [row["dice"], row["sensitivity"], row["specificity"]] == pytest.approx(
+            [want["dice"], want["sensitivity"], want["specificity"]])
+    assert res.runs["dice"].iloc[0] == pytest.approx(np.mean([_by_hand(p, t)["dice"] for p, t in seen]))
     with pytest.raises(ValueError, match="divisible by 2"):
         input_size(type(cfg)(**{**cfg.__dict__, "downstream": type(cfg.downstream)(
             **{**cfg.downstream.__dict__, "seg_crop_size": 15})}), "crop")

@@ -4,6 +4,7 @@ import warnings
 
 import numpy as np
 import pytest
+from by_hand import frechet_by_hand, gaussian_mmd2_by_hand, mmd2_by_hand
 
 from lungsynth.config import get_config
 from lungsynth.eval.distribution import (evaluate_distribution, fid, fid_value, frechet_distance, kid, mmd,
@@ -46,8 +47,30 @@ def test_sqrtm_never_complex():
     r = sqrtm_real(s1 @ s2)
     assert not np.iscomplexobj(r) and np.isfinite(r).all()
     d = frechet_distance(x.mean(0), s1, y.mean(0), s2)
-    assert isinstance(d, float) and np.isfinite(d) and d >= 0
+    assert isinstance(d, float) and d == pytest.approx(frechet_by_hand(x, y), rel=1e-6)  # exact for singular S
     assert isinstance(fid(x, y, min_samples_warn=2).value, float)
+
+
+def test_frechet_distance_of_known_gaussians():
+    # diagonal covariances: |mu1 - mu2|^2 + sum (sqrt(a_i) - sqrt(b_i))^2
+    mu1, mu2 = np.array([0.0, 1.0, -2.0]), np.array([1.0, 1.0, 0.5])
+    a, b = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
+    want = 1.0 + 0.0 + 6.25 + (1 - 3) ** 2 + (2 - 1) ** 2 + 0.0
+    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(want, rel=1e-9)
+    # the same Gaussians rotated: the distance does not change (the covariances are no longer diagonal)
+    q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(3, 3)))
+    assert frechet_distance(q @ mu1, q @ np.diag(a) @ q.T, q @ mu2, q @ np.diag(b) @ q.T) == pytest.approx(want,
+                                                                                                          rel=1e-9)
+    # 2 x 2, not commuting: tr sqrt(M) = sqrt(tr M + 2 sqrt(det M)) for M = S1 S2 (eigenvalues > 0)
+    s1, s2 = np.array([[2.0, 0.5], [0.5, 1.0]]), np.array([[1.0, -0.3], [-0.3, 3.0]])
+    m = s1 @ s2
+    tr_root = np.sqrt(np.trace(m) + 2 * np.sqrt(np.linalg.det(m)))
+    assert frechet_distance(np.zeros(2), s1, np.ones(2), s2) == pytest.approx(
+        2.0 + np.trace(s1) + np.trace(s2) - 2 * tr_root, rel=1e-9)
+    # identical Gaussians: 0; one-dimensional: (mu1 - mu2)^2 + (sigma1 - sigma2)^2
+    assert frechet_distance(mu1, np.diag(a), mu1, np.diag(a)) == pytest.approx(0.0, abs=1e-9)
+    assert frechet_distance(np.array([3.0]), np.array([[4.0]]), np.array([1.0]), np.array([[1.0]])) == \
+        pytest.approx(4.0 + 1.0)
 
 
 def test_kid_is_unbiased_and_detects_shift():
@@ -68,11 +91,21 @@ def test_kid_subsets():
 
 
 @pytest.mark.parametrize("kernel", ["gaussian", "polynomial"])
-def test_mmd_non_negative(kernel):
+def test_mmd_by_hand(kernel):
     x = _gauss(25, 8, 0)
     assert mmd(x, x, kernel=kernel, min_samples_warn=2).value == pytest.approx(0.0, abs=1e-12)
-    r = mmd(x, _gauss(25, 8, 1), kernel=kernel, bootstrap=30, min_samples_warn=2)
-    assert r.value >= 0 and r.ci_low >= 0 and r.ci_low <= r.ci_high
+    y = _gauss(25, 8, 1)
+    r = mmd(x, y, kernel=kernel, bootstrap=30, min_samples_warn=2)
+    if kernel == "gaussian":  # bandwidth: the median pairwise distance of the pooled set
+        want = gaussian_mmd2_by_hand(x, y)
+    else:  # KID's kernel: (u.v / D + 1)^3
+        want = mmd2_by_hand(x, y, lambda u, v: (u @ v / 8 + 1.0) ** 3)
+    assert r.value == pytest.approx(want, rel=1e-9)
+    assert r.ci_low <= r.ci_high
+    # a tiny case with numbers: x = {0, 1}, y = {3, 3} in 1-D, bandwidth 1: (2 + 2 e^-1/2) / 4 + 1 - (e^-4.5 + e^-2)
+    want = (2 + 2 * np.exp(-0.5)) / 4 + 1 - (np.exp(-4.5) + np.exp(-2.0))
+    small = mmd(np.array([[0.0], [1.0]]), np.array([[3.0], [3.0]]), bandwidth=1.0, min_samples_warn=2)
+    assert small.value == pytest.approx(want, rel=1e-12)
     far = mmd(x, _gauss(25, 8, 1, shift=2.0), kernel=kernel, min_samples_warn=2)
     assert far.value > r.value
 

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from lungsynth.data import fingerprint
+from lungsynth.data.datasets import prepared_root
 from lungsynth.methods.bbox_ldm.model import CONFIG_NAMES, CONFIGS
 from lungsynth.methods.bbox_ldm.sample import BboxLdm, MaskDraw, anatomical_sampler, load, paper_sampler, to_hu
 from lungsynth.methods.bbox_ldm.train import ensure_trained, load_split
@@ -163,7 +165,12 @@ def evaluate(cfg, configs: Sequence[int] = CONFIGS, *, split: str = "val", repea
     attrs = np.repeat(real["attributes"], repeats, axis=0)
     rows, samples = [], {}
     for k in configs:
-        model = models[k] if models is not None and k in models else load(cfg, k, ensure_trained(cfg, k))
+        if models is not None and k in models:
+            model = models[k]
+        else:
+            run_dir = ensure_trained(cfg, k)
+            fingerprint.refuse_overlap(run_dir, prepared_root(cfg), (split,), what=f"bbox-LDM config {k} run")
+            model = load(cfg, k, run_dir)
         t0 = time.perf_counter()
         fake = model.sample(boxes, attrs, seed=seed, steps=steps)
         seconds = time.perf_counter() - t0

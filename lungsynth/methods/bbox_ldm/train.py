@@ -20,6 +20,8 @@ import numpy as np
 import torch
 
 from lungsynth import paths
+from lungsynth.data import fingerprint
+from lungsynth.data.datasets import training_stamp
 from lungsynth.engine import FINAL_NAME, TrainTask, Trainer
 from lungsynth.methods.bbox_ldm.model import (ConditionEncoder, autoencoder, box_masks, boxes_from_masks, build_unet,
                                               check_config, encode, mask_to_latent)
@@ -149,6 +151,10 @@ class BboxLdmTask(TrainTask):
 # --------------------------------------------------------------------------- train
 
 
+def rebuild_command(cfg: Any, config: int) -> str:
+    return f"lungsynth bbox-ldm train --config {config} --profile {cfg.profile} --fresh"
+
+
 def train(cfg, config: int, run_dir: Path | str | None = None, *, max_steps: int | None = None,
           fresh: bool = False, progress: bool | None = None, data: Mapping[str, Any] | None = None,
           ae: Any = None) -> Path:
@@ -163,6 +169,8 @@ def train(cfg, config: int, run_dir: Path | str | None = None, *, max_steps: int
     config = check_config(config)
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg, config)
     c = cfg.bbox_ldm
+    stamp = training_stamp(cfg) if data is None else None
+    fresh = fingerprint.claim_run(run_dir, stamp, rebuild_command(cfg, config)) or fresh
     with RunRecord(run_dir, config=cfg, seed=cfg.seed, command=f"bbox-ldm train --config {config}") as rec:
         seed_everything(cfg.seed)
         with rec.timer("data_and_latents"):
@@ -191,6 +199,7 @@ def ensure_trained(cfg, config: int, run_dir: Path | str | None = None, progress
 
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg, config)
     final = run_dir / FINAL_NAME
-    if not final.is_file() or int(load_checkpoint(final).get("step", 0)) < int(cfg.bbox_ldm.train_steps):
+    if (not final.is_file() or int(load_checkpoint(final).get("step", 0)) < int(cfg.bbox_ldm.train_steps)
+            or not fingerprint.check_run(run_dir, training_stamp(cfg), rebuild_command(cfg, config))):
         train(cfg, config, run_dir, progress=progress)
     return run_dir

@@ -13,9 +13,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from lungsynth.data import fingerprint
+from lungsynth.data.datasets import prepared_root
 from lungsynth.methods.hr_ldm.model import SUBTYPES, hu_histogram, js_divergence_np, unit_to_hu
 from lungsynth.methods.hr_ldm.sample import HrLdm, inpaint_crops, load
 from lungsynth.methods.hr_ldm.train import ensure_trained, train_crops
+
+EVAL_SPLITS = ("val", "test")  # held-out nodules only
 
 
 def _stack_items(items: Sequence[Mapping[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
@@ -99,8 +103,11 @@ def evaluate(cfg: Any, models: Mapping[str, HrLdm] | None = None, *, items: Sequ
         "kid", "mmd", "delta_hu_outside", "n", "network"}], "generated": {method: arrays}}``.
     """
     if models is None:
-        models = {"HR-LDM": load(cfg, ensure_trained(cfg, True), True),
-                  "MAISI-DDPM (no hist loss)": load(cfg, ensure_trained(cfg, False), False)}
+        runs = {"HR-LDM": (ensure_trained(cfg, True), True),
+                "MAISI-DDPM (no hist loss)": (ensure_trained(cfg, False), False)}
+        for name, (run_dir, _) in runs.items():
+            fingerprint.refuse_overlap(run_dir, prepared_root(cfg), EVAL_SPLITS, what=f"{name} run")
+        models = {name: load(cfg, run_dir, hist) for name, (run_dir, hist) in runs.items()}
     if items is None:
         items = eval_items(cfg)
     n = int(n_per_subtype or cfg.hr_ldm.eval_per_subtype)
@@ -118,9 +125,11 @@ def _with_nodule(ds: Any) -> list[Mapping[str, Any]]:
 
 
 def eval_items(cfg: Any) -> list[Mapping[str, Any]]:
-    """Held-out crops with a non-empty nodule mask: val + test (train when both have none, as a tiny
-    smoke split can)."""
+    """Held-out crops with a non-empty nodule mask: val + test (never a training patient's)."""
     items: list[Mapping[str, Any]] = []
-    for split in ("val", "test"):
+    for split in EVAL_SPLITS:
         items += _with_nodule(train_crops(cfg, split))
-    return items or _with_nodule(train_crops(cfg, "train"))
+    if not items:
+        raise ValueError(f"the {'/'.join(EVAL_SPLITS)} splits of profile {cfg.profile} hold no nodule crop; "
+                         "prepare more scans (cfg.data.n_scans)")
+    return items

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lungsynth.data import fingerprint
+from lungsynth.data.datasets import training_stamp
 from lungsynth.engine import TrainTask
 from lungsynth.methods.hr_ldm.model import (KIND, SUBTYPES, HrLdmNet, TruncatedDecoder, crop_side, hr_ldm_losses,
                                             hu_histogram, make_schedulers, mask_to_latent, net_spec, unit_to_hu,
@@ -164,6 +166,10 @@ class HrLdmTask(TrainTask):
 # --------------------------------------------------------------------------- train / ensure_trained
 
 
+def rebuild_command(cfg: Any, hist_loss: bool) -> str:
+    return f"lungsynth hr-ldm train --profile {cfg.profile}{'' if hist_loss else ' --no-hist-loss'} --fresh"
+
+
 def train(cfg: Any, hist_loss: bool = True, run_dir: Path | str | None = None, *, vae: Any = None,
           crops: Iterable[Mapping[str, Any]] | None = None, fresh: bool = False, progress: bool | None = None) -> Path:
     """Algorithm 1: train HR-LDM (``hist_loss``) or its MAISI-DDPM ablation (no histogram term).
@@ -182,6 +188,8 @@ def train(cfg: Any, hist_loss: bool = True, run_dir: Path | str | None = None, *
     h = cfg.hr_ldm
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg, hist_loss)
     run_dir.mkdir(parents=True, exist_ok=True)
+    stamp = training_stamp(cfg) if crops is None else None
+    fresh = fingerprint.claim_run(run_dir, stamp, rebuild_command(cfg, hist_loss)) or fresh
     vae = frozen_vae(cfg, vae)
     trunc = TruncatedDecoder(vae)
     with RunRecord(run_dir, config=cfg.to_dict(), seed=cfg.seed,
@@ -212,6 +220,7 @@ def ensure_trained(cfg: Any, hist_loss: bool = True, *, vae: Any = None,
                    progress: bool | None = None) -> Path:
     """The run directory with a ``final.pt``: trains (or resumes a killed run) when it has none."""
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg, hist_loss)
-    if (run_dir / "final.pt").is_file():
+    stamp = training_stamp(cfg) if crops is None else None
+    if (run_dir / "final.pt").is_file() and fingerprint.check_run(run_dir, stamp, rebuild_command(cfg, hist_loss)):
         return run_dir
     return train(cfg, hist_loss, run_dir, vae=vae, crops=crops, progress=progress)

@@ -7,6 +7,8 @@ from typing import Any, Sequence
 
 import torch
 
+from lungsynth.data import fingerprint
+from lungsynth.data.datasets import prepared_root
 from lungsynth.methods.land.bench import peak_sampling_memory
 from lungsynth.methods.land.model import CONDITIONS, VARIANTS
 from lungsynth.methods.land.sample import load, sample
@@ -59,6 +61,7 @@ def evaluate(cfg: Any, variants: Sequence[str] = VARIANTS, *, n_samples: int | N
         if samples is not None and variant in samples:
             vols, secs = samples[variant], float("nan")
         else:
+            fingerprint.refuse_overlap(run_dir, prepared_root(cfg), ("test", "val"), what=f"LAND {variant} run")
             model = load(cfg, variant, run_dir)
             c = None if variant == "none" else conds[torch.arange(n) % len(conds)]
             out = sample(model, c, n, sampler=sampler, steps=steps, seed=seed)

@@ -8,6 +8,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from lungsynth.data import fingerprint
+from lungsynth.data.datasets import training_stamp
 from lungsynth.engine import TrainTask
 from lungsynth.methods.land.model import (CONDITIONS, KIND, LandDenoiser, check_variant, condition_grid, denoiser_spec,
                                           land_loss, make_scheduler, uses_mask_vae)
@@ -111,6 +113,10 @@ class LandTask(TrainTask):
         return dict(self.spec)
 
 
+def rebuild_command(cfg: Any, variant: str) -> str:
+    return f"lungsynth land train --variant {variant} --profile {cfg.profile} --fresh"
+
+
 def train(cfg: Any, variant: str, run_dir: Path | str | None = None, *, skip: str | None = None,
           progress: bool | None = None, fresh: bool = False) -> Path:
     """Train LAND ``variant`` into ``run_dir`` (default ``runs/<profile>/03_land_<variant>``).
@@ -124,6 +130,7 @@ def train(cfg: Any, variant: str, run_dir: Path | str | None = None, *, skip: st
     check_variant(variant)
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg, variant)
     run_dir.mkdir(parents=True, exist_ok=True)
+    fresh = fingerprint.claim_run(run_dir, training_stamp(cfg), rebuild_command(cfg, variant)) or fresh
     seed_everything(cfg.seed)
     with RunRecord(run_dir, config=cfg, seed=cfg.seed, command=f"land train --variant {variant}") as rec:
         with rec.timer("data"):
@@ -150,7 +157,7 @@ def _is_done(run_dir: Path, cfg: Any, variant: str) -> bool:
     from lungsynth.engine import check_compatible, load_checkpoint
 
     final = run_dir / "final.pt"
-    if not final.is_file():
+    if not final.is_file() or not fingerprint.check_run(run_dir, training_stamp(cfg), rebuild_command(cfg, variant)):
         return False
     ckpt = load_checkpoint(final)
     # a run of another architecture (say land.skip=concat over an additive run) is refused, not reused

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any, Sequence
 
+from lungsynth.data import fingerprint
+from lungsynth.data.datasets import prepared_root
 from lungsynth.methods.lung_ddpm.model import generation_mask, make_layout
 from lungsynth.methods.lung_ddpm.sample import LungDDPM, generate, load
 
@@ -138,6 +140,8 @@ def evaluate(cfg: "Config", rows: Sequence[str] | None = None, *, split: str | N
         variant, aas = ABLATIONS[row]
         if variant not in models:
             models[variant] = load(cfg, variant, progress=progress)
+            fingerprint.refuse_overlap(models[variant].run_dir, prepared_root(cfg), (split or cfg.lung_ddpm.eval_split,),
+                                       what=f"Lung-DDPM {variant} run")
         t0 = time.perf_counter()
         samples[row] = generate(models[variant], data["layout"], data["ct"], aas=aas, seed=seed, progress=progress)
         seconds = time.perf_counter() - t0

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+from lungsynth.data import fingerprint
+from lungsynth.data.datasets import training_stamp
 from lungsynth.engine import TrainTask
 from lungsynth.methods.lung_ddpm.model import (KIND, build_scheduler, build_unet, check_layout, check_variant,
                                                layout_channels, make_layout, model_config, to_model_scale)
@@ -86,6 +88,11 @@ def training_dataset(cfg: "Config", split: str = "train"):
     return VolumeDataset(cfg, split, size=cfg.data.size_ddpm, keys=("ct", "lung", "label"))
 
 
+def rebuild_command(cfg: "Config", variant: str) -> str:
+    flag = "" if check_variant(variant) == "layout" else " --no-lung-layout"
+    return f"lungsynth lung-ddpm train --profile {cfg.profile}{flag} --fresh"
+
+
 def train(cfg: "Config", variant: str = "layout", run_dir: Path | str | None = None, *, dataset: Any = None,
           fresh: bool = False, progress: bool | None = None) -> Path:
     """Train (or resume) one variant; returns the run directory (``final.pt``, ``metrics.csv``, ``run.json``).
@@ -100,6 +107,8 @@ def train(cfg: "Config", variant: str = "layout", run_dir: Path | str | None = N
     run = Path(run_dir) if run_dir is not None else default_run_dir(cfg, variant)
     run.mkdir(parents=True, exist_ok=True)
     data = dataset if dataset is not None else training_dataset(cfg)
+    stamp = training_stamp(cfg) if dataset is None else None
+    fresh = fingerprint.claim_run(run, stamp, rebuild_command(cfg, variant)) or fresh
     if len(data) == 0:
         raise ValueError(f"no training volumes for Lung-DDPM in profile {cfg.profile!r}; run `lungsynth data "
                          f"prepare --profile {cfg.profile}`")
@@ -121,9 +130,11 @@ def is_trained(run_dir: Path | str) -> bool:
 
 
 def ensure_trained(cfg: "Config", variant: str = "layout", run_dir: Path | str | None = None,
-                   progress: bool | None = None) -> Path:
-    """The run dir of ``variant``, training (or resuming a killed run) when it has no ``final.pt``."""
+                   progress: bool | None = None, dataset: Any = None) -> Path:
+    """The run dir of ``variant``, training (or resuming a killed run) when it has no ``final.pt`` or was
+    trained on other prepared data than ``cfg``'s (``dataset``: train on these items instead, as :func:`train`)."""
     run = Path(run_dir) if run_dir is not None else default_run_dir(cfg, variant)
-    if is_trained(run):
+    stamp = training_stamp(cfg) if dataset is None else None
+    if is_trained(run) and fingerprint.check_run(run, stamp, rebuild_command(cfg, variant)):
         return run
-    return train(cfg, variant, run, progress=progress)
+    return train(cfg, variant, run, dataset=dataset, progress=progress)

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lungsynth.config import Config
+from lungsynth.data import fingerprint
+from lungsynth.data.datasets import prepared_root
 from lungsynth.data.prompts import PHRASES, PROMPT_ATTRIBUTES, parse_prompt, score_to_level
 from lungsynth.engine import SimpleTask, Trainer
 
@@ -105,6 +107,8 @@ def guidance_sweep(cfg: Config, model, scales: Sequence[float] | None = None, n:
     c = cfg.text2img
     scales = tuple(scales or c.guidance_scales)
     n = int(n or c.n_eval_samples)
+    if getattr(model, "run_dir", None) is not None:  # a model loaded from a run: never scored on its patients
+        fingerprint.refuse_overlap(model.run_dir, prepared_root(cfg), ("val", "test"), what="text2img run")
     train_data = roi_dataset(cfg, "train")
     heldout = [roi_dataset(cfg, s) for s in ("val", "test")]
     real = torch.cat([stack_images(d) for d in heldout if len(d)])

@@ -214,6 +214,7 @@ class Text2ImgModel:
     latent_channels: int
     latent_size: int
     source: str  # "course" or the pretrained folder
+    run_dir: Path | None = None  # the run it was loaded from (None: built in memory)
 
     def to(self, device: torch.device) -> "Text2ImgModel":
         self.unet.to(device)

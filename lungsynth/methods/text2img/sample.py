@@ -31,6 +31,7 @@ def load(cfg: Config, run_dir: Path | None = None, pretrained: str | Path | None
     model = build_model(cfg, pretrained)
     load_weights(run_dir, kind=KIND, config=model_config(model), modules={"unet": model.unet})
     model.unet.eval()
+    model.run_dir = run_dir  # the evaluation checks whom it was trained on
     return model
 
 

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lungsynth.config import Config
+from lungsynth.data import fingerprint
+from lungsynth.data.datasets import training_stamp
 from lungsynth.engine import TrainTask, Trainer
 from lungsynth.methods.text2img.model import (KIND, Text2ImgModel, build_model, default_run_dir, model_config,
                                               pipeline_summary)
@@ -79,6 +81,10 @@ def roi_dataset(cfg: Config, split: str):
     return RoiDataset(cfg, split)
 
 
+def rebuild_command(cfg: Config, pretrained: str | Path | None) -> str:
+    return f"lungsynth text2img train --profile {cfg.profile}{f' --pretrained {pretrained}' if pretrained else ''} --fresh"
+
+
 def train(cfg: Config, pretrained: str | Path | None = None, run_dir: Path | None = None,
           max_steps: int | None = None, fresh: bool = False, data=None) -> Path:
     """Train (or fine-tune a local SD U-Net, AdamW lr ``cfg.text2img.pretrained_lr``); returns the run dir.
@@ -86,6 +92,9 @@ def train(cfg: Config, pretrained: str | Path | None = None, run_dir: Path | Non
     ``data`` (items with "image" [1,R,R] and "prompt") defaults to the training ROIs of chapter 01.
     """
     run_dir = Path(run_dir or default_run_dir(cfg, pretrained))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stamp = training_stamp(cfg) if data is None else None
+    fresh = fingerprint.claim_run(run_dir, stamp, rebuild_command(cfg, pretrained)) or fresh
     model = build_model(cfg, pretrained)
     c = cfg.text2img
     trainer = Trainer.from_config(cfg.engine, run_dir, max_steps=max_steps or c.train_steps,
@@ -112,6 +121,7 @@ def ensure_trained(cfg: Config, pretrained: str | Path | None = None) -> Text2Im
     """Train when the default run has no final checkpoint of ``text2img.train_steps`` steps
     (a killed run resumes, a shorter one continues), then load."""
     run_dir = default_run_dir(cfg, pretrained)
-    if not is_trained(run_dir, cfg.text2img.train_steps):
+    if (not is_trained(run_dir, cfg.text2img.train_steps)
+            or not fingerprint.check_run(run_dir, training_stamp(cfg), rebuild_command(cfg, pretrained))):
         train(cfg, pretrained, run_dir)
     return load(cfg, run_dir, pretrained)

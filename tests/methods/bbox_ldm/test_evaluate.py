@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from by_hand import frechet_by_hand
 
 from lungsynth.methods import bbox_ldm as B
 
@@ -22,10 +23,17 @@ def test_tissue_classes_from_hu_and_lung():
 
 
 def test_crops_and_fid_in_2d_features(tiny_setup):
-    from lungsynth.eval.features import build_slice_net
+    from lungsynth.eval.features import build_slice_net, slice_features
 
     _, data, _, _ = tiny_setup
     c = B.crops(data["images"], data["boxes"], size=16)
     assert c.shape == (len(data["images"]), 1, 16, 16)
-    out = B.fid_2d(data["images"], data["images"].flip(-1), build_slice_net(width=8, feature_dim=16), (-1000, 2500))
-    assert out["fid"] >= 0 and out["network"].startswith("slicenet2d")
+    net, clip = build_slice_net(width=8, feature_dim=16), (-1000, 2500)
+    real, fake = data["images"], data["images"].flip(-1)
+    out = B.fid_2d(real, fake, net, clip)
+    assert out["network"].startswith("slicenet2d")
+    # the images are [0, 1] over the clip window, so the net sees them as they are: features and FID by hand
+    fr, ff = (slice_features(x.numpy(), net, intensity="unit")[0] for x in (real, fake))
+    want = frechet_by_hand(fr, ff)
+    assert want > 1e-3 and out["fid"] == pytest.approx(want, rel=1e-4)
+    assert B.fid_2d(real, real, net, clip)["fid"] == pytest.approx(0.0, abs=1e-6)  # identical sets

@@ -37,14 +37,46 @@ def test_place_mask_centres_the_shape():
     assert np.allclose(idx.mean(0), [3.5, 3.5, 3.5], atol=0.6)
 
 
-@pytest.mark.parametrize("noise_background", [True, False])
-def test_background_is_exact_in_latent_space(cfg, vae, runs, noise_background):
+def _alpha_bar(scheduler, t):
+    return 1.0 if t < 0 else float(scheduler.alphas_cumprod[t].double())
+
+
+def test_background_is_re_anchored_inside_the_loop(cfg, vae, runs):
+    """Eq. 10 at every step, not only at the end: outside M the state x_{t-1} is q(z_bg, t-1)
+    (``noise_background=True``: it moves with z_bg by exactly sqrt(ab), plus unit Gaussian noise) or z_bg
+    itself (``False``). The two anchors differ at every intermediate step and agree on z_bg at the end.
+
+    Two backgrounds that differ only outside M, one seed: the sampler alone never sees z_bg, so how the
+    states differ outside is the anchor's doing.
+    """
     model = hr_ldm.load(cfg, runs[0], vae=vae, device="cpu")
-    z_bg = torch.randn(2, 4, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    z_bg = torch.randn(2, 4, 4, 4, 4, generator=g)
     cond = torch.zeros(2, 3, 4, 4, 4)
     cond[:, 0, 1:3, 1:3, 1:3] = 1
     cond[:, 1, 1:2, 1:3, 1:3] = 1
-    z = hr_ldm.inpaint_latent(model, z_bg, cond, [0, 2], np.full(40, 1 / 40), noise_background=noise_background)
-    outside = cond[:, :1].expand_as(z) == 0
-    assert torch.equal(z[outside], z_bg[outside])
-    assert not torch.equal(z[~outside], z_bg[~outside])
+    outside = cond[:, :1].expand_as(z_bg) == 0
+    z_other = torch.where(outside, z_bg + torch.randn(z_bg.shape, generator=g), z_bg)
+    hist = np.full(40, 1 / 40)
+    inter = {}
+    for noise_background in (True, False):
+        (z, a), (_, b) = [hr_ldm.inpaint_latent(model, bg, cond, [0, 2], hist, noise_background=noise_background,
+                                                intermediates_every=1) for bg in (z_bg, z_other)]
+        assert torch.equal(z[outside], z_bg[outside])
+        assert not torch.equal(z[~outside], z_bg[~outside])  # generated inside M
+        assert len(a) == cfg.hr_ldm.ddim_steps and a[-1]["timestep"] == -1
+        for it, it_other in zip(a[:-1], b[:-1]):
+            t, x = it["timestep"], it["sample"]
+            if noise_background:  # q(z_bg, t): sqrt(ab) z_bg + sqrt(1 - ab) eps, the same eps for both backgrounds
+                ab = _alpha_bar(model.scheduler, t)
+                assert torch.allclose((it_other["sample"] - x)[outside], ab**0.5 * (z_other - z_bg)[outside],
+                                      atol=1e-5), t
+                eps = (x - ab**0.5 * z_bg)[outside] / (1.0 - ab) ** 0.5
+                assert abs(float(eps.mean())) < 0.2 and abs(float(eps.std()) - 1.0) < 0.2, t
+            else:  # z_bg itself at every step
+                assert torch.equal(x[outside], z_bg[outside]) and torch.equal(it_other["sample"][outside],
+                                                                                z_other[outside]), t
+        inter[noise_background] = a
+    for noisy, clean in zip(inter[True][:-1], inter[False][:-1]):
+        assert not torch.allclose(noisy["sample"][outside], clean["sample"][outside], atol=1e-2)
+    assert torch.equal(inter[True][-1]["sample"][outside], inter[False][-1]["sample"][outside])

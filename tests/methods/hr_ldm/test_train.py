@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from lungsynth.methods import hr_ldm
 
@@ -16,17 +17,35 @@ def test_train_with_and_without_regulariser_then_inpaint(cfg, vae, runs, crops, 
     assert "loss_hist" in m_hist and "loss_hist" not in m_no
     assert len(m_hist["step"]) == 3 and np.isfinite(m_hist["loss"]).all()
     assert m_hist["lr"][-1] < m_hist["lr"][0]  # polynomial decay
-    assert hr_ldm.ensure_trained(cfg, True, run_dir=hist_run) == hist_run  # final.pt exists: no retraining
+    before = (hist_run / "final.pt").stat().st_mtime_ns
+    assert hr_ldm.ensure_trained(cfg, True, run_dir=hist_run, crops=crops) == hist_run  # trained: no retraining
+    assert (hist_run / "final.pt").stat().st_mtime_ns == before
     model = hr_ldm.load(cfg, nohist_run, hist_loss=False, vae=vae, device="cpu")
     assert model.hist_loss is False
     library = hr_ldm.NoduleLibrary.from_crops(crops, cfg)
     ct, lung = volume
-    res = hr_ldm.inpaint_volume(model, ct, lung, 2, spacing_mm=1.0, library=library, seed=3)
+    res = hr_ldm.inpaint_volume(model, ct, lung, 2, spacing_mm=1.0, library=library, seed=3, intermediates_every=1)
     assert res.ct_hu.shape == ct.shape and res.subtype == 2
-    assert np.array_equal(res.ct_hu[res.region == 0], ct[res.region == 0])  # nothing changes outside
+    assert np.array_equal(res.ct_hu[res.region == 0], ct[res.region == 0])  # the paste: only the region changes
+    assert not np.array_equal(res.ct_hu[res.region > 0], ct[res.region > 0])
     assert res.nodule_mask.any() and lung[res.nodule_mask > 0].all()
     assert res.generated_histogram.sum() == pytest.approx(1.0)
-    assert np.isfinite(res.delta_hu_outside)
+    nod = res.crop_mask > 0  # delta_hu_outside by hand: mean |decoded - input| outside the nodule, in the crop
+    assert res.delta_hu_outside == pytest.approx(float(np.abs(res.crop_after - res.crop_before)[~nod].mean()),
+                                                 rel=1e-5)
+    assert res.delta_hu_outside > 0  # the VAE does not reconstruct exactly: the paste above hides that
+    # What the paste hides, the loop's own states (eq. 10): outside M, z_t is z_bg = E(crop before) at every
+    # step (this config re-anchors to the clean background; both anchors: test_sample.py).
+    from lungsynth.methods.hr_ldm.model import hu_to_unit
+
+    assert cfg.hr_ldm.anchor_noise_background is False
+    z_bg = model.vae.encode_latent(hu_to_unit(torch.from_numpy(res.crop_before)[None, None], cfg), sample=False)
+    m = (hr_ldm.mask_to_latent(torch.from_numpy(res.crop_mask)[None, None], model.vae.downsample) > 0).expand_as(z_bg)
+    inter = res.intermediates
+    assert len(inter) == cfg.hr_ldm.ddim_steps and inter[-1]["timestep"] == -1
+    for it in inter:
+        assert torch.allclose(it["sample"][~m], z_bg[~m], atol=1e-4), it["timestep"]
+    assert not torch.allclose(inter[-1]["sample"][m], z_bg[m], atol=1e-2)  # generated inside M
     with pytest.raises(ValueError, match="subtype"):
         hr_ldm.inpaint_volume(model, ct, lung, 5, spacing_mm=1.0, library=library)
     with pytest.raises(ValueError, match="sums to"):

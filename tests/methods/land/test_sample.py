@@ -3,7 +3,7 @@
 
 import pytest
 import torch
-from land_tiny import phantom_cond
+from land_tiny import phantom_cond, tiny_cfg
 
 from lungsynth.methods import land
 
@@ -27,13 +27,24 @@ def test_conditioning_changes_the_sample_where_the_mask_changed(trained_mask_run
     assert diff[changed].mean() > 2 * diff[~changed].mean()
 
 
+class _Stretched:
+    """The untrained tiny VAE's decoder output stretched (3 x - 1) so that some voxels leave [0, 1]."""
+
+    def __init__(self, vae):
+        self.vae, self.downsample = vae, vae.downsample
+
+    def decode_latent(self, z, **kw):
+        return 3.0 * self.vae.decode_latent(z, **kw) - 1.0
+
+
 def test_ddim_and_ddpm_sample_from_the_same_checkpoint(trained_mask_run):
     from lungsynth.autoencoders import build_autoencoder
 
-    cfg, run = trained_mask_run
+    _, run = trained_mask_run
+    cfg = tiny_cfg(32, **{"data.hu_min": -1200.0, "data.hu_max": 600.0})  # not the default window (-1000, 400)
     torch.manual_seed(0)
-    model = land.LandModel("mask", land.load_denoiser(run), build_autoencoder("vae3d", cfg).eval(), None, cfg, run,
-                           torch.device("cpu"))
+    vae = _Stretched(build_autoencoder("vae3d", cfg).eval())
+    model = land.LandModel("mask", land.load_denoiser(run), vae, None, cfg, run, torch.device("cpu"))
     cond = phantom_cond(32, (12, 12, 12), 8)
     ddim = land.sample(model, cond, 2, sampler="ddim", seed=0)
     ddpm = land.sample(model, cond, 2, sampler="ddpm", seed=0)  # cfg.land.ddpm_steps (8) respaced DDPM steps
@@ -41,7 +52,13 @@ def test_ddim_and_ddpm_sample_from_the_same_checkpoint(trained_mask_run):
     for out in (ddim, ddpm):
         assert out["latents"].shape == (2, 4, 8, 8, 8) and out["ct_hu"].shape == (2, 1, 32, 32, 32)
         assert torch.isfinite(out["latents"]).all()
-        assert out["ct_hu"].min() >= -1000 and out["ct_hu"].max() <= 400
+        # the volume is the decoded latents, clamped to [0, 1] and mapped by the config's window, by hand here
+        with torch.no_grad():
+            decoded = model.vae.decode_latent(out["latents"], roi_size=cfg.autoencoders.sliding_roi).float()
+        assert (decoded < 0).any() and (decoded > 1).any()  # the clamp bites on both sides ...
+        assert ((decoded > 0) & (decoded < 1)).float().mean() > 0.25  # ... and leaves many voxels to the map
+        assert torch.allclose(out["ct"], decoded.clamp(0.0, 1.0), atol=1e-6)
+        assert torch.allclose(out["ct_hu"], -1200.0 + 1800.0 * decoded.clamp(0.0, 1.0), atol=1e-3)
     assert not torch.allclose(ddim["latents"], ddpm["latents"])
     # both samplers follow the mask the model was trained on: latents are higher inside the nodule
     for out in (ddim, ddpm):

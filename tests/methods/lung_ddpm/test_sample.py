@@ -23,19 +23,48 @@ def test_sample_rejects_bad_inputs(trained, toy_data):
         model.sample(layout, None, aas=True)
 
 
-def test_aas_keeps_the_reference_outside_the_lung(trained, toy_data):
+def _alpha_bar(model, t):
+    return 1.0 if t < 0 else float(model.scheduler.alphas_cumprod[t].double())
+
+
+def test_aas_blends_the_diffused_reference_inside_the_loop(trained, toy_data):
+    """Every intermediate x_t outside m_l is q(reference, t), i.e. sqrt(ab_t) ref + sqrt(1 - ab_t) eps.
+
+    ``sample()`` pastes the reference into its output afterwards, so the output says nothing about the
+    loop. Two references that differ only outside the lungs, sampled with one seed (the reference noise
+    comes from the seed, not from the reference), must give states whose difference outside is exactly
+    sqrt(ab_t) times the references' difference (the sampler alone never sees the reference), and whose
+    residual (x_t - sqrt(ab_t) ref) / sqrt(1 - ab_t) is standard normal noise.
+    """
     cfg, runs = trained
     ct, layout = toy_batch(toy_data)
     outside = ~ld.generation_mask(layout)
+    other = torch.where(outside, 1.0 - ct, ct)  # the same lungs, another body around them
+    delta = ld.to_model_scale(other) - ld.to_model_scale(ct)
     for variant in ld.VARIANTS:
         model = ld.load(cfg, variant, runs[variant], train_if_missing=False)
-        x = model.sample(layout, ct, aas=True, generator=torch.Generator().manual_seed(0))
+        (x, inter), (_, inter_other) = [model.sample(layout, ref, aas=True, generator=torch.Generator().manual_seed(0),
+                                                     intermediates_every=1) for ref in (ct, other)]
         assert x.shape == ct.shape and bool(torch.isfinite(x).all())
-        assert torch.equal(x[outside], ct[outside])  # exactly the reference outside the lungs
         assert not torch.equal(x[~outside], ct[~outside])  # generated inside
-    # AAS from a late step on still ends on the reference
-    late = model.sample(layout[:1], ct[:1], aas=True, blend_from=50, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(late[outside[:1]], ct[:1][outside[:1]])
+        assert [it["timestep"] for it in inter] == [124, 0, -1]  # 3 respaced steps of T = 250
+        for it, it_other in zip(inter, inter_other):
+            ab = _alpha_bar(model, it["timestep"])
+            diff = (it_other["sample"] - it["sample"])[outside]
+            assert torch.allclose(diff, ab**0.5 * delta[outside], atol=1e-5), it["timestep"]
+            if it["timestep"] >= 0:
+                eps = (it["sample"] - ab**0.5 * ld.to_model_scale(ct))[outside] / (1.0 - ab) ** 0.5
+                assert abs(float(eps.mean())) < 0.1 and abs(float(eps.std()) - 1.0) < 0.1, it["timestep"]
+            else:
+                assert torch.equal(it["sample"][outside], ld.to_model_scale(ct)[outside])
+    # blend_from=100: the steps from t = 249 and t = 124 run free (outside does not follow the reference),
+    # the last one (from t = 0) anchors, so the loop itself ends on the reference
+    late = [model.sample(layout[:1], ref[:1], aas=True, blend_from=100, generator=torch.Generator().manual_seed(1),
+                         intermediates_every=1)[1] for ref in (ct, other)]
+    out1 = outside[:1]
+    for k in (0, 1):
+        assert torch.equal(late[0][k]["sample"][out1], late[1][k]["sample"][out1])
+    assert torch.equal(late[0][2]["sample"][out1], ld.to_model_scale(ct[:1])[out1])
 
 
 def test_aas_in_model_scale_through_the_shared_sampler(trained, toy_data):
@@ -56,9 +85,10 @@ def test_sampling_without_aas_generates_everywhere(trained, toy_data):
     ct, layout = toy_batch(toy_data)
     model = ld.load(cfg, "layout", runs["layout"], train_if_missing=False)
     ct, layout = ct[:1], layout[:1]
-    x = model.sample(layout, ct, aas=False, generator=torch.Generator().manual_seed(0))
+    x, inter = model.sample(layout, ct, aas=False, generator=torch.Generator().manual_seed(0), intermediates_every=1)
     outside = ~ld.generation_mask(layout)
-    assert x.shape == ct.shape and float(x.min()) >= 0 and float(x.max()) <= 1
+    # the output is the loop's x_0 mapped from [-1, 1] to [0, 1] and clamped, by hand here (nothing pasted)
+    assert x.shape == ct.shape and torch.allclose(x, ((inter[-1]["sample"] + 1.0) / 2.0).clamp(0.0, 1.0), atol=1e-6)
     assert not torch.equal(x[outside], ct[outside])
     y = model.sample(layout, None, aas=False, generator=torch.Generator().manual_seed(0))
     assert torch.equal(x, y)  # a seed gives one sample; without AAS the reference is not used

@@ -53,7 +53,9 @@ def test_train_writes_run_and_load_uses_ema(trained):
     cfg, runs = trained
     for variant, run in runs.items():
         assert (run / "final.pt").is_file() and (run / "metrics.csv").is_file() and (run / "run.json").is_file()
-        assert ld.ensure_trained(cfg, variant, run) == run  # already trained: no retraining
+        before = (run / "final.pt").stat().st_mtime_ns
+        assert ld.ensure_trained(cfg, variant, run, dataset=[]) == run  # already trained: no retraining
+        assert (run / "final.pt").stat().st_mtime_ns == before
     ckpt = load_checkpoint(runs["layout"] / "final.pt")
     model = ld.load(cfg, "layout", runs["layout"], train_if_missing=False)
     for name, p in model.unet.state_dict().items():

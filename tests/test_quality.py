@@ -1,0 +1,53 @@
+"""``lungsynth quality``: the report's form, and the report of what the smoke notebooks trained."""
+
+import json
+import re
+
+import pytest
+
+from lungsynth.gates import STATUSES, judge, not_trained
+from lungsynth.quality import REPORT_JSON, REPORT_MD, report_markdown, write_report
+
+
+def _table_rows(md: str) -> list[list[str]]:
+    rows = [line for line in md.splitlines() if line.startswith("| ")]
+    return [[c.strip() for c in r.strip("|").split("|")] for r in rows[1:]]  # without the header
+
+
+def test_report_rows_counts_and_insufficient_n(tmp_path):
+    gates = [judge("01", "in lung", 0.97, n=12, at_least=0.95),
+             judge("02", "vae3d: body MAE", 40.0, n=2, n_needed=5, factor=0.6, baseline=50.0, baseline_name="linear x4"),
+             not_trained("02", "vae2d autoencoder", "lungsynth autoencoder train --kind vae2d")]
+    files = write_report(gates, tmp_path, "smoke", "phantom", chapters=["01", "02", "03"])
+    md = files["md"].read_text()
+    assert md.startswith("# Quality gates (smoke, phantom)")
+    assert "1 pass · 1 insufficient N · 1 not trained" in md
+    rows = _table_rows(md)
+    assert [r[5] for r in rows] == ["**pass**", "insufficient N (2, needed 5)", "not trained"]
+    assert rows[1][3] == "50 (linear x4)" and "Chapters without gates yet: 03." in md
+    data = json.loads(files["json"].read_text())
+    assert [g["status"] for g in data["gates"]] == ["pass", "insufficient N", "not trained"]
+    assert data["gates"][0]["passed"] is True and data["source"] == "phantom"
+    assert report_markdown([], "smoke", "phantom").count("no gates") == 1
+
+
+@pytest.mark.after_notebooks
+def test_report_of_what_the_smoke_notebooks_trained(tmp_path):
+    """After the notebooks ran (make test), every chapter with gates has rows, each well formed; smoke gates
+    may fail, and the report says so. Run alone, it reports whatever this home holds (maybe nothing trained)."""
+    from lungsynth.config import get_config
+    from lungsynth.quality import chapter_gates, quality
+
+    cfg = get_config("smoke")
+    gates, files = quality(cfg, out_dir=tmp_path, progress=False)
+    assert {g.chapter for g in gates} >= {"01", "02"}
+    for g in gates:
+        assert g.status in STATUSES and g.name
+        if g.status in ("pass", "fail"):
+            assert g.value is not None and g.threshold and g.n >= g.n_needed
+        if g.status == "not trained":
+            assert "`lungsynth " in g.detail
+    md = (tmp_path / REPORT_MD).read_text()
+    assert len(_table_rows(md)) == len(gates) == len(json.loads((tmp_path / REPORT_JSON).read_text())["gates"])
+    assert re.match(r"# Quality gates \(smoke, (phantom|LIDC-IDRI|mixed|unknown source)\)", md)
+    assert set(chapter_gates()) >= {"01", "02", "03", "04", "05", "06", "07"}
