@@ -90,3 +90,11 @@ def info(chapter: str, name: str, value: float | None, *, n: int, detail: str = 
 def not_trained(chapter: str, name: str, command: str) -> Gate:
     """The chapter's model is missing: the row names the command that trains it."""
     return Gate(chapter, name, "not trained", detail=f"train it: `{command}`")
+
+
+def as_table(gates: "list[Gate]") -> Any:
+    """The gates as a pandas DataFrame (the columns a chapter prints beside its figures)."""
+    import pandas as pd
+
+    cols = ["chapter", "name", "value", "baseline", "threshold", "status", "n", "detail"]
+    return pd.DataFrame([g.as_dict() for g in gates], columns=cols).set_index("name")

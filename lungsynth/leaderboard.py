@@ -246,7 +246,8 @@ def evaluate_method(cfg: Any, method: Any, *, n: int | None = None, real_root: P
            "memorization_flag_rate": mem.flag_rate, "memorization_p": mem.p_value,
            "memorization_flag_rate_voxel": mem_vox.flag_rate, "s_per_sample": res.seconds_per_sample,
            "peak_memory_mb": res.peak_memory_mb}
-    details = {"distribution": {k: v.as_dict() for k, v in dist.items()}, "memorization": mem.summary(),
+    details = {"data": fingerprint.read_stamp(res.out),  # fingerprint, source, the generator's training patients
+               "distribution": {k: v.as_dict() for k, v in dist.items()}, "memorization": mem.summary(),
                "memorization_voxel": mem_vox.summary(), "synthetic_dir": str(res.out),
                "checkpoint": syn["records"][0].get("checkpoint"), "ms_ssim": div, "ms_ssim_real": div_real}
     return MethodEvaluation(row, syn["image"], train["image"], real["image"], mem, mem_vox, details)

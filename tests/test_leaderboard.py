@@ -78,6 +78,9 @@ def test_leaderboard_for_the_methods_present(setup, tmp_path):
     md = files["md"].read_text()
     assert "| fakevol" in md and "FID" in md
     assert md.startswith("# Leaderboard (smoke, fake)") and row["source"] == "fake"  # the data source in the title
+    data = json.loads(files["json"].read_text())["details"]["fakevol"]["data"]
+    assert data["id"] == json.loads((root / "fingerprint.json").read_text())["id"]
+    assert data["trained_on"]["patients"] == [f"FAKE-{i:03d}" for i in range(8)]  # the generator's, recorded
     assert pd.read_csv(files["csv"])["method"].tolist() == ["fakevol"]
     assert json.loads(files["json"].read_text())["details"]["fakevol"]["memorization"]["n_synthetic"] == 6
 

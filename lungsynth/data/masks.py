@@ -6,7 +6,8 @@ Classical (:func:`classical_lung_mask`), on an isotropic HU volume [D, H, W]:
 2. the airways are removed by region growing (HU < -950) from a seed in the trachea found in
    the most superior slices, unless the grown region leaks into the lungs;
 3. the largest one or two components are kept (two when the second is at least 10% of the
-   first: left and right lung);
+   first: left and right lung), and any other component of at least 1 ml whose mean HU is
+   parenchymal (above -950 HU: lung cut off from the rest, not gas);
 4. morphological closing and slice-wise hole filling bring vessels, juxtapleural and solid
    nodules inside the mask.
 
@@ -69,6 +70,9 @@ def _outside_labels(lab: np.ndarray) -> np.ndarray:
     return border[border > 0]
 
 
+PARENCHYMA_MIN_HU = -950.0  # mean HU above which an air component is lung tissue rather than gas
+
+
 def classical_lung_mask(hu: np.ndarray, spacing_mm: float) -> np.ndarray:
     """Lung mask (bool [D, H, W]) of an isotropic HU volume [D, H, W] at ``spacing_mm``."""
     air = hu < -400
@@ -86,6 +90,10 @@ def classical_lung_mask(hu: np.ndarray, spacing_mm: float) -> np.ndarray:
     keep = [order[0] + 1]
     if n > 1 and sizes[order[1]] >= 0.1 * sizes[order[0]] and sizes[order[1]] > min_size:
         keep.append(order[1] + 1)
+    # A smaller component of parenchyma (not gas) is lung cut off from the rest, e.g. a pocket around a
+    # nodule near the mediastinum; pure gas (bowel, an air bubble) is about -1000 HU, parenchyma -900..-600.
+    means = ndimage.mean(hu, lab, index=np.arange(1, n + 1))
+    keep += [int(i) + 1 for i in order[len(keep):] if sizes[i] > min_size and means[i] > PARENCHYMA_MIN_HU]
     lung = np.isin(lab, keep)
     radius = max(1, int(round(6.0 / spacing_mm)))
     pad = radius + 1

@@ -41,7 +41,7 @@ import numpy as np
 from scipy import ndimage
 
 # Bump when preparation output changes (mask method, views): older records are then prepared again.
-PREPARE_VERSION = 2  # 2: lung mask keeps lungs that reach the field-of-view edge
+PREPARE_VERSION = 3  # 2: lung mask keeps lungs that reach the field-of-view edge; 3: and parenchymal islands
 CROP_SPACING_MM = 1.0  # the nodule-centred 3D crops are at 1 mm (chapters 05, 11)
 SOLID_CORE_HU = -300.0
 

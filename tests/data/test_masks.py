@@ -35,3 +35,16 @@ def test_classical_mask_finds_both_lungs(reaches_edge):
 def test_lung_mask_rejects_unknown_method():
     with pytest.raises(ValueError, match="unknown lung mask method"):
         lung_mask(chest(), 6.0, method="magic")
+
+
+def test_a_parenchymal_island_is_lung_and_a_gas_bubble_is_not():
+    """A pocket of lung tissue cut off from both lungs (the phantom grows one around a nodule near the
+    mediastinum) is kept; a bubble of pure gas of the same size is not."""
+    hu = chest()
+    d, h, w = np.mgrid[:48, :48, :48]
+    island = (d - 24) ** 2 + (h - 13) ** 2 + (w - 23.5) ** 2 <= 2.5**2  # between the lungs, anterior
+    bubble = (d - 24) ** 2 + (h - 35) ** 2 + (w - 23.5) ** 2 <= 2.5**2  # the same size, posterior
+    hu[island] = -800.0
+    hu[bubble] = -1000.0
+    mask = classical_lung_mask(hu, spacing_mm=6.0)
+    assert mask[island].all() and not mask[bubble].any()

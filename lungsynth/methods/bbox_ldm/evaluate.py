@@ -21,7 +21,7 @@ import torch
 from scipy import ndimage
 
 from lungsynth.data import fingerprint
-from lungsynth.data.datasets import prepared_root
+from lungsynth.data.datasets import data_source, prepared_root
 from lungsynth.methods.bbox_ldm.model import CONFIG_NAMES, CONFIGS
 from lungsynth.methods.bbox_ldm.sample import BboxLdm, MaskDraw, anatomical_sampler, load, paper_sampler, to_hu
 from lungsynth.methods.bbox_ldm.train import ensure_trained, load_split
@@ -183,6 +183,8 @@ def evaluate(cfg, configs: Sequence[int] = CONFIGS, *, split: str = "val", repea
                      "fid_crop_ci": (local["ci_low"], local["ci_high"]), "n_real": len(real["images"]),
                      "n_fake": len(fake),
                      "network": whole["network"], "seconds": round(seconds, 2)})
+    source = data_source(cfg)  # every table says which data its numbers come from
+    rows = [{**r, "source": source} for r in rows]
     placement = compare_samplers(cfg, 200, seed)["placement"]
     return {"table": rows, "samples": samples, "real": real, "boxes": boxes, "attributes": attrs,
             "placement": {s: {"inside_lung_rate": p["inside_lung_rate"], "counts": p["counts"]}

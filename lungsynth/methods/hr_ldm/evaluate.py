@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from lungsynth.data import fingerprint
-from lungsynth.data.datasets import prepared_root
+from lungsynth.data.datasets import data_source, prepared_root
 from lungsynth.methods.hr_ldm.model import SUBTYPES, hu_histogram, js_divergence_np, unit_to_hu
 from lungsynth.methods.hr_ldm.sample import HrLdm, inpaint_crops, load
 from lungsynth.methods.hr_ldm.train import ensure_trained, train_crops
@@ -115,7 +115,7 @@ def evaluate(cfg: Any, models: Mapping[str, HrLdm] | None = None, *, items: Sequ
     for name, model in models.items():
         gen = generate_for_eval(model, items, n, seed=seed)
         generated[name] = gen
-        rows.append({"method": name, **metrics_for(cfg, gen, network)})
+        rows.append({"method": name, **metrics_for(cfg, gen, network), "source": data_source(cfg)})
     return {"rows": rows, "generated": generated}
 
 

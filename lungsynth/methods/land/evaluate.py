@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import torch
 
 from lungsynth.data import fingerprint
-from lungsynth.data.datasets import prepared_root
+from lungsynth.data.datasets import data_source, prepared_root
 from lungsynth.methods.land.bench import peak_sampling_memory
 from lungsynth.methods.land.model import CONDITIONS, VARIANTS
 from lungsynth.methods.land.sample import load, sample
@@ -82,5 +82,7 @@ def evaluate(cfg: Any, variants: Sequence[str] = VARIANTS, *, n_samples: int | N
     real_div = ms_ssim_diversity(real.numpy())["mean"] if len(real) >= 2 else float("nan")
     rows.append({"variant": "real (held-out)", "condition": "-", "n_samples": int(len(real)), "fid": 0.0,
                  "ms_ssim": round(real_div, 4), "features": net_name})
+    source = data_source(cfg)  # every table says which data its numbers come from
+    rows = [{**r, "source": source} for r in rows]
     write_json_atomic(paths.runs_dir(cfg.profile) / "03_land_table1.json", rows)
     return rows

@@ -6,7 +6,7 @@ import time
 from typing import TYPE_CHECKING, Any, Sequence
 
 from lungsynth.data import fingerprint
-from lungsynth.data.datasets import prepared_root
+from lungsynth.data.datasets import data_source, prepared_root
 from lungsynth.methods.lung_ddpm.model import generation_mask, make_layout
 from lungsynth.methods.lung_ddpm.sample import LungDDPM, generate, load
 
@@ -145,7 +145,7 @@ def evaluate(cfg: "Config", rows: Sequence[str] | None = None, *, split: str | N
         t0 = time.perf_counter()
         samples[row] = generate(models[variant], data["layout"], data["ct"], aas=aas, seed=seed, progress=progress)
         seconds = time.perf_counter() - t0
-        table[row] = {**metrics(cfg, samples[row], data["ct"], data["layout"], real_f),
+        table[row] = {**metrics(cfg, samples[row], data["ct"], data["layout"], real_f), "source": data_source(cfg),
                       "sample_s_per_volume": round(seconds / data["ct"].shape[0], 3)}
     if outputs is not None:
         outputs.update(real=data["ct"], layout=data["layout"], scan_id=data["scan_id"], samples=samples)

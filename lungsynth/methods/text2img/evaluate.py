@@ -22,7 +22,7 @@ from torch import nn
 
 from lungsynth.config import Config
 from lungsynth.data import fingerprint
-from lungsynth.data.datasets import prepared_root
+from lungsynth.data.datasets import data_source, prepared_root
 from lungsynth.data.prompts import PHRASES, PROMPT_ATTRIBUTES, parse_prompt, score_to_level
 from lungsynth.engine import SimpleTask, Trainer
 
@@ -118,7 +118,7 @@ def guidance_sweep(cfg: Config, model, scales: Sequence[float] | None = None, n:
     real_features, net_name = slice_features(real, net)
     classifier = train_attribute_classifier(cfg, train_data)
     real_recovery = attribute_recovery(classifier, real, [d[i]["prompt"] for d in heldout for i in range(len(d))])
-    rows = [{"guidance": "real", "ms_ssim": ms_ssim_diversity(real)["mean"],
+    rows = [{"guidance": "real", "source": data_source(cfg), "ms_ssim": ms_ssim_diversity(real)["mean"],
              **{f"recovery_{k}": v for k, v in real_recovery.items()}, "feature_network": net_name}]
     for scale in tqdm(scales, desc="guidance sweep", disable=not progress):
         t0 = time.perf_counter()
@@ -128,7 +128,7 @@ def guidance_sweep(cfg: Config, model, scales: Sequence[float] | None = None, n:
         f = fid(real_features, fake_features, bootstrap=cfg.evaluation.bootstrap, network=net_name)
         k = kid(real_features, fake_features, subset_size=min(len(real), n), network=net_name)
         recovery = attribute_recovery(classifier, images, prompts)
-        rows.append({"guidance": scale, "fid": f.value, "fid_ci": (f.ci_low, f.ci_high), "kid": k.value,
+        rows.append({"guidance": scale, "source": data_source(cfg), "fid": f.value, "fid_ci": (f.ci_low, f.ci_high), "kid": k.value,
                      "ms_ssim": ms_ssim_diversity(images)["mean"], **{f"recovery_{a}": v for a, v in recovery.items()},
                      "seconds_per_sample": seconds, "feature_network": net_name, "images": images[:4]})
     return rows
