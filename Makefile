@@ -27,8 +27,10 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 course: $(STAMP)
+	@echo "make course PROFILE=$(PROFILE): smoke is the ten-minute look on 2 CPU cores; the course profile is being sized to 90 minutes (README: 'The course profile, measured so far')"
 	$(BIN)/lungsynth data default --profile $(PROFILE)
 	$(BIN)/lungsynth course run --profile $(PROFILE)
+	$(BIN)/lungsynth quality --profile $(PROFILE)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-cell-timeout=1500 -p no:cacheprovider
