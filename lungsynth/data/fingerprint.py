@@ -80,11 +80,6 @@ def source_label(prepared: Path | str) -> str:
     return fp["source"] if fp else "unknown source"
 
 
-def titled(title: str, prepared: Path | str) -> str:
-    """``title`` with the data source appended, e.g. "Table 1 (phantom)"."""
-    return f"{title} ({source_label(prepared)})" if title else f"({source_label(prepared)})"
-
-
 def patients(prepared: Path | str, splits: Iterable[str]) -> list[str]:
     fp = load(prepared)
     return sorted({p for s in splits for p in fp["splits"].get(s, [])})
@@ -192,12 +187,6 @@ def derived_stamp(generator: Path | str | None, prepared: Path | str) -> dict[st
     return {"id": fp["id"], "source": fp["source"], "prepared": str(Path(prepared)),
             "generator": str(generator) if generator is not None else None,
             "trained_on": gen["trained_on"] if gen is not None else None}
-
-
-def trained_patients(where: Path | str) -> set[str]:
-    """The patients the artefact in ``where`` was trained on (empty when it records none)."""
-    had = read_stamp(where)
-    return set((had or {}).get("trained_on", {}).get("patients", []))
 
 
 def refuse_overlap(model: Mapping[str, Any] | Path | str | None, prepared: Path | str, splits: Sequence[str],

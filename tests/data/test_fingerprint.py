@@ -102,9 +102,9 @@ def test_nothing_is_scored_on_a_patient_it_was_trained_on(tmp_path):
         fingerprint.refuse_overlap(run, other, ("test",))
 
 
-def test_source_labels_and_titles(tmp_path):
+def test_source_labels(tmp_path):
     P = _prepared(tmp_path / "a")
-    assert fingerprint.titled("Table 1", P) == "Table 1 (phantom)"
+    assert fingerprint.source_label(P) == "phantom"
     R = _prepared(tmp_path / "b", source="dicom")
     assert fingerprint.source_label(R) == "LIDC-IDRI"
     assert fingerprint.source_label(tmp_path / "none") == "unknown source"
