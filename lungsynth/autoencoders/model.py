@@ -195,18 +195,27 @@ class Autoencoder(nn.Module):
     # ------------------------------------------------------------------ raw maps
 
     def _encode_whole(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.quantized:
+        from lungsynth.runtime import autocast
+
+        with autocast(x.device):  # convolutions in bf16 where the device runs it fast
             e = self.net.encode(self._to_net(x))
+        if self.quantized:  # the nearest-code search stays fp32
+            e = e.float()
             z = self.net.quantizer.embed(self.net.quantizer.quantize(e))
             return z, torch.zeros_like(z)
-        return self.net.encode(self._to_net(x))
+        mean, std = e
+        return mean.float(), std.float()
 
     def _decode_whole(self, z: torch.Tensor) -> torch.Tensor:
         if self.quantized:
             # Nearest-code lookup without the EMA codebook update of the training forward.
             z = self.net.quantizer.embed(self.net.quantizer.quantize(z))
+        from lungsynth.runtime import autocast
+
+        with autocast(z.device):
+            out = self.net.decode(z).float()
         # Every input of the course lies in [0,1] (clipped HU, condition masks): so does a decoding.
-        return self._from_net(self.net.decode(z)).clamp(0.0, 1.0)
+        return self._from_net(out).clamp(0.0, 1.0)
 
     def _roi(self, roi_size: int | Sequence[int] | None, shape: Sequence[int], factor: int = 1) -> list[int] | None:
         if roi_size is None:

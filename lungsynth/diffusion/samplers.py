@@ -203,7 +203,7 @@ def sample(denoise_fn: DenoiseFn, scheduler, shape: Sequence[int], num_inference
            x_T: torch.Tensor | None = None, condition: Mapping[str, Any] | None = None,
            uncond_condition: Mapping[str, Any] | None = None, guidance_scale: float = 1.0, cfg_batch: bool = False,
            eta: float = 0.0, step_callback: StepCallback | Sequence[StepCallback] | None = None,
-           intermediates_every: int | None = None, amp: bool = False, progress: bool = True,
+           intermediates_every: int | None = None, amp: bool = True, progress: bool = True,
            desc: str = "sampling", stats: dict | None = None
            ) -> torch.Tensor | tuple[torch.Tensor, list[dict[str, Any]]]:
     """Generate ``shape`` samples by reverse diffusion.
@@ -224,7 +224,8 @@ def sample(denoise_fn: DenoiseFn, scheduler, shape: Sequence[int], num_inference
         eta: DDIM stochasticity (0 = deterministic DDIM); ignored by DDPM.
         step_callback: callable or list of callables ``cb(x_prev, t, t_prev, pred_x0) -> x_prev | None``.
         intermediates_every: keep ``x_t`` and ``pred_x0`` (CPU copies) every k steps and at the end.
-        amp: run ``denoise_fn`` under :func:`lungsynth.runtime.autocast` (bf16 on CUDA, no-op on CPU).
+        amp: run ``denoise_fn`` under :func:`lungsynth.runtime.autocast` (bf16 where
+            :func:`~lungsynth.runtime.choose_precision` picks it; the update itself stays fp32).
         progress: show a tqdm progress bar. desc: its label.
         stats: a dict to fill with ``nfe`` (network calls), ``steps`` and ``seconds``.
 

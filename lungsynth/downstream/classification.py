@@ -101,13 +101,17 @@ def predict_proba(model: Any, dataset: Any, batch_size: int = 8) -> np.ndarray:
     """Softmax probabilities [N, K] of every item of ``dataset``."""
     import torch
 
+    from lungsynth.runtime import autocast
+
     dev = next(model.parameters()).device
     out = []
     model.eval()
     with torch.no_grad():
         for s in range(0, len(dataset), batch_size):
             x = torch.stack([dataset[i]["image"] for i in range(s, min(s + batch_size, len(dataset)))]).to(dev)
-            out.append(torch.softmax(model(x).float(), 1).cpu().numpy())
+            with autocast(dev):
+                logits = model(x).float()
+            out.append(torch.softmax(logits, 1).cpu().numpy())
     return np.concatenate(out)
 
 

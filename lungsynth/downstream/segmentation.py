@@ -85,7 +85,9 @@ def predict(model: Any, dataset: Any, batch_size: int = 2) -> list[np.ndarray]:
     with torch.no_grad():
         for s in range(0, len(dataset), batch_size):
             x = torch.stack([dataset[i]["image"] for i in range(s, min(s + batch_size, len(dataset)))]).to(dev)
-            out += [p.cpu().numpy().astype(bool) for p in model(x).argmax(1)]
+            with runtime.autocast(dev):
+                logits = model(x).float()
+            out += [p.cpu().numpy().astype(bool) for p in logits.argmax(1)]
     return out
 
 

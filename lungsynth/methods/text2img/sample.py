@@ -22,6 +22,7 @@ from lungsynth.diffusion.samplers import cfg_combine
 from lungsynth.engine import load_weights
 from lungsynth.methods.text2img.model import (KIND, Text2ImgModel, build_model, default_run_dir, model_config,
                                               sample_scheduler)
+from lungsynth.runtime import autocast
 from lungsynth.runtime import device as default_device
 
 
@@ -62,6 +63,9 @@ def generate(model: Text2ImgModel, prompts: Sequence[str], guidance_scale: float
     null = model.text([""] * len(prompts)).to(device) if guidance_scale != 1.0 else None
     for t in sched.timesteps:
         z_in = sched.scale_model_input(z, t)
-        eps = guided_noise(model.unet, z_in, t.to(device).expand(len(prompts)), context, null, guidance_scale)
+        with autocast(device):  # the U-Net in bf16 where the device runs it fast; the update in fp32
+            eps = guided_noise(model.unet, z_in, t.to(device).expand(len(prompts)), context, null,
+                               guidance_scale).float()
         z = sched.step(eps, t, z).prev_sample
-    return model.codec.decode(z).float().cpu()
+    with autocast(device):
+        return model.codec.decode(z).float().cpu()
