@@ -82,37 +82,43 @@ class EngineConfig:
 class AutoencoderConfig:
     """Chapter 02: 3D KL-VAE, 2D VQ-VAE, 2D KL-VAE and the mask VAE."""
 
-    vae3d_channels: tuple[int, ...] = tiered((8, 16, 16), (32, 64, 64), (64, 128, 256))
-    vae2d_channels: tuple[int, ...] = tiered((16, 32, 32), (32, 64, 64), (64, 128, 256))
+    # course budget, chapter 02 (~20 of the 90 minutes on 2 CPU cores, fp32): vae3d ~10 min, mask VAE ~3,
+    # VQ-VAE ~3, 2D KL-VAE ~2, evaluation ~2. Measured steps (2 cores, fp32): vae3d (16,32,32) on 48^3
+    # cubes, batch 2, ~1.1 s; at (32,64,64) on 64^3, batch 4, with the perceptual term 24 s.
+    vae3d_channels: tuple[int, ...] = tiered((8, 16, 16), (16, 32, 32), (64, 128, 256))
+    vae2d_channels: tuple[int, ...] = tiered((16, 32, 32), (16, 32, 32), (64, 128, 256))
     latent_channels: int = 4
-    train_steps: int = tiered(200, 2000, 100_000)  # 3D kinds (smoke: ~40 s each on 2 free CPU cores)
-    batch_size: int = tiered(2, 4, 2)  # 3D kinds; >= 2 also takes torch's faster CPU conv3d path
-    lr: float = tiered(2e-3, 1e-4, 1e-4)  # smoke: few hundred steps, so a high peak lr
+    train_steps: int = tiered(200, 550, 100_000)  # the 3D KL-VAE (smoke: ~40 s on 2 free CPU cores)
+    train_steps_mask: int = tiered(200, 400, 100_000)  # the mask VAE
+    batch_size: int = tiered(2, 2, 2)  # 3D kinds; >= 2 also takes torch's faster CPU conv3d path
+    lr: float = tiered(2e-3, 2e-3, 1e-4)  # smoke and course: a few hundred steps, so a high peak lr
     lr_schedule: str = tiered("cosine", "cosine", "constant")  # engine schedule (constant | cosine | polynomial)
     kl_weight: float = 1e-6
     perceptual_weight: float = 0.3
-    perceptual_network: str = tiered("off", "astra", "astra")  # off | astra | a MONAI PerceptualLoss network
-    adv_weight: float = 0.01
+    # off | astra | a MONAI PerceptualLoss network. Course: off, the I3ResNet-152 forward and backward made a
+    # vae3d step 6x slower on 2 cores (24.3 s against 4.1 s), and the chapter's gates judge L1 errors
+    perceptual_network: str = tiered("off", "off", "astra")
+    adv_weight: float = tiered(0.01, 0.0, 0.01)  # course: no discriminator (CPU budget; the gates judge MAE)
     adv_warmup_steps: int = tiered(120, 500, 10_000)
     vq_num_embeddings: int = tiered(64, 256, 512)
     vq_embedding_dim: int = 4
     vq_commitment_cost: float = 0.25
     vq_decay: float = tiered(0.5, 0.9, 0.99)  # EMA codebook decay (fast adaptation in short runs)
-    vqvae2d_channels: tuple[int, ...] = tiered((32, 64), (64, 128), (128, 256))  # two stride-2 levels: x4
-    maskvae_channels: tuple[int, ...] = tiered((8, 16, 16), (16, 32, 32), (32, 64, 64))
+    vqvae2d_channels: tuple[int, ...] = tiered((32, 64), (32, 64), (128, 256))  # two stride-2 levels: x4
+    maskvae_channels: tuple[int, ...] = tiered((8, 16, 16), (8, 16, 16), (32, 64, 64))
     mask_latent_channels: int = 4
     maskvae_nodule_weight: float = 10.0  # L1 weight of nodule voxels: they are ~0.1% of a mask and vanish otherwise
-    patch_3d: int = tiered(32, 64, 128)  # 3D autoencoders train on random cubes (fully convolutional)
+    patch_3d: int = tiered(32, 48, 128)  # 3D autoencoders train on random cubes (fully convolutional)
     foreground_crop_prob: float = 0.5  # share of 3D training cubes centred on a nodule voxel
     # share of vae3d training items that are 1 mm nodule crops (HR-LDM encodes those); the full
     # profile's volumes are at 1 mm already
     vae3d_crop_share: float = tiered(0.5, 0.3, 0.0)
-    train_steps_2d: int = tiered(700, 5000, 100_000)
+    train_steps_2d: int = tiered(700, 500, 100_000)
     batch_size_2d: int = tiered(16, 16, 32)  # 2D KL-VAE (nodule ROIs)
     vq_batch_size: int = tiered(8, 16, 32)  # 2D VQ-VAE (64^2 slices in smoke)
     disc_channels: int = tiered(16, 32, 64)
     disc_layers: int = 3
-    val_every: int = tiered(50, 250, 2500)
+    val_every: int = tiered(50, 200, 2500)
     sliding_roi: int = tiered(64, 128, 128)  # window (image voxels) of sliding encode/decode; larger inputs only
     sliding_overlap: float = 0.25
     scale_factor_items: int = 16  # training items encoded to estimate the latent scale factor
@@ -122,12 +128,14 @@ class AutoencoderConfig:
 class LandConfig:
     """Chapter 03: LAND, 3D latent diffusion with anatomical masks."""
 
-    unet_channels: tuple[int, ...] = tiered((16, 16, 32, 32, 32), (64, 64, 128, 128, 256), (64, 128, 256, 384, 512))
-    num_res_blocks: int = 2
+    # course budget, chapter 03 (~10 min): four variants x 150 steps of ~0.85 s (latent 4x32^3, measured on 2
+    # cores; the paper's widths (64, 64, 128, 128, 256) with 2 res blocks cost 3.6 s), 4 volumes each for Table 1
+    unet_channels: tuple[int, ...] = tiered((16, 16, 32, 32, 32), (32, 32, 64, 64, 128), (64, 128, 256, 384, 512))
+    num_res_blocks: int = tiered(2, 1, 2)
     attention_levels: tuple[bool, ...] = (False, False, True, True, True)  # cross-attention at the 3 deepest levels
     num_head_channels: int = 32
     skip: str = "additive"  # additive | concat
-    context_dim: int = tiered(32, 128, 256)  # width of the mask tokens (cross-attention)
+    context_dim: int = tiered(32, 64, 256)  # width of the mask tokens (cross-attention)
     token_grid: int = tiered(4, 4, 8)  # grid^3 mask tokens
     token_hidden: int = tiered(16, 32, 64)
     num_train_timesteps: int = 1000
@@ -135,28 +143,29 @@ class LandConfig:
     beta_start: float = 1e-4
     beta_end: float = 2e-2
     min_snr_gamma: float = 5.0
-    train_steps: int = tiered(30, 5000, 200_000)
+    train_steps: int = tiered(30, 150, 200_000)
     batch_size: int = 1
-    lr: float = tiered(1e-3, 1e-4, 1e-5)
+    lr: float = tiered(1e-3, 1e-3, 1e-5)
     sampler: str = "ddim"  # default sampler of sample(): ddim | ddpm
-    ddim_steps: int = tiered(10, 50, 200)
-    ddpm_steps: int = tiered(20, 1000, 1000)  # DDPM reverse steps (< T respaces the betas; T = the paper's 1000)
-    n_eval_samples: int = tiered(3, 16, 100)  # generated volumes per variant for Table 1
+    ddim_steps: int = tiered(10, 20, 200)
+    ddpm_steps: int = tiered(20, 100, 1000)  # DDPM reverse steps (< T respaces the betas; T = the paper's 1000)
+    n_eval_samples: int = tiered(3, 4, 100)  # generated volumes per variant for Table 1
 
 
 @dataclass
 class BboxLdmConfig:
     """Chapter 04: 2D LDM with a nodule box mask and LIDC attributes (Mari et al.)."""
 
-    unet_channels: tuple[int, ...] = tiered((32, 64, 64), (64, 128, 128), (128, 256, 512))
+    # course budget, chapter 04 (~7 min): three configurations x 200 steps of ~0.6 s (batch 16, latent 32^2)
+    unet_channels: tuple[int, ...] = tiered((32, 64, 64), (32, 64, 64), (128, 256, 512))
     num_train_timesteps: int = 1000
     attr_dim: int = 10  # D, one learnable table per attribute
     attr_hidden: int = 128
     attr_out_dim: int = 10  # D'
-    train_steps: int = tiered(80, 5000, 150_000)
+    train_steps: int = tiered(80, 200, 150_000)
     batch_size: int = tiered(8, 16, 16)
-    lr: float = tiered(1e-3, 1e-4, 1e-4)  # smoke: a high rate so tens of steps already show anatomy
-    ddim_steps: int = tiered(20, 100, 1000)
+    lr: float = tiered(1e-3, 1e-3, 1e-4)  # smoke, course: a high rate so a few hundred steps show anatomy
+    ddim_steps: int = tiered(20, 25, 1000)
     hu_clip: tuple[float, float] = (-1000.0, 2500.0)
     mask_grid: int = 4  # the mask becomes mask_grid^2 cross-attention tokens (configs 2, 3)
 
@@ -165,7 +174,9 @@ class BboxLdmConfig:
 class HrLdmConfig:
     """Chapter 05: HR-LDM, histogram-regularised latent inpainting."""
 
-    unet_channels: tuple[int, ...] = tiered((16, 32, 32), (64, 128, 128), (128, 256, 512))
+    # course budget, chapter 05 (~6 min): HR-LDM and its no-histogram ablation, 250 steps each (batch 4 of 12^3
+    # latents, ~0.4 s a step without the histogram term), 8 nodules per subtype evaluated
+    unet_channels: tuple[int, ...] = tiered((16, 32, 32), (32, 64, 64), (128, 256, 512))
     num_train_timesteps: int = 1000
     beta_start: float = 0.0015
     beta_end: float = 0.0195
@@ -175,10 +186,10 @@ class HrLdmConfig:
     # "none" is the paper's eq. 8; "alpha_bar" weights the histogram term by alpha_bar_t, without which
     # eps is not learned in short runs (hr_ldm_losses explains why); full keeps the paper's form
     hist_timestep_weighting: str = tiered("alpha_bar", "alpha_bar", "none")
-    train_steps: int = tiered(200, 5000, 100_000)
+    train_steps: int = tiered(200, 250, 100_000)
     batch_size: int = tiered(2, 4, 4)
-    lr: float = tiered(1e-3, 1e-4, 1e-4)
-    ddim_steps: int = tiered(10, 100, 1000)
+    lr: float = tiered(1e-3, 1e-3, 1e-4)
+    ddim_steps: int = tiered(10, 25, 1000)
     sampler: str = tiered("ddim", "ddim", "ddpm")  # ddpm with ddim_steps=1000 is the paper's Algorithm 2
     num_res_blocks: int = tiered(1, 2, 2)
     attention_levels: tuple[bool, ...] = tiered((False, False, True), (False, True, True), (False, False, True))
@@ -194,8 +205,8 @@ class HrLdmConfig:
     # the decoder's range, and the decoder smears them over the whole crop
     clip_latent: float = tiered(3.0, 3.0, 0.0)
     lung_erosion_mm: float = 4.0  # candidate centres keep this margin (plus the nodule radius) to the pleura
-    n_cache: int = tiered(48, 400, 0)  # training crops encoded once into the latent cache (0 = all)
-    eval_per_subtype: int = tiered(4, 32, 200)  # generated nodules per subtype in evaluate()
+    n_cache: int = tiered(48, 200, 0)  # training crops encoded once into the latent cache (0 = all)
+    eval_per_subtype: int = tiered(4, 8, 200)  # generated nodules per subtype in evaluate()
 
 
 @dataclass
@@ -203,22 +214,25 @@ class LungDdpmConfig:
     """Chapter 06: Lung-DDPM, pixel-space 3D DDPM with anatomically aware sampling."""
 
     # Med-DDPM/Lung-DDPM U-Net at 128^3: 64 base channels, multipliers (1, 1, 2, 3, 4), attention at 16^3
-    unet_channels: tuple[int, ...] = tiered((16, 32, 32), (32, 64, 64, 128), (64, 64, 128, 192, 256))
+    # course budget, chapter 06 (~9 min): pixel space at 96^3 is the course's dearest step (the widths
+    # (32, 64, 64, 128) cost 32 s a step on 2 cores, (16, 32, 32, 64) 11 s); (8, 16, 16, 32) x 60 steps for each
+    # of the two variants, 25 respaced reverse steps, 3 volumes per ablation row. It cannot learn in this budget.
+    unet_channels: tuple[int, ...] = tiered((16, 32, 32), (8, 16, 16, 32), (64, 64, 128, 192, 256))
     attention_at: tuple[int, ...] = tiered((2,), (3,), (3,))  # U-Net levels with self-attention
     num_res_blocks: int = 1
     layout_encoding: str = "onehot"  # onehot (3 channels; 2 without the lung) | scaled (1 channel in [-1, 1])
     num_train_timesteps: int = 250
     schedule: str = "cosine"
     ema_decay: float = 0.995
-    ema_start: int = tiered(10, 500, 2000)
+    ema_start: int = tiered(10, 20, 2000)
     ema_every: int = 10
-    train_steps: int = tiered(40, 5000, 100_000)
+    train_steps: int = tiered(40, 60, 100_000)
     batch_size: int = 1
-    lr: float = tiered(2e-4, 1e-4, 1e-5)
+    lr: float = tiered(2e-4, 5e-4, 1e-5)
     blend_from: int = 250  # AAS blends the reference from this step down to 0
-    sample_steps: int = tiered(10, 250, 250)  # reverse steps (the paper: all 250; fewer = respaced DDPM)
+    sample_steps: int = tiered(10, 25, 250)  # reverse steps (the paper: all 250; fewer = respaced DDPM)
     eval_split: str = tiered("val", "test", "test")
-    n_eval: int = tiered(3, 16, 100)  # volumes sampled per ablation row
+    n_eval: int = tiered(3, 3, 100)  # volumes sampled per ablation row
 
 
 @dataclass
@@ -229,23 +243,25 @@ class Text2ImgConfig:
     num_train_timesteps: int = 1000
     prompt_dropout: float = 0.1
     guidance_scales: tuple[float, ...] = (5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0)
-    train_steps: int = tiered(150, 5000, 20_000)
+    # course budget, chapter 07 (~6 min): 400 steps of ~0.5 s (batch 16 of 16^2 latents), 300 classifier steps,
+    # 16 ROIs per guidance scale with 25 DDIM steps
+    train_steps: int = tiered(150, 400, 20_000)
     batch_size: int = tiered(8, 16, 8)
-    lr: float = tiered(1e-3, 1e-4, 1e-4)  # from scratch; fine-tuning uses pretrained_lr
-    sample_steps: int = tiered(10, 50, 50)
+    lr: float = tiered(1e-3, 1e-3, 1e-4)  # from scratch; fine-tuning uses pretrained_lr
+    sample_steps: int = tiered(10, 25, 50)
     sampler: str = "ddim"  # ddim | pndm
     layers_per_block: int = tiered(1, 2, 2)
     attention_head_dim: int = 8
     pretrained_lr: float = 1e-6  # fine-tuning a local Stable Diffusion U-Net, as the paper
-    n_eval_samples: int = tiered(8, 64, 500)  # generated ROIs per guidance scale
-    classifier_steps: int = tiered(60, 1000, 5000)  # attribute-recovery classifier on real ROIs
+    n_eval_samples: int = tiered(8, 16, 500)  # generated ROIs per guidance scale
+    classifier_steps: int = tiered(60, 300, 5000)  # attribute-recovery classifier on real ROIs
 
 
 @dataclass
 class SamplingConfig:
     """Chapter 08: sampling at scale into synthetic datasets."""
 
-    n_samples: int = tiered(4, 32, 1000)
+    n_samples: int = tiered(4, 8, 1000)  # course: ~1 min of LAND sampling (chapter 08)
     batch_size: int = tiered(2, 4, 8)
 
 
@@ -256,7 +272,9 @@ class EvalConfig:
     feature_network: str = tiered("astra", "astra", "astra")
     bootstrap: int = tiered(20, 200, 1000)
     min_samples_warn: int = 50
-    n_samples: int = tiered(6, 32, 500)  # synthetic samples per method for the leaderboard (heldout conditions)
+    # synthetic samples per method for the leaderboard (heldout conditions); course (~8 min for chapter 09): 15,
+    # the size of each half of the 30 test scans that the real-versus-real floor compares
+    n_samples: int = tiered(6, 15, 500)
     slice_net_steps: int = tiered(60, 300, 2000)  # rotation-training steps of the 2D feature net (slice/ROI methods)
     memorization_percentile: float = 5.0  # flag synthetic samples closer to train than this percentile of held-out
     dice_threshold_hu: float = -500.0  # generated-nodule threshold for Dice against the condition mask
@@ -267,23 +285,24 @@ class DownstreamConfig:
     """Chapters 10-11: segmentation and classification with synthetic data."""
 
     # synthetic count = ratio x real count; smoke runs a subset to stay within its time budget
-    synthetic_ratios: tuple[float, ...] = tiered((0.0, 0.5, 1.0), (0.0, 0.25, 0.5, 0.75, 1.0), (0.0, 0.25, 0.5, 0.75, 1.0))
-    real_fractions: tuple[float, ...] = tiered((1.0, 0.2, 0.0), (1.0, 0.5, 0.2, 0.1, 0.0), (1.0, 0.5, 0.2, 0.1, 0.0))
-    lr: float = tiered(1e-3, 3e-4, 1e-4)
-    n_runs: int = tiered(2, 3, 5)
+    # course budget, chapters 10 and 11 (~5 min each): 3 ratios x 2 runs per setting, 150-step trainings
+    synthetic_ratios: tuple[float, ...] = tiered((0.0, 0.5, 1.0), (0.0, 0.5, 1.0), (0.0, 0.25, 0.5, 0.75, 1.0))
+    real_fractions: tuple[float, ...] = tiered((1.0, 0.2, 0.0), (1.0, 0.2, 0.0), (1.0, 0.5, 0.2, 0.1, 0.0))
+    lr: float = tiered(1e-3, 1e-3, 1e-4)
+    n_runs: int = tiered(2, 2, 5)
     eval_splits: tuple[str, ...] = tiered(("val", "test"), ("test",), ("test",))  # smoke: 2 test patients only
     allow_repeats: bool = tiered(True, False, False)  # a synthetic pool smaller than asked repeats items
-    n_synthetic: int = tiered(4, 64, 1000)  # samples the chapters synthesize when no dataset is given
-    seg_channels: tuple[int, ...] = tiered((8, 16, 32), (16, 32, 64, 128), (32, 64, 128, 256, 512))
-    seg_steps: int = tiered(10, 1500, 20_000)
+    n_synthetic: int = tiered(4, 16, 1000)  # samples the chapters synthesize when no dataset is given
+    seg_channels: tuple[int, ...] = tiered((8, 16, 32), (8, 16, 32, 64), (32, 64, 128, 256, 512))
+    seg_steps: int = tiered(10, 150, 20_000)
     seg_batch_size: int = tiered(1, 4, 2)
     seg_crop_size: int = tiered(24, 48, 96)  # nodule-centred segmentation crops at 1 mm (divisible by 2^levels)
-    cls_init_features: int = tiered(8, 32, 64)  # DenseNet121: 64 / 32 in the original
-    cls_growth_rate: int = tiered(8, 16, 32)
+    cls_init_features: int = tiered(8, 16, 64)  # DenseNet121: 64 / 32 in the original
+    cls_growth_rate: int = tiered(8, 8, 32)
     cls_blocks: tuple[int, ...] = (6, 12, 24, 16)  # DenseNet121's dense blocks
-    cls_steps: int = tiered(10, 1500, 10_000)
+    cls_steps: int = tiered(10, 150, 10_000)
     cls_batch_size: int = tiered(4, 8, 16)
-    scarcity_runs: int = tiered(1, 3, 5)
+    scarcity_runs: int = tiered(1, 1, 5)
 
 
 # --------------------------------------------------------------------------- the whole

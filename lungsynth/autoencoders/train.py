@@ -170,6 +170,8 @@ def train_budget(kind: str, cfg: Any) -> tuple[int, int]:
         return int(a.train_steps_2d), int(a.vq_batch_size)
     if kind == "vae2d":
         return int(a.train_steps_2d), int(a.batch_size_2d)
+    if kind == "maskvae":
+        return int(a.train_steps_mask), int(a.batch_size)
     return int(a.train_steps), int(a.batch_size)
 
 
