@@ -34,9 +34,7 @@ course: $(STAMP)
 	  smoke) echo "make course PROFILE=smoke: the ten-minute look on 2 CPU cores; without PROFILE, make course runs the course profile (~90 minutes)";; \
 	  *) echo "make course PROFILE=$(PROFILE): the papers' settings, sized for a GPU";; \
 	esac
-	$(BIN)/lungsynth data default --profile $(PROFILE)
-	$(BIN)/lungsynth course run --profile $(PROFILE)
-	$(BIN)/lungsynth quality --profile $(PROFILE)
+	$(BIN)/lungsynth course all --profile $(PROFILE)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-cell-timeout=1500 -p no:cacheprovider
