@@ -302,12 +302,10 @@ def measured_section(profile: str, figures: Mapping[str, str] | None = None) -> 
              f"{report.get('source', '?')}. The whole course took **{total / 60:.0f} minutes**.", "",
              "| stage | minutes | status |", "|---|---|---|"]
     for r in rows:
-        name = titles.get(r["chapter"], r["chapter"])
-        lines.append(f"| {r['chapter']} {name if name != r['chapter'] else ''} | {float(r['seconds']) / 60:.1f} | "
-                     f"{r['status']} |")
+        lines.append(f"| {titles.get(r['chapter'], r['chapter'])} | {float(r['seconds']) / 60:.1f} | {r['status']} |")
     gates = report.get("gates", [])
     counts = {s: sum(g["status"] == s for g in gates) for s in sorted({g["status"] for g in gates})}
-    lines += ["", "Quality gates (`runs/course/quality.md`): " + (", ".join(f"{n} {s}" for s, n in counts.items())
+    lines += ["", f"Quality gates (`runs/{profile}/quality.md`): " + (", ".join(f"{n} {s}" for s, n in counts.items())
                                                                  or "none ran") + ".", "",
               "| chapter | gate | value | baseline | threshold | status | n |", "|---|---|---|---|---|---|---|"]
     for g in gates:

@@ -80,3 +80,68 @@ def test_library_change_reruns(tiny_course, monkeypatch):
     course.run_course("smoke", only="00")
     monkeypatch.setattr(course, "library_fingerprint", lambda: "changed")
     assert [r["status"] for r in course.run_course("smoke", only="00")] == ["ok"]
+
+
+def test_all_times_the_data_and_quality_stages_around_the_chapters(tiny_course, monkeypatch):
+    # the stages run as child commands; cheap ones stand in for data preparation and the gates
+    monkeypatch.setattr(course, "STAGES", {"data": ("course", "list"), "quality": ("course", "list")})
+    rows = course.run_all("smoke")
+    assert [r["chapter"] for r in rows] == ["data", "00", "01", "quality"]
+    logged = course.last_run("smoke")
+    assert [r["chapter"] for r in logged] == ["data", "00", "01", "quality"]
+    assert all(r["status"] == "ok" and float(r["seconds"]) > 0 for r in logged)
+    course.run_all("smoke")  # a second run: the chapters are skipped, the log starts again at its data row
+    assert [r["chapter"] for r in course.last_run("smoke")] == ["data", "quality"]
+    monkeypatch.setattr(course, "STAGES", {"data": ("data", "no-such-verb"), "quality": ("course", "list")})
+    with pytest.raises(RuntimeError, match="stage data failed"):
+        course.run_all("smoke")
+    assert course.last_run("smoke")[-1]["status"].startswith("failed with exit code")
+
+
+def test_report_section_from_the_log_and_the_quality_json(tiny_course, monkeypatch, tmp_path):
+    monkeypatch.setattr(course, "STAGES", {"data": ("course", "list"), "quality": ("course", "list")})
+    course.run_all("smoke")
+    gates = [{"chapter": "02", "name": "vae3d body MAE", "value": 41.23456, "baseline": 62.0,
+              "baseline_name": "linear x4", "threshold": "<= 0.6x baseline", "status": "fail", "n": 30},
+             {"chapter": "01", "name": "in-lung share", "value": 0.995, "baseline": None, "threshold": ">= 0.95",
+              "status": "pass", "n": 408}]
+    (paths.runs_dir("smoke") / "quality.json").write_text(json.dumps({"source": "phantom", "gates": gates}))
+    section = course.measured_section("smoke", {"03 — LAND": "docs/course/03_land.png"})
+    assert "data phantom" in section and "1 fail, 1 pass" in section
+    assert "| 02 | vae3d body MAE | 41.2 | 62 (linear x4) | <= 0.6x baseline | fail | 30 |" in section
+    assert "| 00 — Test chapter |" in section and "| data |" in section and "| quality |" in section
+    assert "![03 — LAND](docs/course/03_land.png)" in section
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n## Measured\n{course.README_START}\nstale text\n{course.README_END}\n\n## Next\n")
+    course.write_readme_section(readme, section)
+    text = readme.read_text()
+    assert "stale text" not in text and "vae3d body MAE" in text and text.endswith("\n## Next\n")
+    readme.write_text("# no markers\n")
+    with pytest.raises(ValueError, match="markers"):
+        course.write_readme_section(readme, section)
+
+
+def test_figures_come_from_the_tagged_cell_downscaled(tiny_course, tmp_path):
+    import base64
+    import io
+
+    from PIL import Image
+
+    course.run_course("smoke")
+    executed = paths.runs_dir("smoke") / "course" / "01_second.ipynb"
+    nb = nbformat.read(executed, as_version=4)
+    buffer = io.BytesIO()
+    Image.new("RGB", (1800, 600), (200, 10, 10)).save(buffer, format="PNG")
+    png = base64.b64encode(buffer.getvalue()).decode()
+    untagged = nbformat.v4.new_code_cell("plot()")
+    untagged.outputs = [nbformat.v4.new_output("display_data", data={"image/png": png})]
+    tagged = nbformat.v4.new_code_cell("plot()", metadata={"tags": [course.FIGURE_TAG]})
+    tagged.outputs = [nbformat.v4.new_output("stream", text="x"),
+                      nbformat.v4.new_output("display_data", data={"image/png": png})]
+    nb.cells += [untagged, tagged]
+    nbformat.write(nb, executed)
+    found = course.export_figures("smoke", tmp_path / "docs", max_side=300)
+    assert list(found) == ["01 — Test chapter"]
+    image = Image.open(tmp_path / "docs" / "01_second.png")
+    assert image.size == (300, 100)
+    assert not (tmp_path / "docs" / "00_first.png").exists()  # no tagged cell, no figure

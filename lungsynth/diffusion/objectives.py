@@ -206,7 +206,9 @@ def per_sample_loss(pred: torch.Tensor, target_: torch.Tensor, mask: torch.Tenso
     Args:
         pred, target_: [B, C, *S]; mask: None or [B, 1 or C, *S], binary or soft in [0, 1].
     """
-    err = elementwise_loss(pred, target_, kind)
+    # fp32 whatever the network ran in: a bf16 prediction (autocast) keeps 8 mantissa bits, too few
+    # for a mean over millions of voxels
+    err = elementwise_loss(pred.float(), target_.float(), kind)
     dims = tuple(range(1, err.ndim))
     if mask is None:
         return err.mean(dim=dims)
