@@ -13,9 +13,13 @@ Status: ``pass`` / ``fail`` (judged), ``insufficient N`` (too few samples to jud
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from dataclasses import asdict, dataclass
-from typing import Any
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping
 
 STATUSES = ("pass", "fail", "insufficient N", "not trained", "info")
 
@@ -98,3 +102,33 @@ def as_table(gates: "list[Gate]") -> Any:
 
     cols = ["chapter", "name", "value", "baseline", "threshold", "status", "n", "detail"]
     return pd.DataFrame([g.as_dict() for g in gates], columns=cols).set_index("name")
+
+
+def file_digest(path: Path | str) -> str:
+    """sha256 of a file (a checkpoint), so a cached gate belongs to exactly those weights."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cached(path: Path | str, key: Mapping[str, Any], compute: Callable[[], list[Gate]]) -> list[Gate]:
+    """The gates stored at ``path`` when they were measured under the same ``key`` (checkpoint digest, data
+    fingerprint, gate version, ...), else ``compute()``, stored with the key. A chapter's notebook and
+    ``lungsynth quality`` then measure a model once; any change of the key measures it again."""
+    path = Path(path)
+    key = json.loads(json.dumps(dict(key), sort_keys=True, default=str))
+    try:
+        stored = json.loads(path.read_text())
+        if stored.get("key") == key:
+            names = {f.name for f in fields(Gate)}
+            return [Gate(**{k: v for k, v in row.items() if k in names}) for row in stored["gates"]]
+    except (OSError, ValueError, TypeError, KeyError):
+        pass  # missing, unreadable or from another version of the gates: measure again
+    gates = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp_{path.name}")
+    tmp.write_text(json.dumps({"key": key, "gates": [g.as_dict() for g in gates]}, indent=1))
+    os.replace(tmp, path)
+    return gates

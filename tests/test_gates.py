@@ -4,6 +4,7 @@ import math
 
 import pytest
 
+from lungsynth import gates as G
 from lungsynth.gates import Gate, info, judge, not_trained
 
 
@@ -32,3 +33,31 @@ def test_bad_forms_and_other_rows():
     row = not_trained("02", "vae3d autoencoder", "lungsynth autoencoder train --kind vae3d")
     assert row.status == "not trained" and "lungsynth autoencoder train --kind vae3d" in row.detail
     assert info("02", "t1", 12.5, n=3).as_dict()["passed"] is False
+
+
+def test_cached_gates_are_reused_for_the_same_key_only(tmp_path):
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return [G.judge("02", f"mae {len(calls)}", 10.0 * len(calls), n=30, n_needed=5, factor=0.6, baseline=20.0,
+                        baseline_name="linear x4")]
+
+    path = tmp_path / "run" / "gates.json"
+    first = G.cached(path, {"weights": "abc", "data": "fp1"}, measure)
+    again = G.cached(path, {"data": "fp1", "weights": "abc"}, measure)  # key order does not matter
+    assert calls == [1] and again == first and again[0].status == "pass" and again[0].baseline_name == "linear x4"
+    other = G.cached(path, {"weights": "abd", "data": "fp1"}, measure)  # other weights: measured again
+    assert calls == [1, 1] and other[0].name == "mae 2" and other[0].status == "fail"
+    path.write_text("{not json")
+    G.cached(path, {"weights": "abd", "data": "fp1"}, measure)  # unreadable: measured again, never a crash
+    assert len(calls) == 3
+
+
+def test_file_digest_follows_the_bytes(tmp_path):
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    a.write_bytes(b"weights" * 1000)
+    b.write_bytes(b"weights" * 1000)
+    assert G.file_digest(a) == G.file_digest(b)
+    b.write_bytes(b"weights" * 999 + b"Weights")
+    assert G.file_digest(a) != G.file_digest(b)

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -287,12 +288,12 @@ MIN_PERPLEXITY_SHARE = 0.25  # a codebook with under a quarter of its codes in e
 MIN_MASK_DICE = 0.5  # LAND's latentmask condition must keep nodules: at Dice 0.5 half of a nodule survives
 MIN_ITEMS = 5  # held-out items a mean is judged on: fewer lets one odd scan decide the gate
 GATE_SPLIT = "test"
+GATES_FILE = "gates.json"
+GATES_VERSION = 1  # raise when a gate's measurement or threshold changes: stored rows are then re-measured
 
 
 def _trained_run(kind: str, cfg: Any, root: Any, run: Any = None) -> tuple[Any, str | None]:
     """(run dir, None) when ``kind`` has a finished run usable on ``root``'s held-out split, else (None, why)."""
-    from pathlib import Path
-
     from lungsynth.autoencoders.model import default_run_dir
     from lungsynth.autoencoders.train import _final_with_scale, rebuild_command
     from lungsynth.data import fingerprint
@@ -365,23 +366,33 @@ def mask_dice_gate(ae: Any, cfg: Any, root: Any) -> Any:
 @torch.no_grad()
 def quality_gates(cfg: Any, root: Any = None, run_dirs: dict[str, Any] | None = None) -> list[Any]:
     """Chapter 02's gates on the held-out test split; an untrained kind is listed with its train command.
-    ``run_dirs``: {kind: run dir} instead of the profile's ``runs/<profile>/02_<kind>``."""
+    ``run_dirs``: {kind: run dir} instead of the profile's ``runs/<profile>/02_<kind>``. Each kind's rows are
+    stored beside its run (``gates.json``) and reused while its weights, the data and the gates are unchanged."""
     from lungsynth import paths
-    from lungsynth.autoencoders.model import KINDS, load_autoencoder
-    from lungsynth.gates import not_trained
+    from lungsynth.autoencoders.model import KINDS
+    from lungsynth.data import fingerprint
+    from lungsynth.gates import cached, file_digest, not_trained
 
-    root = root if root is not None else paths.prepared_dir(cfg.profile)
+    root = Path(root if root is not None else paths.prepared_dir(cfg.profile))
     rows: list[Any] = []
     for kind in KINDS:
         run, command = _trained_run(kind, cfg, root, (run_dirs or {}).get(kind))
         if run is None:
             rows.append(not_trained(CHAPTER, f"{kind} autoencoder", str(command)))
             continue
-        ae = load_autoencoder(kind, run, cfg)
-        if kind == "maskvae":
-            rows.append(mask_dice_gate(ae, cfg, root))
-            continue
-        rows += reconstruction_gates(kind, ae, cfg, root)
-        if kind == "vqvae2d":
-            rows.append(codebook_gate(ae, cfg, root))
+        key = {"gates": GATES_VERSION, "kind": kind, "weights": file_digest(run / "final.pt"),
+               "data": fingerprint.load(root)["id"], "hu": [cfg.data.hu_min, cfg.data.hu_max]}
+        rows += cached(run / GATES_FILE, key, lambda kind=kind, run=run: _measure(kind, run, cfg, root))
+    return rows
+
+
+def _measure(kind: str, run: Any, cfg: Any, root: Any) -> list[Any]:
+    from lungsynth.autoencoders.model import load_autoencoder
+
+    ae = load_autoencoder(kind, run, cfg)
+    if kind == "maskvae":
+        return [mask_dice_gate(ae, cfg, root)]
+    rows = reconstruction_gates(kind, ae, cfg, root)
+    if kind == "vqvae2d":
+        rows.append(codebook_gate(ae, cfg, root))
     return rows

@@ -300,3 +300,22 @@ def test_quality_gates_by_hand_and_too_few_items(trained, tiny_root, tmp_path, m
     missing = E.quality_gates(cfgs["vae3d"], tiny_root, {**runs, "vae2d": tmp_path / "none"})
     (row,) = [g for g in missing if g.name == "vae2d autoencoder"]
     assert row.status == "not trained" and "lungsynth autoencoder train --kind vae2d" in row.detail
+
+
+def test_quality_gates_measure_each_model_once(trained, tiny_root, monkeypatch):
+    """The notebook and `lungsynth quality` share the rows stored beside each run, until the weights or the
+    gates change."""
+    from lungsynth.autoencoders import evaluate as E
+
+    runs = {kind: run for kind, (_, run) in trained.items()}
+    cfg = trained["vae3d"][0]
+    first = E.quality_gates(cfg, tiny_root, runs)
+    assert all((run / E.GATES_FILE).is_file() for run in runs.values())
+    measured = []
+    real = E._measure
+    monkeypatch.setattr(E, "_measure", lambda *a: measured.append(a[0]) or real(*a))
+    assert [g.as_dict() for g in E.quality_gates(cfg, tiny_root, runs)] == [g.as_dict() for g in first]
+    assert measured == []  # nothing re-measured
+    monkeypatch.setattr(E, "GATES_VERSION", E.GATES_VERSION + 1)
+    E.quality_gates(cfg, tiny_root, runs)
+    assert sorted(measured) == sorted(runs)  # a new gate version measures every kind again
