@@ -107,10 +107,14 @@ def test_report_section_from_the_log_and_the_quality_json(tiny_course, monkeypat
               "status": "pass", "n": 408}]
     (paths.runs_dir("smoke") / "quality.json").write_text(json.dumps({"source": "phantom", "gates": gates}))
     section = course.measured_section("smoke", {"03 — LAND": "docs/course/03_land.png"})
-    assert "data phantom" in section and "1 fail, 1 pass" in section
+    assert "data phantom" in section and "1 fail, 1 pass" in section and "The whole course took" in section
     assert "| 02 | vae3d body MAE | 41.2 | 62 (linear x4) | <= 0.6x baseline | fail | 30 |" in section
     assert "| 00 — Test chapter |" in section and "| data |" in section and "| quality |" in section
     assert "![03 — LAND](docs/course/03_land.png)" in section
+    course.run_course("smoke", only="01", force=True)  # a chapter that failed or never ran is named, not summed
+    log = paths.runs_dir("smoke") / "course" / "course_log.csv"
+    log.write_text("\n".join(line for line in log.read_text().splitlines() if ",00," not in line) + "\n")
+    assert "chapters 00 are not in this run" in course.measured_section("smoke")
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n## Measured\n{course.README_START}\nstale text\n{course.README_END}\n\n## Next\n")
     course.write_readme_section(readme, section)
