@@ -286,15 +286,14 @@ README_END = "<!-- course-measured:end -->"
 
 def measured_section(profile: str, figures: Mapping[str, str] | None = None) -> str:
     """The README section "What the course gives, measured", from the course log and ``quality.json``."""
-    from lungsynth.runtime import choose_precision, cpu_flags
+    from lungsynth.runtime import choose_precision, cpu_flags, cpu_model
 
     rows = last_run(profile)
     titles = {c.number: c.title() for c in chapters()}
     quality_json = paths.runs_dir(profile) / "quality.json"
     report = json.loads(quality_json.read_text()) if quality_json.is_file() else {"gates": [], "source": "?"}
     total = sum(float(r["seconds"]) for r in rows)
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").is_file() else "unknown CPU"
+    model = cpu_model()
     avx = "AVX512-BF16/AMX" if {"avx512_bf16", "amx_bf16"} & cpu_flags() else "no AVX512-BF16 or AMX"
     when = rows[-1]["finished"] if rows else "?"
     logged = {r["chapter"] for r in rows if r["status"] == "ok"}

@@ -50,16 +50,26 @@ class Precision:
         return torch.bfloat16 if self.name == "bf16" else None
 
 
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
-    """The processor's feature flags (Linux ``/proc/cpuinfo``; empty elsewhere)."""
+def _cpuinfo_field(name: str, cpuinfo: Path) -> str | None:
+    """The first ``name : value`` of Linux ``/proc/cpuinfo``; None elsewhere or when missing."""
     try:
         text = cpuinfo.read_text()
     except OSError:
-        return set()
+        return None
     for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+        if line.startswith(name):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The processor's feature flags (Linux ``/proc/cpuinfo``; empty elsewhere)."""
+    return set((_cpuinfo_field("flags", cpuinfo) or "").split())
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The processor's model name, or ``platform.processor()`` where ``/proc/cpuinfo`` is missing."""
+    return _cpuinfo_field("model name", cpuinfo) or platform.processor() or "unknown CPU"
 
 
 def fast_cpu_bf16(flags: set[str] | None = None) -> str | None:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lungsynth import paths
+from lungsynth.runtime import autocast
 
 KINDS: tuple[str, ...] = ("vae3d", "vqvae2d", "vae2d", "maskvae")
 DOWNSAMPLE = 4  # every autoencoder of the course compresses each spatial side by 4
@@ -195,8 +196,6 @@ class Autoencoder(nn.Module):
     # ------------------------------------------------------------------ raw maps
 
     def _encode_whole(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from lungsynth.runtime import autocast
-
         with autocast(x.device):  # convolutions in bf16 where the device runs it fast
             e = self.net.encode(self._to_net(x))
         if self.quantized:  # the nearest-code search stays fp32
@@ -210,8 +209,6 @@ class Autoencoder(nn.Module):
         if self.quantized:
             # Nearest-code lookup without the EMA codebook update of the training forward.
             z = self.net.quantizer.embed(self.net.quantizer.quantize(z))
-        from lungsynth.runtime import autocast
-
         with autocast(z.device):
             out = self.net.decode(z).float()
         # Every input of the course lies in [0,1] (clipped HU, condition masks): so does a decoding.
