@@ -294,7 +294,8 @@ def measured_section(profile: str, figures: Mapping[str, str] | None = None) -> 
     report = json.loads(quality_json.read_text()) if quality_json.is_file() else {"gates": [], "source": "?"}
     total = sum(float(r["seconds"]) for r in rows)
     model = cpu_model()
-    avx = "AVX512-BF16/AMX" if {"avx512_bf16", "amx_bf16"} & cpu_flags() else "no AVX512-BF16 or AMX"
+    flags = cpu_flags()
+    avx = "AMX" if "amx_bf16" in flags else ("AVX512-BF16, no AMX" if "avx512_bf16" in flags else "no AVX512-BF16 or AMX")
     when = rows[-1]["finished"] if rows else "?"
     logged = {r["chapter"] for r in rows if r["status"] == "ok"}
     missing = [number for number in titles if number not in logged]

@@ -4,8 +4,8 @@ diffusion denoisers, segmenters, classifiers) trains through :class:`Trainer`.
 A model describes itself as a :class:`TrainTask`: its named modules, its named optimisers and a
 ``training_step(batch, step)`` that returns one loss per optimiser plus numbers to log. The
 engine does the rest: device placement, AdamW + LR schedule (constant, cosine, polynomial, with
-warm-up), bf16 autocast on CUDA (fp32 on CPU), gradient accumulation and clipping, EMA
-(decay, start step, update interval), atomic checkpoints that load with
+warm-up), bf16 autocast where the device runs it fast (``runtime.choose_precision``), gradient
+accumulation and clipping, EMA (decay, start step, update interval), atomic checkpoints that load with
 ``torch.load(weights_only=True)``, exact resume (the data order is part of the checkpoint),
 data parallelism under ``torchrun``, a tqdm bar, a metrics CSV and validation hooks::
 
@@ -610,6 +610,7 @@ class FitResult:
     checkpoint_path: Path | None  # last.pt
     final_path: Path | None  # final.pt
     run_dir: Path | None
+    skipped_steps: int = 0  # optimiser steps this call skipped for non-finite gradients (see Trainer)
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:
@@ -660,6 +661,28 @@ class _StopRequests:
             signal.signal(s, handler)
 
 
+def step_if_finite(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], grad_clip: float | None,
+                   logs: dict[str, Any] | None = None, suffix: str = "") -> bool:
+    """Clip (when ``grad_clip``) and step ``opt``, unless the gradients hold a NaN or an infinity: then
+    clear them and return False, as ``torch.amp.GradScaler`` skips such steps.
+
+    Measured: bf16 autocast on an AMD EPYC with AVX512-BF16 (no AMX, torch 2.13 / oneDNN) returned NaN
+    weight gradients of single 3D convolutions in a few LAND steps at t ~ 0, varying run to run; one
+    such step would otherwise turn every weight into NaN. ``logs`` gets ``grad_norm<suffix>`` when clipping.
+    """
+    if grad_clip:
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        if logs is not None:
+            logs[f"grad_norm{suffix}"] = norm.detach()
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if not torch.isfinite(norm):
+        opt.zero_grad(set_to_none=True)
+        return False
+    opt.step()
+    return True
+
+
 class Trainer:
     """Trains a :class:`TrainTask`; see the module docstring.
 
@@ -677,7 +700,8 @@ class Trainer:
         grad_clip: max global grad norm per optimiser (None or 0: off).
         mixed_precision: autocast the training and validation steps (False: always fp32).
         precision: ``auto | bf16 | fp32`` (``lungsynth.runtime.choose_precision``): auto is bf16 on
-            CUDA and on CPUs with AMX or AVX512-BF16, fp32 elsewhere; None follows ``$LUNGSYNTH_PRECISION``.
+            CUDA and on CPUs with AMX, fp32 elsewhere; None follows ``$LUNGSYNTH_PRECISION``. A step whose
+            gradients are not finite is skipped (:func:`step_if_finite`; ``FitResult.skipped_steps``).
         ema_decay / ema_start / ema_every: see :class:`EMA` (``ema_decay=None``: no EMA).
         checkpoint_every: steps between ``last.pt`` writes (None: only at the end).
         log_every: steps between metrics rows (mean over the steps since the last row).
@@ -727,6 +751,7 @@ class Trainer:
         self.device = torch.device("cpu")
         self.dist = DistInfo()
         self._elapsed_before = 0.0
+        self.skipped_steps = 0
         self._params: dict[str, list[torch.nn.Parameter]] = {}
         self._t0 = time.perf_counter()
 
@@ -915,10 +940,13 @@ class Trainer:
         params = self._params[name]
         if self.dist.distributed:
             self._all_reduce_grads(params)
-        if self.grad_clip:
-            norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], self.grad_clip)
-            logs["grad_norm" if len(self.optimizers) == 1 else f"grad_norm_{name}"] = norm.detach()
-        opt.step()
+        if not step_if_finite(opt, [p for p in params if p.grad is not None], self.grad_clip, logs,
+                              "" if len(self.optimizers) == 1 else f"_{name}"):
+            self.skipped_steps += 1
+            if self.skipped_steps == 1:
+                warnings.warn(f"step {self.step}: non-finite gradients of optimiser {name!r}; the step is skipped "
+                              f"(precision {runtime.choose_precision(self.device, self.precision).name}); "
+                              "FitResult.skipped_steps counts them", RuntimeWarning, stacklevel=2)
 
     def _train_step(self, data_iter: Iterator[Any]) -> dict[str, Any]:
         assert self.task is not None
@@ -1011,6 +1039,7 @@ class Trainer:
         self.device = self._resolve_device()
         self.task = task
         self._t0 = time.perf_counter()
+        self.skipped_steps = 0
         task.device = self.device
         modules = task.modules()
         if not modules:
@@ -1084,7 +1113,8 @@ class Trainer:
             raise TrainingStopped(self.step, path)
         path = self.save(final=True)
         return FitResult(self.step, start_step, last_logged, time.perf_counter() - self._t0, stopped_by, path,
-                         self.run_dir / FINAL_NAME if self.run_dir is not None else None, self.run_dir)
+                         self.run_dir / FINAL_NAME if self.run_dir is not None else None, self.run_dir,
+                         self.skipped_steps)
 
     def _stop_requested(self, stop: _StopRequests) -> bool:
         """True on every process once any process got SIGINT/SIGTERM (one collective under DDP)."""
@@ -1152,3 +1182,45 @@ class Trainer:
             if self.checkpoint_every and self.step % self.checkpoint_every == 0:
                 self.save()
         return stopped_by
+
+
+def probe_steps(task: TrainTask, batch: Any, steps: int, *, lr: float = 1e-4,
+                device: torch.device | None = None) -> dict[str, Any]:
+    """``steps`` optimiser steps of ``task`` on one fixed ``batch``, each forward under the run's
+    autocast (:func:`lungsynth.runtime.autocast`) as :class:`Trainer` runs it, without clipping,
+    accumulation or EMA: what a benchmark times and compares across precisions.
+
+    Args:
+        batch: a collated batch (what ``training_step`` receives).
+    Returns:
+        ``{"losses": [loss of each step] (the first optimiser's), "seconds": median seconds of the
+        steps after the first (the first warms up), "first_s": the first step's seconds,
+        "skipped_steps": steps skipped for non-finite gradients (:func:`step_if_finite`)}``.
+    """
+    if steps < 2:
+        raise ValueError(f"probe_steps needs >= 2 steps (the first one warms up), got {steps}")
+    dev = device or runtime.device()
+    task.setup(dev)
+    modules = task.modules()
+    for m in modules.values():
+        m.to(dev).train()
+    opts = task.configure_optimizers(lr, 0.0)
+    params = {n: [p for g in o.param_groups for p in g["params"] if p.requires_grad] for n, o in opts.items()}
+    keys = {n: loss_key(n, len(opts)) for n in opts}
+    batch = _to_device(batch, dev)
+    losses, times, skipped = [], [], 0
+    for step in range(steps):
+        t0 = time.perf_counter()
+        for o in opts.values():
+            o.zero_grad(set_to_none=True)
+        with runtime.autocast(dev):
+            out = task.training_step(batch, step)
+        present = [(n, out[keys[n]]) for n in opts if out.get(keys[n]) is not None]
+        for i, (n, loss) in enumerate(present):
+            loss.backward(inputs=params[n], retain_graph=i < len(present) - 1)
+            skipped += not step_if_finite(opts[n], [p for p in params[n] if p.grad is not None], None)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        losses.append(float(present[0][1].detach()))
+    return {"losses": losses, "seconds": float(np.median(times[1:])), "first_s": times[0], "skipped_steps": skipped}

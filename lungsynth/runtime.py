@@ -32,9 +32,13 @@ def device() -> torch.device:
 
 PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp32")
 PRECISION_ENV = "LUNGSYNTH_PRECISION"
-# CPU flags under which oneDNN runs bf16 convolutions and matmuls natively. Without them bf16 is
-# emulated: on an AVX2-only AMD EPYC, one 3D VAE step took 88 s in bf16 against 1.3 s in fp32.
-FAST_BF16_CPU_FLAGS: tuple[str, ...] = ("amx_bf16", "avx512_bf16")
+# CPU flags under which oneDNN runs bf16 convolutions and matmuls fast: AMX tiles (2-6x faster steps
+# than fp32, measured on an Intel Xeon with AMX). Without AMX, auto keeps fp32, measured (docs/performance.md):
+# - AVX2 only (an AMD EPYC): bf16 is emulated, one 3D VAE step took 88 s against 1.3 s in fp32;
+# - AVX512-BF16 without AMX (an AMD EPYC, torch 2.13): 3D steps 1.3-1.8x faster, 2D ones 0.4-0.8x (slower),
+#   and the 3D convolutions' weight gradients came back NaN in 7 of 20 LAND steps at the course size
+#   (none in fp32, none with oneDNN off: a kernel fault, not a range overflow).
+FAST_BF16_CPU_FLAGS: tuple[str, ...] = ("amx_bf16",)
 _warned: set[str] = set()
 
 
@@ -90,7 +94,7 @@ def choose_precision(dev: torch.device | None = None, requested: str | None = No
     """The precision of autocast on ``dev``.
 
     ``requested`` (a config key) wins unless it is ``"auto"``; then ``$LUNGSYNTH_PRECISION``; then
-    ``auto``: bf16 on CUDA with bf16 support and on a CPU with AMX or AVX512-BF16, fp32 otherwise.
+    ``auto``: bf16 on CUDA with bf16 support and on a CPU with AMX, fp32 otherwise.
     bf16 asked for on a CPU without them runs, with one warning that it is slow.
     """
     dev = dev or device()
@@ -106,7 +110,10 @@ def choose_precision(dev: torch.device | None = None, requested: str | None = No
         if choice == "auto":
             if flag:
                 return Precision("bf16", f"auto: the CPU has {flag}")
-            return Precision("fp32", "auto: the CPU has neither " + " nor ".join(FAST_BF16_CPU_FLAGS)
+            if "avx512_bf16" in (cpu_flags() if flags is None else flags):
+                return Precision("fp32", "auto: the CPU has avx512_bf16 but no AMX (bf16 measured no faster in 2D "
+                                 "and with NaN 3D convolution gradients there)")
+            return Precision("fp32", "auto: the CPU has no " + " or ".join(FAST_BF16_CPU_FLAGS)
                              + " (bf16 would be emulated, many times slower)")
         if choice == "bf16" and not flag and "cpu-bf16" not in _warned:
             _warned.add("cpu-bf16")
@@ -310,3 +317,66 @@ def measure() -> Iterator[dict]:
         else:
             out["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         out["seconds"] = time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------- benchmark processes
+
+CHILD_TAG = "LUNGSYNTH-CHILD-JSON "
+# Short fp32 and bf16 runs from one seed agree when their mean losses differ by at most this share.
+# bf16 keeps 8 significant bits (a rounding of 0.4% per value) and oneDNN accumulates its convolutions
+# and matmuls in fp32, so one step's loss moves well under 1%; a few AdamW steps on one batch let the
+# curves drift a little further. 5% is far below what training moves a loss (several-fold in a chapter).
+LOSS_RTOL = 0.05
+
+
+def run_child(target: str, spec: dict[str, Any], *, precision: str | None = None,
+              timeout: float | None = None) -> dict[str, Any]:
+    """``module:function`` called on ``spec`` in a fresh Python process; returns its JSON-able result.
+
+    Benchmarks measure in fresh processes because peak RSS never goes down within one. ``precision``
+    sets ``$LUNGSYNTH_PRECISION`` there (``fp32`` or ``bf16``; None inherits this process's).
+    """
+    module, func = target.split(":")
+    code = (f"import json, sys; from {module} import {func}; "
+            f"print({CHILD_TAG!r} + json.dumps({func}(json.loads(sys.argv[1]))))")
+    env = {**os.environ, **({PRECISION_ENV: _check_precision(precision, "run_child")} if precision else {})}
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+    tagged = [ln for ln in proc.stdout.splitlines() if ln.startswith(CHILD_TAG)]
+    if proc.returncode != 0 or not tagged:
+        what = spec.get("what", "") if isinstance(spec, dict) else ""
+        raise RuntimeError(f"benchmark process {target} ({what}, precision "
+                           f"{precision or 'inherited'}) failed with code {proc.returncode}:\n{proc.stderr[-2000:]}")
+    return json.loads(tagged[-1][len(CHILD_TAG):])
+
+
+def compare_precisions(target: str, specs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each ``label: spec`` run by :func:`run_child` in fp32 and in bf16 (same seed); prints and returns
+    rows ``{"what", "fp32_s", "bf16_s", "speedup", "loss_rel_diff", "agree", "skipped_steps"}``.
+
+    A child returns ``{"seconds"}`` and, for training, ``{"losses"}``: the loss of each step of a short run
+    (:func:`lungsynth.engine.probe_steps`). ``speedup`` is fp32 time / bf16 time; ``loss_rel_diff`` the
+    relative difference of the mean losses, which agree within :data:`LOSS_RTOL`.
+    """
+    cpu = device().type == "cpu"
+    auto = choose_precision(requested="auto") if not os.environ.get(PRECISION_ENV) else None
+    print(f"fp32 vs bf16 autocast on {cpu_model() if cpu else torch.cuda.get_device_name()}"
+          + (f" (auto picks {auto.name}: {auto.reason})" if auto else "") + ", one process per number:")
+    rows = []
+    for label, spec in specs.items():
+        r = {p: run_child(target, spec, precision=p) for p in ("fp32", "bf16")}
+        row: dict[str, Any] = {"what": label, "fp32_s": r["fp32"]["seconds"], "bf16_s": r["bf16"]["seconds"]}
+        row["speedup"] = row["fp32_s"] / row["bf16_s"] if row["bf16_s"] > 0 else float("nan")
+        line = f"  {label:>22}: fp32 {row['fp32_s']:8.3f} s  bf16 {row['bf16_s']:8.3f} s  fp32/bf16 x{row['speedup']:.2f}"
+        if "losses" in r["fp32"]:
+            lf, lb = (float(np.mean(r[p]["losses"])) for p in ("fp32", "bf16"))
+            row["loss_rel_diff"] = abs(lb - lf) / max(abs(lf), 1e-12)
+            row["agree"] = row["loss_rel_diff"] <= LOSS_RTOL
+            row["skipped_steps"] = {p: int(r[p].get("skipped_steps", 0)) for p in ("fp32", "bf16")}
+            skipped = ", ".join(f"{p} skipped {k} (non-finite gradients)" for p, k in row["skipped_steps"].items() if k)
+            line += (f"  mean loss over {len(r['fp32']['losses'])} steps fp32 {lf:.4g} bf16 {lb:.4g} "
+                     f"({100 * row['loss_rel_diff']:.2f}%: {'agree' if row['agree'] else 'DIFFER'} "
+                     f"within {100 * LOSS_RTOL:.0f}%)" + (f"; {skipped}" if skipped else ""))
+        print(line, flush=True)
+        rows.append(row)
+    return rows

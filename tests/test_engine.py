@@ -424,3 +424,33 @@ def test_a_signal_saves_a_checkpoint_and_the_resumed_run_matches(tmp_path, sig):
     a, b = losses_of(straight), losses_of(run)
     assert sorted(a) == sorted(b) == list(range(1, 61))
     assert all(abs(a[s] - b[s]) < 1e-7 for s in a)
+
+
+def test_a_step_with_non_finite_gradients_is_skipped_not_applied(tmp_path):
+    """A NaN gradient under a finite loss (what bf16 convolutions gave on one CPU) must not reach the weights."""
+    task = SimpleTask(mlp(), mse, kind="toy")
+    trainer = Trainer(tmp_path, max_steps=8, lr=1e-2, batch_size=8, grad_clip=1.0, progress=False)
+    weights = {}
+
+    def before_forward(module, args):  # the engine's step counter, read before each forward
+        weights[trainer.step] = flat(task.model).clone()
+
+    task.model.register_forward_pre_hook(before_forward)
+    task.model[0].weight.register_hook(lambda g: g * float("nan") if trainer.step == 3 else g)
+    with pytest.warns(RuntimeWarning, match="non-finite gradients"):
+        result = trainer.fit(task, regression_data())
+    assert result.skipped_steps == 1 and result.steps == 8
+    assert torch.equal(weights[3], weights[4])  # step 3 left every weight alone
+    assert not torch.equal(weights[4], weights[5])  # and training went on
+    assert torch.isfinite(flat(task.model)).all()
+
+
+def test_probe_steps_times_and_records_a_short_run():
+    from lungsynth.engine import probe_steps
+
+    x, y = regression_data().tensors
+    out = probe_steps(SimpleTask(mlp(), mse, kind="toy"), (x[:16], y[:16]), 12, lr=1e-2)
+    assert len(out["losses"]) == 12 and out["skipped_steps"] == 0 and out["seconds"] > 0
+    assert out["losses"][-1] < 0.5 * out["losses"][0]  # the optimiser steps: it is a run, not one step repeated
+    with pytest.raises(ValueError, match=">= 2 steps"):
+        probe_steps(SimpleTask(mlp(), mse, kind="toy"), (x, y), 1)

@@ -4,11 +4,12 @@ sliding-window decoding, each decode in a fresh process (peak RSS never goes dow
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
+from typing import Any
+
+from lungsynth.runtime import compare_precisions, run_child
+
+CHILD = "lungsynth.autoencoders.bench:_child"
 
 
 def _decode_probe(kind: str, size: int, mode: str, roi: int, profile: str | None) -> dict:
@@ -44,6 +45,24 @@ def _decode_probe(kind: str, size: int, mode: str, roi: int, profile: str | None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"mode": mode, "seconds": seconds, "peak_mb": peak, "above_start_mb": peak - rss_before, "device": "cpu",
             "shape": list(out.shape)}
+
+
+def _child(spec: dict[str, Any]) -> dict:
+    """In a fresh process: a short vae3d training run on random cubes (``what="train"``), or one decode."""
+    if spec["what"] != "train":
+        return _decode_probe("vae3d", int(spec["size"]), spec["what"], int(spec["roi"]), spec["profile"])
+    import torch
+
+    from lungsynth.autoencoders.train import AutoencoderTask
+    from lungsynth.config import get_config
+    from lungsynth.engine import probe_steps
+
+    torch.manual_seed(0)
+    cfg = get_config(spec["profile"], spec.get("overrides") or {})
+    patch, batch = int(cfg.autoencoders.patch_3d), int(cfg.autoencoders.batch_size)
+    images = torch.rand(batch, 1, patch, patch, patch, generator=torch.Generator().manual_seed(0))
+    return probe_steps(AutoencoderTask("vae3d", cfg), {"image": images}, 1 + int(spec["repeats"]),
+                       lr=float(cfg.autoencoders.lr))
 
 
 def _rss_mb() -> float:
@@ -95,16 +114,14 @@ def bench_vae(args: argparse.Namespace) -> int:
           f"(adversarial term {'on' if cfg.autoencoders.adv_warmup_steps < 2 else 'in warm-up'})")
 
     results = {}
+    decode = {"profile": cfg.profile, "size": size, "roi": roi}
     for mode in ("whole", "sliding"):
-        cmd = [sys.executable, "-m", "lungsynth.autoencoders.bench", "_decode_probe", "vae3d", str(size), mode, str(roi),
-               cfg.profile]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
-        if proc.returncode != 0:
+        try:
+            results[mode] = r = run_child(CHILD, {**decode, "what": mode})
+        except RuntimeError as exc:
             results[mode] = None
-            print(f"decode {size}^3 {mode}: failed ({proc.stderr.strip().splitlines()[-1] if proc.stderr else 'killed'})")
+            print(f"decode {size}^3 {mode}: failed ({str(exc).strip().splitlines()[-1]})")
             continue
-        results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
-        r = results[mode]
         print(f"decode {size}^3 {mode:7s}{'' if mode == 'whole' else f' (window {roi}^3)'}: {r['seconds']:.2f} s, "
               f"peak {r['peak_mb']:.0f} MB ({r['above_start_mb']:.0f} MB above the model) on {r['device']}")
     if results.get("whole") and results.get("sliding"):
@@ -112,9 +129,7 @@ def bench_vae(args: argparse.Namespace) -> int:
         print(f"whole / sliding: peak memory x{w['peak_mb'] / s['peak_mb']:.2f} "
               f"(above the model x{w['above_start_mb'] / max(s['above_start_mb'], 1e-6):.2f}), "
               f"time x{w['seconds'] / s['seconds']:.2f}")
+    compare_precisions(CHILD, {"vae3d train step": {"profile": cfg.profile, "overrides": parse_overrides(args.overrides),
+                                                    "what": "train", "repeats": max(int(args.repeats), 5)},
+                               f"decode {size}^3 whole": {**decode, "what": "whole"}})
     return 0
-
-
-if __name__ == "__main__" and len(sys.argv) >= 2 and sys.argv[1] == "_decode_probe":
-    _, _, kind_, size_, mode_, roi_, profile_ = sys.argv
-    print(json.dumps(_decode_probe(kind_, int(size_), mode_, int(roi_), profile_)))

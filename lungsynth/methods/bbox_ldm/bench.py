@@ -8,23 +8,22 @@ latents: speed and memory do not depend on the weights. Ratios are relative to c
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 from typing import Any
 
-TAG = "BBOXLDMJSON"
+from lungsynth.runtime import compare_precisions, run_child
+
+CHILD = "lungsynth.methods.bbox_ldm.bench:_child"
 
 
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from lungsynth.runtime import measure
     from lungsynth.config import get_config
     from lungsynth.diffusion.samplers import sample
     from lungsynth.diffusion.schedules import make_scheduler
+    from lungsynth.engine import probe_steps
     from lungsynth.methods.bbox_ldm.train import BboxLdmTask
-    from lungsynth.runtime import device
+    from lungsynth.runtime import device, measure
 
     cfg = get_config(spec["profile"], spec["overrides"])
     dev = device()
@@ -39,31 +38,26 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     mask[:, :, lat // 3:lat // 2, lat // 3:lat // 2] = 1
     batch = {"latent": torch.randn(B, 4, lat, lat, device=dev), "mask": mask,
              "attributes": torch.randint(1, 6, (B, 5), device=dev)}
-    if spec["what"] == "train":
-        params = [p for m in task.modules().values() for p in m.parameters()]
-        opt = torch.optim.AdamW(params, lr=1e-4)
+    params = sum(p.numel() for mod in task.modules().values() for p in mod.parameters())
+    if spec["what"] == "train":  # a short run: optimiser steps on one batch, the loss of each
+        with measure() as m:
+            r = probe_steps(task, batch, 1 + int(spec["repeats"]), device=dev)
+        return {**r, "peak_mb": m["peak_mb"], "params": params}
+    sched = make_scheduler("ddim", c.num_train_timesteps, "linear", "epsilon")
+    for m in task.modules().values():
+        m.eval()
 
-        def once() -> None:
-            task.training_step(batch, 0)["loss"].backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    else:
-        sched = make_scheduler("ddim", c.num_train_timesteps, "linear", "epsilon")
-        for m in task.modules().values():
-            m.eval()
-
-        def once() -> None:
-            with torch.no_grad():
-                ctx = task.context(mask[:1], batch["attributes"][:1])
-                cond = {"concat": mask[:1], **({"context": ctx} if ctx is not None else {})}
-                sample(lambda x, t, **kw: task.unet(x, t, **kw), sched, (1, 4, lat, lat), int(c.ddim_steps),
-                       generator=torch.Generator().manual_seed(0), device=dev, condition=cond, progress=False)
+    def once() -> None:
+        with torch.no_grad():
+            ctx = task.context(mask[:1], batch["attributes"][:1])
+            cond = {"concat": mask[:1], **({"context": ctx} if ctx is not None else {})}
+            sample(lambda x, t, **kw: task.unet(x, t, **kw), sched, (1, 4, lat, lat), int(c.ddim_steps),
+                   generator=torch.Generator().manual_seed(0), device=dev, condition=cond, progress=False)
     once()  # warm-up
     with measure() as m:
         for _ in range(int(spec["repeats"])):
             once()
-    return {"seconds": m["seconds"] / int(spec["repeats"]), "peak_mb": m["peak_mb"],
-            "params": sum(p.numel() for mod in task.modules().values() for p in mod.parameters())}
+    return {"seconds": m["seconds"] / int(spec["repeats"]), "peak_mb": m["peak_mb"], "params": params}
 
 
 def bench_bbox_ldm(args: argparse.Namespace) -> int:
@@ -81,13 +75,7 @@ def bench_bbox_ldm(args: argparse.Namespace) -> int:
         for k in (1, 2, 3):
             spec = {"profile": cfg.profile, "overrides": overrides, "size": size, "config": k, "what": what,
                     "repeats": args.repeats}
-            proc = subprocess.run([sys.executable, "-c", "import json,sys; from lungsynth.methods.bbox_ldm.bench "
-                                   "import _child, TAG; print(TAG + json.dumps(_child(json.loads(sys.argv[1]))))",
-                                   json.dumps(spec)], capture_output=True, text=True)
-            line = [x for x in proc.stdout.splitlines() if x.startswith(TAG)]
-            if proc.returncode != 0 or not line:
-                raise RuntimeError(f"bench child ({k}, {what}) failed:\n{proc.stderr[-2000:]}")
-            res[(k, what)] = json.loads(line[0][len(TAG):])
+            res[(k, what)] = run_child(CHILD, spec)
     for what, label in (("train", "train step"), ("sample", "one sample")):
         base = res[(1, what)]
         for k in (1, 2, 3):
@@ -95,4 +83,8 @@ def bench_bbox_ldm(args: argparse.Namespace) -> int:
             print(f"  {label:>10} config {k}: {r['seconds']:.3f} s ({r['seconds'] / base['seconds']:.2f}x), "
                   f"peak {r['peak_mb']:.0f} MB ({r['peak_mb'] / base['peak_mb']:.2f}x), "
                   f"{r['params'] / 1e6:.2f} M params")
+    spec = {"profile": cfg.profile, "overrides": overrides, "size": size, "config": 3,
+            "repeats": max(int(args.repeats), 5)}
+    compare_precisions(CHILD, {"train step, config 3": {**spec, "what": "train"},
+                               "one sample, config 3": {**spec, "what": "sample", "repeats": 1}})
     return 0

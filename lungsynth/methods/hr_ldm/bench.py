@@ -8,24 +8,23 @@ memory do not depend on the weights.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 from typing import Any
 
-TAG = "HRLDMJSON"
+from lungsynth.runtime import compare_precisions, run_child
+
+CHILD = "lungsynth.methods.hr_ldm.bench:_child"
 
 
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from lungsynth.runtime import measure
     from lungsynth.config import get_config
+    from lungsynth.engine import SimpleTask, probe_steps
     from lungsynth.methods.hr_ldm.model import (HrLdmNet, TruncatedDecoder, crop_side, hr_ldm_losses,
                                                 make_schedulers, net_spec)
     from lungsynth.methods.hr_ldm.sample import HrLdm, inpaint_latent
     from lungsynth.autoencoders import build_autoencoder
-    from lungsynth.runtime import device
+    from lungsynth.runtime import device, measure
 
     cfg = get_config(spec["profile"], spec["overrides"])
     dev = device()
@@ -46,26 +45,23 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
              "subtype": torch.arange(B, device=dev) % 3,
              "feat_weight": torch.nn.functional.interpolate(cond[:, :1], size=tuple(fshape))}
     what = spec["what"]
-    if what.startswith("train"):
-        opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    params = sum(p.numel() for p in net.parameters())
+    if what.startswith("train"):  # a short run: optimiser steps on one batch, the loss of each
         use = trunc if what == "train_hist" else None
+        task = SimpleTask(net, lambda m, b: hr_ldm_losses(m, train_sched, b, use, cfg.hr_ldm.hist_weight,
+                                                          cfg.hr_ldm.hist_bins), kind="hr-ldm-bench")
+        with measure() as m:
+            r = probe_steps(task, batch, 1 + int(spec["repeats"]), device=dev)
+        return {**r, "peak_mb": m["peak_mb"], "side": side, "params": params}
+    model = HrLdm(net.eval(), vae, sample_sched, cfg)
 
-        def once() -> None:
-            out = hr_ldm_losses(net, train_sched, batch, use, cfg.hr_ldm.hist_weight, cfg.hr_ldm.hist_bins)
-            out["loss"].backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    else:
-        model = HrLdm(net.eval(), vae, sample_sched, cfg)
-
-        def once() -> None:
-            inpaint_latent(model, batch["z0"][:1], cond[:1], 0, batch["hist"][:1])
+    def once() -> None:
+        inpaint_latent(model, batch["z0"][:1], cond[:1], 0, batch["hist"][:1])
     once()  # warm-up
     with measure() as m:
         for _ in range(int(spec["repeats"])):
             once()
-    return {"seconds": m["seconds"] / int(spec["repeats"]), "peak_mb": m["peak_mb"], "side": side,
-            "params": sum(p.numel() for p in net.parameters())}
+    return {"seconds": m["seconds"] / int(spec["repeats"]), "peak_mb": m["peak_mb"], "side": side, "params": params}
 
 
 def bench_hr_ldm(args: argparse.Namespace) -> int:
@@ -80,16 +76,13 @@ def bench_hr_ldm(args: argparse.Namespace) -> int:
     for what in ("train_no_hist", "train_hist", "inpaint"):
         spec = {"profile": cfg.profile, "overrides": overrides, "size": args.size, "what": what,
                 "repeats": args.repeats}
-        code = (f"import json, sys; from lungsynth.methods.hr_ldm.bench import _child; "
-                f"print('{TAG}' + json.dumps(_child(json.loads(sys.argv[1]))))")
-        proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(TAG)]
-        if proc.returncode != 0 or not lines:
-            raise RuntimeError(f"bench process for {what} failed ({proc.returncode}): {proc.stderr[-2000:]}")
-        res[what] = r = json.loads(lines[-1][len(TAG):])
+        res[what] = r = run_child(CHILD, spec)
         print(f"  {what:14s} {r['seconds']:8.3f} s  peak {r['peak_mb']:9.1f} MB  crop {r['side']}^3  "
               f"params {r['params'] / 1e6:.2f}M", flush=True)
     a, b = res["train_hist"], res["train_no_hist"]
     print(f"ratio with / without histogram loss: time {a['seconds'] / b['seconds']:.3f}  "
           f"peak memory {a['peak_mb'] / b['peak_mb']:.3f}")
+    spec = {"profile": cfg.profile, "overrides": overrides, "size": args.size, "repeats": max(int(args.repeats), 5)}
+    compare_precisions(CHILD, {"train step (histogram)": {**spec, "what": "train_hist"},
+                               "one inpainting": {**spec, "what": "inpaint", "repeats": 1}})
     return 0

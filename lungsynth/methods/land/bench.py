@@ -4,9 +4,6 @@ Table 1, each measured in a fresh process (peak RSS is per process)."""
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +14,7 @@ import torch
 from lungsynth.methods.land.model import LandDenoiser, denoiser_spec, land_loss, make_scheduler
 from lungsynth.methods.land.sample import load, sample
 from lungsynth.methods.land.train import heldout_conditions
+from lungsynth.runtime import compare_precisions, run_child
 
 
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
@@ -38,14 +36,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_child(fn: str, spec: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
-    code = (f"import json, sys; from lungsynth.methods.land.bench import {fn}; "
-            f"print('LANDJSON' + json.dumps({fn}(json.loads(sys.argv[1]))))")
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
-                          timeout=timeout)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("LANDJSON")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"measurement subprocess failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    return json.loads(lines[-1][len("LANDJSON"):])
+    return run_child(f"lungsynth.methods.land.bench:{fn}", spec, timeout=timeout)
 
 
 def peak_sampling_memory(cfg: Any, variant: str, run_dir: Path | str | None = None, *, sampler: str | None = None,
@@ -65,7 +56,8 @@ def _bench_child(spec: dict[str, Any]) -> dict[str, Any]:
     import resource
 
     from lungsynth.diffusion.samplers import sample as reverse
-    from lungsynth.runtime import device
+    from lungsynth.engine import SimpleTask, probe_steps
+    from lungsynth.runtime import autocast, device
 
     torch.manual_seed(0)
     dev = device()
@@ -77,12 +69,18 @@ def _bench_child(spec: dict[str, Any]) -> dict[str, Any]:
     what, reps = spec["what"], int(spec.get("repeats", 3))
     cuda = dev.type == "cuda"
 
+    if what == "train_step":  # a short run: optimiser steps on one batch, the loss of each
+        task = SimpleTask(den, lambda m, b: land_loss(m, sched, b["z"], b["grid"], 5.0), kind="land-bench")
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        r = probe_steps(task, {"z": z, "grid": grid}, 1 + reps, device=dev)
+        peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        return {**r, "peak_mb": peak, "delta_mb": peak if cuda else max(peak - base, 0.0),
+                "params": sum(p.numel() for p in den.parameters())}
+
     def once() -> None:
-        if what == "train_step":
-            den.train()
-            land_loss(den, sched, z, grid, 5.0)["loss"].backward()
-        elif what == "denoiser_step":
-            with torch.no_grad():
+        if what == "denoiser_step":
+            with torch.no_grad(), autocast(dev):
                 den.eval()(torch.cat([z, grid], 1), torch.tensor([500], device=dev), grid)
         else:
             den.eval()
@@ -96,7 +94,7 @@ def _bench_child(spec: dict[str, Any]) -> dict[str, Any]:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     times = []
-    for _ in range(reps if what != "sample" else 1):
+    for _ in range(reps if what == "denoiser_step" else 1):
         t0 = time.perf_counter()
         once()
         times.append(time.perf_counter() - t0)
@@ -137,4 +135,8 @@ def bench_land(args: argparse.Namespace) -> int:
         print(f"  {what:14s} time {a['seconds'] / c['seconds']:.3f}  peak memory {mem:.3f}")
     a, c = res[("sample", "additive")], res[("sample", "concat")]
     print(f"  parameters {a['params'] / c['params']:.3f}")
+    spec = {"denoiser": denoiser_spec(cfg, "latentmask-texture", 4, None, cfg.land.skip), "latent_size": s,
+            "steps": steps, "repeats": max(int(args.repeats), 5)}
+    compare_precisions("lungsynth.methods.land.bench:_bench_child",
+                       {"train step": {**spec, "what": "train_step"}, f"sample (DDIM {steps})": {**spec, "what": "sample"}})
     return 0

@@ -6,6 +6,8 @@ import argparse
 import time
 from typing import Any
 
+CHILD = "lungsynth.methods.lung_ddpm.bench:_bench_child"
+
 
 def _bench_child(spec: dict[str, Any]) -> dict[str, Any]:
     """One configuration in a fresh process: a train step, or one sample with / without AAS."""
@@ -14,6 +16,7 @@ def _bench_child(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from lungsynth.config import get_config
+    from lungsynth.engine import probe_steps
     from lungsynth.methods.lung_ddpm.sample import LungDDPM
     from lungsynth.methods.lung_ddpm.train import LungDdpmTask
     from lungsynth.runtime import device
@@ -31,39 +34,35 @@ def _bench_child(spec: dict[str, Any]) -> dict[str, Any]:
     layout[..., s // 2 - 2: s // 2 + 2, s // 2 - 2: s // 2 + 2, s // 4 - 2: s // 4 + 2] = 2
     model = LungDDPM(task.unet, task.scheduler, cfg)
     cuda = dev.type == "cuda"
+    params = sum(p.numel() for p in task.unet.parameters())
 
-    def once() -> None:
-        if spec["what"] == "train_step":
-            task.unet.train()
-            task.training_step({"ct": ct, "layout": layout}, 0)["loss"].backward()
-        else:
-            model.sample(layout.cpu(), ct.cpu(), aas=spec["what"] == "sample_aas", device=dev,
-                         generator=torch.Generator().manual_seed(0))
+    def peak_mb() -> float:
+        return (torch.cuda.max_memory_allocated() / 2**20 if cuda
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+    if spec["what"] == "train_step":  # a short run: optimiser steps on one batch, the loss of each
+        r = probe_steps(task, {"ct": ct, "layout": layout}, 1 + int(spec["repeats"]), device=dev)
+        return {**r, "peak_mb": peak_mb(), "params": params}
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        model.sample(layout.cpu(), ct.cpu(), aas=spec["what"] == "sample_aas", device=dev,
+                     generator=torch.Generator().manual_seed(0))
         if cuda:
             torch.cuda.synchronize()
+        return time.perf_counter() - t0
 
-    once()
+    once()  # warm-up
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(int(spec["repeats"]) if spec["what"] == "train_step" else 1):
-        t0 = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - t0)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return {"seconds": min(times), "peak_mb": peak,
-            "params": sum(p.numel() for p in task.unet.parameters())}
+    return {"seconds": once(), "peak_mb": peak_mb(), "params": params}
 
 
 def bench_lung_ddpm(args: argparse.Namespace) -> int:
     """``lungsynth bench lung-ddpm [--size S]``: train step, sampling with and without AAS (the cost of
     AAS as a ratio), each configuration in its own process (peak RSS never goes down in one)."""
-    import json
-    import subprocess
-    import sys
-
     from lungsynth.config import get_config, parse_overrides
+    from lungsynth.runtime import compare_precisions, run_child
 
     overrides = parse_overrides(args.overrides)
     cfg = get_config(args.profile, overrides)
@@ -78,16 +77,14 @@ def bench_lung_ddpm(args: argparse.Namespace) -> int:
     for what in ("train_step", "sample_no_aas", "sample_aas"):
         spec = {"profile": cfg.profile, "overrides": overrides, "size": size, "steps": steps, "what": what,
                 "repeats": args.repeats}
-        code = ("import json, sys; from lungsynth.methods.lung_ddpm.bench import _bench_child; "
-                "print('LDDPMJSON' + json.dumps(_bench_child(json.loads(sys.argv[1]))))")
-        proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("LDDPMJSON")]
-        if proc.returncode != 0 or not lines:
-            raise RuntimeError(f"bench process for {what} failed ({proc.returncode}): {proc.stderr[-2000:]}")
-        res[what] = r = json.loads(lines[-1][len("LDDPMJSON"):])
+        res[what] = r = run_child(CHILD, spec)
         print(f"  {what:14s} {r['seconds']:8.3f} s  peak {r['peak_mb']:9.1f} MB  params {r['params'] / 1e6:.2f}M",
               flush=True)
     a, n = res["sample_aas"], res["sample_no_aas"]
     print(f"ratios AAS / no AAS: time {a['seconds'] / n['seconds']:.3f}  peak memory {a['peak_mb'] / n['peak_mb']:.3f}")
     print(f"per sampling step: {n['seconds'] / steps:.3f} s (no AAS), {a['seconds'] / steps:.3f} s (AAS)")
+    spec = {"profile": cfg.profile, "overrides": overrides, "size": size, "steps": steps,
+            "repeats": max(int(args.repeats), 5)}
+    compare_precisions(CHILD, {"train step": {**spec, "what": "train_step"},
+                               f"one sample (AAS, {steps})": {**spec, "what": "sample_aas"}})
     return 0

@@ -12,12 +12,11 @@ U-Net of the profile's sizes on random ROIs, with the packaged MiniLM text encod
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 from typing import Any
 
-TAG = "TEXT2IMGJSON"
+from lungsynth.runtime import compare_precisions, run_child
+
+CHILD = "lungsynth.methods.text2img.bench:_child"
 GUIDED = 5.0  # the paper's best guidance scale; any s != 1 costs the same
 
 
@@ -27,6 +26,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     from lungsynth.autoencoders import build_autoencoder
     from lungsynth.config import get_config
     from lungsynth.data.prompts import write_prompt
+    from lungsynth.engine import probe_steps
     from lungsynth.methods.text2img.model import LatentCodec, Text2ImgModel, TextEncoder, build_unet, train_scheduler
     from lungsynth.methods.text2img.sample import generate
     from lungsynth.methods.text2img.train import Text2ImgTask
@@ -45,36 +45,21 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     prompts = [write_prompt({"sphericity": 1 + i % 5, "texture": 1 + 2 * i % 5, "margin": 5 - i % 5,
                              "spiculation": 1 + 3 * i % 5, "calcification": 1 + i % 6}) for i in range(B)]
     if spec["what"] == "train":
+        # a short run: optimiser steps on one batch, the loss of each
         task = Text2ImgTask(model, c.prompt_dropout)
-        task.setup(dev)
-        opt = torch.optim.AdamW(unet.parameters(), lr=c.lr)
         batch = {"image": torch.rand(B, 1, side, side, device=dev), "prompt": prompts}
+        with measure() as m:
+            r = probe_steps(task, batch, 1 + int(spec["repeats"]), lr=float(c.lr), device=dev)
+        return {**r, "peak_mb": m["peak_mb"], "params": sum(p.numel() for p in unet.parameters())}
 
-        def once() -> None:
-            task.training_step(batch, 0)["loss"].backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    else:
-        def once() -> None:
-            generate(model, prompts, float(spec["guidance"]), int(c.sample_steps), c.sampler, seed=0, device=dev)
+    def once() -> None:
+        generate(model, prompts, float(spec["guidance"]), int(c.sample_steps), c.sampler, seed=0, device=dev)
     once()  # warm-up (and the prompts' encodings cached)
     with measure() as m:
         for _ in range(int(spec["repeats"])):
             once()
     return {"seconds": m["seconds"] / int(spec["repeats"]), "peak_mb": m["peak_mb"],
             "params": sum(p.numel() for p in unet.parameters())}
-
-
-def _in_process(spec: dict[str, Any]) -> dict[str, Any]:
-    """:func:`_child` in a fresh Python process; its result from the tagged line of its output."""
-    code = ("import json, sys; from lungsynth.methods.text2img.bench import _child, TAG; "
-            "print(TAG + json.dumps(_child(json.loads(sys.argv[1]))))")
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True)
-    tagged = [ln for ln in proc.stdout.splitlines() if ln.startswith(TAG)]
-    if proc.returncode != 0 or not tagged:
-        raise RuntimeError(f"bench process {spec['what']} (guidance {spec['guidance']}) failed "
-                           f"({proc.returncode}):\n{proc.stderr[-2000:]}")
-    return json.loads(tagged[-1][len(TAG):])
 
 
 def bench_text2img(args: argparse.Namespace) -> int:
@@ -88,7 +73,7 @@ def bench_text2img(args: argparse.Namespace) -> int:
           f"batch {c.batch_size}, {c.sampler} {c.sample_steps} steps, repeats {args.repeats}; one process per number")
     runs = {"train step": ("train", None), "sample s = 1": ("sample", 1.0),
             f"sample s = {GUIDED:g}": ("sample", GUIDED)}
-    res = {label: _in_process({"profile": cfg.profile, "overrides": overrides, "size": side, "what": what,
+    res = {label: run_child(CHILD, {"profile": cfg.profile, "overrides": overrides, "size": side, "what": what,
                                "guidance": guidance, "repeats": args.repeats})
            for label, (what, guidance) in runs.items()}
     for label, r in res.items():
@@ -97,4 +82,7 @@ def bench_text2img(args: argparse.Namespace) -> int:
     guided, plain = res[f"sample s = {GUIDED:g}"], res["sample s = 1"]
     print(f"guided / unguided sampling of {c.batch_size} ROIs: time {guided['seconds'] / plain['seconds']:.2f}x, "
           f"peak memory {guided['peak_mb'] / plain['peak_mb']:.2f}x")
+    spec = {"profile": cfg.profile, "overrides": overrides, "size": side, "repeats": max(int(args.repeats), 5)}
+    compare_precisions(CHILD, {"train step": {**spec, "what": "train", "guidance": None},
+                               f"sample s = {GUIDED:g}": {**spec, "what": "sample", "guidance": GUIDED, "repeats": 1}})
     return 0
