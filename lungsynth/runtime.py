@@ -33,11 +33,12 @@ def device() -> torch.device:
 PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp32")
 PRECISION_ENV = "LUNGSYNTH_PRECISION"
 # CPU flags under which oneDNN runs bf16 convolutions and matmuls fast: AMX tiles (2-6x faster steps
-# than fp32, measured on an Intel Xeon with AMX). Without AMX, auto keeps fp32, measured (docs/performance.md):
+# than fp32, measured on a 2-core machine with AMX). Without AMX, auto keeps fp32, measured (docs/performance.md):
 # - AVX2 only (an AMD EPYC): bf16 is emulated, one 3D VAE step took 88 s against 1.3 s in fp32;
-# - AVX512-BF16 without AMX (an AMD EPYC, torch 2.13): 3D steps 1.3-1.8x faster, 2D ones 0.4-0.8x (slower),
-#   and the 3D convolutions' weight gradients came back NaN in 7 of 20 LAND steps at the course size
-#   (none in fp32, none with oneDNN off: a kernel fault, not a range overflow).
+# - AVX512-BF16 without AMX (an AMD EPYC, torch 2.13): 3D steps 1.4-2.7x faster, 2D ones 0.8-1.6x (slower
+#   in text2img training and bbox sampling), and the 3D convolutions' weight gradients came back
+#   NaN in 7 of 20 LAND steps at the course size (none in fp32, none with oneDNN off: a kernel fault, not
+#   a range overflow).
 FAST_BF16_CPU_FLAGS: tuple[str, ...] = ("amx_bf16",)
 _warned: set[str] = set()
 
@@ -111,8 +112,8 @@ def choose_precision(dev: torch.device | None = None, requested: str | None = No
             if flag:
                 return Precision("bf16", f"auto: the CPU has {flag}")
             if "avx512_bf16" in (cpu_flags() if flags is None else flags):
-                return Precision("fp32", "auto: the CPU has avx512_bf16 but no AMX (bf16 measured no faster in 2D "
-                                 "and with NaN 3D convolution gradients there)")
+                return Precision("fp32", "auto: the CPU has avx512_bf16 but no AMX (bf16 measured there: NaN 3D "
+                                 "convolution gradients, 2D steps 0.8-1.6x; docs/performance.md)")
             return Precision("fp32", "auto: the CPU has no " + " or ".join(FAST_BF16_CPU_FLAGS)
                              + " (bf16 would be emulated, many times slower)")
         if choice == "bf16" and not flag and "cpu-bf16" not in _warned:
