@@ -18,7 +18,6 @@ import hashlib
 import html
 import json
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -28,7 +27,6 @@ from typing import Any, Mapping
 from lungsynth import paths
 from lungsynth.config import parse_overrides, resolve_profile
 
-CHAPTER_PATTERN = re.compile(r"^(\d\d)_([A-Za-z0-9_]+)\.ipynb$")
 
 
 @dataclass(frozen=True)
@@ -54,13 +52,7 @@ class Chapter:
 
 def chapters(notebooks: Path | None = None) -> list[Chapter]:
     """Every ``NN_slug.ipynb`` in the notebooks folder, in chapter order."""
-    folder = notebooks or paths.notebooks_dir()
-    found = []
-    for path in sorted(folder.glob("*.ipynb")):
-        match = CHAPTER_PATTERN.match(path.name)
-        if match:
-            found.append(Chapter(match.group(1), match.group(2), path))
-    return found
+    return [Chapter(number, slug, path) for number, slug, path in paths.chapter_notebooks(notebooks)]
 
 
 def select(all_chapters: list[Chapter], only: str | None = None, start: str | None = None) -> list[Chapter]:

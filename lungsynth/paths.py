@@ -14,6 +14,7 @@ The shipped tables (``data/*.csv``) live in the repository's ``data/`` folder.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 HOME_ENV = "LUNGSYNTH_HOME"
@@ -42,6 +43,19 @@ def shipped_data_dir() -> Path:
 
 def notebooks_dir() -> Path:
     return REPO_DIR / "notebooks"
+
+
+CHAPTER_NOTEBOOK = re.compile(r"^(\d\d)_([A-Za-z0-9_]+)\.ipynb$")
+
+
+def chapter_notebooks(folder: Path | None = None) -> list[tuple[str, str, Path]]:
+    """``(number, slug, path)`` of every ``NN_slug.ipynb`` in the notebooks folder, in chapter order."""
+    found = []
+    for path in sorted((folder or notebooks_dir()).glob("*.ipynb")):
+        match = CHAPTER_NOTEBOOK.match(path.name)
+        if match:
+            found.append((match.group(1), match.group(2), path))
+    return found
 
 
 def generated_dir() -> Path:

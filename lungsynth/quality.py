@@ -42,6 +42,14 @@ def chapter_gates() -> dict[str, tuple[str, Callable[[Any], list[Gate]]]]:
     return dict(sorted(out.items()))
 
 
+def course_chapters() -> list[str]:
+    """Every chapter a report should account for: those with gates and every notebook from 01 on."""
+    from lungsynth import paths
+
+    numbers = {number for number, _, _ in paths.chapter_notebooks() if number != "00"}
+    return sorted(numbers | set(chapter_gates()))
+
+
 def run_quality(cfg: Any, only: Sequence[str] | None = None, progress: bool = True) -> list[Gate]:
     """The gates of every chapter (or ``only`` those numbers), in chapter order."""
     table = chapter_gates()
@@ -117,7 +125,7 @@ def quality(cfg: Any, only: Sequence[str] | None = None, out_dir: Path | str | N
 
     gates = run_quality(cfg, only, progress)
     source = source_label(paths.prepared_dir(cfg.profile))
-    chapters = [str(c).zfill(2) for c in only] if only else list(chapter_gates())
+    chapters = [str(c).zfill(2) for c in only] if only else course_chapters()
     files = write_report(gates, out_dir or paths.runs_dir(cfg.profile), cfg.profile, source, chapters)
     return gates, files
 

@@ -202,6 +202,7 @@ class AutoencoderTask(TrainTask):
         self.cfg = cfg
         a = cfg.autoencoders
         self.nodule_weight = float(a.maskvae_nodule_weight)
+        self.dice_weight = float(a.maskvae_dice_weight)
         self.ae = build_autoencoder(kind, cfg)
         self.kl_weight = float(a.kl_weight)
         self.perceptual_weight = float(a.perceptual_weight)
@@ -246,6 +247,10 @@ class AutoencoderTask(TrainTask):
         l1 = self._l1(recon.float(), x.float())
         loss = l1
         logs: dict[str, Any] = {"l1": l1.detach()}
+        if self.kind == "maskvae" and self.dice_weight > 0:
+            dice = self._nodule_dice_loss(recon.float(), x.float())
+            loss = loss + self.dice_weight * dice
+            logs["dice_loss"] = dice.detach()
         if self.ae.quantized:
             loss = loss + out["vq_loss"]
             logs["vq_loss"] = out["vq_loss"].detach()
@@ -275,6 +280,24 @@ class AutoencoderTask(TrainTask):
             return err.mean()
         w = 1.0 + (self.nodule_weight - 1.0) * (x > NODULE_COND_MIN).float()
         return (err * w).sum() / w.sum()
+
+    def _nodule_dice_loss(self, recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Soft Dice loss of the nodule region (MONAI ``DiceLoss`` over the batch).
+
+        The gate (and LAND) reads a voxel as nodule when its value is above NODULE_COND_MIN, halfway between
+        the lung (0.1) and the lowest nodule value (0.2); a linear ramp over the middle half of that gap
+        (0.125 to 0.175) makes the same reading differentiable and reads a lung voxel near 0.1 as no
+        nodule at all. Measured: a sigmoid around the threshold counted every lung voxel as a little
+        nodule and training erased the lung; a ramp starting at 0.1 pushed the lung below 0.1. Dice weighs
+        a missed small nodule and a nodule smeared over its surroundings alike, whatever the nodule's
+        size, which an L1 (a mean over every voxel) cannot.
+        """
+        from monai.losses import DiceLoss
+
+        half = (NODULE_COND_MIN - LUNG_COND) / 2  # the ramp spans the middle half of the lung-to-nodule gap
+        soft = ((recon - NODULE_COND_MIN + half) / (2 * half)).clamp(0.0, 1.0)
+        target_ = (x > NODULE_COND_MIN).float()
+        return DiceLoss(batch=True, smooth_nr=1.0, smooth_dr=1.0)(soft, target_)
 
     def validation_step(self, batch: Any, step: int) -> dict[str, float] | None:
         if batch is None:

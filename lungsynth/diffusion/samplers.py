@@ -57,10 +57,30 @@ def scheduler_kind(scheduler) -> str:
     raise ValueError(f"sample() supports MONAI DDPMScheduler and DDIMScheduler, got {name}")
 
 
-def randn(shape: Sequence[int], generator: torch.Generator | None = None, device: torch.device | str | None = None,
+Generators = torch.Generator | Sequence[torch.Generator]
+
+
+def per_sample_generators(seed: int, first: int, n: int) -> list[torch.Generator]:
+    """CPU generators of samples ``first .. first + n - 1`` of a run seeded ``seed``, one stream each.
+
+    Passed as ``generator`` to :func:`sample`, they make sample ``i`` the same whether it is drawn
+    alone, in a chunk or in one batch with all the others (chunked evaluation depends on it).
+    """
+    import numpy as np
+
+    return [torch.Generator().manual_seed(int(np.random.SeedSequence([int(seed), int(i)]).generate_state(1)[0]))
+            for i in range(int(first), int(first) + int(n))]
+
+
+def randn(shape: Sequence[int], generator: Generators | None = None, device: torch.device | str | None = None,
           dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Standard normal noise drawn on the generator's device (so a CPU generator gives the same numbers
-    on any device), then moved to ``device``."""
+    on any device), then moved to ``device``. A sequence of generators, one per sample (``shape[0]`` of
+    them), draws each sample's noise from its own."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != int(shape[0]):
+            raise ValueError(f"{len(generator)} generators for a batch of {int(shape[0])}; pass one per sample")
+        return torch.stack([randn(tuple(shape)[1:], g, device, dtype) for g in generator])
     gen_device = generator.device if generator is not None else torch.device(device or "cpu")
     out = torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=torch.float32)
     return out.to(device=device or gen_device, dtype=dtype)
@@ -105,7 +125,7 @@ def _alpha_bar(scheduler, t: int, final: bool) -> float:
 
 
 def step(scheduler, model_output: torch.Tensor, timestep: int, prev_timestep: int, sample_: torch.Tensor,
-         generator: torch.Generator | None = None, eta: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+         generator: Generators | None = None, eta: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One reverse step from ``timestep`` to ``prev_timestep`` (-1 = the clean sample).
 
     DDPM (Ho et al. 2020, eq. 6-7, with respaced betas ``1 - ab_t/ab_prev`` for strided steps):
@@ -199,7 +219,7 @@ def _cat_conditions(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any
 
 
 def sample(denoise_fn: DenoiseFn, scheduler, shape: Sequence[int], num_inference_steps: int | None = None, *,
-           generator: torch.Generator | None = None, device: torch.device | str | None = None,
+           generator: Generators | None = None, device: torch.device | str | None = None,
            x_T: torch.Tensor | None = None, condition: Mapping[str, Any] | None = None,
            uncond_condition: Mapping[str, Any] | None = None, guidance_scale: float = 1.0, cfg_batch: bool = False,
            eta: float = 0.0, step_callback: StepCallback | Sequence[StepCallback] | None = None,
@@ -214,7 +234,8 @@ def sample(denoise_fn: DenoiseFn, scheduler, shape: Sequence[int], num_inference
         scheduler: a MONAI DDPMScheduler or DDIMScheduler (:func:`~lungsynth.diffusion.schedules.make_scheduler`).
         shape: [B, C, *S] of the sample (without concatenated condition channels).
         num_inference_steps: number of steps (default: all T). DDPM with fewer steps uses respaced betas.
-        generator: torch.Generator for the start noise and the step noise (reproducible samples).
+        generator: torch.Generator for the start noise and the step noise (reproducible samples), or
+            one per sample (:func:`per_sample_generators`: a sample then does not depend on its batch).
         device: where the loop runs (default: the generator's device, else CPU).
         x_T: start sample [B, C, *S] instead of fresh noise.
         condition: kwargs for ``denoise_fn``; key ``"concat"`` is concatenated to x_t on channels.
@@ -241,7 +262,8 @@ def sample(denoise_fn: DenoiseFn, scheduler, shape: Sequence[int], num_inference
     if len(shape) < 3:
         raise ValueError(f"shape must be [B, C, *spatial], got {shape}")
     if device is None:
-        device = x_T.device if x_T is not None else (generator.device if generator is not None else "cpu")
+        first = generator[0] if isinstance(generator, (list, tuple)) else generator
+        device = x_T.device if x_T is not None else (first.device if first is not None else "cpu")
     device = torch.device(device)
     if guidance_scale != 1.0 and uncond_condition is None:
         raise ValueError("guidance_scale != 1 needs uncond_condition (the null condition)")

@@ -319,3 +319,23 @@ def test_quality_gates_measure_each_model_once(trained, tiny_root, monkeypatch):
     monkeypatch.setattr(E, "GATES_VERSION", E.GATES_VERSION + 1)
     E.quality_gates(cfg, tiny_root, runs)
     assert sorted(measured) == sorted(runs)  # a new gate version measures every kind again
+
+
+def test_mask_vae_dice_loss_reads_nodules_as_the_gate_does():
+    """The soft Dice term is ~0 for a kept nodule, ~1 for a dropped one, and in between for a smeared one."""
+    from lungsynth.autoencoders.train import AutoencoderTask
+
+    x = torch.zeros(1, 1, 16, 16, 16)
+    x[..., 2:14, 2:14, 2:14] = 0.1  # lung
+    x[..., 6:9, 6:9, 6:9] = 0.8  # a 3-voxel nodule, texture 4
+    task = AutoencoderTask("maskvae", get_config("smoke", {"autoencoders.maskvae_dice_weight": 1.0}))
+    dropped = torch.where(x > 0.15, torch.full_like(x, 0.1), x)
+    smeared = x.clone()
+    smeared[..., 4:11, 4:11, 4:11] = 0.8  # the nodule spread over 7^3 voxels: Dice 2*27/(27+343)
+    kept, lost, spread = (float(task._nodule_dice_loss(r, x)) for r in (x, dropped, smeared))
+    assert kept < 0.05 and lost > 0.95
+    assert spread == pytest.approx(1 - 2 * 27 / (27 + 343), abs=0.03)
+    logs = task.training_step({"image": x}, 0)
+    assert "dice_loss" in logs and float(logs["loss"].detach()) > float(logs["l1"]) + 0.5 * float(logs["dice_loss"])
+    plain = AutoencoderTask("maskvae", get_config("smoke", {"autoencoders.maskvae_dice_weight": 0.0}))
+    assert "dice_loss" not in plain.training_step({"image": x}, 0)

@@ -26,8 +26,8 @@ no equations, so they are cited by section), on a MAISI-like 3D KL-VAE of chapte
 
   in :class:`lungsynth.nn.unets.LandUNet`, a 5-level U-Net (two residual blocks per level) whose decoder
   adds its skips, ``h <- h + s``, instead of concatenating them, ``h <- [h, s]`` (less memory);
-- sampling runs the reverse process from ``z_T ~ N(0, I)`` with DDPM (the paper's ancestral sampler) or
-  DDIM from the same checkpoint, then decodes ``x = D(z0 / s)`` with the vae3d.
+- sampling runs the reverse process from ``z_T ~ N(0, I)`` with DDIM (the course's default) or DDPM from
+  the same checkpoint (the poster names no sampler), then decodes ``x = D(z0 / s)`` with the vae3d.
 
 Variants (``VARIANTS``) and what they condition on, all derived from the prepared ``cond`` volume
 (background 0, lung 0.5, nodule texture 1..5, divided by 5: ``cond`` in {0, 0.1, 0.2, ..., 1.0}):
@@ -36,8 +36,10 @@ Variants (``VARIANTS``) and what they condition on, all derived from the prepare
 variant                  condition                  to the latent grid
 =======================  =========================  =============================================
 ``none``                 none (unconditional)       —
-``mask``                 nodule (binary)            3D max-pool x4 (LAND-Mask), 1 channel:
-                                                    ``c = maxpool_4(1[cond > 0.15])``
+``nodule-only``          nodule (binary)            3D max-pool x4, 1 channel (an ablation, not a
+                                                    poster row): ``c = maxpool_4(1[cond > 0.15])``
+``mask``                 nodule + lung              3D max-pool x4 (LAND-Mask), 1 channel: lung
+                                                    0.1, nodules 1 (no texture)
 ``latentmask``           nodule + lung              mask VAE encoder (LAND-LatentMask); nodules
                                                     all given value 1 (no texture)
 ``latentmask-texture``   nodule + lung + texture    mask VAE encoder of ``cond`` itself (LAND+):
@@ -65,12 +67,13 @@ from __future__ import annotations
 from lungsynth.exports import lazy_exports
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
-    "model": ("VARIANTS", "CONDITIONS", "KIND", "SAMPLERS", "LandDenoiser", "check_variant", "uses_mask_vae",
+    "model": ("VARIANTS", "CONDITIONS", "MAX_POOLED", "KIND", "SAMPLERS", "LandDenoiser", "check_variant",
+              "uses_mask_vae", "cond_channels_of",
               "check_condition", "condition_volume", "condition_grid", "denoiser_spec", "make_scheduler",
               "land_loss"),
     "train": ("LandDataset", "LandTask", "build_dataset", "conditions_by_scan", "heldout_conditions", "default_run_dir",
               "train", "ensure_trained"),
-    "sample": ("LandModel", "load", "load_denoiser", "sample", "heldout_by_nodule_size"),
+    "sample": ("LandModel", "check_trained_for", "load", "load_denoiser", "sample", "heldout_by_nodule_size"),
     "evaluate": ("evaluate", "nodule_mean_hu", "real_volumes"),
     "plots": ("nodule_slices", "plot_condition_grids", "texture_sweep"),
     "bench": ("bench_land", "peak_sampling_memory"),

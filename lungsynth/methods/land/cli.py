@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 # lungsynth.methods.land.VARIANTS and SAMPLERS (model.py), repeated here without importing torch
-VARIANTS: tuple[str, ...] = ("none", "mask", "latentmask", "latentmask-texture")
+VARIANTS: tuple[str, ...] = ("none", "nodule-only", "mask", "latentmask", "latentmask-texture")
 SAMPLERS: tuple[str, ...] = ("ddim", "ddpm")
 
 

@@ -13,9 +13,13 @@ import numpy as np
 import torch
 from torch import nn
 
-VARIANTS: tuple[str, ...] = ("none", "mask", "latentmask", "latentmask-texture")
-CONDITIONS: dict[str, str] = {"none": "none", "mask": "nodule", "latentmask": "nodule+lung",
-                              "latentmask-texture": "nodule+lung+texture"}
+# The poster's Table 1 rows (LAND-Mask, LAND-LatentMask, LAND-LatentMask+) plus the unconditional model and
+# a nodule-only ablation: "mask" and "nodule-only" differ only by the lung, so the lung's effect on FID
+# ("including lung areas in the conditioning masks improves FID") is one row against another.
+VARIANTS: tuple[str, ...] = ("none", "nodule-only", "mask", "latentmask", "latentmask-texture")
+CONDITIONS: dict[str, str] = {"none": "none", "nodule-only": "nodule", "mask": "nodule+lung",
+                              "latentmask": "nodule+lung", "latentmask-texture": "nodule+lung+texture"}
+MAX_POOLED: tuple[str, ...] = ("nodule-only", "mask")  # to the latent grid by 3D max-pool x4, 1 channel
 KIND = "land"
 SAMPLERS: tuple[str, ...] = ("ddim", "ddpm")
 
@@ -31,6 +35,13 @@ def check_variant(variant: str) -> str:
 
 def uses_mask_vae(variant: str) -> bool:
     return check_variant(variant).startswith("latentmask")
+
+
+def cond_channels_of(variant: str, mask_latent_channels: int) -> int:
+    """Channels K of a variant's latent-grid condition: 0 (none), 1 (max-pooled), the mask VAE's latents."""
+    if check_variant(variant) == "none":
+        return 0
+    return 1 if variant in MAX_POOLED else int(mask_latent_channels)
 
 
 # Poster, "Volumetric Conditioning": lungs 0.5, nodules 1..5 (non-solid -> solid), masks normalised to
@@ -75,14 +86,14 @@ def check_condition(cond: Any, cfg: Any, variant: str) -> torch.Tensor | None:
 def condition_volume(cond: torch.Tensor, variant: str) -> torch.Tensor:
     """The image-resolution volume a variant encodes: [B,1,S,S,S] -> [B,1,S,S,S].
 
-    mask: binary nodule mask; latentmask: lung 0.1 and every nodule 1.0 (no texture);
-    latentmask-texture: ``cond`` unchanged.
+    nodule-only: binary nodule mask; mask and latentmask: lung 0.1 and every nodule 1.0 (no
+    texture); latentmask-texture: ``cond`` unchanged.
     """
     from lungsynth.nn.conditioning import LUNG_VALUE, lung_mask, nodule_mask
 
-    if variant == "mask":
+    if variant == "nodule-only":
         return nodule_mask(cond)
-    if variant == "latentmask":
+    if variant in ("mask", "latentmask"):
         nod, lung = nodule_mask(cond), lung_mask(cond)
         return torch.where(nod > 0, torch.ones_like(cond), lung * LUNG_VALUE)
     if variant == "latentmask-texture":
@@ -95,15 +106,15 @@ def condition_volume(cond: torch.Tensor, variant: str) -> torch.Tensor:
 def condition_grid(cond: torch.Tensor, variant: str, mask_vae: Any = None, factor: int = 4) -> torch.Tensor | None:
     """Validated condition [B,1,S,S,S] -> latent-grid condition [B, K, S/4, S/4, S/4] (None for ``none``).
 
-    ``mask``: max-pool x4 (K = 1); ``latentmask*``: the mask VAE's scaled posterior mean (K = its
-    latent channels).
+    ``nodule-only``, ``mask``: max-pool x4 (K = 1); ``latentmask*``: the mask VAE's scaled posterior
+    mean (K = its latent channels).
     """
     from lungsynth.nn.conditioning import mask_to_latent_grid
 
     if variant == "none":
         return None
     vol = condition_volume(cond, variant)
-    if variant == "mask":
+    if variant in MAX_POOLED:
         return mask_to_latent_grid(vol, factor)
     if mask_vae is None:
         raise ValueError(f"variant {variant!r} encodes its mask with the mask VAE: pass mask_vae "
@@ -121,9 +132,12 @@ def denoiser_spec(cfg: Any, variant: str, latent_channels: int = 4, cond_channel
     """Plain-typed architecture of the LAND denoiser (stored in checkpoints)."""
     check_variant(variant)
     if cond_channels is None:
-        cond_channels = 0 if variant == "none" else 1 if variant == "mask" else int(cfg.autoencoders.mask_latent_channels)
+        cond_channels = cond_channels_of(variant, int(cfg.autoencoders.mask_latent_channels))
     L = cfg.land
-    return {"variant": variant, "latent_channels": int(latent_channels), "cond_channels": int(cond_channels),
+    # "condition" names what the grid was made of: a checkpoint trained when "mask" meant the nodule alone
+    # (before the lung joined it) has no such key and is refused rather than sampled with the wrong grid
+    return {"variant": variant, "condition": CONDITIONS[variant], "latent_channels": int(latent_channels),
+            "cond_channels": int(cond_channels),
             "channels": [int(c) for c in L.unet_channels], "num_res_blocks": int(L.num_res_blocks),
             "attention_levels": [bool(a) for a in L.attention_levels], "num_head_channels": int(L.num_head_channels),
             "skip": skip or L.skip, "context_dim": int(L.context_dim) if cond_channels else None,

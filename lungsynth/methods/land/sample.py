@@ -10,9 +10,9 @@ from typing import Any, Sequence
 
 import torch
 
-from lungsynth.methods.land.model import (KIND, SAMPLERS, LandDenoiser, check_condition, check_variant, condition_grid,
-                                          make_scheduler, uses_mask_vae)
-from lungsynth.methods.land.train import default_run_dir, ensure_trained, heldout_conditions
+from lungsynth.methods.land.model import (CONDITIONS, KIND, SAMPLERS, LandDenoiser, check_condition, check_variant,
+                                          condition_grid, make_scheduler, uses_mask_vae)
+from lungsynth.methods.land.train import default_run_dir, ensure_trained, heldout_conditions, rebuild_command
 
 
 # --------------------------------------------------------------------------- load
@@ -57,6 +57,17 @@ class LandModel:
         return condition_grid(c.to(self.device), self.variant, self.mask_vae, self.vae.downsample).to(self.device)
 
 
+def check_trained_for(spec: dict[str, Any], variant: str, run_dir: Path | str, cfg: Any) -> None:
+    """Raise ValueError unless the denoiser ``spec`` was trained for ``variant`` on that variant's condition."""
+    if spec.get("variant") != variant:
+        raise ValueError(f"{run_dir} holds LAND variant {spec.get('variant')!r}, not {variant!r}; "
+                         f"pass the run directory of a {variant!r} run")
+    if spec.get("condition") != CONDITIONS[variant]:
+        had = spec.get("condition") or "nodule (trained before LAND-Mask included the lung)"
+        raise ValueError(f"{run_dir} was trained on a condition of {had}, but {variant!r} conditions on "
+                         f"{CONDITIONS[variant]}; retrain it: {rebuild_command(cfg, variant)}")
+
+
 def load(cfg: Any, variant: str, run_dir: Path | str | None = None, *, device: torch.device | str | None = None,
          train_if_missing: bool = True) -> LandModel:
     """Load a trained variant (training it first when ``train_if_missing`` and it has no final.pt)."""
@@ -69,9 +80,7 @@ def load(cfg: Any, variant: str, run_dir: Path | str | None = None, *, device: t
         ensure_trained(cfg, variant, run_dir)
     dev = torch.device(device) if device is not None else runtime.device()
     den = load_denoiser(run_dir, dev)
-    if den.spec.get("variant") != variant:
-        raise ValueError(f"{run_dir} holds LAND variant {den.spec.get('variant')!r}, not {variant!r}; "
-                         f"pass the run directory of a {variant!r} run")
+    check_trained_for(den.spec, variant, run_dir, cfg)
     vae = ensure_autoencoder("vae3d", cfg, device=dev)
     mask_vae = ensure_autoencoder("maskvae", cfg, device=dev) if uses_mask_vae(variant) else None
     return LandModel(variant, den, vae, mask_vae, cfg, run_dir, dev)
@@ -82,7 +91,7 @@ def load(cfg: Any, variant: str, run_dir: Path | str | None = None, *, device: t
 
 def sample(model: LandModel, cond: Any = None, n: int | None = None, *, sampler: str | None = None,
            steps: int | None = None, seed: int = 0, decode: bool = True, eta: float = 0.0,
-           progress: bool = False) -> dict[str, Any]:
+           progress: bool = False, batch: int | None = None, first_index: int = 0) -> dict[str, Any]:
     """Generate CT volumes with a trained LAND model.
 
     Args:
@@ -92,15 +101,19 @@ def sample(model: LandModel, cond: Any = None, n: int | None = None, *, sampler:
         n: number of volumes (default: the batch of ``cond``, else 1).
         sampler: ``"ddim"`` (default ``cfg.land.sampler``) or ``"ddpm"`` — the same checkpoint serves both.
         steps: reverse steps (default ``cfg.land.ddim_steps`` / ``cfg.land.ddpm_steps``; DDPM with
-            T = 1000 steps is the paper's sampler, fewer steps respace the betas).
-        seed: seeds the start noise and DDPM noise.
+            T = 1000 steps is the poster's training schedule run in full, fewer steps respace the betas).
+        seed: seeds the noise; sample ``first_index + i`` has its own stream, so a volume is the same
+            whether it is drawn alone, in a chunk or with all the others.
         decode: decode the latents with the vae3d (sliding window beyond ``cfg.autoencoders.sliding_roi``).
+        batch: volumes per reverse pass and decode (default ``cfg.land.eval_batch``): the working memory
+            is one chunk's, however large ``n`` is (the result holds all ``n``; ``evaluate`` calls this
+            chunk by chunk so that nothing holds them all).
+        first_index: the index of the first volume in a longer run (chunked evaluation).
     Returns:
         ``{"latents" [B,4,s,s,s], "ct" [B,1,S,S,S] in [0,1], "ct_hu" [B,1,S,S,S], "cond" [B,1,S,S,S] | None,
         "sampler", "steps", "seconds"}`` (CPU tensors; no "ct" keys when ``decode`` is False).
     """
     from lungsynth.data.preprocess import unit_to_hu
-    from lungsynth.diffusion.samplers import sample as reverse
 
     cfg = model.cfg
     sampler = sampler or cfg.land.sampler
@@ -113,28 +126,43 @@ def sample(model: LandModel, cond: Any = None, n: int | None = None, *, sampler:
             c = c.expand(B, *c.shape[1:])
         elif c.shape[0] != B:
             raise ValueError(f"{c.shape[0]} condition volumes for n={B} samples; pass one volume or n of them")
-    grid = condition_grid(c.to(model.device), model.variant, model.mask_vae, model.vae.downsample) \
-        if c is not None else None
     if steps is None:
         steps = cfg.land.ddim_steps if sampler == "ddim" else cfg.land.ddpm_steps
+    chunk = max(1, int(batch or cfg.land.eval_batch))
+    t0 = time.perf_counter()
+    parts = [_sample_chunk(model, c[i:i + chunk] if c is not None else None, min(chunk, B - i), sampler,
+                           int(steps), int(seed), int(first_index) + i, decode, eta, progress)
+             for i in range(0, B, chunk)]
+    out: dict[str, Any] = {"latents": torch.cat([p["latents"] for p in parts]), "cond": c, "sampler": sampler,
+                           "steps": int(steps)}
+    if decode:
+        out["ct"] = torch.cat([p["ct"] for p in parts])
+        out["ct_hu"] = unit_to_hu(out["ct"], cfg.data.hu_min, cfg.data.hu_max)
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _sample_chunk(model: LandModel, c: torch.Tensor | None, n: int, sampler: str, steps: int, seed: int,
+                  first: int, decode: bool, eta: float, progress: bool) -> dict[str, torch.Tensor]:
+    """Volumes ``first .. first + n - 1`` of a run: one reverse pass and one decode ({"latents", "ct"})."""
+    from lungsynth.diffusion.samplers import per_sample_generators
+    from lungsynth.diffusion.samplers import sample as reverse
+
+    cfg = model.cfg
+    grid = condition_grid(c.to(model.device), model.variant, model.mask_vae, model.vae.downsample) \
+        if c is not None else None
     sched = make_scheduler(model.spec, sampler)
     s = int(cfg.data.size_3d) // int(model.vae.downsample)
-    shape = (B, int(model.spec["latent_channels"]), s, s, s)
-    gen = torch.Generator().manual_seed(int(seed))
+    shape = (n, int(model.spec["latent_channels"]), s, s, s)
     condition = {"concat": grid, "grid": grid} if grid is not None else None
-    stats: dict[str, Any] = {}
-    t0 = time.perf_counter()
-    z = reverse(lambda x, t, **kw: model.denoiser(x, t, **kw), sched, shape, int(steps), generator=gen,
-                device=model.device, condition=condition, eta=eta, progress=progress, stats=stats,
-                desc=f"LAND {model.variant} {sampler}", amp=True)
-    out: dict[str, Any] = {"latents": z.float().cpu(), "cond": c, "sampler": sampler, "steps": int(steps)}
+    z = reverse(lambda x, t, **kw: model.denoiser(x, t, **kw), sched, shape, steps,
+                generator=per_sample_generators(seed, first, n), device=model.device, condition=condition,
+                eta=eta, progress=progress, desc=f"LAND {model.variant} {sampler}", amp=True)
+    out = {"latents": z.float().cpu()}
     if decode:
         with torch.no_grad():
             x = model.vae.decode_latent(z.to(model.device), roi_size=cfg.autoencoders.sliding_roi).float().cpu()
-        x = x.clamp(0.0, 1.0)
-        out["ct"] = x
-        out["ct_hu"] = unit_to_hu(x, cfg.data.hu_min, cfg.data.hu_max)
-    out["seconds"] = time.perf_counter() - t0
+        out["ct"] = x.clamp(0.0, 1.0)
     return out
 
 

@@ -73,7 +73,7 @@ def test_condition_validation_errors_say_what_is_expected():
 
 def test_condition_volumes_and_grids_per_variant():
     cond = phantom_cond(16, (5, 5, 5), 2, texture=2)  # a 2-voxel nodule: smaller than one latent voxel
-    grid = land.condition_grid(cond, "mask")
+    grid = land.condition_grid(cond, "nodule-only")
     assert grid.shape == (1, 1, 4, 4, 4) and set(grid.unique().tolist()) == {0.0, 1.0}
     assert grid.sum() >= 1  # max-pooling keeps the small nodule
     lm = land.condition_volume(cond, "latentmask")
@@ -84,6 +84,36 @@ def test_condition_volumes_and_grids_per_variant():
         land.condition_grid(cond, "latentmask")
     tokens = MaskTokenizer(1, 16, grid=2, hidden=8)(grid)
     assert tokens.shape == (1, 8, 16)
+
+
+def test_land_mask_carries_the_lung_and_nodule_only_does_not():
+    """LAND-Mask is lung + nodule max-pooled (the poster's Volumetric Conditioning); the ablation drops the lung."""
+    cond = phantom_cond(32, (9, 9, 9), 2, texture=2)  # lung 4..28: the corner latent voxels hold background only
+    lung = (cond > 0.05) & (cond < 0.15)
+    nodule = cond > 0.15
+    mask, ablation = land.condition_grid(cond, "mask"), land.condition_grid(cond, "nodule-only")
+    assert torch.allclose(mask.unique(), torch.tensor([0.0, 0.1, 1.0]))  # no texture, but the lung
+    expected = torch.maximum(torch.nn.functional.max_pool3d(nodule.float(), 4),
+                             0.1 * torch.nn.functional.max_pool3d(lung.float(), 4))
+    assert torch.allclose(mask, expected)
+    assert torch.equal(ablation, torch.nn.functional.max_pool3d(nodule.float(), 4))
+    assert not torch.equal(mask, ablation)  # they differ exactly where the lung is
+    cfg = tiny_cfg(16)
+    channels = {v: land.denoiser_spec(cfg, v, 4)["cond_channels"] for v in land.VARIANTS}
+    assert channels == {"none": 0, "nodule-only": 1, "mask": 1, "latentmask": cfg.autoencoders.mask_latent_channels,
+                        "latentmask-texture": cfg.autoencoders.mask_latent_channels}
+    assert land.denoiser_spec(cfg, "mask", 4)["condition"] == "nodule+lung"
+
+
+def test_a_checkpoint_is_refused_for_another_variant_or_condition(tmp_path):
+    cfg = tiny_cfg(16)
+    spec = land.denoiser_spec(cfg, "mask", 4)
+    land.check_trained_for(spec, "mask", tmp_path, cfg)  # trained for it: no error
+    with pytest.raises(ValueError, match="holds LAND variant 'mask', not 'nodule-only'"):
+        land.check_trained_for(spec, "nodule-only", tmp_path, cfg)
+    old = {k: v for k, v in spec.items() if k != "condition"}  # "mask" before it carried the lung
+    with pytest.raises(ValueError, match="before LAND-Mask included the lung.*lungsynth land train --variant mask"):
+        land.check_trained_for(old, "mask", tmp_path, cfg)
 
 
 def test_mask_edits():

@@ -70,3 +70,24 @@ def test_ddim_and_ddpm_sample_from_the_same_checkpoint(trained_mask_run):
         land.sample(model, cond * 0.9, 1)
     with pytest.raises(ValueError, match="unknown sampler"):
         land.sample(model, cond, 1, sampler="euler")
+
+
+def test_chunked_sampling_equals_one_batch(trained_mask_run):
+    """Each volume has its own noise stream: drawn in one batch, in chunks of 2 or alone, it is the same."""
+    from lungsynth.autoencoders import build_autoencoder
+
+    _, run = trained_mask_run
+    cfg = tiny_cfg(32)
+    torch.manual_seed(0)
+    model = land.LandModel("mask", land.load_denoiser(run), build_autoencoder("vae3d", cfg).eval(), None, cfg,
+                           run, torch.device("cpu"))
+    conds = torch.cat([phantom_cond(32, (8 + 4 * i, 12, 12), 8) for i in range(3)])
+    for sampler in ("ddim", "ddpm"):
+        whole = land.sample(model, conds, 3, sampler=sampler, seed=5, batch=3)
+        parts = land.sample(model, conds, 3, sampler=sampler, seed=5, batch=2)
+        alone = land.sample(model, conds[2:], 1, sampler=sampler, seed=5, batch=1, first_index=2)
+        assert torch.allclose(whole["latents"], parts["latents"], atol=1e-4)
+        assert torch.allclose(whole["latents"][2:], alone["latents"], atol=1e-4)
+        assert torch.allclose(whole["ct"], parts["ct"], atol=1e-4)
+        assert not torch.allclose(whole["latents"][0], whole["latents"][1], atol=1e-2)  # other streams
+    assert not torch.allclose(land.sample(model, conds, 3, seed=6)["latents"], whole["latents"], atol=1e-2)
