@@ -30,8 +30,9 @@ class HeldoutVolumes:
     def __init__(self, cfg: Any, splits: Sequence[str] = ("test", "val")) -> None:
         from lungsynth.data.datasets import VolumeDataset
 
-        self.sets = [VolumeDataset(cfg, split, keys=("ct", "cond")) for split in splits]
-        self.index = [(k, i) for k, ds in enumerate(self.sets) for i in range(len(ds))]
+        # one dataset per key, so reading the CT does not also read the condition (and the other way)
+        self.sets = {key: [VolumeDataset(cfg, split, keys=(key,)) for split in splits] for key in ("ct", "cond")}
+        self.index = [(k, i) for k, ds in enumerate(self.sets["ct"]) for i in range(len(ds))]
         if not self.index:
             raise ValueError(f"the {', '.join(splits)} splits of profile {cfg.profile} are empty; prepare more "
                              "scans (cfg.data.n_scans)")
@@ -41,7 +42,7 @@ class HeldoutVolumes:
 
     def chunk(self, indices: Sequence[int], key: str) -> torch.Tensor:
         items = [self.index[int(i) % len(self.index)] for i in indices]
-        return torch.stack([torch.as_tensor(self.sets[k][i][key]).float() for k, i in items])
+        return torch.stack([torch.as_tensor(self.sets[key][k][i][key]).float() for k, i in items])
 
 
 def real_volumes(cfg: Any, splits: Sequence[str] = ("test", "val"), n: int | None = None) -> torch.Tensor:
