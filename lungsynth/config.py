@@ -68,7 +68,7 @@ class EngineConfig:
     """Shared training-loop defaults (chapter 02 onward)."""
 
     mixed_precision: bool = True  # autocast the training steps (False: fp32 everywhere)
-    # auto | bf16 | fp32: auto is bf16 on CUDA and on CPUs with AMX (2-6x faster steps there), fp32 elsewhere
+    # auto | bf16 | fp32: auto is bf16 on CUDA and on CPUs with AMX (3D steps 1.8-3x faster there), fp32 elsewhere
     # (runtime.FAST_BF16_CPU_FLAGS says why, measured); "auto" defers to $LUNGSYNTH_PRECISION
     precision: str = "auto"
     grad_clip: float = 1.0

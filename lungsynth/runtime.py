@@ -32,8 +32,9 @@ def device() -> torch.device:
 
 PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp32")
 PRECISION_ENV = "LUNGSYNTH_PRECISION"
-# CPU flags under which oneDNN runs bf16 convolutions and matmuls fast: AMX tiles (2-6x faster steps
-# than fp32, measured on a 2-core machine with AMX). Without AMX, auto keeps fp32, measured (docs/performance.md):
+# CPU flags under which oneDNN runs bf16 convolutions and matmuls fast: AMX tiles (the course's 3D steps
+# 1.8-3.0x faster than fp32, 2D ones 0.85-1.6x, no NaN gradient in 20 LAND steps; a 2-core Xeon,
+# docs/performance.md). Without AMX, auto keeps fp32, measured (docs/performance.md):
 # - AVX2 only (an AMD EPYC): bf16 is emulated, one 3D VAE step took 88 s against 1.3 s in fp32;
 # - AVX512-BF16 without AMX (an AMD EPYC, torch 2.13): 3D steps 1.4-2.7x faster, 2D ones 0.8-1.6x (slower
 #   in text2img training and bbox sampling), and the 3D convolutions' weight gradients came back
