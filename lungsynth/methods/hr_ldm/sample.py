@@ -345,6 +345,9 @@ class InpaintResult:
     intermediates: list[dict[str, Any]] | None = None
 
 
+CENTRE_TRIES = 20  # centres drawn before a nodule that never fits the lung is an error
+
+
 def inpaint_volume(model: HrLdm, ct_hu: np.ndarray, lung: np.ndarray, subtype: int, *, spacing_mm: float,
                    library: NoduleLibrary | None = None, centre: Sequence[int] | None = None,
                    shape: np.ndarray | None = None, histogram: np.ndarray | None = None,
@@ -389,18 +392,27 @@ def inpaint_volume(model: HrLdm, ct_hu: np.ndarray, lung: np.ndarray, subtype: i
     diameter = float(max(shape.shape[1:]) * model.crop_spacing_mm)
     side = model.side
     win = max(1, int(round(side * model.crop_spacing_mm / float(spacing_mm))))  # crop side in volume voxels
-    if centre is None:
-        centre = sample_centre(lu, diameter / 2, spacing_mm, rng, cfg.hr_ldm.lung_erosion_mm, include_rim)
-    centre = tuple(int(c) for c in centre)
-    if any(not 0 <= c < s for c, s in zip(centre, ct_hu.shape)):
-        raise ValueError(f"centre {centre} lies outside the volume {ct_hu.shape}")
-    crop_mask = place_mask(shape, side, tuple(bool(b) for b in rng.integers(0, 2, 3)))
-    sl, pad = _window(centre, win, ct_hu.shape)
-    lung_win = np.pad(lu[tuple(sl)], pad)
-    lung_crop = _resize(torch.from_numpy(lung_win.astype(np.float32))[None, None], side, "trilinear")[0, 0] > 0.5
-    if include_rim:  # a sub-pleural nodule is bounded by the pleura
-        crop_mask = crop_mask * lung_crop.numpy()[None].astype(np.uint8)
-    validate_mask_in_lung(crop_mask[0], lung_crop.numpy(), what="nodule mask at the chosen centre")
+    drawn = centre is None
+    # a drawn centre keeps a ball of the nodule's radius inside the eroded lung, but the placed mask (an
+    # elongated shape, flipped, on a lung resampled to the crop grid) can still leave a thin lung: draw again
+    for attempt in range(CENTRE_TRIES if drawn else 1):
+        if drawn:
+            centre = sample_centre(lu, diameter / 2, spacing_mm, rng, cfg.hr_ldm.lung_erosion_mm, include_rim)
+        centre = tuple(int(c) for c in centre)
+        if any(not 0 <= c < s for c, s in zip(centre, ct_hu.shape)):
+            raise ValueError(f"centre {centre} lies outside the volume {ct_hu.shape}")
+        crop_mask = place_mask(shape, side, tuple(bool(b) for b in rng.integers(0, 2, 3)))
+        sl, pad = _window(centre, win, ct_hu.shape)
+        lung_win = np.pad(lu[tuple(sl)], pad)
+        lung_crop = _resize(torch.from_numpy(lung_win.astype(np.float32))[None, None], side, "trilinear")[0, 0] > 0.5
+        if include_rim:  # a sub-pleural nodule is bounded by the pleura
+            crop_mask = crop_mask * lung_crop.numpy()[None].astype(np.uint8)
+        try:
+            validate_mask_in_lung(crop_mask[0], lung_crop.numpy(), what="nodule mask at the chosen centre")
+            break
+        except ValueError as exc:
+            if not drawn or attempt == CENTRE_TRIES - 1:
+                raise ValueError(f"{exc} ({attempt + 1} centre(s) drawn)" if drawn else str(exc)) from None
     ct_win = np.pad(ct_hu[tuple(sl)], pad, mode="edge")
     ct_crop = _resize(torch.from_numpy(ct_win)[None, None], side, "trilinear")
     x = hu_to_unit(ct_crop, cfg)

@@ -58,7 +58,7 @@ What chapters 08-11 call::
 Rooms: :mod:`.model` (variants, condition validation and grids, the denoiser, its loss), :mod:`.train`
 (the training view of the data, the engine task, ``train`` / ``ensure_trained``), :mod:`.sample`
 (``load``, ``sample``, held-out conditions by nodule size), :mod:`.evaluate` (Table 1: FID, MS-SSIM,
-peak memory), :mod:`.plots` (figures, the texture sweep), :mod:`.method` (the face for chapters 08-11),
+peak memory), :mod:`.gates` (the chapter's quality gates), :mod:`.plots` (figures, the texture sweep), :mod:`.method` (the face for chapters 08-11),
 :mod:`.cli` (``lungsynth land``), :mod:`.bench` (``lungsynth bench land``, peak-memory measurement).
 """
 
@@ -71,11 +71,13 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
               "uses_mask_vae", "cond_channels_of",
               "check_condition", "condition_volume", "condition_grid", "denoiser_spec", "make_scheduler",
               "land_loss"),
-    "train": ("LandDataset", "LandTask", "build_dataset", "conditions_by_scan", "heldout_conditions", "default_run_dir",
+    "train": ("LandDataset", "LandTask", "build_dataset", "iter_conditions", "heldout_conditions", "HeldoutVolumes",
+              "largest_nodule_indices", "default_run_dir",
               "train", "ensure_trained"),
     "sample": ("LandModel", "check_trained_for", "load", "load_denoiser", "sample", "heldout_by_nodule_size"),
     "evaluate": ("evaluate", "nodule_mean_hu", "real_volumes"),
-    "plots": ("nodule_slices", "plot_condition_grids", "texture_sweep"),
+    "gates": ("quality_gates",),
+    "plots": ("nodule_slices", "plot_condition_grids", "plot_variants", "texture_sweep"),
     "bench": ("bench_land", "peak_sampling_memory"),
     "cli": ("register",),
 })

@@ -139,4 +139,40 @@ def bench_land(args: argparse.Namespace) -> int:
             "steps": steps, "repeats": max(int(args.repeats), 5)}
     compare_precisions("lungsynth.methods.land.bench:_bench_child",
                        {"train step": {**spec, "what": "train_step"}, f"sample (DDIM {steps})": {**spec, "what": "sample"}})
+    evaluate_memory(cfg, args.overrides)
     return 0
+
+
+def _evaluate_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """Runs in a fresh process: Table 1 of one variant at ``n`` samples (held-out conditions, nothing written)."""
+    import resource
+
+    from lungsynth.config import get_config, parse_overrides
+    from lungsynth.methods.land.evaluate import evaluate
+
+    cfg = get_config(spec["profile"], parse_overrides(spec.get("overrides")))
+    t0 = time.perf_counter()
+    evaluate(cfg, (spec["variant"],), n_samples=int(spec["n"]), memory=False, condition_sets=("held-out",),
+             write=False)
+    return {"seconds": time.perf_counter() - t0, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+EVALUATE_SAMPLE_COUNTS = (2, 8)
+
+
+def evaluate_memory(cfg: Any, overrides: Any = None, variant: str = "mask") -> dict[int, dict[str, Any]] | None:
+    """Peak host memory of ``evaluate`` at 2 and 8 samples, each in a fresh process: a ratio near 1 shows that
+    the chunked evaluation's memory does not grow with the sample count. Needs a trained ``variant``."""
+    from lungsynth.methods.land.train import default_run_dir
+
+    if not (default_run_dir(cfg, variant, create=False) / "final.pt").is_file():
+        print(f"evaluate memory: skipped, LAND {variant} is not trained in profile {cfg.profile} "
+              f"(lungsynth land train --variant {variant} --profile {cfg.profile})")
+        return None
+    spec = {"profile": cfg.profile, "overrides": list(overrides or []), "variant": variant}
+    res = {n: _run_child("_evaluate_child", {**spec, "n": n}, timeout=3600) for n in EVALUATE_SAMPLE_COUNTS}
+    lo, hi = (res[n] for n in EVALUATE_SAMPLE_COUNTS)
+    print(f"evaluate ({variant}, chunks of {cfg.land.eval_batch}): " + ", ".join(
+        f"{n} samples peak {r['peak_mb']:.0f} MB in {r['seconds']:.0f} s" for n, r in res.items())
+        + f"; peak ratio {EVALUATE_SAMPLE_COUNTS[1]}/{EVALUATE_SAMPLE_COUNTS[0]} = {hi['peak_mb'] / lo['peak_mb']:.3f}")
+    return res

@@ -51,7 +51,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     model = load(cfg, args.variant, args.run_dir)
     cond = None
     if args.variant != "none":
-        conds = heldout_conditions(cfg, args.split)
+        conds = heldout_conditions(cfg, args.split, args.n)  # only the n it cycles through are read
         cond = conds[torch.arange(args.n) % len(conds)]
         if args.texture is not None:
             cond = set_texture(cond, args.texture)

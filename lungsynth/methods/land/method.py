@@ -27,6 +27,11 @@ class LandMethod(MethodFace):
     def load(self, cfg: Any, run_dir: Path) -> Any:
         return self.api().load(cfg, self.variant, run_dir, train_if_missing=False)
 
+    def quality_gates(self, cfg: Any) -> list[Any]:
+        from lungsynth.methods.land.gates import quality_gates
+
+        return quality_gates(cfg)
+
     def generate(self, cfg: Any, model: Any, conditions: Sequence[Condition], seed: int) -> list[dict[str, Any]]:
         land = self.api()
         cond = None if self.variant == "none" else stack_arrays(conditions, "cond")[:, None].astype(np.float32)

@@ -12,7 +12,7 @@ import torch
 
 from lungsynth.methods.land.model import (CONDITIONS, KIND, SAMPLERS, LandDenoiser, check_condition, check_variant,
                                           condition_grid, make_scheduler, uses_mask_vae)
-from lungsynth.methods.land.train import default_run_dir, ensure_trained, heldout_conditions, rebuild_command
+from lungsynth.methods.land.train import default_run_dir, ensure_trained, rebuild_command
 
 
 # --------------------------------------------------------------------------- load
@@ -166,11 +166,11 @@ def _sample_chunk(model: LandModel, c: torch.Tensor | None, n: int, sampler: str
     return out
 
 
-def heldout_by_nodule_size(cfg: Any, splits: Sequence[str] = ("test", "val")) -> torch.Tensor:
-    """Held-out condition volumes of ``splits``, the one with the largest nodule first: [N, 1, S, S, S]
-    (figures and the texture sweep want a nodule that spans several voxels)."""
-    from lungsynth.nn.conditioning import nodule_mask
+def heldout_by_nodule_size(cfg: Any, splits: Sequence[str] = ("test", "val"), n: int = 4) -> torch.Tensor:
+    """The ``n`` held-out condition volumes of ``splits`` with the largest nodules, largest first:
+    [n, 1, S, S, S] (figures and the texture sweep want a nodule that spans several voxels). Conditions are
+    read one at a time, so only the ``n`` returned are ever held."""
+    from lungsynth.methods.land.train import HeldoutVolumes, largest_nodule_indices
 
-    conds = torch.cat([heldout_conditions(cfg, s) for s in splits])
-    order = torch.argsort(nodule_mask(conds).flatten(1).sum(1), descending=True)
-    return conds[order]
+    held = HeldoutVolumes(cfg, splits)
+    return held.chunk(largest_nodule_indices(held, min(int(n), len(held))), "cond")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -36,12 +36,50 @@ def heldout_conditions(cfg: Any, split: str = "test", n: int | None = None) -> t
     return torch.stack([torch.as_tensor(ds[i]["cond"]).float() for i in idx])
 
 
-def conditions_by_scan(cfg: Any, split: str) -> dict[str, torch.Tensor]:
-    """``{scan_id: cond [1, S, S, S]}`` of the prepared ``split``."""
+def iter_conditions(cfg: Any, split: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(scan_id, cond [1, S, S, S])`` of each scan of the prepared ``split``, read one at a time (a split's
+    condition volumes are never all in memory: 64 MB each at 256^3)."""
     from lungsynth.data.datasets import VolumeDataset
 
     ds = VolumeDataset(cfg, split, keys=("cond",))
-    return {str(item["scan_id"]): torch.as_tensor(item["cond"]).float() for item in (ds[i] for i in range(len(ds)))}
+    for i in range(len(ds)):
+        item = ds[i]
+        yield str(item["scan_id"]), torch.as_tensor(item["cond"]).float()
+
+
+class HeldoutVolumes:
+    """The held-out prepared volumes of ``splits``, read from disk one at a time (never all in memory).
+
+    ``len()`` items; ``chunk(indices, key)`` stacks ``key`` ("ct" in [0, 1] or "cond") of those items,
+    indices taken modulo the count (a longer run cycles the conditions): [n, 1, S, S, S].
+    """
+
+    def __init__(self, cfg: Any, splits: Sequence[str] = ("test", "val")) -> None:
+        from lungsynth.data.datasets import VolumeDataset
+
+        # one dataset per key, so reading the CT does not also read the condition (and the other way)
+        self.sets = {key: [VolumeDataset(cfg, split, keys=(key,)) for split in splits] for key in ("ct", "cond")}
+        self.index = [(k, i) for k, ds in enumerate(self.sets["ct"]) for i in range(len(ds))]
+        if not self.index:
+            raise ValueError(f"the {', '.join(splits)} splits of profile {cfg.profile} are empty; prepare more "
+                             "scans (cfg.data.n_scans)")
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def chunk(self, indices: Sequence[int], key: str) -> torch.Tensor:
+        items = [self.index[int(i) % len(self.index)] for i in indices]
+        return torch.stack([torch.as_tensor(self.sets[key][k][i][key]).float() for k, i in items])
+
+
+def largest_nodule_indices(held: HeldoutVolumes, k: int) -> list[int]:
+    """The ``k`` items of ``held`` with the most nodule voxels, largest first (conditions read one at a time)."""
+    import numpy as np
+
+    from lungsynth.nn.conditioning import nodule_mask
+
+    sizes = [float(nodule_mask(held.chunk([i], "cond")).sum()) for i in range(len(held))]
+    return [int(i) for i in np.argsort(sizes, kind="stable")[::-1][:k]]
 
 
 class LandDataset(torch.utils.data.Dataset):
@@ -75,14 +113,15 @@ def build_dataset(cfg: Any, variant: str, split: str = "train", mask_vae: Any = 
     if variant != "none":
         if uses_mask_vae(variant) and mask_vae is None:
             mask_vae = ensure_autoencoder("maskvae", cfg)
-        conds = conditions_by_scan(cfg, split)
-        missing = [i for i in latents.ids if i not in conds]
-        if missing or len(conds) != len(latents):
+        # each condition becomes its (small) latent grid as it is read
+        by_scan = {sid: condition_grid(c[None], variant, mask_vae)[0].cpu() for sid, c in iter_conditions(cfg, split)}
+        missing = [i for i in latents.ids if i not in by_scan]
+        if missing or len(by_scan) != len(latents):
             raise ValueError(f"{split}: the vae3d latent cache {latents.dir} holds {len(latents)} scans, the prepared "
-                             f"split {len(conds)}; not in the split: {missing[:3]} (were the splits re-cut?). "
+                             f"split {len(by_scan)}; not in the split: {missing[:3]} (were the splits re-cut?). "
                              f"Re-encode with `lungsynth autoencoder encode --kind vae3d --split {split}`")
         # paired by scan id, never by position (a cache and a split can hold the same count of other scans)
-        grids = [condition_grid(conds[i][None], variant, mask_vae)[0].cpu() for i in latents.ids]
+        grids = [by_scan[i] for i in latents.ids]
     return LandDataset(latents, grids)
 
 

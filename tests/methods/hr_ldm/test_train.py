@@ -9,7 +9,7 @@ import torch
 from lungsynth.methods import hr_ldm
 
 
-def test_train_with_and_without_regulariser_then_inpaint(cfg, vae, runs, crops, volume):
+def test_train_with_and_without_regulariser_then_inpaint(cfg, vae, runs, crops, volume, monkeypatch):
     from lungsynth.engine import read_metrics
 
     hist_run, nohist_run = runs
@@ -53,3 +53,22 @@ def test_train_with_and_without_regulariser_then_inpaint(cfg, vae, runs, crops, 
     outside = tuple(int(v) for v in np.argwhere(~lung)[0])
     with pytest.raises(ValueError, match="outside the lung"):
         hr_ldm.inpaint_volume(model, ct, lung, 0, spacing_mm=1.0, library=library, centre=outside)
+    # a drawn centre whose placed mask leaves the lung is drawn again; a centre the caller gave is not
+    import importlib
+
+    room = importlib.import_module("lungsynth.methods.hr_ldm.sample")
+    real_check, calls = room.validate_mask_in_lung, []
+
+    def fails_twice(mask, lung_, **kw):
+        calls.append(1)
+        if len(calls) <= 2:
+            raise ValueError("nodule mask at the chosen centre lies 30.1% outside the lung")
+        return real_check(mask, lung_, **kw)
+
+    monkeypatch.setattr(room, "validate_mask_in_lung", fails_twice)
+    res = hr_ldm.inpaint_volume(model, ct, lung, 0, spacing_mm=1.0, library=library, seed=3)
+    assert len(calls) == 3 and lung[res.nodule_mask > 0].all()
+    calls.clear()
+    with pytest.raises(ValueError, match="outside the lung"):
+        hr_ldm.inpaint_volume(model, ct, lung, 0, spacing_mm=1.0, library=library, centre=res.centre)
+    assert len(calls) == 1

@@ -19,7 +19,7 @@ def test_latents_and_conditions_pair_by_scan_id(monkeypatch):
             return len(self.ids)
 
     conds = {f"s{k}": torch.full((1, 8, 8, 8), k / 5.0) for k in (1, 2)}
-    monkeypatch.setattr(land_train, "conditions_by_scan", lambda cfg, split: conds)
+    monkeypatch.setattr(land_train, "iter_conditions", lambda cfg, split: iter(conds.items()))
     monkeypatch.setattr(land_train, "condition_grid", lambda c, variant, vae: c)
     import lungsynth.autoencoders as ae
 
