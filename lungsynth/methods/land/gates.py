@@ -28,6 +28,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
+from lungsynth.eval.fidelity import dice
 from lungsynth.gates import Gate, info, judge, not_trained
 
 CHAPTER = "03"
@@ -49,13 +50,6 @@ SOFT_TISSUE_HU = (-200.0, 300.0)  # fat, muscle and organs; bone and air exclude
 
 
 # --------------------------------------------------------------------------- per-volume measures
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two boolean masks (1.0 when both are empty)."""
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * float(np.logical_and(a, b).sum()) / total
 
 
 def condition_nodules(cond: np.ndarray, spacing_mm: float, min_mm: float = MIN_NODULE_MM) -> list[dict[str, Any]]:
@@ -110,7 +104,7 @@ def volume_measures(hu: np.ndarray, cond: np.ndarray | None, spacing_mm: float,
     are still read at the condition's nodules (a model that ignores the mask should not show them).
 
     Returns ``{"lung_dice" (NaN unless conditional), "lung_fraction", "lung_hu", "soft_hu",
-    "contrasts": [HU per nodule], "nodule_hu": [mean HU inside each nodule]}``.
+    "contrasts": [HU per nodule], "nodule_hu": [mean HU inside each nodule], "nodule_textures": [1..5]}``.
     """
     from lungsynth.data.masks import classical_lung_mask
 
@@ -126,7 +120,8 @@ def volume_measures(hu: np.ndarray, cond: np.ndarray | None, spacing_mm: float,
             "lung_hu": float(hu[parenchyma].mean()) if parenchyma.any() else float("nan"),
             "soft_hu": float(hu[tissue].mean()) if tissue.any() else float("nan"),
             "contrasts": [nodule_contrast(hu, n["mask"], shell_lung, spacing_mm) for n in nodules],
-            "nodule_hu": [float(hu[n["mask"]].mean()) for n in nodules]}
+            "nodule_hu": [float(hu[n["mask"]].mean()) for n in nodules],
+            "nodule_textures": [int(n["texture"]) for n in nodules]}
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
@@ -325,9 +320,7 @@ def measure(cfg: Any, models: dict[str, Any], *, n: int | None = None, seed: int
     if "latentmask-texture" in models:
         sweep = [row for i in largest_nodule_indices(held, SWEEP_CONDITIONS)
                  for row in texture_sweep(models["latentmask-texture"], held.chunk([i], "cond"), seed=seed)["rows"]]
-        real_pairs = [(n_["texture"], h) for m, i in zip(real, a) for n_, h in
-                      zip(condition_nodules(held.chunk([i], "cond")[0, 0].numpy(), float(cfg.data.spacing_3d_mm)),
-                          m["nodule_hu"])]
+        real_pairs = [(tex, h) for m in real for tex, h in zip(m["nodule_textures"], m["nodule_hu"])]
         rows.append(texture_gate(sweep, real_pairs))
     rows.append(info(CHAPTER, "land: real-vs-real KID floor (held-out halves)", base.floor.value, n=base.n,
                      detail="what a perfect generator scores at this N"))
