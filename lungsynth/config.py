@@ -160,7 +160,7 @@ class LandConfig:
     ddim_steps: int = tiered(10, 20, 200)
     ddpm_steps: int = tiered(20, 100, 1000)  # DDPM reverse steps (< T respaces the betas; T = the paper's 1000)
     n_eval_samples: int = tiered(3, 4, 100)  # generated volumes per variant for Table 1
-    # generated volumes per variant for the quality gates (methods/land/gates.py): the first n conditions of
+    # generated volumes per variant for the quality gates (methods/land/evaluate.py): the first n conditions of
     # one held-out half, the other half the KID reference, so the held-out set needs 2n volumes (course 30).
     # Smoke (4 held-out) gets 2, below the gates' 8, so its report says "insufficient N".
     n_gate_samples: int = tiered(2, 12, 50)

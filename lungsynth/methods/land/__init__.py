@@ -57,9 +57,10 @@ What chapters 08-11 call::
 
 Rooms: :mod:`.model` (variants, condition validation and grids, the denoiser, its loss), :mod:`.train`
 (the training view of the data, the engine task, ``train`` / ``ensure_trained``), :mod:`.sample`
-(``load``, ``sample``, held-out conditions by nodule size), :mod:`.evaluate` (Table 1: FID, MS-SSIM,
-peak memory), :mod:`.gates` (the chapter's quality gates), :mod:`.plots` (figures, the texture sweep), :mod:`.method` (the face for chapters 08-11),
-:mod:`.cli` (``lungsynth land``), :mod:`.bench` (``lungsynth bench land``, peak-memory measurement).
+(``load``, ``sample``, held-out conditions by nodule size, the texture sweep, peak sampling memory),
+:mod:`.evaluate` (Table 1: FID, KID, MS-SSIM, peak memory; the chapter's quality gates), :mod:`.plots`
+(figures), :mod:`.method` (the face for chapters 08-11), :mod:`.cli` (``lungsynth land``), :mod:`.bench`
+(``lungsynth bench land``).
 """
 
 from __future__ import annotations
@@ -74,10 +75,10 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "train": ("LandDataset", "LandTask", "build_dataset", "iter_conditions", "heldout_conditions", "HeldoutVolumes",
               "largest_nodule_indices", "default_run_dir",
               "train", "ensure_trained"),
-    "sample": ("LandModel", "check_trained_for", "load", "load_denoiser", "sample", "heldout_by_nodule_size"),
-    "evaluate": ("evaluate", "nodule_mean_hu", "real_volumes"),
-    "gates": ("quality_gates",),
-    "plots": ("nodule_slices", "plot_condition_grids", "plot_variants", "texture_sweep"),
-    "bench": ("bench_land", "peak_sampling_memory"),
+    "sample": ("LandModel", "check_trained_for", "load", "load_denoiser", "sample", "heldout_by_nodule_size",
+               "nodule_mean_hu", "texture_sweep", "peak_sampling_memory"),
+    "evaluate": ("evaluate", "real_volumes", "quality_gates"),
+    "plots": ("nodule_slices", "plot_condition_grids", "plot_variants"),
+    "bench": ("bench_land",),
     "cli": ("register",),
 })

@@ -1,51 +1,21 @@
-"""LAND (chapter 03): ``lungsynth bench land`` (additive vs concatenated skips) and the peak memory of
-Table 1, each measured in a fresh process (peak RSS is per process)."""
+"""LAND (chapter 03): ``lungsynth bench land`` (additive vs concatenated skips, the two precisions, and the
+peak memory of Table 1 at two sample counts), each measured in a fresh process (peak RSS is per process)."""
 
 from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from lungsynth.methods.land.model import LandDenoiser, denoiser_spec, land_loss, make_scheduler
-from lungsynth.methods.land.sample import load, sample
-from lungsynth.methods.land.train import heldout_conditions
 from lungsynth.runtime import compare_precisions, run_child
-
-
-def _child(spec: dict[str, Any]) -> dict[str, Any]:
-    """Runs in a fresh process (peak RSS is per process): load a variant and sample once."""
-    import resource
-
-    from lungsynth.config import get_config
-
-    cfg = get_config(spec["profile"], spec.get("overrides") or {})
-    model = load(cfg, spec["variant"], spec.get("run_dir"), train_if_missing=False)
-    cond = heldout_conditions(cfg, "test", 1) if spec["variant"] != "none" else None
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out = sample(model, cond, 1, sampler=spec.get("sampler"), steps=spec.get("steps"), seed=0)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return {"peak_mb": peak, "loaded_mb": before, "sampling_mb": max(peak - before, 0.0), "seconds": out["seconds"]}
 
 
 def _run_child(fn: str, spec: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
     return run_child(f"lungsynth.methods.land.bench:{fn}", spec, timeout=timeout)
-
-
-def peak_sampling_memory(cfg: Any, variant: str, run_dir: Path | str | None = None, *, sampler: str | None = None,
-                         steps: int | None = None, overrides: dict | None = None) -> dict[str, float]:
-    """Peak memory of loading ``variant`` and sampling one volume, in a fresh process:
-    ``{"peak_mb", "loaded_mb", "seconds"}`` (CUDA: max allocated; CPU: peak RSS, model load included)."""
-    spec = {"profile": cfg.profile, "overrides": overrides or {}, "variant": variant,
-            "run_dir": str(run_dir) if run_dir else None, "sampler": sampler, "steps": steps}
-    return _run_child("_child", spec)
 
 
 # --------------------------------------------------------------------------- bench

@@ -28,7 +28,7 @@ class LandMethod(MethodFace):
         return self.api().load(cfg, self.variant, run_dir, train_if_missing=False)
 
     def quality_gates(self, cfg: Any) -> list[Any]:
-        from lungsynth.methods.land.gates import quality_gates
+        from lungsynth.methods.land.evaluate import quality_gates
 
         return quality_gates(cfg)
 

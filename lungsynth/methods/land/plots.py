@@ -1,16 +1,14 @@
 """LAND (chapter 03): figures — axial slices through the nodule, the conditions on the latent grid, the
-texture sweep (one mask, textures 1..5, the same noise). Images are drawn with :mod:`lungsynth.viz`."""
+variants side by side. Images are drawn with :mod:`lungsynth.viz`."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from lungsynth.methods.land.evaluate import nodule_mean_hu
-from lungsynth.methods.land.model import check_condition
-from lungsynth.methods.land.sample import LandModel, sample
+from lungsynth.methods.land.sample import LandModel, nodule_mean_hu, sample
 
 
 def nodule_slices(volumes: torch.Tensor, conds: torch.Tensor | None) -> tuple[list[np.ndarray], list[Any]]:
@@ -51,27 +49,6 @@ def plot_condition_grids(cond: torch.Tensor, grids: dict[str, torch.Tensor]) -> 
          else cond.shape[2] // 8)
     panels = [imgs[0]] + [g[0, 0, d].numpy() for g in grids.values()]
     return image_grid(panels, ["cond (image grid)"] + [f"{v}: channel 0" for v in grids], ncols=4, size=2.4)
-
-
-def texture_sweep(model: LandModel, cond: torch.Tensor, textures: Sequence[int] = (1, 2, 3, 4, 5), *,
-                  seed: int = 0, steps: int | None = None, sampler: str | None = None) -> dict[str, Any]:
-    """LAND+ texture control: the same mask and the same noise, nodule texture set to each of ``textures``.
-
-    Returns ``{"rows": [{"texture", "mean_hu_nodule", "n_voxels"}], "ct_hu": [T,1,S,S,S], "conds": [T,1,S,S,S]}``.
-    """
-    from lungsynth.nn.conditioning import nodule_mask, set_texture
-
-    if model.variant != "latentmask-texture":
-        raise ValueError(f"texture control needs the latentmask-texture variant, this model is {model.variant!r}")
-    c = check_condition(cond, model.cfg, model.variant)[:1]
-    conds = torch.cat([set_texture(c, t) for t in textures])
-    # the same start noise for every texture: one volume at a time with the same seed
-    vols = torch.cat([sample(model, conds[i:i + 1], sampler=sampler, steps=steps, seed=seed)["ct_hu"]
-                      for i in range(len(textures))])
-    hu = nodule_mean_hu(vols, conds)
-    nvox = int(nodule_mask(c).sum())
-    rows = [{"texture": int(t), "mean_hu_nodule": round(h, 1), "n_voxels": nvox} for t, h in zip(textures, hu)]
-    return {"rows": rows, "ct_hu": vols, "conds": conds}
 
 
 def plot_variants(cfg: Any, models: dict[str, LandModel], *, seed: int = 0) -> tuple[Any, dict[str, float]]:

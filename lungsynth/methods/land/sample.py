@@ -1,5 +1,6 @@
 """LAND (chapter 03): load a trained variant, sample it (DDIM or DDPM from one checkpoint), held-out
-conditions to sample on."""
+conditions to sample on, and what sampling shows on its own: the nodule's mean HU, the texture sweep and
+the peak memory of one sample (measured in a fresh process, since peak RSS is per process)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import torch
 
 from lungsynth.methods.land.model import (CONDITIONS, KIND, SAMPLERS, LandDenoiser, check_condition, check_variant,
                                           condition_grid, make_scheduler, uses_mask_vae)
-from lungsynth.methods.land.train import default_run_dir, ensure_trained, rebuild_command
+from lungsynth.methods.land.train import default_run_dir, ensure_trained, heldout_conditions, rebuild_command
+from lungsynth.runtime import run_child
 
 
 # --------------------------------------------------------------------------- load
@@ -174,3 +176,62 @@ def heldout_by_nodule_size(cfg: Any, splits: Sequence[str] = ("test", "val"), n:
 
     held = HeldoutVolumes(cfg, splits)
     return held.chunk(largest_nodule_indices(held, min(int(n), len(held))), "cond")
+
+
+# --------------------------------------------------------------------------- measure while sampling
+
+
+def nodule_mean_hu(ct_hu: torch.Tensor, cond: torch.Tensor) -> list[float]:
+    """Mean HU inside the nodule of each volume: ct_hu, cond [B,1,S,S,S] -> B floats (NaN if no nodule)."""
+    from lungsynth.nn.conditioning import nodule_mask
+
+    m = nodule_mask(cond).expand_as(ct_hu) > 0
+    return [float(ct_hu[b][m[b]].mean()) if bool(m[b].any()) else float("nan") for b in range(ct_hu.shape[0])]
+
+
+def texture_sweep(model: LandModel, cond: torch.Tensor, textures: Sequence[int] = (1, 2, 3, 4, 5), *,
+                  seed: int = 0, steps: int | None = None, sampler: str | None = None) -> dict[str, Any]:
+    """LAND+ texture control: the same mask and the same noise, nodule texture set to each of ``textures``.
+
+    Returns ``{"rows": [{"texture", "mean_hu_nodule", "n_voxels"}], "ct_hu": [T,1,S,S,S], "conds": [T,1,S,S,S]}``.
+    """
+    from lungsynth.nn.conditioning import nodule_mask, set_texture
+
+    if model.variant != "latentmask-texture":
+        raise ValueError(f"texture control needs the latentmask-texture variant, this model is {model.variant!r}")
+    c = check_condition(cond, model.cfg, model.variant)[:1]
+    conds = torch.cat([set_texture(c, t) for t in textures])
+    # the same start noise for every texture: one volume at a time with the same seed
+    vols = torch.cat([sample(model, conds[i:i + 1], sampler=sampler, steps=steps, seed=seed)["ct_hu"]
+                      for i in range(len(textures))])
+    hu = nodule_mean_hu(vols, conds)
+    nvox = int(nodule_mask(c).sum())
+    rows = [{"texture": int(t), "mean_hu_nodule": round(h, 1), "n_voxels": nvox} for t, h in zip(textures, hu)]
+    return {"rows": rows, "ct_hu": vols, "conds": conds}
+
+
+def _memory_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """Runs in a fresh process (peak RSS is per process): load a variant and sample once."""
+    import resource
+
+    from lungsynth.config import get_config
+
+    cfg = get_config(spec["profile"], spec.get("overrides") or {})
+    model = load(cfg, spec["variant"], spec.get("run_dir"), train_if_missing=False)
+    cond = heldout_conditions(cfg, "test", 1) if spec["variant"] != "none" else None
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out = sample(model, cond, 1, sampler=spec.get("sampler"), steps=spec.get("steps"), seed=0)
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return {"peak_mb": peak, "loaded_mb": before, "sampling_mb": max(peak - before, 0.0), "seconds": out["seconds"]}
+
+
+def peak_sampling_memory(cfg: Any, variant: str, run_dir: Path | str | None = None, *, sampler: str | None = None,
+                         steps: int | None = None, overrides: dict | None = None) -> dict[str, float]:
+    """Peak memory of loading ``variant`` and sampling one volume, in a fresh process:
+    ``{"peak_mb", "loaded_mb", "seconds"}`` (CUDA: max allocated; CPU: peak RSS, model load included)."""
+    spec = {"profile": cfg.profile, "overrides": overrides or {}, "variant": variant,
+            "run_dir": str(run_dir) if run_dir else None, "sampler": sampler, "steps": steps}
+    return run_child("lungsynth.methods.land.sample:_memory_child", spec)

@@ -1,12 +1,18 @@
-"""LAND (chapter 03) evaluate room: Table 1 drawn, decoded and featurised in chunks, conditions streamed."""
+"""LAND (chapter 03) evaluate room: Table 1 drawn, decoded and featurised in chunks, conditions streamed; the
+gates' per-volume measures on a synthetic chest, and the gates of a perfect generator (the real volumes
+themselves) against a generator of shuffled voxels."""
 
 import importlib
 
 import numpy as np
+import pytest
 import torch
 from land_tiny import phantom_cond, tiny_cfg
 
+from lungsynth.data.preprocess import hu_to_unit
+
 land_eval = importlib.import_module("lungsynth.methods.land.evaluate")  # the module; the package exports its function
+gates = land_eval
 
 
 class _FakeHeldout:
@@ -86,3 +92,169 @@ def test_unseen_conditions_move_resize_and_retexture_inside_the_lung():
     assert not torch.equal(edited, conds)
     assert torch.equal(land_eval.unseen_conditions(conds[2:3], first_index=2, seed=0), edited[2:3])
     assert not torch.equal(land_eval.unseen_conditions(conds, first_index=0, seed=1), edited)
+
+
+# --------------------------------------------------------------------------- quality gates
+
+S, SPACING = 32, 2.0
+
+
+def _ball(shape, centre, radius):
+    grid = np.indices(shape).astype(np.float32)
+    return sum((g - c) ** 2 for g, c in zip(grid, centre)) <= radius ** 2
+
+
+def chest(seed=0, nodule_hu=-50.0, shift=0):
+    """A synthetic chest [S,S,S] in HU (air, a soft-tissue body, two lungs, a nodule) and its condition
+    volume (lung 0.1, the nodule texture 5 -> 1.0)."""
+    rng = np.random.default_rng(seed)
+    shape = (S, S, S)
+    z, y, x = np.indices(shape)
+    body = ((y - 16) / 13.0) ** 2 + ((x - 16) / 14.0) ** 2 <= 1
+    lungs = _ball(shape, (16, 16, 9 + shift), 5.5) | _ball(shape, (16, 16, 23 - shift), 5.5)
+    nodule = _ball(shape, (16, 16, 9 + shift), 2.2)
+    hu = np.full(shape, -1000.0, np.float32)
+    hu[body] = 40.0
+    hu[lungs] = -850.0
+    hu[nodule] = nodule_hu
+    hu += rng.normal(0, 10, shape).astype(np.float32)
+    cond = np.zeros(shape, np.float32)
+    cond[lungs] = 0.1
+    cond[nodule] = 1.0
+    return hu, cond
+
+
+def test_condition_nodules_keeps_those_of_6_mm_and_reads_their_texture():
+    _, cond = chest()
+    cond[2, 2, 2] = 0.4  # a one-voxel nodule (2.5 mm at 2 mm spacing): below the gate's 6 mm
+    found = gates.condition_nodules(cond, SPACING)
+    assert len(found) == 1 and found[0]["texture"] == 5 and 6.0 <= found[0]["diameter_mm"] < 12.0
+    assert len(gates.condition_nodules(cond, SPACING, min_mm=0.0)) == 2
+
+
+def test_nodule_contrast_is_inside_minus_the_lung_shell():
+    hu, cond = chest(nodule_hu=-100.0)
+    (nod,) = gates.condition_nodules(cond, SPACING)
+    c = gates.nodule_contrast(hu, nod["mask"], cond > 0.05, SPACING)
+    assert c == pytest.approx(750.0, abs=10.0)  # -100 inside, -850 in the shell (the body is not lung)
+    flat = hu.copy()
+    flat[nod["mask"]] = -850.0
+    assert abs(gates.nodule_contrast(flat, nod["mask"], cond > 0.05, SPACING)) < 10.0
+
+
+def test_volume_measures_of_a_real_chest_and_of_its_shuffled_voxels():
+    hu, cond = chest()
+    nodules = gates.condition_nodules(cond, SPACING)
+    m = gates.volume_measures(hu, cond, SPACING, nodules)
+    assert m["lung_dice"] > 0.85
+    assert m["lung_hu"] == pytest.approx(-850.0, abs=5.0) and m["soft_hu"] == pytest.approx(40.0, abs=5.0)
+    assert m["contrasts"][0] > 700.0 and m["nodule_hu"][0] == pytest.approx(-50.0, abs=5.0)
+    shuffled = np.random.default_rng(0).permutation(hu.ravel()).reshape(hu.shape)
+    s = gates.volume_measures(shuffled, cond, SPACING, nodules)
+    assert s["lung_dice"] < 0.5 and abs(s["contrasts"][0]) < 150.0
+
+
+def test_contrast_share_judges_against_half_the_real_contrast_and_skips_unmeasurable():
+    share, n = gates.contrast_share([400.0, 100.0, 300.0, float("nan")], [700.0, 700.0, -20.0, 600.0])
+    assert (share, n) == (0.5, 2)  # 400 >= 350 kept, 100 < 350; a negative or missing real contrast is skipped
+
+
+def test_anatomy_of_none_is_judged_by_the_real_lung_fraction_range():
+    real = list(np.linspace(0.10, 0.20, 20))
+    inside = gates.anatomy_gate("none", [{"lung_fraction": 0.15}] * 8, [], real)
+    outside = gates.anatomy_gate("none", [{"lung_fraction": 0.02}] * 8, [], real)
+    few = gates.anatomy_gate("none", [{"lung_fraction": 0.15}] * 3, [], real)
+    assert (inside.status, outside.status, few.status) == ("pass", "fail", "insufficient N")
+
+
+def test_spearman_orders_texture_and_hu():
+    assert gates.spearman([1, 2, 3, 4, 5], [-700, -500, -300, -100, 0]) == pytest.approx(1.0)
+    assert np.isnan(gates.spearman([1, 1, 1], [0, 1, 2]))
+
+
+class _Held:
+    """Held-out synthetic chests (the nodule moves with the index), read as a prepared split would be."""
+
+    def __init__(self, n=20):
+        self.items = [chest(seed=i, shift=i % 3) for i in range(n)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def chunk(self, indices, key):
+        pick = 0 if key == "ct" else 1
+        vols = [self.items[int(i)][pick] for i in indices]
+        if key == "ct":
+            vols = [hu_to_unit(v, -1000.0, 400.0) for v in vols]
+        return torch.as_tensor(np.stack(vols))[:, None].float()
+
+
+class _Model:
+    def __init__(self, variant, mode):
+        self.variant, self.mode = variant, mode
+        self.vae = _Identity()
+
+
+class _Identity(torch.nn.Module):
+    """The autoencoder's part in the gates: reconstruct (here exactly), on the device of its weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def reconstruct(self, x, roi_size=None):
+        return x
+
+
+def _fake_features(vols, network):
+    """Block means of 8^3 voxels: features that see where the intensities are, not only which ones."""
+    return torch.nn.functional.avg_pool3d(vols.float(), 8).flatten(1).numpy(), "block means"
+
+
+def test_a_perfect_generator_passes_and_shuffled_voxels_fail(monkeypatch):
+    """Samples that are the condition's real volume pass anatomy, intensity, nodule and KID gates; samples
+    whose voxels are shuffled inside the volume fail the anatomy and nodule gates. Both are judged at the
+    same N, against baselines of the same run."""
+    held = _Held()
+
+    sampled = set()
+
+    def fake_chunks(model, held_, indices, size, seed):
+        sampled.update(indices)
+        for _, part in gates._chunks(indices, size):
+            vols = held_.chunk(part, "ct")
+            if model.mode == "shuffled":
+                rng = np.random.default_rng(0)
+                vols = torch.stack([v.flatten()[torch.as_tensor(rng.permutation(v.numel()))].reshape(v.shape)
+                                    for v in vols])
+            yield vols
+
+    monkeypatch.setattr(gates, "HeldoutVolumes", lambda cfg: held)
+    monkeypatch.setattr(gates, "_sample_chunks", fake_chunks)
+    monkeypatch.setattr(gates, "_features", _fake_features)
+    from lungsynth.config import get_config
+
+    cfg = get_config("smoke", {"data.size_3d": S, "data.spacing_3d_mm": SPACING, "land.n_gate_samples": 8,
+                               "land.eval_batch": 3})
+    rows = gates.measure(cfg, {"mask": _Model("mask", "real"), "latentmask": _Model("latentmask", "shuffled")})
+    by = {g.name: g for g in rows}
+    from lungsynth.eval.baselines import halves
+
+    assert not sampled & set(halves(len(held))[1].tolist())  # never sampled on the KID reference half
+    for name in ("lung Dice, sample vs its condition", "mean HU of lung, |generated - real|",
+                 "mean HU of soft tissue, |generated - real|", "KID vs held-out half"):
+        assert by[f"land mask: {name}"].status == "pass", by[f"land mask: {name}"]
+        assert by[f"land mask: {name}"].n == 8
+    assert by["land mask: nodules >= 6 mm with >= 0.5 x real contrast"].value == 1.0
+    assert by["land latentmask: lung Dice, sample vs its condition"].status == "fail"
+    assert by["land latentmask: nodules >= 6 mm with >= 0.5 x real contrast"].status == "fail"
+    assert by["land latentmask: KID vs held-out half"].value > by["land mask: KID vs held-out half"].value
+
+
+def test_untrained_variants_are_listed_with_their_command(monkeypatch, tmp_path):
+    monkeypatch.setenv("LUNGSYNTH_HOME", str(tmp_path))
+    from lungsynth.config import get_config
+
+    rows = gates.quality_gates(get_config("smoke"))
+    assert [g.status for g in rows] == ["not trained"] * 5
+    assert "lungsynth land train --variant latentmask-texture --profile smoke" in rows[-1].detail
