@@ -89,8 +89,9 @@ class AutoencoderConfig:
     vae3d_channels: tuple[int, ...] = tiered((8, 16, 16), (16, 32, 32), (64, 128, 256))
     vae2d_channels: tuple[int, ...] = tiered((16, 32, 32), (16, 32, 32), (64, 128, 256))
     latent_channels: int = 4
-    # the 3D KL-VAE (smoke: ~40 s on 2 free CPU cores). Course: 550 steps (bf16, 0.30 s each) left the body MAE
-    # at 62.4 HU against the gate's 61.9 (0.6x resampling) with the curve still falling, so 750 (~3.8 min)
+    # the 3D KL-VAE (smoke: ~40 s on 2 free CPU cores). Course (bf16, 0.30 s a step): body MAE 62.4 HU at 550
+    # steps and 61.2 at 750 against the x4 resampling baseline's 61.9, while the gate asks 0.6x (37 HU); at
+    # ~0.6 HU per 100 steps the gate is thousands of steps away, beyond the course's 90 minutes
     train_steps: int = tiered(200, 750, 100_000)
     train_steps_mask: int = tiered(200, 400, 100_000)  # the mask VAE
     batch_size: int = tiered(2, 2, 2)  # 3D kinds; >= 2 also takes torch's faster CPU conv3d path
