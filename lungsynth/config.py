@@ -75,29 +75,39 @@ class EngineConfig:
     grad_accum: int = 1
     checkpoint_every: int = tiered(25, 500, 5000)
     log_every: int = tiered(5, 20, 100)
-    num_workers: int = tiered(0, 2, 8)
+    # DataLoader workers. Course: 0, since on 2 cores a worker takes a core from the step it feeds (vae3d, bf16:
+    # 0.22 s a step with 2 workers, 0.17 s in-process, measured); the prepared items are cached in memory after
+    # their first read either way
+    num_workers: int = tiered(0, 0, 8)
 
 
 @dataclass
 class AutoencoderConfig:
     """Chapter 02: 3D KL-VAE, 2D VQ-VAE, 2D KL-VAE and the mask VAE."""
 
-    # course budget, chapter 02 (2 CPU cores, fp32; measured 35 min at 500 2D steps, ~55 min at 2500, more than
-    # its share of the 90 minutes: the rebalance is open): vae3d ~15 min, mask VAE ~4.5, VQ-VAE ~15, 2D
-    # KL-VAE ~9, evaluation ~9. Measured steps (2 cores, fp32): vae3d (16,32,32) on 48^3 cubes, batch 2,
-    # ~1.1 s; at (32,64,64) on 64^3, batch 4, with the perceptual term 24 s.
+    # course budget, chapter 02 (2 AMX cores, bf16): vae3d ~7 min, mask VAE ~3, VQ-VAE ~4.5, 2D KL-VAE ~3,
+    # evaluation and gates ~5. Measured steps: vae3d (16,32,32) on 32^3 cubes, batch 4, 0.17 s (bf16); on
+    # 48^3 cubes, batch 2, 0.30 s (bf16) and ~1.1 s (fp32, AVX2); at (32,64,64) on 64^3, batch 4, with the
+    # perceptual term 24 s (fp32).
     vae3d_channels: tuple[int, ...] = tiered((8, 16, 16), (16, 32, 32), (64, 128, 256))
     vae2d_channels: tuple[int, ...] = tiered((16, 32, 32), (16, 32, 32), (64, 128, 256))
     latent_channels: int = 4
-    # the 3D KL-VAE (smoke: ~40 s on 2 free CPU cores). Course (bf16, 0.30 s a step): body MAE 62.4 HU at 550
-    # steps and 61.2 at 750 against the x4 resampling baseline's 61.9, while the gate asks 0.6x (37 HU); at
-    # ~0.6 HU per 100 steps the gate is thousands of steps away, beyond the course's 90 minutes
-    train_steps: int = tiered(200, 750, 100_000)
-    train_steps_mask: int = tiered(200, 400, 100_000)  # the mask VAE
-    batch_size: int = tiered(2, 2, 2)  # 3D kinds; >= 2 also takes torch's faster CPU conv3d path
+    # the 3D KL-VAE (smoke: ~40 s on 2 free CPU cores). Course, body MAE on the 30 test volumes against the x4
+    # resampling baseline's 61.9 HU (the gate: 0.6x, 37.2 HU), all measured on the course data in bf16:
+    # before the KL term was divided by the voxel count (train.AutoencoderTask), 62.4 HU at 550 steps and 61.2
+    # at 750 (48^3 cubes, batch 2); with it, 56.7 at 750 and 40.4 at 2000 steps (48^3, batch 2), 40.1 with
+    # cubes centred on a drawn nodule, 44.8 at (16,32,64), and 33.4 at 2000 steps of 32^3 cubes in batches
+    # of 4 (0.54x, the course's setting: more places per step at 60% of the step's cost)
+    train_steps: int = tiered(200, 2000, 100_000)
+    # the mask VAE. Course, nodule Dice on the 30 test volumes (gate 0.5): 0.34 at 400 steps (48^3, batch 2),
+    # 0.35 with the KL per voxel, 0.36 with cubes centred on a drawn nodule, 0.63 at 1500 steps (48^3, batch
+    # 2); 0.58 at 1000 steps of 32^3 in batches of 4; 1200 adds a margin. Below ~1000 steps it keeps no
+    # nodule under ~50 voxels (4.5 mm) at all
+    train_steps_mask: int = tiered(200, 1200, 100_000)
+    batch_size: int = tiered(2, 4, 2)  # 3D kinds; >= 2 also takes torch's faster CPU conv3d path
     lr: float = tiered(2e-3, 2e-3, 1e-4)  # smoke and course: a few hundred steps, so a high peak lr
     lr_schedule: str = tiered("cosine", "cosine", "constant")  # engine schedule (constant | cosine | polynomial)
-    kl_weight: float = 1e-6
+    kl_weight: float = 1e-6  # per voxel of the input, as latent diffusion weighs it (train.AutoencoderTask)
     perceptual_weight: float = 0.3
     # off | astra | a MONAI PerceptualLoss network. Course: off, the I3ResNet-152 forward and backward made a
     # vae3d step 6x slower on 2 cores (24.3 s against 4.1 s), and the chapter's gates judge L1 errors
@@ -116,7 +126,8 @@ class AutoencoderConfig:
     # 30 test volumes; x4 resampling 0.30): nodule Dice 0.21 without it (val L1 0.0185), 0.34 with it (val L1
     # 0.0113); a ramp from the lung value itself gave 0.47 but pushed the lung below 0.1 (val L1 0.0235)
     maskvae_dice_weight: float = 1.0
-    patch_3d: int = tiered(32, 48, 128)  # 3D autoencoders train on random cubes (fully convolutional)
+    # 3D autoencoders train on random cubes (fully convolutional); course: 32, see train_steps
+    patch_3d: int = tiered(32, 32, 128)
     foreground_crop_prob: float = 0.5  # share of 3D training cubes centred on a nodule voxel
     # share of vae3d training items that are 1 mm nodule crops (HR-LDM encodes those); the full
     # profile's volumes are at 1 mm already

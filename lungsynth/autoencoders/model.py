@@ -146,6 +146,10 @@ class Autoencoder(nn.Module):
             # encoder's signal from the first step instead of unit noise. With kl_weight ~1e-6
             # the trained posterior ends up narrow anyway; this only shortens the way there.
             nn.init.constant_(self.net.quant_conv_log_sigma.conv.bias, LOG_VAR_INIT)
+        if self.spatial_dims == 3:
+            # oneDNN's 3D convolutions run 1.2-1.6x faster on channels-last tensors (a vae3d training step,
+            # bf16 on 2 AMX cores: 0.265 -> 0.219 s at (16, 32, 32), 0.759 -> 0.473 s at (32, 64, 64))
+            self.net.to(memory_format=torch.channels_last_3d)
 
     # ------------------------------------------------------------------ value range
 
@@ -155,7 +159,8 @@ class Autoencoder(nn.Module):
         Images: [-1,1] (zero-centred, as in LDM/MAISI). Condition masks: texture units (x5:
         lung 0.5, nodules 1..5), so the few non-zero levels stand out of the optimiser's noise.
         """
-        return (x - self.net_shift) * self.net_scale
+        y = (x - self.net_shift) * self.net_scale
+        return y.contiguous(memory_format=torch.channels_last_3d) if y.ndim == 5 else y
 
     def _from_net(self, y: torch.Tensor) -> torch.Tensor:
         return y / self.net_scale + self.net_shift

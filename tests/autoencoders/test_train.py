@@ -339,3 +339,42 @@ def test_mask_vae_dice_loss_reads_nodules_as_the_gate_does():
     assert "dice_loss" in logs and float(logs["loss"].detach()) > float(logs["l1"]) + 0.5 * float(logs["dice_loss"])
     plain = AutoencoderTask("maskvae", get_config("smoke", {"autoencoders.maskvae_dice_weight": 0.0}))
     assert "dice_loss" not in plain.training_step({"image": x}, 0)
+
+
+def test_nodule_centre_draws_each_nodule_alike_whatever_its_size():
+    """A 3-voxel nodule beside a 1000-voxel one is drawn about half of the time (a draw over the foreground's
+    voxels would pick it 0.3% of the time), and the centre always lies inside the nodule drawn."""
+    from lungsynth.autoencoders.train import ImageView, nodule_centre
+
+    labels = torch.zeros(24, 24, 24)
+    labels[2:12, 2:12, 2:12] = 1  # 1000 voxels
+    labels[20, 20, 19:22] = 2  # 3 voxels
+    torch.manual_seed(0)
+    picks = [labels[tuple(nodule_centre(labels))].item() for _ in range(400)]
+    assert set(picks) == {1.0, 2.0}
+    assert 0.4 < picks.count(2.0) / len(picks) < 0.6
+    assert nodule_centre(torch.zeros(4, 4, 4)) is None
+    # the training view centres its cube on the drawn nodule (fg_prob 1): the image here is the label map,
+    # so a cube holding the value 2 was centred on the small nodule, one without it on the large one
+    view = ImageView([{"ct": labels[None], "label": labels[None]}], "ct", patch=8, fg_prob=1.0)
+    cubes = [view[0]["image"] for _ in range(200)]
+    assert all(c.shape == (1, 8, 8, 8) and c.max() > 0 for c in cubes)
+    assert 0.35 < sum(bool((c == 2).any()) for c in cubes) / len(cubes) < 0.65
+
+
+def test_kl_term_is_per_voxel_as_the_l1():
+    """The KL (a sum over latent elements) enters the loss divided by the item's voxel count, since the L1 is a
+    mean over voxels: w_kl KL / N, not w_kl KL (which outweighed the L1 and filled the latent with noise)."""
+    from lungsynth.autoencoders.train import AutoencoderTask
+    from lungsynth.nn.losses import kl_divergence
+
+    cfg = get_config("smoke", {"autoencoders.kl_weight": 1e-3, "autoencoders.adv_weight": 0.0})
+    task = AutoencoderTask("vae3d", cfg)
+    x = torch.rand(2, 1, 16, 16, 16)
+    torch.manual_seed(0)
+    logs = task.training_step({"image": x}, 0)
+    torch.manual_seed(0)
+    out = task.ae(x)
+    kl = kl_divergence(out["mean"].float(), out["std"].float())
+    assert float(logs["kl"]) == pytest.approx(float(kl), rel=1e-5)
+    assert float(logs["loss"]) == pytest.approx(float(logs["l1"]) + 1e-3 * float(kl) / 16 ** 3, rel=1e-5)
