@@ -96,25 +96,61 @@ def random_flip(x: Any, *others: Any) -> tuple[Any, ...]:
     return tuple(t.flip(dims) for t in (x,) + others)
 
 
-def ensure_synthetic(cfg: Any, method: str | None = None, n: int | None = None, out: Path | str | None = None,
-                     progress: bool = False) -> Path:
-    """The chapters' synthetic dataset: ``n`` samples (default ``cfg.downstream.n_synthetic``) of ``method``
-    conditioned on *training* masks (``conditions="sampler"``), under ``runs/<profile>/synthetic/downstream_<method>``.
+def synthetic_needed(cfg: Any, unit: str, real_root: Path | str | None = None) -> int:
+    """Synthetic ``unit`` items the ratio experiments draw at most: ``max(cfg.downstream.synthetic_ratios)``
+    times the real training items, rounded half up as :func:`lungsynth.downstream.mixing.mix_ratio` does."""
+    from lungsynth.data.datasets import ensure_prepared
+    from lungsynth.downstream.data import real_items
+    from lungsynth.downstream.mixing import synthetic_count
+
+    root = Path(real_root) if real_root is not None else ensure_prepared(cfg, verbose=False)
+    ratio = max([float(r) for r in cfg.downstream.synthetic_ratios] + [0.0])
+    return synthetic_count(len(real_items(root, unit, ("train",))), ratio)
+
+
+def ensure_synthetic(cfg: Any, method: Any = None, n: int | None = None, out: Path | str | None = None,
+                     progress: bool = False, unit: str = "volume", real_root: Path | str | None = None,
+                     max_rounds: int = 4, **synth_options: Any) -> Path:
+    """The chapters' synthetic dataset of ``method`` conditioned on *training* masks (``conditions="sampler"``),
+    under ``runs/<profile>/synthetic/downstream_<method>``, large enough for the chapter's experiments.
+
+    ``n`` volumes when given; else at least ``cfg.downstream.n_synthetic`` and, unless
+    ``cfg.downstream.allow_repeats``, enough ``unit`` items for the largest synthetic ratio (:func:`synthetic_needed`). For ``unit="nodule"`` the volume count that holds enough
+    nodule rows is not known before sampling: the dataset is extended (resuming, never redone) by the deficit
+    over the measured rows per volume, at most ``max_rounds`` times.
 
     ``method`` defaults to the first trained 3D method (:func:`lungsynth.sampling.registry.trained_methods`),
-    else Lung-DDPM, trained on demand through its ``ensure_trained`` (chapter 06). Resumable: samples already
-    there are not redone. Smoke cost measured on a busy 2-core machine: 4 Lung-DDPM samples in 50-120 s.
+    else Lung-DDPM, trained on demand through its ``ensure_trained`` (chapter 06). Smoke cost measured on a
+    busy 2-core machine: 4 Lung-DDPM samples in 50-120 s. ``synth_options`` go to
+    :func:`lungsynth.sampling.synth.synthesize` (``checkpoint``, ``model``).
     """
     from lungsynth import paths
+    from lungsynth.data.datasets import ensure_prepared
+    from lungsynth.downstream.data import synthetic_items
     from lungsynth.sampling.registry import METHODS, trained_methods
     from lungsynth.sampling.synth import synthesize
 
     if method is None:
         volume = [m for m in trained_methods(cfg) if METHODS[m].unit == "volume"]
         method = volume[0] if volume else "lung_ddpm"
-    out = Path(out) if out is not None else paths.runs_dir(cfg.profile) / "synthetic" / f"downstream_{method}"
-    synthesize(cfg, method, int(n or cfg.downstream.n_synthetic), conditions="sampler", out=out,
-               train_missing=True, progress=progress)
+    name = getattr(method, "name", method)
+    out = Path(out) if out is not None else paths.runs_dir(cfg.profile) / "synthetic" / f"downstream_{name}"
+    root = Path(real_root) if real_root is not None else ensure_prepared(cfg, verbose=False)
+    options = {"conditions": "sampler", "out": out, "real_root": root, "progress": progress,
+               "train_missing": "checkpoint" not in synth_options, **synth_options}
+    if n is not None:
+        synthesize(cfg, method, int(n), **options)
+        return out
+    # a pool may be smaller than the largest ratio draws only where items may repeat (smoke)
+    needed = 0 if cfg.downstream.allow_repeats else synthetic_needed(cfg, unit, root)
+    volumes = max(int(cfg.downstream.n_synthetic), needed if unit == "volume" else 1)
+    for _ in range(max_rounds):
+        synthesize(cfg, method, volumes, **options)
+        have = len(synthetic_items(out, unit, root))
+        if have >= needed:
+            break
+        per_volume = max(have, 1) / volumes
+        volumes += int(np.ceil((needed - have) / per_volume))
     return out
 
 

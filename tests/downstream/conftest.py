@@ -27,6 +27,12 @@ TINY = {"data.size_ddpm": 16, "data.crop_size": 16, "downstream.seg_crop_size": 
 
 
 @pytest.fixture(scope="session")
+def tiny() -> dict:
+    """The overrides of :func:`cfg`, for tests that change one more value."""
+    return dict(TINY)
+
+
+@pytest.fixture(scope="session")
 def cfg():
     return get_config("smoke", TINY)
 

@@ -1,0 +1,57 @@
+"""The chapters' default synthetic dataset is sized for the largest synthetic ratio (chapter 10 once asked
+for 30 synthetic volumes of a pool of 16 and stopped)."""
+
+from __future__ import annotations
+
+import pandas as pd
+from synth_fakes import NoisyCopy, stamp_generator
+
+from lungsynth.config import get_config
+from lungsynth.downstream.common import ensure_synthetic, synthetic_needed
+from lungsynth.downstream.data import synthetic_items
+from lungsynth.downstream.mixing import mix_ratio
+
+
+def _cfg(tiny: dict, ratios: str, n_synthetic: int):
+    return get_config("smoke", {**tiny, "downstream.synthetic_ratios": ratios,
+                                "downstream.n_synthetic": n_synthetic})
+
+
+def test_synthetic_needed_is_the_largest_ratio_of_the_training_items(tiny, real_root):
+    assert synthetic_needed(_cfg(tiny, "0,0.5", 2), "volume", real_root) == 4  # 8 training scans
+    assert synthetic_needed(_cfg(tiny, "0,0.5,1", 2), "nodule", real_root) == 8  # one nodule each
+    assert synthetic_needed(_cfg(tiny, "0", 2), "volume", real_root) == 0
+
+
+def _ensure(cfg, real_root, tmp_path, unit):
+    gen = stamp_generator(tmp_path / "generator", real_root)
+    return ensure_synthetic(cfg, NoisyCopy("volume"), out=tmp_path / "syn", unit=unit, real_root=real_root,
+                            checkpoint=gen, model="model")
+
+
+def test_default_pool_covers_the_largest_ratio(tiny, real_root, tmp_path):
+    cfg = _cfg(tiny, "0,0.5,1", 3)  # n_synthetic 3 < the 8 volumes ratio 1 draws
+    out = _ensure(cfg, real_root, tmp_path, "volume")
+    pool = synthetic_items(out, "volume", real_root)
+    assert len(pool) == 8
+    train = pd.DataFrame({"item_id": [f"r{i}" for i in range(8)], "synthetic": False})
+    assert len(mix_ratio(train, pool, 1.0, 0, allow_repeats=False)) == 16
+
+
+def test_nodule_pool_is_extended_until_it_holds_enough_rows(tiny, real_root, tmp_path):
+    cfg = _cfg(tiny, "0,1", 3)  # 3 volumes hold 3 nodule rows; ratio 1 needs 8
+    out = _ensure(cfg, real_root, tmp_path, "nodule")
+    assert len(synthetic_items(out, "nodule", real_root)) >= 8
+    assert len(synthetic_items(out, "volume", real_root)) == 8  # extended by the measured deficit, not doubled
+
+
+def test_n_synthetic_is_a_floor(tiny, real_root, tmp_path):
+    out = _ensure(_cfg(tiny, "0", 5), real_root, tmp_path, "volume")
+    assert len(synthetic_items(out, "volume", real_root)) == 5
+
+
+def test_repeats_allowed_keeps_the_small_pool(tiny, real_root, tmp_path):
+    cfg = get_config("smoke", {**tiny, "downstream.synthetic_ratios": "0,1", "downstream.n_synthetic": 3,
+                               "downstream.allow_repeats": True})
+    out = _ensure(cfg, real_root, tmp_path, "volume")
+    assert len(synthetic_items(out, "volume", real_root)) == 3
