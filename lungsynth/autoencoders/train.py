@@ -456,15 +456,21 @@ def ensure_autoencoder(kind: str, cfg: Any, run_dir: Path | str | None = None, *
     :func:`lungsynth.runtime.device`). A run directory holding another architecture is refused
     (ValueError): pass another ``run_dir``.
     """
+    from filelock import FileLock
+
     from lungsynth import runtime
 
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(kind, cfg.profile)
     device = device if device is not None else runtime.device()
     steps, _ = train_budget(kind, cfg)
-    ckpt = _final_with_scale(run_dir)
-    if ckpt is not None and fingerprint.check_run(run_dir, training_stamp(cfg, root), rebuild_command(kind, cfg)):
-        ae = load_autoencoder(kind, run_dir / "final.pt", cfg)  # refuses another architecture
-        if "scale_factor" in (ckpt.get("config") or {}) and int(ckpt.get("step", 0)) >= steps:
-            return ae.to(device)
-    train_autoencoder(kind, cfg, run_dir, progress=progress, root=root)
-    return load_autoencoder(kind, run_dir, cfg, device=device)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    # a second process (another chapter, a notebook beside the course) waits for the first one's training,
+    # then reuses it: final.pt is written before its scale factor, so a reader in between would train again
+    with FileLock(str(run_dir) + ".lock"):
+        ckpt = _final_with_scale(run_dir)
+        if ckpt is not None and fingerprint.check_run(run_dir, training_stamp(cfg, root), rebuild_command(kind, cfg)):
+            ae = load_autoencoder(kind, run_dir / "final.pt", cfg)  # refuses another architecture
+            if "scale_factor" in (ckpt.get("config") or {}) and int(ckpt.get("step", 0)) >= steps:
+                return ae.to(device)
+        train_autoencoder(kind, cfg, run_dir, progress=progress, root=root)
+        return load_autoencoder(kind, run_dir, cfg, device=device)

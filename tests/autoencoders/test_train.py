@@ -378,3 +378,28 @@ def test_kl_term_is_per_voxel_as_the_l1():
     kl = kl_divergence(out["mean"].float(), out["std"].float())
     assert float(logs["kl"]) == pytest.approx(float(kl), rel=1e-5)
     assert float(logs["loss"]) == pytest.approx(float(logs["l1"]) + 1e-3 * float(kl) / 16 ** 3, rel=1e-5)
+
+
+def test_a_second_process_waits_for_a_training_in_progress(tmp_path, monkeypatch):
+    """final.pt is written before its scale factor: a reader in between once trained the run a second time,
+    beside the first. ``ensure_autoencoder`` holds the run's lock, so the second caller waits, then reuses."""
+    import threading
+
+    from filelock import FileLock
+
+    import lungsynth.autoencoders.train as train_mod
+
+    calls = []
+    monkeypatch.setattr(train_mod, "train_autoencoder", lambda kind, cfg, run_dir, **kw: calls.append(run_dir))
+    monkeypatch.setattr(train_mod, "load_autoencoder", lambda *a, **kw: "model")
+    run_dir = tmp_path / "02_vae3d"
+    cfg = get_config("smoke")
+    lock = FileLock(str(run_dir) + ".lock")
+    lock.acquire()
+    worker = threading.Thread(target=train_mod.ensure_autoencoder, args=("vae3d", cfg, run_dir), daemon=True)
+    worker.start()
+    worker.join(0.5)
+    assert worker.is_alive() and calls == []  # waiting for the first process's training
+    lock.release()
+    worker.join(10)
+    assert not worker.is_alive() and calls == [run_dir]

@@ -17,6 +17,8 @@ no equations, so they are cited by section), on a MAISI-like 3D KL-VAE of chapte
 
       L = E_{t, eps} [ min(SNR_t, gamma) / (SNR_t + 1) * || v_t - v_hat(z_t, c, t) ||^2 ],
       SNR_t = ab_t / (1 - ab_t),   gamma = 5 (cfg.land.min_snr_gamma)
+  (``full``; smoke and course train the unweighted v MSE, ``cfg.land.loss_weighting = "uniform"``: the
+  Min-SNR weight ~SNR_t at high noise leaves the anatomy-forming steps untrained in a CPU budget)
 
   i.e. the x0-space weight ``min(SNR, gamma)`` written in v-space (:mod:`lungsynth.diffusion.objectives`);
 - the condition ``c``, on the latent grid, is concatenated to ``z_t`` and re-injected by cross-attention
@@ -71,10 +73,10 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "model": ("VARIANTS", "CONDITIONS", "MAX_POOLED", "KIND", "SAMPLERS", "LandDenoiser", "check_variant",
               "uses_mask_vae", "cond_channels_of",
               "check_condition", "condition_volume", "condition_grid", "denoiser_spec", "make_scheduler",
-              "land_loss"),
+              "land_loss", "loss_gamma", "LOSS_WEIGHTINGS"),
     "train": ("LandDataset", "LandTask", "build_dataset", "iter_conditions", "heldout_conditions", "HeldoutVolumes",
               "largest_nodule_indices", "default_run_dir",
-              "train", "ensure_trained"),
+              "train", "ensure_trained", "check_loss_weighting"),
     "sample": ("LandModel", "check_trained_for", "load", "load_denoiser", "sample", "heldout_by_nodule_size",
                "nodule_mean_hu", "texture_sweep", "peak_sampling_memory"),
     "evaluate": ("evaluate", "real_volumes", "quality_gates"),

@@ -181,6 +181,17 @@ class LandDenoiser(nn.Module):
 
 
 # Poster, "Velocity Prediction Training": a linear noise schedule, the network predicts the velocity v.
+LOSS_WEIGHTINGS = ("min-snr", "uniform")
+
+
+def loss_gamma(cfg: Any) -> float | None:
+    """The ``gamma`` of :func:`land_loss` for ``cfg.land.loss_weighting`` (None: uniform)."""
+    weighting = str(cfg.land.loss_weighting)
+    if weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"land.loss_weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, got {weighting!r}")
+    return float(cfg.land.min_snr_gamma) if weighting == "min-snr" else None
+
+
 def make_scheduler(spec: dict[str, Any], kind: str = "ddpm"):
     """MONAI scheduler of the denoiser's schedule (linear betas, v-prediction)."""
     from lungsynth.diffusion.schedules import make_scheduler as _make
@@ -193,9 +204,10 @@ def make_scheduler(spec: dict[str, Any], kind: str = "ddpm"):
 #     L_min-SNR = gamma(SNR_t) * || v_hat_t(z_t, m) - v_t ||^2
 # with z_t = sqrt(ab_t) z0 + sqrt(1 - ab_t) eps, v_t = sqrt(ab_t) eps - sqrt(1 - ab_t) z0, SNR_t = ab_t / (1 - ab_t)
 # and the Min-SNR weight of a v target gamma(SNR_t) = min(SNR_t, gamma) / (SNR_t + 1) (Hang et al. 2023).
-def land_loss(denoiser: nn.Module, scheduler, z0: torch.Tensor, grid: torch.Tensor | None, gamma: float,
+def land_loss(denoiser: nn.Module, scheduler, z0: torch.Tensor, grid: torch.Tensor | None, gamma: float | None,
               timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """LAND's training loss on one batch: Min-SNR-gamma weighted MSE on the v target.
+    """LAND's training loss on one batch: Min-SNR-gamma weighted MSE on the v target (``gamma`` None: the
+    unweighted v MSE, ``cfg.land.loss_weighting = "uniform"``).
 
     Args:
         z0: scaled latents [B, C, s,s,s]; grid: [B, K, s,s,s] or None.
@@ -214,5 +226,5 @@ def land_loss(denoiser: nn.Module, scheduler, z0: torch.Tensor, grid: torch.Tens
     v = target_for(scheduler, z0, noise, timesteps)
     x = torch.cat([z_t, grid.to(z_t.dtype)], 1) if grid is not None else z_t
     pred = denoiser(x, timesteps, grid)
-    w = min_snr_weights_for(scheduler, timesteps, gamma)
+    w = min_snr_weights_for(scheduler, timesteps, gamma) if gamma is not None else torch.ones(B, device=z0.device)
     return {"loss": diffusion_loss(pred, v, weights=w, check_finite=False), "snr_weight": w.mean()}

@@ -12,7 +12,8 @@ from lungsynth.data import fingerprint
 from lungsynth.data.datasets import training_stamp
 from lungsynth.engine import TrainTask
 from lungsynth.methods.land.model import (CONDITIONS, KIND, LandDenoiser, check_variant, condition_grid, denoiser_spec,
-                                          land_loss, make_scheduler, uses_mask_vae)
+                                          land_loss, loss_gamma, make_scheduler,
+                                          uses_mask_vae)
 
 
 def default_run_dir(cfg: Any, variant: str, create: bool = True) -> Path:
@@ -133,11 +134,11 @@ class LandTask(TrainTask):
 
     kind = KIND
 
-    def __init__(self, spec: dict[str, Any], gamma: float = 5.0) -> None:
+    def __init__(self, spec: dict[str, Any], gamma: float | None = 5.0) -> None:
         self.spec = dict(spec)
         self.denoiser = LandDenoiser(spec)
         self.scheduler = make_scheduler(spec)
-        self.gamma = float(gamma)
+        self.gamma = float(gamma) if gamma is not None else None  # None: the unweighted v MSE
 
     def modules(self) -> dict[str, nn.Module]:
         return {"denoiser": self.denoiser}
@@ -178,18 +179,32 @@ def train(cfg: Any, variant: str, run_dir: Path | str | None = None, *, skip: st
             ds = build_dataset(cfg, variant, "train", mask_vae)
         spec = denoiser_spec(cfg, variant, vae.latent_channels,
                              mask_vae.latent_channels if mask_vae is not None else None, skip)
-        task = LandTask(spec, cfg.land.min_snr_gamma)
+        task = LandTask(spec, loss_gamma(cfg))
         trainer = Trainer.from_config(cfg.engine, run_dir, max_steps=cfg.land.train_steps, lr=cfg.land.lr,
                                       batch_size=cfg.land.batch_size, seed=cfg.seed, progress=progress, fresh=fresh)
         with rec.timer("train"):
             result = trainer.fit(task, ds)
         rec["variant"] = variant
+        rec["loss_weighting"] = str(cfg.land.loss_weighting)
         rec["condition"] = CONDITIONS[variant]
         rec["parameters"] = sum(p.numel() for p in task.denoiser.parameters())
         rec["steps"] = result.steps
         rec["last_losses"] = result.last_losses
         rec["vae_scale_factor"] = float(vae.scale_factor)
     return run_dir
+
+
+def check_loss_weighting(run_dir: Path, cfg: Any, variant: str) -> None:
+    """A run trained with another ``land.loss_weighting`` is refused (ValueError naming the command), not reused:
+    the weighting decides whether the high-noise steps are learned. Runs that record none used Min-SNR."""
+    import json
+
+    record = run_dir / "run.json"
+    results = json.loads(record.read_text()).get("results", {}) if record.is_file() else None
+    had = results.get("loss_weighting", "min-snr") if results is not None else None
+    if had is not None and had != str(cfg.land.loss_weighting):
+        raise ValueError(f"{run_dir} was trained with land.loss_weighting={had!r}, not "
+                         f"{cfg.land.loss_weighting!r}; retrain it: {rebuild_command(cfg, variant)}")
 
 
 def _is_done(run_dir: Path, cfg: Any, variant: str) -> bool:
@@ -201,6 +216,7 @@ def _is_done(run_dir: Path, cfg: Any, variant: str) -> bool:
     ckpt = load_checkpoint(final)
     # a run of another architecture (say land.skip=concat over an additive run) is refused, not reused
     check_compatible(ckpt, final, KIND, denoiser_spec(cfg, variant, int(cfg.autoencoders.latent_channels)))
+    check_loss_weighting(run_dir, cfg, variant)
     return int(ckpt.get("step", 0)) >= int(cfg.land.train_steps)
 
 

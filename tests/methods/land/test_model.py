@@ -47,6 +47,25 @@ def test_v_target_and_min_snr_weighted_loss_by_hand():
     assert out["snr_weight"].item() == pytest.approx((5 / (snr10 + 1) + ab[500]) / 2, rel=1e-4)
 
 
+def test_uniform_weighting_is_the_plain_v_mse():
+    """The course's departure: every timestep weighs 1, so high noise (SNR -> 0) is not weighted away."""
+    cfg = tiny_cfg()
+    assert land.loss_gamma(cfg) is None and cfg.land.loss_weighting == "uniform"
+    assert land.loss_gamma(tiny_cfg(**{"land.loss_weighting": "min-snr"})) == 5.0
+    with pytest.raises(ValueError, match="loss_weighting must be one of"):
+        land.loss_gamma(tiny_cfg(**{"land.loss_weighting": "snr"}))
+    sched = land.make_scheduler(land.denoiser_spec(cfg, "none", 4))
+    ab = sched.alphas_cumprod.double()
+    t = torch.tensor([10, 900])
+    z0, noise = torch.full((2, 4, 2, 2, 2), 0.5), torch.full((2, 4, 2, 2, 2), -1.0)
+    out = land.land_loss(ZeroDenoiser(), sched, z0, None, gamma=None, timesteps=t, noise=noise)
+    v = [(-ab[k].sqrt() - 0.5 * (1 - ab[k]).sqrt()).item() for k in t.tolist()]
+    assert out["loss"].item() == pytest.approx(sum(x * x for x in v) / 2, rel=1e-4)
+    assert out["snr_weight"].item() == 1.0
+    weighted = land.land_loss(ZeroDenoiser(), sched, z0[1:], None, gamma=5.0, timesteps=t[1:], noise=noise[1:])
+    assert weighted["snr_weight"].item() < 1e-3  # Min-SNR at t = 900: about SNR, 3e-4
+
+
 # --------------------------------------------------------------------------- conditions
 
 
@@ -131,3 +150,16 @@ def test_mask_edits():
         set_texture(cond, 6)
     with pytest.raises(ValueError, match="no nodule"):
         move_nodule(torch.zeros(1, 1, 8, 8, 8), (1, 0, 0))
+
+
+def test_a_run_of_another_loss_weighting_is_refused(tmp_path):
+    import json
+
+    run = tmp_path / "03_land_mask"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"results": {}}))  # made before the setting existed: Min-SNR
+    with pytest.raises(ValueError, match="loss_weighting='min-snr'.*--fresh"):
+        land.check_loss_weighting(run, tiny_cfg(), "mask")
+    land.check_loss_weighting(run, tiny_cfg(**{"land.loss_weighting": "min-snr"}), "mask")
+    (run / "run.json").write_text(json.dumps({"results": {"loss_weighting": "uniform"}}))
+    land.check_loss_weighting(run, tiny_cfg(), "mask")
