@@ -156,7 +156,9 @@ class LandConfig:
     # 3.6 s in fp32), ~16 min of training, 4 volumes each for Table 1 and 8 for the gates (~7 min). Measured:
     # at 150 steps the samples had no lung where the mask had one (lung HU -382..-670 against the real -808);
     # at 1200 steps (latentmask, 223 s) the lungs follow the mask and their mean HU is -809..-821 (real -814),
-    # while the body outline and the nodules are still missing
+    # while the body outline and the nodules are still missing (that was the earlier, blurred latent). With the
+    # per-voxel KL latent, uniform weighting and lr 2e-4 (below), 1000 steps of 0.22 s: lung Dice 0.96-0.97 (mask,
+    # latentmask), lung HU within 0.2 HU, no nodule yet at half its real contrast, KID 0.55-0.62x the noise baseline
     unet_channels: tuple[int, ...] = tiered((16, 16, 32, 32, 32), (32, 32, 64, 64, 128), (64, 128, 256, 384, 512))
     num_res_blocks: int = tiered(2, 1, 2)
     attention_levels: tuple[bool, ...] = (False, False, True, True, True)  # cross-attention at the 3 deepest levels
