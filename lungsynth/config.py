@@ -141,7 +141,9 @@ class AutoencoderConfig:
     vq_batch_size: int = tiered(8, 16, 32)  # 2D VQ-VAE (64^2 slices in smoke)
     disc_channels: int = tiered(16, 32, 64)
     disc_layers: int = 3
-    val_every: int = tiered(50, 200, 2500)
+    # steps between validations. Course: 400, since one vae3d validation (sliding-window reconstructions of the
+    # val volumes) costs ~27 s on 2 cores and every 200 steps they took 4.5 of its 12 minutes
+    val_every: int = tiered(50, 400, 2500)
     sliding_roi: int = tiered(64, 128, 128)  # window (image voxels) of sliding encode/decode; larger inputs only
     sliding_overlap: float = 0.25
     scale_factor_items: int = 16  # training items encoded to estimate the latent scale factor

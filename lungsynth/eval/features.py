@@ -229,9 +229,63 @@ def astra_features(volumes: Any, intensity: Intensity, *, layout: str = "dhw", b
 
     dev = torch.device(device) if device is not None else default_device()
     vols = to_ras(to_hu(volumes, intensity, unit_range), layout)
-    model = load_astra_encoder(dev, weights)
     name = f"{ASTRA_NAME}/3d" if weights == "astra" else f"{weights}-i3resnet152/3d"
-    return _forward_batches(model, hu_to_astra(vols), batch_size, dev), name
+    encode = lambda x: _forward_batches(load_astra_encoder(dev, weights), x, batch_size, dev)  # noqa: E731
+    return cached_features(hu_to_astra(vols), f"{name}|{weights}|{dev.type}", encode), name
+
+
+# --------------------------------------------------------------------------- the feature cache
+
+# The real held-out and training sets go through the 3D encoder in chapter 03, in every 3D row of chapter 09 and
+# again on every re-run; in the course profile chapter 09 spent ~5 of its 6 LAND minutes featurising the same real
+# volumes that chapter 03 had featurised. Each volume's features are therefore kept on disk under a digest of
+# the exact encoder input, so the same voxels through the same network are encoded once. Nothing here is
+# unpickled: rows are plain .npy files read with allow_pickle=False.
+FEATURE_CACHE_ENV = "LUNGSYNTH_FEATURE_CACHE"  # "off" turns the cache off
+
+
+def feature_cache_dir() -> Path | None:
+    """``<home>/runs/feature_cache`` (None when ``$LUNGSYNTH_FEATURE_CACHE`` is off/0/false)."""
+    from lungsynth import paths
+
+    if os.environ.get(FEATURE_CACHE_ENV, "").strip().lower() in ("off", "0", "false", "no"):
+        return None
+    return paths.home() / "runs" / "feature_cache"
+
+
+def _input_digest(item: np.ndarray, network: str) -> str:
+    import hashlib
+
+    item = np.ascontiguousarray(item, dtype=np.float32)
+    head = f"{network}|{item.shape}|".encode()
+    return hashlib.sha256(head + item.tobytes()).hexdigest()
+
+
+def cached_features(inputs: np.ndarray, network: str, encode: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Feature rows of ``inputs`` [N, ...] (float64 [N, D]): each item's row read from the cache when the same
+    array went through ``network`` before, the others computed together by ``encode(inputs[missing])`` and
+    stored. ``network`` must name everything that changes the features (weights, device type)."""
+    folder = feature_cache_dir()
+    if folder is None or len(inputs) == 0:
+        return encode(inputs)
+    files = [folder / d[:2] / f"{d}.npy" for d in (_input_digest(x, network) for x in inputs)]
+    rows: list[np.ndarray | None] = [np.load(f, allow_pickle=False) if f.is_file() else None for f in files]
+    missing = [i for i, r in enumerate(rows) if r is None]
+    if missing:
+        fresh = encode(inputs[missing])
+        for i, row in zip(missing, fresh):
+            rows[i] = row
+            _save_row(files[i], row)
+    return np.stack(rows).astype(np.float64)
+
+
+def _save_row(path: Path, row: np.ndarray) -> None:
+    """Write one row atomically (a temporary file per process, then a rename): never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
+    with tmp.open("wb") as fh:
+        np.save(fh, np.asarray(row, dtype=np.float64), allow_pickle=False)
+    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- 2.5D

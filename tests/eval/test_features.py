@@ -113,3 +113,31 @@ def test_extract_features_dispatch():
     assert f.shape == (3, 128) and name.startswith("slicenet2d")
     with pytest.raises(ValueError, match="unknown feature network"):
         F.extract_features(slices, "inception", "unit")
+
+
+def test_feature_cache_encodes_each_input_once_per_network(tmp_path, monkeypatch):
+    """Rows come back from the cache for inputs seen before by the same network; a changed item, another
+    network name or a cache turned off goes through the encoder again."""
+    monkeypatch.setenv("LUNGSYNTH_HOME", str(tmp_path))
+    calls = []
+
+    def encode(x):
+        calls.append(len(x))
+        return x.reshape(len(x), -1).sum(1, keepdims=True).astype(np.float64) * np.arange(1, 4)
+
+    items = np.random.default_rng(0).random((4, 3, 3, 3)).astype(np.float32)
+    first = F.cached_features(items, "net-a", encode)
+    assert calls == [4] and np.allclose(first, encode(items))
+    calls.clear()
+    assert np.array_equal(F.cached_features(items, "net-a", encode), first) and calls == []
+    changed = items.copy()
+    changed[2, 0, 0, 0] += 1.0
+    again = F.cached_features(changed, "net-a", encode)
+    assert calls == [1] and np.array_equal(again[[0, 1, 3]], first[[0, 1, 3]]) and again[2, 0] == first[2, 0] + 1.0
+    calls.clear()
+    F.cached_features(items, "net-b", encode)
+    assert calls == [4]
+    monkeypatch.setenv("LUNGSYNTH_FEATURE_CACHE", "off")
+    calls.clear()
+    F.cached_features(items, "net-a", encode)
+    assert calls == [4] and not list(tmp_path.rglob("*.tmp"))

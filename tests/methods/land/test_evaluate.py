@@ -249,6 +249,33 @@ def test_a_perfect_generator_passes_and_shuffled_voxels_fail(monkeypatch):
     assert by["land latentmask: lung Dice, sample vs its condition"].status == "fail"
     assert by["land latentmask: nodules >= 6 mm with >= 0.5 x real contrast"].status == "fail"
     assert by["land latentmask: KID vs held-out half"].value > by["land mask: KID vs held-out half"].value
+    assert by[CEILING].value == 1.0 and by[CEILING].status == "info"  # an exact autoencoder keeps every nodule
+
+
+CEILING = "land: vae3d ceiling: nodules >= 6 mm with >= 0.5 x real contrast"
+
+
+class _Blur(_Identity):
+    """An autoencoder that loses small detail: each reconstruction is box-blurred over 7^3 voxels."""
+
+    def reconstruct(self, x, roi_size=None):
+        return torch.nn.functional.avg_pool3d(x, 7, stride=1, padding=3, count_include_pad=False)
+
+
+def test_the_nodule_ceiling_is_what_the_autoencoder_keeps(monkeypatch):
+    """The ceiling row reads gate 3 on the autoencoder's reconstructions of the real volumes: a blurring
+    autoencoder keeps fewer nodules at half their contrast than the real volumes themselves."""
+    held = _Held()
+    monkeypatch.setattr(gates, "HeldoutVolumes", lambda cfg: held)
+    monkeypatch.setattr(gates, "_features", _fake_features)
+    monkeypatch.setattr(gates, "_sample_chunks", lambda m, h, idx, size, seed: gates._real_chunks(h, idx, size))
+    from lungsynth.config import get_config
+
+    cfg = get_config("smoke", {"data.size_3d": S, "data.spacing_3d_mm": SPACING, "land.n_gate_samples": 8})
+    blurred = _Model("mask", "real")
+    blurred.vae = _Blur()
+    by = {g.name: g for g in gates.measure(cfg, {"mask": blurred})}
+    assert by[CEILING].n >= gates.MIN_NODULES and by[CEILING].value < 0.5
 
 
 def test_untrained_variants_are_listed_with_their_command(monkeypatch, tmp_path):
