@@ -154,8 +154,8 @@ class LandConfig:
     """Chapter 03: LAND, 3D latent diffusion with anatomical masks."""
 
     # course budget, chapter 03: five variants (the poster's three, none, nodule-only) x 1000 steps of ~0.19 s
-    # (latent 4x32^3, 2 cores, bf16 on AMX, ~0.2 s in fp32 on an AMD EPYC without AMX; the paper's widths (64, 64, 128, 128, 256) with 2 res blocks cost
-    # 3.6 s in fp32), ~16 min of training, 4 volumes each for Table 1 and 8 for the gates (~7 min). Measured:
+    # (latent 4x32^3, 2 cores, bf16 on AMX; ~0.2 s in fp32 on an AMD EPYC without AMX; the paper's widths
+    # (64, 64, 128, 128, 256) with 2 res blocks cost 3.6 s in fp32), ~16 min of training, 4 volumes each for Table 1 and 8 for the gates (~7 min). Measured:
     # at 150 steps the samples had no lung where the mask had one (lung HU -382..-670 against the real -808);
     # at 1200 steps (latentmask, 223 s) the lungs follow the mask and their mean HU is -809..-821 (real -814),
     # while the body outline and the nodules are still missing (that was the earlier, blurred latent). With the

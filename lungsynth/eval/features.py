@@ -33,6 +33,7 @@ error.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from pathlib import Path
@@ -234,6 +235,7 @@ def astra_features(volumes: Any, intensity: Intensity, *, layout: str = "dhw", b
     return cached_features(hu_to_astra(vols), f"{name}|{weights}|{_weights_version()}|{dev.type}", encode), name
 
 
+@functools.cache
 def _weights_version() -> str:
     """The installed weights package's version (a new release gives new cache keys)."""
     from importlib.metadata import PackageNotFoundError, version

@@ -404,20 +404,23 @@ def _features(vols: torch.Tensor, network: str) -> tuple[np.ndarray, str]:
     return extract_features(vols.numpy(), network, "unit")
 
 
+def _chunk_measures(cfg: Any, vols: torch.Tensor, conds: torch.Tensor, conditional: bool = True) -> list[dict[str, Any]]:
+    """:func:`volume_measures` of each volume [n,1,S,S,S] in [0, 1] with its condition [n,1,S,S,S]."""
+    from lungsynth.data.preprocess import unit_to_hu
+
+    spacing = float(cfg.data.spacing_3d_mm)
+    hu = unit_to_hu(vols, cfg.data.hu_min, cfg.data.hu_max).numpy()
+    return [volume_measures(v[0], c[0], spacing, condition_nodules(c[0], spacing), conditional)
+            for v, c in zip(hu, conds.numpy())]
+
+
 def _measure_set(cfg: Any, held: Any, indices: Sequence[int], volumes: Iterable[torch.Tensor], network: str | None,
                  conditional: bool) -> tuple[list[dict[str, Any]], np.ndarray | None, str | None]:
     """Measures and features of volumes [n,1,S,S,S] in [0, 1] (chunks, in the order of ``indices``, whose
     conditions they belong to): (measures per volume, features [N, F] or None without ``network``, name)."""
-    from lungsynth.data.preprocess import unit_to_hu
-
-    spacing = float(cfg.data.spacing_3d_mm)
     measures, feats, name, pos = [], [], network, 0
     for vols in volumes:
-        conds = held.chunk(indices[pos:pos + len(vols)], "cond")
-        hu = unit_to_hu(vols, cfg.data.hu_min, cfg.data.hu_max).numpy()
-        for v, c in zip(hu, conds.numpy()):
-            nodules = condition_nodules(c[0], spacing)
-            measures.append(volume_measures(v[0], c[0], spacing, nodules, conditional))
+        measures += _chunk_measures(cfg, vols, held.chunk(indices[pos:pos + len(vols)], "cond"), conditional)
         if network:
             f, name = _features(vols, network)
             feats.append(f)
@@ -446,7 +449,6 @@ def _baselines(cfg: Any, held: Any, a: Sequence[int], r: Sequence[int], size: in
 
     ref = np.concatenate([_features(v, network)[0] for v in _real_chunks(held, r, size)])
     real, noise, recon, name, rec_measures = [], [], [], network, []
-    spacing = float(cfg.data.spacing_3d_mm)
     for _, part in _chunks(a, size):
         vols = held.chunk(part, "ct")
         hu = unit_to_hu(vols, cfg.data.hu_min, cfg.data.hu_max).numpy()[:, 0]
@@ -458,10 +460,9 @@ def _baselines(cfg: Any, held: Any, a: Sequence[int], r: Sequence[int], size: in
         with torch.no_grad():
             dev = next(vae.parameters()).device
             rec = vae.reconstruct(vols.to(dev), roi_size=cfg.autoencoders.sliding_roi).float().cpu()
-        recon.append(_features(rec.clamp(0, 1), network)[0])
-        rec_hu = unit_to_hu(rec.clamp(0, 1), cfg.data.hu_min, cfg.data.hu_max).numpy()[:, 0]
-        for v, c in zip(rec_hu, held.chunk(part, "cond").numpy()[:, 0]):
-            rec_measures.append(volume_measures(v, c, spacing, condition_nodules(c, spacing)))
+        rec = rec.clamp(0, 1)
+        recon.append(_features(rec, network)[0])
+        rec_measures += _chunk_measures(cfg, rec, held.chunk(part, "cond"))
     metric = lambda f: compare(ref, np.concatenate(f), network=name)  # noqa: E731
     return Baselines("volume", len(a), name, metric(real), metric(noise), metric(recon), ref), rec_measures
 
