@@ -203,6 +203,19 @@ def _check_labels(nods: Any, where: Path) -> None:
             raise ValueError(f"{where}: malignancy scores {badm} outside the LIDC scale 1..5")
 
 
+def generated_nodules(nods: Any) -> Any:
+    """The rows of a synthetic ``nodules.csv`` that are generated nodules.
+
+    A method that pastes a generated nodule into a real scan (HR-LDM) flags it ``inpainted``; the scan's own
+    nodules, written beside it so the label map stays whole, are real and never synthetic items. Datasets
+    without the column (whole generated volumes: LAND, Lung-DDPM) are generated throughout.
+    """
+    if "inpainted" not in nods.columns:
+        return nods
+    flag = nods["inpainted"].astype(str).str.strip().str.lower().isin(("true", "1", "1.0"))
+    return nods[flag.to_numpy()]
+
+
 def synthetic_items(path: Path | str, unit: str, real_root: Path | str) -> Any:
     """The item table of a synthetic dataset, with each item's condition patient read from provenance.
 
@@ -252,6 +265,7 @@ def synthetic_items(path: Path | str, unit: str, real_root: Path | str) -> Any:
             scans = pd.DataFrame(columns=["scan_id", "ct", "label", "spacing_mm"])
         if "malignancy" not in nods.columns:
             nods["malignancy"] = np.nan
+        nods = generated_nodules(nods)
         df = _nodule_table(nods.assign(patient_id=nods["scan_id"].astype(str)), scans, path)
         if len(df):
             cond = pd.DataFrame([condition_of(s) for s in df["scan_id"]])
@@ -302,10 +316,12 @@ class ItemDataset(CachedDataset):
             ``size``^3 at 1 mm (the crop view when the dataset has one, else cut from the volume), with
             ``subtype_id``, ``diameter_mm``, ``malignancy``.
         size: cube side.
+        store: a dict shared by several datasets over overlapping tables (the trainings of one experiment):
+            each item is loaded once per (root, item_id, kind, size), whichever dataset asks first.
     Items also carry ``index`` (the row) and ``synthetic`` (0/1).
     """
 
-    def __init__(self, cfg: Any, table: Any, kind: str, size: int) -> None:
+    def __init__(self, cfg: Any, table: Any, kind: str, size: int, store: dict | None = None) -> None:
         if kind not in ("volume", "crop"):
             raise ValueError(f"unknown item kind {kind!r}; use volume or crop")
         if len(table) == 0:
@@ -314,6 +330,7 @@ class ItemDataset(CachedDataset):
         super().__init__()
         self.table = table.reset_index(drop=True)
         self._volumes: dict[tuple[str, str], np.ndarray] = {}
+        self._store = store
 
     def _volume(self, root: str, rel: str) -> np.ndarray:
         key = (root, rel)
@@ -322,6 +339,15 @@ class ItemDataset(CachedDataset):
         return self._volumes[key]
 
     def _load(self, idx: int) -> dict[str, Any]:
+        if self._store is None:
+            return self._read(idx)
+        r = self.table.iloc[idx]
+        key = (str(r["root"]), str(r["item_id"]), self.kind, self.size)
+        if key not in self._store:
+            self._store[key] = self._read(idx)
+        return {**self._store[key], "index": idx}
+
+    def _read(self, idx: int) -> dict[str, Any]:
         import torch
 
         from lungsynth.data.datasets import resize_volume
@@ -352,6 +378,40 @@ class ItemDataset(CachedDataset):
                 "diameter_mm": float(r["diameter_mm"]) if np.isfinite(float(r["diameter_mm"])) else 0.0,
                 "malignancy": malig, "index": idx, "synthetic": int(r["synthetic"])}
 
+
+
+class PatchDataset:
+    """Random ``patch``^3 training patches of a volume :class:`ItemDataset`, half of them centred on a target voxel.
+
+    MONAI's ``RandCropByPosNegLabel`` (pos = neg = 1) picks each patch's centre: a nodule voxel or a
+    background voxel with equal odds, so a network sees nodules in every other patch although they fill
+    about 0.1% of a chest. Item: ``image`` and ``target`` [1, patch, patch, patch] (plus the base item's
+    ``index`` and ``synthetic``); a fresh patch on every access, reproducible from ``seed``.
+    """
+
+    def __init__(self, base: ItemDataset, patch: int, seed: int = 0) -> None:
+        from monai.transforms import RandCropByPosNegLabel
+
+        if base.kind != "volume":
+            raise ValueError(f"patches are cut from volume items, not {base.kind!r} items")
+        if not 0 < int(patch) <= base.size:
+            raise ValueError(f"patch side {patch} must be in 1..{base.size} (the volume side)")
+        self.base, self.patch = base, int(patch)
+        self.table = base.table
+        self._crop = RandCropByPosNegLabel((self.patch,) * 3, pos=1.0, neg=1.0, num_samples=1, allow_smaller=False)
+        self._crop.set_random_state(seed=int(seed))
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        import torch
+
+        item = self.base[idx]
+        # one draw of the centre for both tensors: crop their concatenation, the label guiding the draw
+        both = self._crop(torch.cat([item["image"], item["target"]]), label=item["target"])[0]
+        both = both.as_tensor() if hasattr(both, "as_tensor") else both  # MetaTensor -> Tensor for the engine
+        return {**item, "image": both[:1].clone(), "target": both[1:].clone()}
 
 
 class LabelView:

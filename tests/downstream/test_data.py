@@ -95,3 +95,69 @@ def test_condition_from_another_dataset_is_an_error(tmp_path, real_root, synthet
     prov.to_csv(d / "provenance.csv", index=False)
     with pytest.raises(ValueError, match="not in the real dataset"):
         synthetic_items(d, "volume", real_root)
+
+
+def test_patches_hit_the_nodule_every_other_draw(cfg, real_root):
+    """Volume items cut into patches: image and target cut at the same place, about half the patches centred on
+    a nodule voxel (far more than a uniform draw, whose patches rarely meet a nodule), reproducible by seed."""
+    import torch
+
+    from lungsynth.downstream.data import PatchDataset
+
+    vols = ItemDataset(cfg, real_items(real_root, "volume"), "volume", 16)
+    a = PatchDataset(vols, 6, seed=3)
+    draws = [a[i % len(a)] for i in range(80)]
+    assert all(d["image"].shape == d["target"].shape == (1, 6, 6, 6) for d in draws)
+    assert all(type(d["image"]) is torch.Tensor for d in draws)  # plain tensors: the engine batches them
+    with_nodule = np.mean([float(d["target"].sum() > 0) for d in draws])
+    fraction = np.mean([float(vols[i]["target"].mean()) for i in range(len(vols))])
+    assert with_nodule >= 0.45 and with_nodule > 5 * fraction
+    b, c = PatchDataset(vols, 6, seed=3), PatchDataset(vols, 6, seed=3)
+    assert all(torch.equal(b[i]["image"], c[i]["image"]) for i in range(4))
+    # the patch is where the target says: each patch of the image occurs in its volume at the target's place
+    item, full = a[0], vols[0]
+    hits = [(z, y, x) for z in range(11) for y in range(11) for x in range(11)
+            if torch.equal(full["image"][:, z:z + 6, y:y + 6, x:x + 6], item["image"])]
+    assert hits and all(torch.equal(full["target"][:, z:z + 6, y:y + 6, x:x + 6], item["target"]) for z, y, x in hits)
+    with pytest.raises(ValueError, match="volume items"):
+        PatchDataset(ItemDataset(cfg, real_items(real_root, "nodule"), "crop", 16), 6)
+    with pytest.raises(ValueError, match="patch side"):
+        PatchDataset(vols, 32)
+
+
+def test_a_shared_store_loads_each_item_once(cfg, real_root, monkeypatch):
+    table = real_items(real_root, "nodule")
+    calls = []
+    read = ItemDataset._read
+
+    def counting(self, idx):
+        calls.append(self.table.iloc[idx]["item_id"])
+        return read(self, idx)
+
+    monkeypatch.setattr(ItemDataset, "_read", counting)
+    store: dict = {}
+    first = ItemDataset(cfg, table, "crop", 16, store)
+    second = ItemDataset(cfg, table.iloc[::-1], "crop", 16, store)
+    a = [first[i] for i in range(len(first))]
+    b = [second[i] for i in range(len(second))]
+    assert sorted(calls) == sorted(table["item_id"])  # one read per item for both datasets
+    assert [x["index"] for x in b] == list(range(len(second)))  # each dataset's own row numbers
+    assert np.array_equal(a[0]["image"].numpy(), b[-1]["image"].numpy())
+
+
+def test_only_generated_nodules_are_synthetic_items(tmp_path, real_root, synthetic_train):
+    """An inpainting dataset writes the background scan's real nodules beside the generated one; only rows flagged
+    ``inpainted`` become synthetic items, and a dataset with no generated row holds no nodule items."""
+    d = tmp_path / "inpainted"
+    shutil.copytree(synthetic_train, d)
+    nods = pd.read_csv(d / "nodules.csv")
+    generated = nods["nodule_id"].iloc[::3].tolist()
+    nods["inpainted"] = [True if n in generated else None for n in nods["nodule_id"]]  # csv: True or empty
+    nods.to_csv(d / "nodules.csv", index=False)
+    items = synthetic_items(d, "nodule", real_root)
+    assert sorted(items["nodule_id"]) == sorted(generated) and items["synthetic"].all()
+    assert len(synthetic_items(synthetic_train, "nodule", real_root)) == len(nods)  # no flag: all generated
+    nods["inpainted"] = None
+    nods.to_csv(d / "nodules.csv", index=False)
+    with pytest.raises(ValueError, match="holds no nodule items"):
+        synthetic_items(d, "nodule", real_root)

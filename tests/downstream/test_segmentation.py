@@ -83,3 +83,41 @@ def test_real_only_and_bad_sizes(cfg, real_root, monkeypatch):
             **{**cfg.downstream.__dict__, "seg_crop_size": 15})}), "crop")
     out = build_segmenter(cfg)(__import__("torch").zeros(1, 1, 16, 16, 16))
     assert out.shape == (1, 2, 16, 16, 16)
+
+
+def test_volume_setting_trains_on_patches_and_predicts_whole_volumes(tiny, real_root, monkeypatch):
+    """With ``seg_volume_patch`` the volume network trains on patches for ``seg_volume_steps`` and is evaluated
+    on whole volumes; the crop setting keeps its crops and ``seg_steps``."""
+    from lungsynth.config import get_config
+    from lungsynth.downstream import common
+
+    cfg = get_config("smoke", {**tiny, "downstream.seg_volume_patch": 8, "downstream.seg_volume_steps": 3})
+    trained, real_fit = [], common.fit
+
+    def recording_fit(cfg_, model, loss_fn, dataset, steps, *args, **kwargs):
+        trained.append((tuple(dataset[0]["image"].shape), steps))
+        return real_fit(cfg_, model, loss_fn, dataset, steps, *args, **kwargs)
+
+    monkeypatch.setattr(common, "fit", recording_fit)
+    seen = _recording_predict(monkeypatch)
+    run_segmentation(cfg, None, n_runs=1, real_root=real_root)
+    assert trained == [((1, 8, 8, 8), 3), ((1, 16, 16, 16), 2)]  # volume patches, then crops
+    assert {p.shape for p, _ in seen} == {(16, 16, 16)}  # whole volumes and whole crops predicted
+    with pytest.raises(ValueError, match="seg_volume_patch 6 must be divisible"):
+        run_segmentation(get_config("smoke", {**tiny, "downstream.seg_volume_patch": 6, "downstream.seg_channels": "4,8,16"}),
+                         None, settings=("volume",), n_runs=1, real_root=real_root)
+
+
+def test_loss_is_the_nodule_dice_plus_cross_entropy():
+    """Predicting background everywhere scores the nodule class's full Dice loss (1), not the mean with the
+    near-perfect background class (0.5: the plateau the segmenters sat on); a perfect prediction scores ~0."""
+    import torch
+
+    target = torch.zeros(2, 1, 8, 8, 8)
+    target[0, 0, 2:6, 2:6, 2:6] = 1  # centred, so the random flips keep it; the second item has no nodule
+    onehot = torch.cat([1 - target, target], 1)
+    loss = SEG.seg_loss_fn()
+    batch = {"image": torch.zeros(2, 1, 8, 8, 8), "target": target}
+    background = float(loss(lambda x: torch.tensor([3.0, -3.0]).view(1, 2, 1, 1, 1).expand(2, 2, 8, 8, 8), batch))
+    perfect = float(loss(lambda x: 40 * onehot - 20, batch))
+    assert background >= 1.0 and perfect < 1e-3
