@@ -261,7 +261,8 @@ def run_all(profile: str | None = None, force: bool = False,
 
 
 def last_run(profile: str) -> list[dict[str, str]]:
-    """The log rows of the latest ``all``: from its last ``data`` row on (or every row, without one)."""
+    """The log rows of the latest ``all``: from its last ``data`` row on (or every row, without one), one row per
+    stage in course order; a chapter run again after it (``--only``) replaces its earlier row."""
     log = paths.runs_dir(profile) / "course" / "course_log.csv"
     if not log.is_file():
         raise FileNotFoundError(f"no course log at {log}; run `make course` (or `lungsynth course all --profile "
@@ -269,7 +270,9 @@ def last_run(profile: str) -> list[dict[str, str]]:
     with log.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
     starts = [i for i, r in enumerate(rows) if r["chapter"] == "data"]
-    return rows[starts[-1]:] if starts else rows
+    latest = {r["chapter"]: r for r in (rows[starts[-1]:] if starts else rows)}
+    order = ["data"] + [c.number for c in chapters()] + ["quality"]
+    return sorted(latest.values(), key=lambda r: order.index(r["chapter"]) if r["chapter"] in order else len(order))
 
 
 README_START = "<!-- course-measured:start -->"

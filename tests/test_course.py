@@ -111,7 +111,9 @@ def test_report_section_from_the_log_and_the_quality_json(tiny_course, monkeypat
     assert "| 02 | vae3d body MAE | 41.2 | 62 (linear x4) | <= 0.6x baseline | fail | 30 |" in section
     assert "| 00 — Test chapter |" in section and "| data |" in section and "| quality |" in section
     assert "![03 — LAND](docs/course/03_land.png)" in section
-    course.run_course("smoke", only="01", force=True)  # a chapter that failed or never ran is named, not summed
+    course.run_course("smoke", only="01", force=True)  # a rerun replaces the chapter's row, in course order
+    assert [r["chapter"] for r in course.last_run("smoke")] == ["data", "00", "01", "quality"]
+    # a chapter that failed or never ran is named, not summed
     log = paths.runs_dir("smoke") / "course" / "course_log.csv"
     log.write_text("\n".join(line for line in log.read_text().splitlines() if ",00," not in line) + "\n")
     assert "chapters 00 are not in this run" in course.measured_section("smoke")
