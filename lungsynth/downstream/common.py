@@ -37,12 +37,14 @@ def load_pools(cfg: Any, unit: str, synthetic: Any = None, real_root: Path | str
     """Real train / evaluation items (``cfg.downstream.eval_splits``) and the synthetic pool of ``unit`` items.
 
     The held-out patients are those of the test split and of the evaluation splits; the synthetic pool is
-    checked against them (:func:`lungsynth.downstream.mixing.check_no_leak`) before any training.
+    checked against them (:func:`lungsynth.downstream.mixing.check_no_leak`) before any training. With a synthetic
+    pool of nodules, every crop (real and synthetic, train and evaluation) is cut from its volume at the coarsest
+    volume spacing among them (:func:`lungsynth.downstream.data.same_resolution`).
     """
     import pandas as pd
 
     from lungsynth.data.datasets import ensure_prepared
-    from lungsynth.downstream.data import heldout_patients, real_items, synthetic_items
+    from lungsynth.downstream.data import heldout_patients, real_items, same_resolution, synthetic_items
     from lungsynth.downstream.mixing import check_no_leak
 
     root = Path(real_root) if real_root is not None else ensure_prepared(cfg, verbose=False)
@@ -62,6 +64,8 @@ def load_pools(cfg: Any, unit: str, synthetic: Any = None, real_root: Path | str
         check_no_leak(syn, held, ("test",) + splits, what=f"synthetic pool ({', '.join(map(str, paths))})")
     for p in paths:  # nor may the generator of a synthetic pool have trained on a scored patient
         fingerprint.refuse_overlap(p, root, ("test",) + splits, what=f"generator of the synthetic pool {p}")
+    if unit == "nodule" and syn is not None:  # real and synthetic crops at one resolution, the real-only arm too
+        train, evaluation, syn = same_resolution(train, evaluation, syn)
     return Pools(root, train, evaluation, syn, held, paths)
 
 

@@ -12,7 +12,8 @@ conditioned a synthetic item, read from ``provenance.csv``; empty for real items
   relative to ``root``), ``spacing_mm``.
 - ``nodule`` items (one per nodule; chapter 10 crops, chapter 11): ``nodule_id, label_value,
   centroid_vox_z/y/x, spacing_mm, ct, label, subtype_id, diameter_mm, malignancy`` and ``view`` (the
-  crop view's npz relative to ``root`` when it exists; otherwise the crop is cut from the volume).
+  crop view's npz relative to ``root`` when it exists; otherwise the crop is cut from the volume, brought first
+  to ``crop_from_mm`` when that column asks for a coarser grid: :func:`same_resolution`).
 
 A synthetic dataset (chapter 08, :mod:`lungsynth.sampling.writer`) is checked by
 :func:`validate_synthetic`: a folder in another format, or with labels outside the known sets, is a
@@ -305,6 +306,28 @@ def cut_crop(ct_hu: np.ndarray, label: np.ndarray, centre_vox: Sequence[float], 
     return ct.astype(np.float32), (mask > 0.5).astype(np.float32)
 
 
+def same_resolution(*tables: Any) -> tuple[Any, ...]:
+    """The nodule item tables with every crop cut the same way: from its volume, brought to the coarsest volume
+    spacing among them (``crop_from_mm``), never from a real nodule's 1 mm crop view. Synthetic volumes are coarser
+    than the views cut from the original CT, a difference a network can learn instead of the nodule."""
+    spacing = max(float(t["spacing_mm"].max()) for t in tables if len(t))
+    return tuple(t.assign(view=None, crop_from_mm=spacing) for t in tables)
+
+
+def coarsen(ct_hu: np.ndarray, label: np.ndarray, spacing_mm: float, to_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """A volume at ``spacing_mm`` resampled to the coarser ``to_mm`` (CT: Gaussian anti-aliasing, then linear;
+    label: nearest). Voxel ``i`` of the result sits at voxel ``i * to_mm / spacing_mm`` of the input."""
+    from scipy import ndimage
+
+    factor = float(spacing_mm) / float(to_mm)
+    shape = [max(1, int(round(n * factor))) for n in ct_hu.shape]
+    grid = np.stack(np.meshgrid(*(np.arange(n) / factor for n in shape), indexing="ij"))
+    smooth = ndimage.gaussian_filter(ct_hu.astype(np.float32), sigma=0.5 / factor)  # half a coarse voxel
+    ct = ndimage.map_coordinates(smooth, grid, order=1, mode="nearest")
+    lab = ndimage.map_coordinates(label, grid, order=0, mode="nearest")
+    return ct.astype(np.float32), lab
+
+
 class ItemDataset(CachedDataset):
     """A map-style dataset over an item table (real and synthetic rows alike), cached in memory.
 
@@ -336,6 +359,12 @@ class ItemDataset(CachedDataset):
         key = (root, rel)
         if key not in self._volumes:
             self._volumes[key] = _load_nifti(root, rel)
+        return self._volumes[key]
+
+    def _coarse(self, root: str, ct: str, label: str, spacing: float, to_mm: float) -> tuple[np.ndarray, np.ndarray]:
+        key = (root, f"{ct}@{to_mm}")
+        if key not in self._volumes:
+            self._volumes[key] = coarsen(self._volume(root, ct), self._volume(root, label), spacing, to_mm)
         return self._volumes[key]
 
     def _load(self, idx: int) -> dict[str, Any]:
@@ -370,8 +399,13 @@ class ItemDataset(CachedDataset):
             if not isinstance(r.get("ct"), str):
                 raise ValueError(f"nodule {r['item_id']} in {r['root']} has neither a crop view nor a volume")
             c = (r["centroid_vox_z"], r["centroid_vox_y"], r["centroid_vox_x"])
-            a, m = cut_crop(self._volume(r["root"], r["ct"]), self._volume(r["root"], r["label"]), c,
-                            float(r["spacing_mm"]), self.size)
+            ct_vol, lab_vol, spacing = self._volume(r["root"], r["ct"]), self._volume(r["root"], r["label"]), \
+                float(r["spacing_mm"])
+            to_mm = float(r.get("crop_from_mm", spacing))
+            if np.isfinite(to_mm) and to_mm > spacing * (1 + 1e-6):  # same_resolution: a finer volume coarsened
+                ct_vol, lab_vol = self._coarse(r["root"], r["ct"], r["label"], spacing, to_mm)
+                c, spacing = tuple(float(v) * spacing / to_mm for v in c), to_mm
+            a, m = cut_crop(ct_vol, lab_vol, c, spacing, self.size)
             ct, mask = torch.from_numpy(a)[None], torch.from_numpy(m)[None]
         malig = float(r["malignancy"]) if np.isfinite(float(r["malignancy"])) else 0.0
         return {"image": hu_to_unit(ct, lo, hi), "target": mask, "subtype_id": int(r["subtype_id"]),

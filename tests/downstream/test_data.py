@@ -161,3 +161,44 @@ def test_only_generated_nodules_are_synthetic_items(tmp_path, real_root, synthet
     nods.to_csv(d / "nodules.csv", index=False)
     with pytest.raises(ValueError, match="holds no nodule items"):
         synthetic_items(d, "nodule", real_root)
+
+
+def test_real_and_synthetic_crops_share_one_resolution(cfg, real_root, synthetic_train, tmp_path):
+    """With a synthetic pool every crop, real or synthetic, train or evaluation, is cut from its volume at the
+    coarsest volume spacing among them; a real volume finer than the synthetic ones is coarsened first."""
+    from lungsynth.downstream.common import load_pools
+    from lungsynth.downstream.data import coarsen
+
+    pools = load_pools(cfg, "nodule", str(synthetic_train), real_root)
+    for table in (pools.train, pools.evaluation, pools.synthetic):
+        assert table["view"].isna().all() and (table["crop_from_mm"] == 4.0).all()
+    assert "crop_from_mm" not in load_pools(cfg, "nodule", None, real_root).train.columns  # real only: views kept
+    coarse = tmp_path / "coarse"
+    shutil.copytree(synthetic_train, coarse)
+    scans = pd.read_csv(coarse / "scans.csv")
+    scans["spacing_mm"] = 8.0  # synthetic volumes on a grid twice as coarse as the real 4 mm ones
+    scans.to_csv(coarse / "scans.csv", index=False)
+    pools = load_pools(cfg, "nodule", str(coarse), real_root)
+    assert {float(v) for t in (pools.train, pools.evaluation, pools.synthetic) for v in t["crop_from_mm"]} == {8.0}
+    row = pools.train.iloc[0]
+    ct = nib.load(str(Path(row["root"]) / row["ct"])).get_fdata().astype(np.float32)
+    lab = nib.load(str(Path(row["root"]) / row["label"])).get_fdata()
+    want_ct, _ = cut_crop(*coarsen(ct, lab, 4.0, 8.0),
+                          [row[f"centroid_vox_{a}"] / 2 for a in "zyx"], 8.0, 16)
+    item = ItemDataset(cfg, pools.train.iloc[:1], "crop", 16)[0]
+    lo, hi = cfg.data.hu_min, cfg.data.hu_max
+    assert np.allclose(item["image"][0].numpy(), np.clip((want_ct - lo) / (hi - lo), 0, 1), atol=1e-5)
+
+
+def test_coarsen_removes_detail_finer_than_the_new_grid():
+    from lungsynth.downstream.data import coarsen
+
+    z, y, x = np.meshgrid(*(np.arange(16),) * 3, indexing="ij")
+    checker = np.where((z + y + x) % 2 == 0, 100.0, -100.0).astype(np.float32)
+    label = ((z > 4) & (z < 12)).astype(np.uint8)
+    ct, lab = coarsen(checker, label, 1.0, 2.0)
+    assert ct.shape == lab.shape == (8, 8, 8)
+    assert np.abs(ct).max() < 0.2 * np.abs(checker).max()  # a one-voxel pattern cannot survive a 2-voxel grid
+    assert set(np.unique(lab)) <= {0, 1} and lab[4, 4, 4] == 1 and lab[0, 4, 4] == 0
+    flat, _ = coarsen(np.full((16, 16, 16), -700.0, np.float32), label, 1.0, 2.0)
+    assert np.allclose(flat, -700.0)

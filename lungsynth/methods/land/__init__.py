@@ -76,7 +76,7 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
               "land_loss", "loss_gamma", "LOSS_WEIGHTINGS"),
     "train": ("LandDataset", "LandTask", "build_dataset", "iter_conditions", "heldout_conditions", "HeldoutVolumes",
               "largest_nodule_indices", "default_run_dir",
-              "train", "ensure_trained", "check_loss_weighting"),
+              "train", "ensure_trained", "check_loss_weighting", "check_autoencoders", "autoencoder_digests"),
     "sample": ("LandModel", "check_trained_for", "load", "load_denoiser", "sample", "heldout_by_nodule_size",
                "nodule_mean_hu", "texture_sweep", "peak_sampling_memory"),
     "evaluate": ("evaluate", "real_volumes", "quality_gates"),

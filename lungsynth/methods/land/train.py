@@ -191,7 +191,36 @@ def train(cfg: Any, variant: str, run_dir: Path | str | None = None, *, skip: st
         rec["steps"] = result.steps
         rec["last_losses"] = result.last_losses
         rec["vae_scale_factor"] = float(vae.scale_factor)
+        rec["autoencoder_weights"] = autoencoder_digests(cfg, variant)
     return run_dir
+
+
+def autoencoder_digests(cfg: Any, variant: str) -> dict[str, str]:
+    """sha256 of the trained autoencoders ``variant`` stands on ({"vae3d": ..., "maskvae": ...}): its latents and
+    mask latents are theirs, so a denoiser trained on other weights decodes into nonsense."""
+    from lungsynth.autoencoders.model import default_run_dir as autoencoder_dir
+    from lungsynth.gates import file_digest
+
+    kinds = ("vae3d", "maskvae") if uses_mask_vae(variant) else ("vae3d",)
+    finals = {k: autoencoder_dir(k, cfg.profile, create=False) / "final.pt" for k in kinds}
+    return {k: file_digest(f) for k, f in finals.items() if f.is_file()}
+
+
+def check_autoencoders(run_dir: Path, cfg: Any, variant: str) -> None:
+    """A run trained on other autoencoder weights than chapter 02's current ones is refused (ValueError naming the
+    command), not reused. Runs that record none predate the record and are not checked."""
+    import json
+
+    record = run_dir / "run.json"
+    had = json.loads(record.read_text()).get("results", {}).get("autoencoder_weights") if record.is_file() else None
+    if not had:
+        return
+    now = autoencoder_digests(cfg, variant)
+    changed = sorted(k for k, digest in had.items() if now.get(k) != digest)
+    if changed:
+        raise ValueError(f"{run_dir} was trained on latents of other {' and '.join(changed)} weights than chapter "
+                         f"02's runs in runs/{cfg.profile} hold now (retrained since?); retrain LAND on them: "
+                         f"{rebuild_command(cfg, variant)}")
 
 
 def check_loss_weighting(run_dir: Path, cfg: Any, variant: str) -> None:
@@ -217,6 +246,7 @@ def _is_done(run_dir: Path, cfg: Any, variant: str) -> bool:
     # a run of another architecture (say land.skip=concat over an additive run) is refused, not reused
     check_compatible(ckpt, final, KIND, denoiser_spec(cfg, variant, int(cfg.autoencoders.latent_channels)))
     check_loss_weighting(run_dir, cfg, variant)
+    check_autoencoders(run_dir, cfg, variant)
     return int(ckpt.get("step", 0)) >= int(cfg.land.train_steps)
 
 

@@ -163,3 +163,30 @@ def test_a_run_of_another_loss_weighting_is_refused(tmp_path):
     land.check_loss_weighting(run, tiny_cfg(**{"land.loss_weighting": "min-snr"}), "mask")
     (run / "run.json").write_text(json.dumps({"results": {"loss_weighting": "uniform"}}))
     land.check_loss_weighting(run, tiny_cfg(), "mask")
+
+
+def test_a_run_on_other_autoencoder_weights_is_refused(tmp_path, monkeypatch):
+    """LAND's run records the digests of the autoencoders it was trained on; retraining the vae3d (or, for the
+    latentmask variants, the mask VAE) afterwards makes ensure_trained refuse the run with the command to retrain."""
+    import json
+
+    monkeypatch.setenv("LUNGSYNTH_HOME", str(tmp_path / "home"))
+    cfg = tiny_cfg()
+    for kind, data in (("vae3d", b"weights A"), ("maskvae", b"mask weights")):
+        folder = tmp_path / "home" / "runs" / cfg.profile / f"02_{kind}"
+        folder.mkdir(parents=True)
+        (folder / "final.pt").write_bytes(data)
+    digests = land.autoencoder_digests(cfg, "latentmask")
+    assert set(digests) == {"vae3d", "maskvae"} and set(land.autoencoder_digests(cfg, "mask")) == {"vae3d"}
+    run = tmp_path / "03_land_latentmask"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"results": {}}))  # a run older than the record: not checked
+    land.check_autoencoders(run, cfg, "latentmask")
+    (run / "run.json").write_text(json.dumps({"results": {"autoencoder_weights": digests}}))
+    land.check_autoencoders(run, cfg, "latentmask")
+    (tmp_path / "home" / "runs" / cfg.profile / "02_maskvae" / "final.pt").write_bytes(b"retrained mask weights")
+    with pytest.raises(ValueError, match="other maskvae weights.*--fresh"):
+        land.check_autoencoders(run, cfg, "latentmask")
+    (tmp_path / "home" / "runs" / cfg.profile / "02_vae3d" / "final.pt").write_bytes(b"weights B")
+    with pytest.raises(ValueError, match="other maskvae and vae3d weights"):
+        land.check_autoencoders(run, cfg, "latentmask")
