@@ -333,8 +333,8 @@ class DownstreamConfig:
     """Chapters 10-11: segmentation and classification with synthetic data."""
 
     # synthetic count = ratio x real count; smoke runs a subset to stay within its time budget
-    # course budget, measured on 2 cores in fp32: chapter 10 21 min (3 ratios x 2 runs per setting; the volume
-    # setting 11.6 min, the crops 9.3), chapter 11 4.6 min (150-step classifiers)
+    # course budget, measured on 2 cores in fp32: chapter 10 17 min (3 ratios x 2 runs per setting; the volume
+    # setting 7.5 min, the crops 9.8), chapter 11 4.7 min (150-step classifiers)
     synthetic_ratios: tuple[float, ...] = tiered((0.0, 0.5, 1.0), (0.0, 0.5, 1.0), (0.0, 0.25, 0.5, 0.75, 1.0))
     real_fractions: tuple[float, ...] = tiered((1.0, 0.2, 0.0), (1.0, 0.2, 0.0), (1.0, 0.5, 0.2, 0.1, 0.0))
     lr: float = tiered(1e-3, 1e-3, 1e-4)
