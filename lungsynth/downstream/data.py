@@ -352,7 +352,7 @@ class ItemDataset(CachedDataset):
         self.cfg, self.kind, self.size = cfg, kind, int(size)
         super().__init__()
         self.table = table.reset_index(drop=True)
-        self._volumes: dict[tuple[str, str], np.ndarray] = {}
+        self._volumes: dict[tuple[str, str], Any] = {}  # volumes as read, and (ct, label) pairs coarsened
         self._store = store
 
     def _volume(self, root: str, rel: str) -> np.ndarray:
@@ -399,8 +399,8 @@ class ItemDataset(CachedDataset):
             if not isinstance(r.get("ct"), str):
                 raise ValueError(f"nodule {r['item_id']} in {r['root']} has neither a crop view nor a volume")
             c = (r["centroid_vox_z"], r["centroid_vox_y"], r["centroid_vox_x"])
-            ct_vol, lab_vol, spacing = self._volume(r["root"], r["ct"]), self._volume(r["root"], r["label"]), \
-                float(r["spacing_mm"])
+            ct_vol, lab_vol = self._volume(r["root"], r["ct"]), self._volume(r["root"], r["label"])
+            spacing = float(r["spacing_mm"])
             to_mm = float(r.get("crop_from_mm", spacing))
             if np.isfinite(to_mm) and to_mm > spacing * (1 + 1e-6):  # same_resolution: a finer volume coarsened
                 ct_vol, lab_vol = self._coarse(r["root"], r["ct"], r["label"], spacing, to_mm)
