@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
     p.add_argument("--size", type=int, default=None, help="volume side for benchmarks that take one")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-paper-sampler", dest="paper_sampler", action="store_false",
+                   help="lung-ddpm: skip timing the paper's 250-step DDPM beside the configured sampler")
     add_profile_argument(p)
     p.set_defaults(func=run)
 

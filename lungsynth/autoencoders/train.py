@@ -9,6 +9,7 @@ discriminator) and prepares its data.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,6 +19,7 @@ from torch.utils.data import Dataset
 
 from lungsynth import paths
 from lungsynth.data import fingerprint
+from lungsynth.data.patches import cube_slices, nodule_centre
 from lungsynth.data.datasets import training_stamp
 from lungsynth.engine import TrainTask
 from lungsynth.autoencoders.model import (LUNG_COND, TRAINING_VIEWS, build_autoencoder, check_kind,
@@ -82,12 +84,15 @@ class ImageView(Dataset):
         key: the image key ("ct", "cond", "image").
         patch: cube side (3D), or None for whole items.
         fg_prob / fg_key: foreground-centred share and the mask key to centre on.
+        with_nodules: also return ``"nodule"`` [1,*S], 1 where ``item[fg_key] > 0`` (the same cube), for a
+            nodule-weighted loss.
     """
 
     def __init__(self, base: Dataset, key: str, patch: int | None = None, fg_prob: float = 0.0,
-                 fg_key: str = "label") -> None:
+                 fg_key: str = "label", with_nodules: bool = False) -> None:
         self.base, self.key, self.patch = base, key, patch
         self.fg_prob, self.fg_key = float(fg_prob), fg_key
+        self.with_nodules = bool(with_nodules)
 
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
@@ -95,35 +100,20 @@ class ImageView(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         item = self.base[i]
         x = torch.as_tensor(item[self.key]).float()
-        if self.patch is None or all(s <= self.patch for s in x.shape[1:]):
-            return {"image": x}
-        p = self.patch
-        spatial = x.shape[1:]
         fg = item.get(self.fg_key)
+        if self.with_nodules and fg is None:
+            raise KeyError(f"item {i} has no {self.fg_key!r} mask for the nodule-weighted loss; load the dataset "
+                           f"with keys=({self.fg_key!r},)")
+        out = {"image": x}
+        if self.with_nodules:
+            out["nodule"] = (torch.as_tensor(fg) > 0).float()
+        if self.patch is None or all(s <= self.patch for s in x.shape[1:]):
+            return out
         centre = None
         if fg is not None and self.fg_prob > 0 and float(torch.rand(())) < self.fg_prob:
             centre = nodule_centre(torch.as_tensor(fg)[0])
-        if centre is None:
-            starts = [int(torch.randint(0, s - p + 1, ())) for s in spatial]
-        else:
-            starts = [min(max(c - p // 2, 0), s - p) for c, s in zip(centre, spatial)]
-        sl = tuple(slice(a, a + p) for a in starts)
-        return {"image": x[(slice(None), *sl)].contiguous()}
-
-
-def nodule_centre(labels: torch.Tensor) -> list[int] | None:
-    """A random voxel of a random nodule of ``labels`` (a label map, one value per nodule; None if empty).
-
-    The nodule is drawn first, uniformly, then a voxel inside it: drawing a voxel of the whole foreground
-    would centre almost every cube on the largest nodule of a scan, and a 3-voxel nodule beside a
-    1000-voxel one would almost never be seen.
-    """
-    values = torch.unique(labels[labels > 0])
-    if not len(values):
-        return None
-    value = values[int(torch.randint(len(values), ()))]
-    idx = torch.nonzero(labels == value)
-    return idx[int(torch.randint(len(idx), ()))].tolist()
+        sl = (slice(None), *cube_slices(x.shape[1:], self.patch, centre))
+        return {k: v[sl].contiguous() for k, v in out.items()}
 
 
 class MixedDataset(Dataset):
@@ -169,9 +159,16 @@ def _with_nodule_crops(volumes: Dataset, cfg: Any, root: Path | str | None) -> D
     a = cfg.autoencoders
     side = min(int(a.patch_3d), int(cfg.data.crop_size))
     crops = CropDataset(cfg, "train", root=root)
-    fg = float(a.foreground_crop_prob)
-    return MixedDataset(ImageView(volumes, "ct", side, fg), ImageView(crops, "ct", side, fg, fg_key="mask"),
+    fg, weighted = float(a.foreground_crop_prob), nodule_weighted("vae3d", cfg)
+    return MixedDataset(ImageView(volumes, "ct", side, fg, with_nodules=weighted),
+                        ImageView(crops, "ct", side, fg, fg_key="mask", with_nodules=weighted),
                         float(a.vae3d_crop_share))
+
+
+def nodule_weighted(kind: str, cfg: Any) -> bool:
+    """Whether ``kind`` trains with a nodule-weighted L1 read from the label map (the vae3d with
+    ``autoencoders.vae3d_nodule_weight`` != 1; the mask VAE reads its nodules from its own input)."""
+    return kind == "vae3d" and float(cfg.autoencoders.vae3d_nodule_weight) != 1.0
 
 
 # ---------------------------------------------------------------------- the task
@@ -222,7 +219,7 @@ class AutoencoderTask(TrainTask):
         self.kind = kind
         self.cfg = cfg
         a = cfg.autoencoders
-        self.nodule_weight = float(a.maskvae_nodule_weight)
+        self.nodule_weight = float(a.maskvae_nodule_weight if kind == "maskvae" else a.vae3d_nodule_weight)
         self.dice_weight = float(a.maskvae_dice_weight)
         self.ae = build_autoencoder(kind, cfg)
         self.kl_weight = float(a.kl_weight)
@@ -265,7 +262,7 @@ class AutoencoderTask(TrainTask):
         x = batch["image"]
         out = self.ae(x)
         recon = out["recon"]
-        l1 = self._l1(recon.float(), x.float())
+        l1 = self._l1(recon.float(), x.float(), batch.get("nodule"))
         loss = l1
         logs: dict[str, Any] = {"l1": l1.detach()}
         if self.kind == "maskvae" and self.dice_weight > 0:
@@ -294,12 +291,19 @@ class AutoencoderTask(TrainTask):
             d_loss = self.adv.discriminator_loss(x, recon)
         return {"loss_generator": loss, "loss_discriminator": d_loss, **logs}
 
-    def _l1(self, recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Mean L1; the mask VAE weights nodule voxels (condition >= 0.2) by maskvae_nodule_weight."""
+    def _l1(self, recon: torch.Tensor, x: torch.Tensor, nodule: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean L1, nodule voxels weighted by ``nodule_weight`` (normalised by the weights' sum).
+
+        The mask VAE reads its nodules from its input (condition >= 0.2); the vae3d from ``nodule``
+        [B,1,*S] (the label cube :class:`ImageView` returns with ``with_nodules``). A 6 mm nodule is about
+        0.02% of a 2 mm volume, so a plain mean lets the decoder blur it away.
+        """
         err = (recon - x).abs()
-        if self.kind != "maskvae":
+        if self.kind == "maskvae":
+            nodule = (x > NODULE_COND_MIN).float()
+        elif nodule is None or self.nodule_weight == 1.0:
             return err.mean()
-        w = 1.0 + (self.nodule_weight - 1.0) * (x > NODULE_COND_MIN).float()
+        w = 1.0 + (self.nodule_weight - 1.0) * nodule.to(err)
         return (err * w).sum() / w.sum()
 
     def _nodule_dice_loss(self, recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -333,7 +337,9 @@ class AutoencoderTask(TrainTask):
         return out
 
     def config(self) -> dict[str, Any]:
-        return dict(self.ae.spec)
+        if self.kind != "vae3d":
+            return dict(self.ae.spec)
+        return {**self.ae.spec, "nodule_weight": self.nodule_weight}
 
 
 # ---------------------------------------------------------------------- scale factor
@@ -415,7 +421,8 @@ def train_autoencoder(kind: str, cfg: Any, run_dir: Path | str | None = None, *,
         if kind == "vae3d" and float(a.vae3d_crop_share) > 0:
             train_ds = _with_nodule_crops(train_base, cfg, root)
         else:
-            train_ds = ImageView(train_base, key, patch, float(a.foreground_crop_prob))
+            train_ds = ImageView(train_base, key, patch, float(a.foreground_crop_prob),
+                                 with_nodules=nodule_weighted(kind, cfg))
         val_ds = ImageView(val_base, key) if len(val_base) else None  # type: ignore[arg-type]
         roi = int(a.sliding_roi)
         runtime.seed_everything(int(cfg.seed))  # the initial weights (the engine seeds the rest)
@@ -446,6 +453,14 @@ def train_autoencoder(kind: str, cfg: Any, run_dir: Path | str | None = None, *,
     return run_dir
 
 
+def same_loss(kind: str, stored: dict[str, Any], cfg: Any) -> bool:
+    """Whether a checkpoint's config was trained with the loss ``cfg`` asks for (the vae3d's nodule weight;
+    a run from before the weight existed trained with 1)."""
+    if kind != "vae3d":
+        return True
+    return float(stored.get("nodule_weight", 1.0)) == float(cfg.autoencoders.vae3d_nodule_weight)
+
+
 def ensure_autoencoder(kind: str, cfg: Any, run_dir: Path | str | None = None, *, progress: bool | None = None,
                        device: torch.device | str | None = None, root: Path | str | None = None) -> Any:
     """The trained autoencoder of ``kind`` for ``cfg``: loaded from ``run_dir`` (default
@@ -468,9 +483,17 @@ def ensure_autoencoder(kind: str, cfg: Any, run_dir: Path | str | None = None, *
     # then reuses it: final.pt is written before its scale factor, so a reader in between would train again
     with FileLock(str(run_dir) + ".lock"):
         ckpt = _final_with_scale(run_dir)
+        fresh = False
         if ckpt is not None and fingerprint.check_run(run_dir, training_stamp(cfg, root), rebuild_command(kind, cfg)):
             ae = load_autoencoder(kind, run_dir / "final.pt", cfg)  # refuses another architecture
-            if "scale_factor" in (ckpt.get("config") or {}) and int(ckpt.get("step", 0)) >= steps:
+            stored = ckpt.get("config") or {}
+            fresh = not same_loss(kind, stored, cfg)  # resuming would continue another objective's weights
+            if "scale_factor" in stored and int(ckpt.get("step", 0)) >= steps and not fresh:
                 return ae.to(device)
-        train_autoencoder(kind, cfg, run_dir, progress=progress, root=root)
+            if fresh:
+                warnings.warn(f"{run_dir} was trained with another loss than {cfg.profile!r} asks for "
+                              f"(vae3d_nodule_weight {stored.get('nodule_weight', 1.0)}, now "
+                              f"{cfg.autoencoders.vae3d_nodule_weight}); training it again from scratch",
+                              stacklevel=2)
+        train_autoencoder(kind, cfg, run_dir, progress=progress, root=root, fresh=fresh)
         return load_autoencoder(kind, run_dir, cfg, device=device)

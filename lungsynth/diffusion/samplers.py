@@ -223,7 +223,7 @@ def sample(denoise_fn: DenoiseFn, scheduler, shape: Sequence[int], num_inference
            x_T: torch.Tensor | None = None, condition: Mapping[str, Any] | None = None,
            uncond_condition: Mapping[str, Any] | None = None, guidance_scale: float = 1.0, cfg_batch: bool = False,
            eta: float = 0.0, step_callback: StepCallback | Sequence[StepCallback] | None = None,
-           intermediates_every: int | None = None, amp: bool = True, progress: bool = True,
+           intermediates_every: int | None = None, amp: bool | str = True, progress: bool = True,
            desc: str = "sampling", stats: dict | None = None
            ) -> torch.Tensor | tuple[torch.Tensor, list[dict[str, Any]]]:
     """Generate ``shape`` samples by reverse diffusion.
@@ -246,7 +246,8 @@ def sample(denoise_fn: DenoiseFn, scheduler, shape: Sequence[int], num_inference
         step_callback: callable or list of callables ``cb(x_prev, t, t_prev, pred_x0) -> x_prev | None``.
         intermediates_every: keep ``x_t`` and ``pred_x0`` (CPU copies) every k steps and at the end.
         amp: run ``denoise_fn`` under :func:`lungsynth.runtime.autocast` (bf16 where
-            :func:`~lungsynth.runtime.choose_precision` picks it; the update itself stays fp32).
+            :func:`~lungsynth.runtime.choose_precision` picks it; the update itself stays fp32); a string
+            (``auto | bf16 | fp32``) is the precision to ask for, as a method's config names it.
         progress: show a tqdm progress bar. desc: its label.
         stats: a dict to fill with ``nfe`` (network calls), ``steps`` and ``seconds``.
 
@@ -283,7 +284,8 @@ def sample(denoise_fn: DenoiseFn, scheduler, shape: Sequence[int], num_inference
     intermediates: list[dict[str, Any]] = []
     nfe = 0
     t0 = time.perf_counter()
-    amp_ctx = (lambda: autocast(device)) if amp else contextlib.nullcontext
+    amp_ctx = (lambda: autocast(device, precision=amp if isinstance(amp, str) else None)) if amp else \
+        contextlib.nullcontext
     B = shape[0]
     for i, (t, t_prev) in enumerate(tqdm(pairs, desc=desc, disable=not progress, leave=False)):
         tt = torch.full((B,), t, dtype=torch.long, device=device)

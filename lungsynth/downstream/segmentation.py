@@ -145,13 +145,14 @@ class SegResult:
     seconds: float = 0.0
 
 
-def run_segmentation(cfg: Any, synthetic: Any = None, *, settings: Sequence[str] = SETTINGS,
+def run_segmentation(cfg: Any, synthetic: Any = None, *, settings: Sequence[str] | None = None,
                      ratios: Sequence[float] | None = None, n_runs: int | None = None,
                      real_root: Path | str | None = None, out: Path | str | None = None) -> SegResult:
     """Train and evaluate AttentionUnets for every setting x ratio x seed.
 
     Args:
         synthetic: synthetic dataset folders (``"D1,D2"`` or a list); None: real only (ratio 0).
+        settings: ``"volume"`` and / or ``"crop"`` (default ``cfg.downstream.seg_settings``).
         ratios: default ``cfg.downstream.synthetic_ratios`` (only 0 without synthetic data).
         out: folder for ``seg_runs.csv``, ``seg_items.csv``, ``seg_table.csv`` and ``run.json``.
     Raises:
@@ -169,7 +170,7 @@ def run_segmentation(cfg: Any, synthetic: Any = None, *, settings: Sequence[str]
     t0 = time.perf_counter()
     ratios = [float(r) for r in (ratios if ratios is not None else cfg.downstream.synthetic_ratios)]
     run_rows, item_rows, used = [], [], []
-    for setting in settings:
+    for setting in (settings if settings is not None else cfg.downstream.seg_settings):
         size = input_size(cfg, setting)
         pools = load_pools(cfg, "volume" if setting == "volume" else "nodule", synthetic, real_root)
         used = [str(p) for p in pools.synthetic_paths]

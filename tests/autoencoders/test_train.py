@@ -344,7 +344,8 @@ def test_mask_vae_dice_loss_reads_nodules_as_the_gate_does():
 def test_nodule_centre_draws_each_nodule_alike_whatever_its_size():
     """A 3-voxel nodule beside a 1000-voxel one is drawn about half of the time (a draw over the foreground's
     voxels would pick it 0.3% of the time), and the centre always lies inside the nodule drawn."""
-    from lungsynth.autoencoders.train import ImageView, nodule_centre
+    from lungsynth.autoencoders.train import ImageView
+    from lungsynth.data.patches import nodule_centre
 
     labels = torch.zeros(24, 24, 24)
     labels[2:12, 2:12, 2:12] = 1  # 1000 voxels
@@ -403,3 +404,63 @@ def test_a_second_process_waits_for_a_training_in_progress(tmp_path, monkeypatch
     lock.release()
     worker.join(10)
     assert not worker.is_alive() and calls == [run_dir]
+
+
+def test_vae3d_l1_weighs_nodule_voxels_of_the_same_cube():
+    """The vae3d's L1 weighs the label's nodule voxels by ``vae3d_nodule_weight`` (normalised by the weights'
+    sum), read from the label cube cut at the same place as the image; weight 1 is the plain mean."""
+    from lungsynth.autoencoders.train import AutoencoderTask, ImageView
+
+    labels = torch.zeros(1, 24, 24, 24)
+    labels[0, 10:13, 10:13, 10:13] = 3
+    ct = torch.rand(1, 24, 24, 24)
+    view = ImageView([{"ct": ct, "label": labels}], "ct", patch=8, fg_prob=1.0, with_nodules=True)
+    torch.manual_seed(0)
+    for _ in range(20):
+        item = view[0]
+        assert item["nodule"].shape == item["image"].shape == (1, 8, 8, 8)
+        # the image is random, so a cube is identified by its values: the nodule cube must mark where the
+        # label is inside the same window
+        hits = [(z, y, x) for z in range(17) for y in range(17) for x in range(17)
+                if torch.equal(ct[:, z:z + 8, y:y + 8, x:x + 8], item["image"])]
+        z, y, x = hits[0]
+        assert torch.equal(item["nodule"], (labels[:, z:z + 8, y:y + 8, x:x + 8] > 0).float())
+        assert item["nodule"].sum() > 0  # fg_prob 1: centred on the nodule
+    with pytest.raises(KeyError, match="label"):
+        ImageView([{"ct": ct}], "ct", patch=8, with_nodules=True)[0]
+
+    x = torch.rand(2, 1, 16, 16, 16)
+    recon = torch.rand(2, 1, 16, 16, 16)
+    nodule = torch.zeros_like(x)
+    nodule[:, :, 6:9, 6:9, 6:9] = 1
+    err = (recon - x).abs()
+    weighted = AutoencoderTask("vae3d", get_config("smoke", {"autoencoders.vae3d_nodule_weight": 10.0}))
+    expected = (err * (1 + 9 * nodule)).sum() / (1 + 9 * nodule).sum()
+    assert float(weighted._l1(recon, x, nodule)) == pytest.approx(float(expected), rel=1e-6)
+    assert float(weighted._l1(recon, x, nodule)) != pytest.approx(float(err.mean()), rel=1e-3)
+    plain = AutoencoderTask("vae3d", get_config("smoke", {"autoencoders.vae3d_nodule_weight": 1.0}))
+    assert float(plain._l1(recon, x, nodule)) == pytest.approx(float(err.mean()), rel=1e-6)
+    assert weighted.config()["nodule_weight"] == 10.0
+
+
+def test_a_vae3d_trained_with_another_nodule_weight_is_trained_again_from_scratch(tmp_path, monkeypatch):
+    """Resuming would continue weights of another objective (and a finished run would be reused as is): a run
+    whose final.pt records another ``nodule_weight`` (absent: 1, runs from before the weight) trains fresh."""
+    import lungsynth.autoencoders.train as train_mod
+
+    calls = []
+    monkeypatch.setattr(train_mod, "train_autoencoder", lambda kind, cfg, run_dir, **kw: calls.append(kw["fresh"]))
+    monkeypatch.setattr(train_mod, "load_autoencoder", lambda *a, **kw: torch.nn.Identity())
+    monkeypatch.setattr(train_mod.fingerprint, "check_run", lambda *a, **kw: True)
+    cfg = get_config("smoke", {"autoencoders.vae3d_nodule_weight": 10.0})
+    steps = train_mod.train_budget("vae3d", cfg)[0]
+    for stored, fresh in (({"nodule_weight": 10.0}, None), ({"nodule_weight": 1.0}, True), ({}, True)):
+        calls.clear()
+        ckpt = {"config": {"scale_factor": 1.0, **stored}, "step": steps}
+        monkeypatch.setattr(train_mod, "_final_with_scale", lambda run_dir, ckpt=ckpt: ckpt)
+        if fresh:
+            with pytest.warns(UserWarning, match="another loss"):
+                train_mod.ensure_autoencoder("vae3d", cfg, tmp_path / "02_vae3d")
+        else:
+            train_mod.ensure_autoencoder("vae3d", cfg, tmp_path / "02_vae3d")
+        assert calls == ([] if fresh is None else [True])

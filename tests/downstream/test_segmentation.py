@@ -1,5 +1,6 @@
 """Chapter 10: a few AttentionUnet steps on tiny data, real only and with synthetic data."""
 
+import copy
 import importlib
 
 import numpy as np
@@ -68,7 +69,10 @@ def _shifted(target):
 
 def test_real_only_and_bad_sizes(cfg, real_root, monkeypatch):
     seen = _recording_predict(monkeypatch, replace=_shifted)
-    res = run_segmentation(cfg, None, settings=("crop",), n_runs=1, real_root=real_root)
+    crop_only = copy.deepcopy(cfg)
+    crop_only.downstream.seg_settings = ("crop",)  # as `course` runs it: the default follows the profile
+    res = run_segmentation(crop_only, None, n_runs=1, real_root=real_root)
+    assert res.runs["setting"].tolist() == ["crop"]
     assert res.runs["ratio"].tolist() == [0.0] and res.runs["n_synthetic"].tolist() == [0]
     # a known overlap: Dice 2|P and T| / (|P| + |T|) by hand, strictly between 0 and 1 here
     assert len(seen) == len(res.items) == 6

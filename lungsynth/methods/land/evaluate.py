@@ -32,6 +32,8 @@ import torch
 from lungsynth.data import fingerprint
 from lungsynth.data.datasets import data_source, prepared_root
 from lungsynth.eval.fidelity import dice
+from lungsynth.eval.nodules import (MIN_CONTRAST_RATIO, MIN_NODULE_MM, SHELL_MM, contrast_share, nodule_contrast,
+                                    sphere_diameter_mm)
 from lungsynth.gates import Gate, info, judge, not_trained
 from lungsynth.methods.land.model import CONDITIONS, VARIANTS
 from lungsynth.methods.land.sample import load, peak_sampling_memory, sample
@@ -202,10 +204,8 @@ GATES_FILE = "03_land_gates.json"
 # thresholds (fixed here; never loosened to pass): the issue's reading of "anatomy follows the mask"
 MIN_LUNG_DICE = 0.8  # the classical mask of a real volume meets its own condition lung at ~0.9+
 MAX_HU_GAP = 60.0  # HU: lung parenchyma spans ~-900..-700, so 60 HU is a tenth of its range
-MIN_CONTRAST_RATIO = 0.5  # a generated nodule keeps at least half of its real contrast ...
+# a generated nodule keeps at least MIN_CONTRAST_RATIO (lungsynth.eval.nodules, 0.5) of its real contrast ...
 MIN_NODULE_SHARE = 0.8  # ... in at least 80% of the condition's nodules >= 6 mm
-MIN_NODULE_MM = 6.0  # the smallest nodule the course grid shows (issue 16: >= 2 voxels across)
-SHELL_MM = 3.0  # the lung shell around a nodule whose mean HU is its background
 MIN_TEXTURE_SPEARMAN = 0.7  # texture 1 (ground glass) .. 5 (solid) must order the nodule's HU
 MAX_KID_SHARE = 0.1  # KID at most a tenth of the noise baseline's: far nearer real than shuffled voxels
 MIN_SAMPLES = 8  # fewer samples per set: KID and the means are too noisy to judge ("insufficient N")
@@ -229,24 +229,10 @@ def condition_nodules(cond: np.ndarray, spacing_mm: float, min_mm: float = MIN_N
     out = []
     for k in range(1, n + 1):
         mask = labels == k
-        diameter = 2.0 * (3.0 * mask.sum() / (4.0 * math.pi)) ** (1.0 / 3.0) * spacing_mm
+        diameter = sphere_diameter_mm(int(mask.sum()), spacing_mm)
         if diameter >= min_mm:
             out.append({"mask": mask, "texture": int(np.median(textures[mask])), "diameter_mm": float(diameter)})
     return out
-
-
-def nodule_contrast(hu: np.ndarray, nodule: np.ndarray, lung: np.ndarray, spacing_mm: float,
-                    shell_mm: float = SHELL_MM) -> float:
-    """Mean HU inside ``nodule`` minus the mean HU of the lung within ``shell_mm`` around it (NaN if the
-    shell holds no lung voxel). hu, nodule, lung: [D,H,W]."""
-    from scipy import ndimage
-
-    radius = max(1, int(round(shell_mm / spacing_mm)))
-    grown = ndimage.binary_dilation(nodule, iterations=radius)
-    shell = grown & ~nodule & np.asarray(lung, bool)
-    if not shell.any() or not nodule.any():
-        return float("nan")
-    return float(hu[nodule].mean() - hu[shell].mean())
 
 
 def soft_tissue(hu: np.ndarray, lung: np.ndarray) -> np.ndarray:
@@ -297,15 +283,6 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     if len(pairs) < 3 or len({a for a, _ in pairs}) < 2 or len({b for _, b in pairs}) < 2:
         return float("nan")
     return float(spearmanr([a for a, _ in pairs], [b for _, b in pairs]).statistic)
-
-
-def contrast_share(generated: Sequence[float], real: Sequence[float]) -> tuple[float, int]:
-    """Share of nodules whose generated contrast is at least :data:`MIN_CONTRAST_RATIO` of the real one, and
-    how many nodules were judged (those whose real contrast is positive and both are measured)."""
-    kept = [(g, r) for g, r in zip(generated, real) if math.isfinite(g) and math.isfinite(r) and r > 0]
-    if not kept:
-        return float("nan"), 0
-    return float(np.mean([g >= MIN_CONTRAST_RATIO * r for g, r in kept])), len(kept)
 
 
 # --------------------------------------------------------------------------- the gates of one run

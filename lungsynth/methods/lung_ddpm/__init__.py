@@ -24,13 +24,21 @@ Equation numbers are the paper's (Lung-DDPM, Sec. II-B to II-D and III-B):
 
 Ablations (the paper's Table IV): sampling without AAS (``aas=False``, same weights) and a model
 trained without the lung in its layout (variant ``"no_lung_layout"``: lung voxels become background,
-the layout has background and nodule only).
+the layout has background and nodule only), sampled as the reference code does: AAS generates the nodule
+only and takes the lung from the reference too.
+
+Samplers: ``"ddpm"`` (the paper's, all 250 steps in ``full``) and ``"ddim"`` (deterministic DDIM, the fast
+sampler); AAS anchors the reference at every step of both (``cfg.lung_ddpm.sampler``, ``sample_steps``).
 
 Public API (chapters 08-11)::
 
     model = load(cfg, variant="layout")          # trains first when the run has no final checkpoint
     x = model.sample(layout, reference, generator=torch.Generator().manual_seed(0))
     # layout [B or 1, 1, S, S, S] in {0, 1, 2}; reference [B or 1, 1, S, S, S] in [0, 1]; x in [0, 1]
+
+Quality gates (:func:`quality_gates`, course profile; ``runs/<profile>/06_lung_ddpm_gates.json``): the lung's
+HU-histogram JSD against the paired real volume, KID of lung-centred crops, nodule contrast and the seam
+ratio, each against a baseline of the same volumes (voxels shuffled inside the body; the real floor).
 
 Metrics (:func:`evaluate`): FID and MMD on 3D chest-CT features (:mod:`lungsynth.eval`), MSE inside
 the lungs against the paired real volume, ``MSE = sum_i m_l(i) (x_real(i) - x_syn(i))^2 / sum_i m_l(i)``
@@ -54,9 +62,9 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
               "n_layout_channels", "to_model_scale", "to_unit_scale"),
     "train": ("RUN_NAMES", "LungDdpmTask", "default_run_dir", "ensure_trained", "is_trained", "make_trainer", "train",
               "training_dataset"),
-    "sample": ("LungDDPM", "generate", "load", "sample", "save_volumes"),
-    "evaluate": ("ABLATIONS", "boundary_shell", "eval_volumes", "evaluate", "gradient_magnitude", "metrics",
-                 "seam_ratio"),
+    "sample": ("SAMPLERS", "LungDDPM", "generate", "load", "sample", "save_volumes"),
+    "evaluate": ("ABLATIONS", "boundary_shell", "eval_volumes", "evaluate", "gradient_magnitude", "lung_crops",
+                 "metrics", "quality_gates", "seam_ratio", "volume_measures"),
     "plots": ("figure_consecutive_slices", "figure_side_by_side"),
     "cli": ("register",),
     "bench": ("bench_lung_ddpm",),

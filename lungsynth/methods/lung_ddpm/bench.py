@@ -23,7 +23,8 @@ def _bench_child(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.manual_seed(0)
     cfg = get_config(spec["profile"], {**spec["overrides"], "data.size_ddpm": spec["size"],
-                                       "lung_ddpm.sample_steps": spec["steps"]})
+                                       "lung_ddpm.sample_steps": spec["steps"],
+                                       "lung_ddpm.sampler": spec.get("sampler", "ddpm")})
     dev = device()
     s = int(spec["size"])
     task = LungDdpmTask(cfg, "layout")
@@ -70,19 +71,26 @@ def bench_lung_ddpm(args: argparse.Namespace) -> int:
     levels = len(cfg.lung_ddpm.unet_channels)
     if size % 2 ** (levels - 1):
         raise ValueError(f"--size {size} must be a multiple of {2 ** (levels - 1)} ({levels}-level U-Net)")
-    steps = int(cfg.lung_ddpm.sample_steps)
-    print(f"Lung-DDPM bench: {size}^3, channels {tuple(cfg.lung_ddpm.unet_channels)}, {steps} sampling steps, "
-          f"repeats {args.repeats}; each number from its own process")
+    steps, sampler = int(cfg.lung_ddpm.sample_steps), str(cfg.lung_ddpm.sampler)
+    print(f"Lung-DDPM bench: {size}^3, channels {tuple(cfg.lung_ddpm.unet_channels)}, {sampler} with {steps} "
+          f"sampling steps, repeats {args.repeats}; each number from its own process")
     res = {}
     for what in ("train_step", "sample_no_aas", "sample_aas"):
         spec = {"profile": cfg.profile, "overrides": overrides, "size": size, "steps": steps, "what": what,
-                "repeats": args.repeats}
+                "repeats": args.repeats, "sampler": sampler}
         res[what] = r = run_child(CHILD, spec)
         print(f"  {what:14s} {r['seconds']:8.3f} s  peak {r['peak_mb']:9.1f} MB  params {r['params'] / 1e6:.2f}M",
               flush=True)
     a, n = res["sample_aas"], res["sample_no_aas"]
     print(f"ratios AAS / no AAS: time {a['seconds'] / n['seconds']:.3f}  peak memory {a['peak_mb'] / n['peak_mb']:.3f}")
     print(f"per sampling step: {n['seconds'] / steps:.3f} s (no AAS), {a['seconds'] / steps:.3f} s (AAS)")
+    T = int(cfg.lung_ddpm.num_train_timesteps)
+    if args.paper_sampler and (sampler, steps) != ("ddpm", T):
+        spec = {"profile": cfg.profile, "overrides": overrides, "size": size, "steps": T, "what": "sample_aas",
+                "repeats": args.repeats, "sampler": "ddpm"}
+        p = run_child(CHILD, spec)
+        print(f"  the paper's sampler (DDPM, {T} steps, AAS) {p['seconds']:8.3f} s")
+        print(f"ratio paper / this sampler ({sampler}, {steps} steps): time {p['seconds'] / a['seconds']:.1f}x")
     spec = {"profile": cfg.profile, "overrides": overrides, "size": size, "steps": steps,
             "repeats": max(int(args.repeats), 5)}
     compare_precisions(CHILD, {"train step": {**spec, "what": "train_step"},

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from lungsynth.data import fingerprint
 from lungsynth.data.datasets import data_source, prepared_root
-from lungsynth.methods.lung_ddpm.model import generation_mask, make_layout
+from lungsynth.methods.lung_ddpm.model import make_layout
 from lungsynth.methods.lung_ddpm.sample import LungDDPM, generate, load
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ def metrics(cfg: "Config", samples: "torch.Tensor", real: "torch.Tensor", layout
     network = cfg.evaluation.feature_network
     real_f, name = real_features or extract_features(real.numpy(), network, "unit", unit_range=unit_range)
     fake_f, _ = extract_features(samples.numpy(), network, "unit", unit_range=unit_range)
-    lung = generation_mask(layouts)
+    lung = layouts >= 1  # the lungs (with their nodules), whatever the row generated
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # few-sample warnings: the row says n
         f = fid(real_f, fake_f, network=name)
@@ -150,3 +150,160 @@ def evaluate(cfg: "Config", rows: Sequence[str] | None = None, *, split: str | N
     if outputs is not None:
         outputs.update(real=data["ct"], layout=data["layout"], scan_id=data["scan_id"], samples=samples)
     return table
+
+
+# --------------------------------------------------------------------------- quality gates (course profile)
+
+CHAPTER = "06"
+GATES_VERSION = 1
+GATES_FILE = "06_lung_ddpm_gates.json"
+# thresholds (fixed here; never loosened to pass)
+MAX_LUNG_JSD = 0.1  # bits: the lung's HU histogram (40 bins, -1000..400) close to its real volume's ...
+MAX_LUNG_JSD_SHARE = 0.25  # ... and at most a quarter of the noise baseline's (real voxels shuffled in the body)
+MAX_KID_SHARE = 0.1  # KID of lung-centred crops at most a tenth of the noise baseline's
+MIN_NODULE_SHARE = 0.8  # nodules >= 6 mm keeping half their real contrast (eval.nodules), in >= 80% of them
+SEAM_RANGE = (0.8, 1.25)  # edges at the lung boundary as strong as the real anatomy's, within 25%
+MIN_SAMPLES = 8  # fewer volumes: KID and the means are too noisy to judge ("insufficient N")
+MIN_NODULES = 5
+
+
+def lung_crops(volumes: "torch.Tensor", layouts: "torch.Tensor", side: int) -> "torch.Tensor":
+    """A cube of ``side`` per volume, centred on the centroid of its lungs (shifted to fit):
+    [N, 1, S, S, S] -> [N, 1, side, side, side]. The structure gate reads these (what the model generates)."""
+    import torch
+
+    from lungsynth.data.patches import cube_slices
+
+    out = []
+    for v, lay in zip(volumes, layouts):
+        idx = torch.nonzero(lay[0] >= 1).float()
+        centre = idx.mean(0).round().long().tolist() if len(idx) else [s // 2 for s in lay.shape[1:]]
+        out.append(v[(slice(None), *cube_slices(v.shape[1:], side, centre))])
+    return torch.stack(out)
+
+
+def volume_measures(cfg: "Config", sample_hu: Any, real_hu: Any, layout: Any) -> dict[str, Any]:
+    """What the gates read of one generated volume against its paired real one ([S, S, S] HU, layout in
+    {0, 1, 2}): lung HU-histogram JSD, nodule contrasts (generated and real) and the seam ratio."""
+    import numpy as np
+    import torch
+
+    from lungsynth.eval.fidelity import hu_histogram_jsd
+    from lungsynth.eval.nodules import label_nodules, nodule_contrast
+
+    lay = np.asarray(layout)
+    lung = lay == 1
+    spacing = float(cfg.data.spacing_3d_mm) * int(cfg.data.size_3d) / int(cfg.data.size_ddpm)
+    nodules = label_nodules(lay == 2, spacing)
+    lungs = lay >= 1
+    seam = seam_ratio(torch.as_tensor(sample_hu)[None, None], torch.as_tensor(real_hu)[None, None],
+                      torch.as_tensor(lungs)[None, None])
+    return {"lung_jsd": hu_histogram_jsd(sample_hu, real_hu, mask_a=lung, mask_b=lung),
+            "contrasts": [nodule_contrast(sample_hu, n["mask"], lungs, spacing) for n in nodules],
+            "real_contrasts": [nodule_contrast(real_hu, n["mask"], lungs, spacing) for n in nodules],
+            "seam_ratio": float(seam[0])}
+
+
+def _crop_features(cfg: "Config", volumes: "torch.Tensor", layouts: "torch.Tensor") -> Any:
+    """Features of the lung-centred crops (half the volume's side) of volumes [N, 1, S, S, S] in [0, 1]."""
+    from lungsynth.eval.features import extract_features
+
+    crops = lung_crops(volumes, layouts, int(cfg.data.size_ddpm) // 2).numpy()
+    return extract_features(crops, cfg.evaluation.feature_network, "unit",
+                            unit_range=(cfg.data.hu_min, cfg.data.hu_max))[0]
+
+
+def measure(cfg: "Config", model: LungDDPM, *, n: int = MIN_SAMPLES, seed: int = 0) -> list[Any]:
+    """The gates of one model and sampler on ``n`` held-out volumes (test split, half A of
+    :func:`lungsynth.eval.baselines.halves`), each sampled with AAS against its own CT. Baselines on the same
+    volumes and N: noise (the same volumes, voxels shuffled inside the body) and, for KID, the real floor
+    (half A against the reference half B). Halves of fewer than 2 volumes are not sampled at all: every row
+    then says "insufficient N"."""
+    from lungsynth.eval.baselines import halves
+
+    data = eval_volumes(cfg, "test")
+    a, r = halves(len(data["ct"]), seed)
+    a = a[:n]
+    values = _measured(cfg, model, data, a, r, seed) if len(a) >= 2 and len(r) >= 2 else {}
+    return _gate_rows(cfg, model, values, len(a))
+
+
+def _measured(cfg: "Config", model: LungDDPM, data: dict[str, Any], a: Any, r: Any, seed: int) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    from lungsynth.autoencoders.evaluate import body_mask
+    from lungsynth.data.preprocess import hu_to_unit, unit_to_hu
+    from lungsynth.eval.baselines import compare, shuffle_in_body
+    from lungsynth.eval.nodules import contrast_share
+
+    ct, layout = data["ct"][a], data["layout"][a]
+    t0 = time.perf_counter()
+    samples = generate(model, layout, ct, aas=True, seed=seed)
+    seconds = (time.perf_counter() - t0) / len(a)
+    real_hu = unit_to_hu(ct, cfg.data.hu_min, cfg.data.hu_max).numpy()[:, 0]
+    syn_hu = unit_to_hu(samples, cfg.data.hu_min, cfg.data.hu_max).numpy()[:, 0]
+    lays = layout[:, 0].numpy()
+    # the lungs are named as body: the slice-wise hole filling of body_mask misses them where the lung air
+    # reaches the outside in a slice (measured on the course phantom: 6% of lung voxels inside in 2 of 3 volumes)
+    noise_hu = np.stack([shuffle_in_body(v[None], body_mask(v, lay >= 1)[None], seed=i)[0]
+                         for i, (v, lay) in enumerate(zip(real_hu, lays))])
+    syn = [volume_measures(cfg, *vols) for vols in zip(syn_hu, real_hu, lays)]
+    noise = [volume_measures(cfg, *vols) for vols in zip(noise_hu, real_hu, lays)]
+    network = cfg.evaluation.feature_network
+    reference = _crop_features(cfg, data["ct"][r], data["layout"][r])
+    noise_unit = hu_to_unit(torch.as_tensor(noise_hu)[:, None], cfg.data.hu_min, cfg.data.hu_max)
+    kid, floor, kid_noise = (compare(reference, _crop_features(cfg, v, layout), network=network).value
+                             for v in (samples, ct, noise_unit))
+    share, n_nodules = contrast_share([c for x in syn for c in x["contrasts"]],
+                                      [c for x in syn for c in x["real_contrasts"]])
+    return {"jsd": float(np.mean([x["lung_jsd"] for x in syn])),
+            "jsd_noise": float(np.mean([x["lung_jsd"] for x in noise])), "kid": kid, "kid_floor": floor,
+            "kid_noise": kid_noise, "nodule_share": share, "n_nodules": n_nodules,
+            "seam": float(np.mean([x["seam_ratio"] for x in syn])), "seconds": seconds}
+
+
+def _gate_rows(cfg: "Config", model: LungDDPM, v: dict[str, Any], n_vol: int) -> list[Any]:
+    """The six gate rows from :func:`_measured`'s values (an empty dict: nothing measured)."""
+    from lungsynth.eval.nodules import MIN_CONTRAST_RATIO, MIN_NODULE_MM
+    from lungsynth.gates import judge
+
+    label = f"lung_ddpm {model.variant} ({cfg.lung_ddpm.sampler}, {cfg.lung_ddpm.sample_steps} steps)"
+    shuffled = "voxels shuffled in body"
+    seconds = f"{v['seconds']:.1f} s a volume" if v else "not sampled: too few held-out volumes"
+    floor = f"real floor {v['kid_floor']:.4f} (half A against half B, n {n_vol})" if v else ""
+    return [
+        judge(CHAPTER, f"{label}: lung HU-histogram JSD vs the paired real (bits)", v.get("jsd"), n=n_vol,
+              n_needed=MIN_SAMPLES, at_most=MAX_LUNG_JSD, baseline=v.get("jsd_noise"), baseline_name=shuffled,
+              detail=seconds),
+        judge(CHAPTER, f"{label}: lung JSD against the noise baseline's", v.get("jsd"), n=n_vol,
+              n_needed=MIN_SAMPLES, factor=MAX_LUNG_JSD_SHARE, baseline=v.get("jsd_noise"), baseline_name=shuffled),
+        judge(CHAPTER, f"{label}: KID of lung-centred crops", v.get("kid"), n=n_vol, n_needed=MIN_SAMPLES,
+              factor=MAX_KID_SHARE, baseline=v.get("kid_noise"), baseline_name=shuffled, detail=floor),
+        judge(CHAPTER, f"{label}: nodules >= {MIN_NODULE_MM:g} mm with >= {MIN_CONTRAST_RATIO:g} x real contrast",
+              v.get("nodule_share"), n=int(v.get("n_nodules", 0)), n_needed=MIN_NODULES, at_least=MIN_NODULE_SHARE,
+              baseline_name="the paired real volumes"),
+        judge(CHAPTER, f"{label}: seam ratio at the lung boundary (low end)", v.get("seam"), n=n_vol,
+              n_needed=MIN_SAMPLES, at_least=SEAM_RANGE[0]),
+        judge(CHAPTER, f"{label}: seam ratio at the lung boundary (high end)", v.get("seam"), n=n_vol,
+              n_needed=MIN_SAMPLES, at_most=SEAM_RANGE[1]),
+    ]
+
+
+def quality_gates(cfg: "Config") -> list[Any]:
+    """Chapter 06's gates on the trained Lung-DDPM (an untrained run is listed with its command); measured once
+    per checkpoint, sampler and data, then read from ``runs/<profile>/06_lung_ddpm_gates.json``."""
+    from lungsynth import paths
+    from lungsynth.gates import cached, file_digest, not_trained
+    from lungsynth.methods.lung_ddpm.train import default_run_dir, is_trained
+
+    run = default_run_dir(cfg, "layout")
+    command = f"lungsynth lung-ddpm train --profile {cfg.profile}"
+    if not is_trained(run):
+        return [not_trained(CHAPTER, "lung_ddpm layout", command)]
+    fingerprint.refuse_overlap(run, prepared_root(cfg), ("test",), what="Lung-DDPM layout run")
+    key = {"gates": GATES_VERSION, "weights": file_digest(run / "final.pt"),
+           "data": fingerprint.load(prepared_root(cfg))["id"], "sampler": cfg.lung_ddpm.sampler,
+           "steps": int(cfg.lung_ddpm.sample_steps), "network": cfg.evaluation.feature_network}
+    return cached(paths.runs_dir(cfg.profile) / GATES_FILE, key,
+                  lambda: measure(cfg, load(cfg, "layout", run, train_if_missing=False)))

@@ -24,6 +24,11 @@ class LungDdpmMethod(MethodFace):
 
         return paths.run_dir(cfg.profile, self.api().RUN_NAMES[self.variant], create=False)
 
+    def quality_gates(self, cfg: Any) -> list[Any]:
+        from lungsynth.methods.lung_ddpm.evaluate import quality_gates
+
+        return quality_gates(cfg)
+
     def ensure_trained(self, cfg: Any) -> Path:
         return self.api().ensure_trained(cfg, self.variant)
 

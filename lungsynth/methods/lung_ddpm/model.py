@@ -130,9 +130,11 @@ def to_unit_scale(x: "torch.Tensor") -> "torch.Tensor":
 
 
 # ``m_l`` of eq. (6) (``m_e = 1 - m_l``): lung and nodule are generated, the rest comes from the reference.
-def generation_mask(layout: "torch.Tensor") -> "torch.Tensor":
-    """``m_l``: where the model generates under AAS (lung or nodule), bool [B, 1, *S]."""
-    return layout >= 1
+def generation_mask(layout: "torch.Tensor", lung_layout: bool = True) -> "torch.Tensor":
+    """``m_l``: where the model generates under AAS, bool [B, 1, *S]: lung or nodule; for the "w/o lung
+    layout" model (``lung_layout=False``) the nodule only, as the reference code samples it (that model
+    was never told where the lung is, so everything but the nodule comes from the reference)."""
+    return layout >= 1 if lung_layout else layout == 2
 
 
 # --------------------------------------------------------------------------- networks

@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from lungsynth.config import Config
 
 
+SAMPLERS: tuple[str, ...] = ("ddpm", "ddim")
+
+
 @dataclasses.dataclass
 class LungDDPM:
     """A trained Lung-DDPM: the (EMA) U-Net, its scheduler and how it reads layouts."""
@@ -36,20 +39,29 @@ class LungDDPM:
     def denoise_fn(self, x: "torch.Tensor", t: "torch.Tensor") -> "torch.Tensor":
         return self.unet(x, t)
 
+    def scheduler_for(self, sampler: str) -> Any:
+        """The scheduler whose update rule ``sampler`` names, on the training schedule."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown Lung-DDPM sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
+        return self.scheduler if sampler == "ddpm" else build_scheduler(self.cfg, sampler)
+
     def sample(self, layout: "torch.Tensor", reference: "torch.Tensor | None" = None, *, aas: bool = True,
                generator: "torch.Generator | None" = None, num_inference_steps: int | None = None,
-               blend_from: int | None = None, device: Any = None, progress: bool = False,
-               intermediates_every: int | None = None, stats: dict | None = None) -> Any:
+               sampler: str | None = None, blend_from: int | None = None, device: Any = None,
+               progress: bool = False, intermediates_every: int | None = None, stats: dict | None = None) -> Any:
         """Generate CT volumes for a layout (paper Alg. 2 with AAS, or plain DDPM sampling without).
 
         Args:
             layout: [B, 1, S, S, S] in {0, 1, 2} (:func:`make_layout`); always the full layout: the
-                "w/o lung layout" model drops the lung itself, and AAS uses lung + nodule as ``m_l``.
+                "w/o lung layout" model drops the lung itself, and its AAS generates the nodule only
+                (``m_l`` = :func:`generation_mask`; everything else comes from the reference).
             reference: [B or 1, 1, S, S, S] CT in [0, 1]; required with ``aas=True``.
             aas: anatomically aware sampling (outside the lungs: the reference diffused to t-1).
             generator: seeds the start noise and the step noise; the reference's noise uses a
                 generator seeded from it, so a seed gives one sample.
             num_inference_steps: reverse steps (default ``cfg.lung_ddpm.sample_steps``; T = all).
+            sampler: ``"ddpm"`` (the paper's) or ``"ddim"`` (deterministic DDIM, the fast sampler); default
+                ``cfg.lung_ddpm.sampler``. Both share the schedule the model was trained with.
             blend_from: AAS from this timestep down (default ``cfg.lung_ddpm.blend_from``).
             intermediates_every: also return ``x_t`` every k steps (see ``samplers.sample``).
         Returns:
@@ -72,19 +84,21 @@ class LungDDPM:
         B = lay.shape[0]
         cond = layout_channels(lay, self.lung_layout, self.cfg.lung_ddpm.layout_encoding).to(dev)
         steps = int(num_inference_steps or self.cfg.lung_ddpm.sample_steps)
+        scheduler = self.scheduler_for(sampler or self.cfg.lung_ddpm.sampler)
         callbacks = []
         gen = generator if generator is not None else torch.Generator().manual_seed(self.cfg.seed)
         if aas:
             assert ref is not None
             ref_gen = torch.Generator(device=gen.device).manual_seed(
                 int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device)))
-            m_l = generation_mask(lay).to(dev)
-            callbacks.append(anatomically_aware(to_model_scale(ref).to(dev), m_l, self.scheduler,
+            m_l = generation_mask(lay, self.lung_layout).to(dev)
+            callbacks.append(anatomically_aware(to_model_scale(ref).to(dev), m_l, scheduler,
                                                 self.cfg.lung_ddpm.blend_from if blend_from is None else blend_from,
                                                 generator=ref_gen))
-        out = reverse_diffusion(self.denoise_fn, self.scheduler, (B, 1, *lay.shape[2:]), steps, generator=gen,
+        out = reverse_diffusion(self.denoise_fn, scheduler, (B, 1, *lay.shape[2:]), steps, generator=gen,
                                 device=dev, condition={"concat": cond}, step_callback=callbacks,
-                                intermediates_every=intermediates_every, amp=True, progress=progress,
+                                intermediates_every=intermediates_every, amp=self.cfg.lung_ddpm.precision,
+                                progress=progress,
                                 desc="lung-ddpm", stats=stats)
         x, inter = out if intermediates_every else (out, None)
         x = to_unit_scale(x.float()).cpu()
@@ -92,7 +106,7 @@ class LungDDPM:
             assert ref is not None
             # The last AAS step pasted the reference in [-1, 1]; mapping back to [0, 1] rounds, so the
             # same paste is repeated in the output scale to give the reference bit for bit.
-            x = torch.where(generation_mask(lay), x, ref.expand_as(x))
+            x = torch.where(generation_mask(lay, self.lung_layout), x, ref.expand_as(x))
         return (x, inter) if intermediates_every else x
 
 

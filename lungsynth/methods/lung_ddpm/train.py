@@ -74,18 +74,24 @@ def make_trainer(cfg: "Config", run_dir: Path | str | None, **kwargs: Any):
     from lungsynth.engine import Trainer
 
     c = cfg.lung_ddpm
-    settings = dict(max_steps=c.train_steps, lr=c.lr, batch_size=c.batch_size, ema_decay=c.ema_decay,
+    settings = dict(max_steps=c.train_steps, lr=c.lr, batch_size=c.batch_size, grad_accum=c.grad_accum,
+                    grad_clip=c.grad_clip or None, precision=c.precision, ema_decay=c.ema_decay,
                     ema_start=c.ema_start, ema_every=c.ema_every, seed=cfg.seed)
     settings.update(kwargs)
     return Trainer.from_config(cfg.engine, run_dir, **settings)
 
 
 def training_dataset(cfg: "Config", split: str = "train"):
-    """The prepared volumes at ``cfg.data.size_ddpm`` (prepares the data first when missing)."""
+    """The prepared volumes at ``cfg.data.size_ddpm`` (prepares the data first when missing), or cubes of
+    ``cfg.lung_ddpm.train_patch`` cut from them (:class:`lungsynth.data.patches.LungCubes`)."""
     from lungsynth.data.datasets import VolumeDataset, ensure_prepared
+    from lungsynth.data.patches import LungCubes
 
     ensure_prepared(cfg)
-    return VolumeDataset(cfg, split, size=cfg.data.size_ddpm, keys=("ct", "lung", "label"))
+    keys = ("ct", "lung", "label")
+    volumes = VolumeDataset(cfg, split, size=cfg.data.size_ddpm, keys=keys)
+    side = int(cfg.lung_ddpm.train_patch)
+    return LungCubes(volumes, keys, side) if 0 < side < int(cfg.data.size_ddpm) else volumes
 
 
 def rebuild_command(cfg: "Config", variant: str) -> str:

@@ -92,3 +92,42 @@ def test_sampling_without_aas_generates_everywhere(trained, toy_data):
     assert not torch.equal(x[outside], ct[outside])
     y = model.sample(layout, None, aas=False, generator=torch.Generator().manual_seed(0))
     assert torch.equal(x, y)  # a seed gives one sample; without AAS the reference is not used
+
+
+def test_without_lung_layout_only_the_nodule_is_generated(trained, toy_data):
+    """The "w/o lung layout" row as the reference code samples it: the model never saw the lung, so AAS takes
+    the lung from the reference too (q(reference, t) at every step) and generates inside the nodule only."""
+    cfg, runs = trained
+    ct, layout = toy_batch(toy_data)
+    model = ld.load(cfg, "no_lung_layout", runs["no_lung_layout"], train_if_missing=False)
+    x, inter = model.sample(layout, ct, aas=True, generator=torch.Generator().manual_seed(0), intermediates_every=1)
+    nodule, lung = layout == 2, layout == 1
+    assert torch.equal(x[~nodule], ct[~nodule]) and not torch.equal(x[nodule], ct[nodule])
+    for it in inter[:-1]:  # the lung inside the loop is the diffused reference, never the model's own
+        ab = _alpha_bar(model, it["timestep"])
+        eps = (it["sample"] - ab**0.5 * ld.to_model_scale(ct))[lung] / (1.0 - ab) ** 0.5
+        assert abs(float(eps.mean())) < 0.15 and abs(float(eps.std()) - 1.0) < 0.15, it["timestep"]
+    assert torch.equal(inter[-1]["sample"][lung], ld.to_model_scale(ct)[lung])
+    assert torch.equal(ld.generation_mask(layout, lung_layout=False), nodule)
+
+
+def test_the_fast_sampler_anchors_the_reference_at_every_step(trained, toy_data):
+    """DDIM (the fast sampler) with AAS: at every step the state outside m_l is the reference diffused to that
+    step's noise level, and the last one is the reference itself; DDIM differs from DDPM inside."""
+    cfg, runs = trained
+    ct, layout = toy_batch(toy_data)
+    model = ld.load(cfg, "layout", runs["layout"], train_if_missing=False)
+    outside = ~ld.generation_mask(layout)
+    x, inter = model.sample(layout, ct, sampler="ddim", generator=torch.Generator().manual_seed(0),
+                            intermediates_every=1)
+    assert len(inter) == cfg.lung_ddpm.sample_steps and inter[-1]["timestep"] == -1
+    for it in inter[:-1]:
+        ab = _alpha_bar(model, it["timestep"])
+        eps = (it["sample"] - ab**0.5 * ld.to_model_scale(ct))[outside] / (1.0 - ab) ** 0.5
+        assert abs(float(eps.mean())) < 0.1 and abs(float(eps.std()) - 1.0) < 0.1, it["timestep"]
+    assert torch.equal(inter[-1]["sample"][outside], ld.to_model_scale(ct)[outside])
+    assert torch.equal(x[outside], ct[outside])
+    ddpm = model.sample(layout, ct, sampler="ddpm", generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(x[~outside], ddpm[~outside])
+    with pytest.raises(ValueError, match="ddpm, ddim"):
+        model.sample(layout, ct, sampler="euler")

@@ -41,10 +41,18 @@ def test_ema_update_through_the_engine_matches_hand_computation(toy_data):
 
 
 def test_full_profile_settings():
-    c = get_config("full").lung_ddpm
-    assert c.unet_channels[0] == 64 and c.num_train_timesteps == 250 and c.lr == 1e-5
-    assert c.batch_size == 1 and c.train_steps == 100_000 and c.ema_decay == 0.995
-    assert get_config("full").data.size_ddpm == 128
+    """`full` trains as the reference code: fp32, unclipped, batch 1 with 2 accumulated, lr 1e-5, 100k steps,
+    EMA 0.995 from step 2000 every 10, whole 128^3 volumes; the trainer it builds says so."""
+    full = get_config("full")
+    c = full.lung_ddpm
+    assert c.unet_channels[0] == 64 and c.num_train_timesteps == 250 and c.schedule == "cosine" and c.lr == 1e-5
+    assert (c.batch_size, c.grad_accum, c.train_steps) == (1, 2, 100_000)
+    assert (c.ema_decay, c.ema_start, c.ema_every) == (0.995, 2000, 10)
+    assert c.grad_clip == 0 and c.precision == "fp32" and c.train_patch == 0
+    assert full.data.size_ddpm == 128
+    trainer = ld.make_trainer(full, None, progress=False)
+    assert (trainer.batch_size, trainer.grad_accum, trainer.grad_clip, trainer.precision) == (1, 2, None, "fp32")
+    assert (trainer.ema_decay, trainer.ema_start, trainer.ema_every, trainer.lr) == (0.995, 2000, 10, 1e-5)
 
 
 def test_train_writes_run_and_load_uses_ema(trained):

@@ -1,0 +1,81 @@
+"""Random training cubes cut from whole volumes, centred on a drawn nodule or a drawn voxel of a mask.
+
+The course trains some 3D networks on cubes smaller than its volumes (the CPU budget); they are fully
+convolutional and run on the whole volume afterwards. Randomness comes from torch's global RNG, which the
+engine checkpoints, so a killed run resumes with the same cubes (``num_workers=0``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+
+def nodule_centre(labels: torch.Tensor) -> list[int] | None:
+    """A random voxel of a random nodule of ``labels`` (a label map, one value per nodule; None if empty).
+
+    The nodule is drawn first, uniformly, then a voxel inside it: drawing a voxel of the whole foreground
+    would centre almost every cube on the largest nodule of a scan, and a 3-voxel nodule beside a
+    1000-voxel one would almost never be seen.
+    """
+    values = torch.unique(labels[labels > 0])
+    if not len(values):
+        return None
+    value = values[int(torch.randint(len(values), ()))]
+    return mask_voxel(labels == value)
+
+
+def mask_voxel(mask: torch.Tensor) -> list[int] | None:
+    """A uniformly drawn voxel where ``mask`` is true (None if it is empty)."""
+    idx = torch.nonzero(mask)
+    if not len(idx):
+        return None
+    return idx[int(torch.randint(len(idx), ()))].tolist()
+
+
+def cube_slices(spatial: Sequence[int], side: int, centre: Sequence[int] | None = None) -> tuple[slice, ...]:
+    """Slices of a cube of ``side`` inside ``spatial``: around ``centre`` (shifted to fit), else at random."""
+    if centre is None:
+        starts = [int(torch.randint(0, s - side + 1, ())) for s in spatial]
+    else:
+        starts = [min(max(int(c) - side // 2, 0), s - side) for c, s in zip(centre, spatial)]
+    return tuple(slice(a, a + side) for a in starts)
+
+
+class LungCubes(Dataset):
+    """Cubes of side ``side`` cut at one place from every key of a volume item (``[C, *S]`` tensors).
+
+    A share ``nodule_share`` of the cubes is centred on a drawn nodule of ``item["label"]``
+    (:func:`nodule_centre`), the rest on a drawn voxel of ``item["lung"]``: the lungs are where a
+    layout-conditioned model generates, and a cube of the empty air around the body teaches it nothing.
+    Items without a nodule or a lung fall back to the lung, then to a random place.
+
+    Args:
+        base: a dataset of dicts holding ``keys`` (and ``"lung"`` / ``"label"`` to centre on).
+        keys: the items' entries to cut (e.g. ``("ct", "lung", "label")``); other entries are dropped.
+        side: the cube's side (an item no larger than it is returned whole).
+    """
+
+    def __init__(self, base: Dataset, keys: Sequence[str], side: int, nodule_share: float = 0.5) -> None:
+        if not 0.0 <= nodule_share <= 1.0:
+            raise ValueError(f"nodule_share must lie in [0, 1], got {nodule_share}")
+        self.base, self.keys, self.side, self.nodule_share = base, tuple(keys), int(side), float(nodule_share)
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self.base[i]
+        out = {k: torch.as_tensor(item[k]) for k in self.keys}
+        spatial = out[self.keys[0]].shape[1:]
+        if all(s <= self.side for s in spatial):
+            return out
+        centre = None
+        if "label" in item and float(torch.rand(())) < self.nodule_share:
+            centre = nodule_centre(torch.as_tensor(item["label"])[0])
+        if centre is None and "lung" in item:
+            centre = mask_voxel(torch.as_tensor(item["lung"])[0] > 0.5)
+        sl = (slice(None), *cube_slices(spatial, self.side, centre))
+        return {k: v[sl].contiguous() for k, v in out.items()}

@@ -1,0 +1,47 @@
+"""Random training cubes: where they are cut, and that every key is cut at the same place."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lungsynth.data.patches import LungCubes, cube_slices, mask_voxel
+
+
+def _item() -> dict[str, torch.Tensor]:
+    lung = torch.zeros(1, 40, 40, 40)
+    lung[0, 4:16, 4:16, 24:36] = 1  # one lung block in a corner
+    label = torch.zeros(1, 40, 40, 40)
+    label[0, 30:32, 30:32, 30:32] = 7  # a nodule far from it
+    ct = torch.rand(1, 40, 40, 40)
+    return {"ct": ct, "lung": lung, "label": label, "scan_id": "x"}
+
+
+def test_cubes_are_centred_on_the_lung_or_a_nodule_and_cut_every_key_alike():
+    item = _item()
+    torch.manual_seed(0)
+    cubes = LungCubes([item], ("ct", "lung", "label"), side=8, nodule_share=0.5)
+    on_nodule = 0
+    for _ in range(200):
+        c = cubes[0]
+        assert set(c) == {"ct", "lung", "label"} and all(v.shape == (1, 8, 8, 8) for v in c.values())
+        # the CT is random, so its values say where the cube was cut: lung and label come from the same place
+        z, y, x = next((z, y, x) for z in range(33) for y in range(33) for x in range(33)
+                       if torch.equal(item["ct"][:, z:z + 8, y:y + 8, x:x + 8], c["ct"]))
+        assert torch.equal(c["lung"], item["lung"][:, z:z + 8, y:y + 8, x:x + 8])
+        assert torch.equal(c["label"], item["label"][:, z:z + 8, y:y + 8, x:x + 8])
+        has_nodule, has_lung = bool(c["label"].any()), bool(c["lung"].any())
+        assert has_nodule or has_lung  # never a cube of the empty air around both
+        on_nodule += has_nodule
+    assert 0.35 < on_nodule / 200 < 0.65
+    only_lung = LungCubes([item], ("ct", "lung"), side=8, nodule_share=0.0)
+    assert all(only_lung[0]["lung"].any() for _ in range(50))
+
+
+def test_cube_helpers_and_bad_share():
+    assert mask_voxel(torch.zeros(3, 3, 3, dtype=torch.bool)) is None
+    assert cube_slices((10, 10, 10), 4, (0, 9, 5)) == (slice(0, 4), slice(6, 10), slice(3, 7))  # shifted to fit
+    small = {"ct": torch.rand(1, 6, 6, 6)}
+    assert LungCubes([small], ("ct",), side=8)[0]["ct"].shape == (1, 6, 6, 6)  # no larger than the cube: whole
+    with pytest.raises(ValueError, match="nodule_share"):
+        LungCubes([small], ("ct",), side=8, nodule_share=1.5)
