@@ -304,6 +304,7 @@ def quality_gates(cfg: "Config") -> list[Any]:
     fingerprint.refuse_overlap(run, prepared_root(cfg), ("test",), what="Lung-DDPM layout run")
     key = {"gates": GATES_VERSION, "weights": file_digest(run / "final.pt"),
            "data": fingerprint.load(prepared_root(cfg))["id"], "sampler": cfg.lung_ddpm.sampler,
-           "steps": int(cfg.lung_ddpm.sample_steps), "network": cfg.evaluation.feature_network}
+           "steps": int(cfg.lung_ddpm.sample_steps), "ema": bool(cfg.lung_ddpm.sample_ema),
+           "network": cfg.evaluation.feature_network}
     return cached(paths.runs_dir(cfg.profile) / GATES_FILE, key,
                   lambda: measure(cfg, load(cfg, "layout", run, train_if_missing=False)))

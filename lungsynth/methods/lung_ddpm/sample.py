@@ -110,9 +110,10 @@ class LungDDPM:
         return (x, inter) if intermediates_every else x
 
 
-def load(cfg: "Config", variant: str = "layout", run_dir: Path | str | None = None, *, use_ema: bool = True,
+def load(cfg: "Config", variant: str = "layout", run_dir: Path | str | None = None, *, use_ema: bool | None = None,
          train_if_missing: bool = True, progress: bool | None = None) -> LungDDPM:
-    """A trained model (EMA weights by default) ready to :meth:`LungDDPM.sample`.
+    """A trained model ready to :meth:`LungDDPM.sample`: its EMA weights or its raw ones (``use_ema``; default
+    ``cfg.lung_ddpm.sample_ema``).
 
     Trains first (:func:`ensure_trained`) when the run has no ``final.pt`` and ``train_if_missing``.
     """
@@ -125,7 +126,8 @@ def load(cfg: "Config", variant: str = "layout", run_dir: Path | str | None = No
         raise FileNotFoundError(f"no Lung-DDPM checkpoint in {run}; run `lungsynth lung-ddpm train --profile "
                                 f"{cfg.profile}{' --no-lung-layout' if variant == 'no_lung_layout' else ''}`")
     unet = build_unet(cfg, variant == "layout")
-    load_weights(run, kind=KIND, config=model_config(cfg, variant), modules={"unet": unet}, use_ema=use_ema)
+    ema = bool(cfg.lung_ddpm.sample_ema) if use_ema is None else use_ema
+    load_weights(run, kind=KIND, config=model_config(cfg, variant), modules={"unet": unet}, use_ema=ema)
     return LungDDPM(unet.eval(), build_scheduler(cfg), cfg, variant, run)
 
 
