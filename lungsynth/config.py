@@ -291,7 +291,7 @@ class LungDdpmConfig:
     # the reference trains with batch 1 and 2 accumulated micro-batches, in fp32, unclipped
     grad_accum: int = tiered(1, 1, 2)
     grad_clip: float = tiered(1.0, 1.0, 0.0)  # 0: off. Smoke and course: clipped, for their high learning rates
-    precision: str = tiered("auto", "auto", "fp32")  # the engine's precision for this chapter (auto: the device's)
+    precision: str = tiered("auto", "auto", "fp32")  # training and sampling precision (auto: engine.precision)
     # side of the training cubes cut from the size_ddpm volumes (data.patches.LungCubes: half centred on a
     # nodule, half on a lung voxel); sampling runs on whole volumes, as the U-Net is fully convolutional.
     # 0: whole volumes, as the paper

@@ -39,6 +39,11 @@ class LungDDPM:
     def denoise_fn(self, x: "torch.Tensor", t: "torch.Tensor") -> "torch.Tensor":
         return self.unet(x, t)
 
+    def _precision(self) -> str:
+        """The sampler's autocast precision: ``lung_ddpm.precision``, or the engine's when that is ``auto``."""
+        own = self.cfg.lung_ddpm.precision
+        return own if own != "auto" else str(self.cfg.engine.precision)
+
     def scheduler_for(self, sampler: str) -> Any:
         """The scheduler whose update rule ``sampler`` names, on the training schedule."""
         if sampler not in SAMPLERS:
@@ -97,7 +102,7 @@ class LungDDPM:
                                                 generator=ref_gen))
         out = reverse_diffusion(self.denoise_fn, scheduler, (B, 1, *lay.shape[2:]), steps, generator=gen,
                                 device=dev, condition={"concat": cond}, step_callback=callbacks,
-                                intermediates_every=intermediates_every, amp=self.cfg.lung_ddpm.precision,
+                                intermediates_every=intermediates_every, amp=self._precision(),
                                 progress=progress,
                                 desc="lung-ddpm", stats=stats)
         x, inter = out if intermediates_every else (out, None)

@@ -75,8 +75,10 @@ def make_trainer(cfg: "Config", run_dir: Path | str | None, **kwargs: Any):
 
     c = cfg.lung_ddpm
     settings = dict(max_steps=c.train_steps, lr=c.lr, batch_size=c.batch_size, grad_accum=c.grad_accum,
-                    grad_clip=c.grad_clip or None, precision=c.precision, ema_decay=c.ema_decay,
-                    ema_start=c.ema_start, ema_every=c.ema_every, seed=cfg.seed)
+                    grad_clip=c.grad_clip or None, ema_decay=c.ema_decay, ema_start=c.ema_start,
+                    ema_every=c.ema_every, seed=cfg.seed)
+    if c.precision != "auto":  # auto: the engine's own setting (engine.precision, $LUNGSYNTH_PRECISION)
+        settings["precision"] = c.precision
     settings.update(kwargs)
     return Trainer.from_config(cfg.engine, run_dir, **settings)
 
