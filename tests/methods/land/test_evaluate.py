@@ -285,3 +285,38 @@ def test_untrained_variants_are_listed_with_their_command(monkeypatch, tmp_path)
     rows = gates.quality_gates(get_config("smoke"))
     assert [g.status for g in rows] == ["not trained"] * 5
     assert "lungsynth land train --variant latentmask-texture --profile smoke" in rows[-1].detail
+
+
+def test_the_noise_baseline_shuffles_the_lungs_too(monkeypatch):
+    """The noise baseline shuffles every voxel of the body, lungs included. ``body_mask`` fills holes slice by
+    slice and misses lungs whose air reaches the edge of a slice (most course volumes); the condition's lung
+    is named as body, so the shuffled "noise" never keeps a real lung."""
+    import lungsynth.eval.baselines as base
+    from lungsynth.autoencoders.evaluate import body_mask
+    from lungsynth.config import get_config
+
+    cfg = get_config("smoke")
+    ct = torch.full((4, 1, 16, 16, 16), 0.7)
+    ct[:, :, 4:12, 4:12, 0:8] = 0.1  # a lung block that reaches the edge of every slice: no hole to fill
+    cond = torch.where(ct < 0.5, torch.tensor(0.1), torch.tensor(0.0))
+    lung = cond[0, 0].numpy() > 0.05
+    hu0 = ct[0, 0].numpy() * (cfg.data.hu_max - cfg.data.hu_min) + cfg.data.hu_min
+    assert not body_mask(hu0)[lung].any()  # the case the baseline must not miss
+
+    class Held:
+        def chunk(self, part, key):
+            return (ct if key == "ct" else cond)[list(part)]
+
+    class Identity(torch.nn.Module):
+        def reconstruct(self, v, roi_size=None):
+            return v
+
+    seen = []
+    shuffle = base.shuffle_in_body
+    monkeypatch.setattr(base, "shuffle_in_body", lambda imgs, bodies, seed=0: (seen.append(bodies), shuffle(imgs, bodies, seed))[1])
+    monkeypatch.setattr(gates, "_features", lambda vols, network: (vols.reshape(len(vols), -1)[:, ::97].double().numpy(), "toy"))
+    monkeypatch.setattr(gates, "_chunk_measures", lambda *a, **k: [])
+    vae = Identity()
+    vae.w = torch.nn.Parameter(torch.zeros(1))
+    gates._baselines(cfg, Held(), [0, 1], [2, 3], 2, "toy", vae)
+    assert seen and all(b[:, lung].all() for b in seen)
