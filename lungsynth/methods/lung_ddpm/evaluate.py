@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from lungsynth.data import fingerprint
 from lungsynth.data.datasets import data_source, prepared_root
-from lungsynth.methods.lung_ddpm.model import make_layout
+from lungsynth.methods.lung_ddpm.model import make_layout, voxel_mm
 from lungsynth.methods.lung_ddpm.sample import LungDDPM, generate, load
 
 if TYPE_CHECKING:
@@ -193,7 +193,7 @@ def volume_measures(cfg: "Config", sample_hu: Any, real_hu: Any, layout: Any) ->
 
     lay = np.asarray(layout)
     lung = lay == 1
-    spacing = float(cfg.data.spacing_3d_mm) * int(cfg.data.size_3d) / int(cfg.data.size_ddpm)
+    spacing = voxel_mm(cfg)
     nodules = label_nodules(lay == 2, spacing)
     lungs = lay >= 1
     seam = seam_ratio(torch.as_tensor(sample_hu)[None, None], torch.as_tensor(real_hu)[None, None],

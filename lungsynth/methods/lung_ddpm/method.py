@@ -36,7 +36,7 @@ class LungDdpmMethod(MethodFace):
         return self.api().load(cfg, self.variant, run_dir, train_if_missing=False)
 
     def spacing_mm(self, cfg: Any) -> float:
-        return float(cfg.data.spacing_3d_mm) * int(cfg.data.size_3d) / int(cfg.data.size_ddpm)
+        return self.api().voxel_mm(cfg)
 
     def resized(self, cfg: Any, c: Condition) -> dict[str, np.ndarray]:
         """The condition's volumes at ``size_ddpm`` (masks max-pooled, CT trilinear)."""

@@ -164,6 +164,11 @@ def build_scheduler(cfg: "Config", kind: str = "ddpm"):
                           clip_sample=True)
 
 
+def voxel_mm(cfg: "Config") -> float:
+    """The isotropic voxel side of the ``size_ddpm`` volumes: the prepared 3D field of view resampled."""
+    return float(cfg.data.spacing_3d_mm) * int(cfg.data.size_3d) / int(cfg.data.size_ddpm)
+
+
 def model_config(cfg: "Config", variant: str) -> dict[str, Any]:
     """What builds the weights (stored in checkpoints; a mismatch on load is an error)."""
     c = cfg.lung_ddpm

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from lungsynth.methods.lung_ddpm.model import (KIND, build_scheduler, build_unet, check_layout, check_reference,
                                                generation_mask, layout_channels, model_config, to_model_scale,
-                                               to_unit_scale)
+                                               to_unit_scale, voxel_mm)
 from lungsynth.methods.lung_ddpm.train import default_run_dir, ensure_trained, is_trained
 
 if TYPE_CHECKING:
@@ -167,7 +167,7 @@ def save_volumes(out_dir: Path | str, cfg: "Config", samples: "torch.Tensor", na
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    spacing = cfg.data.spacing_3d_mm * cfg.data.size_3d / cfg.data.size_ddpm
+    spacing = voxel_mm(cfg)
     affine = np.diag([spacing, spacing, spacing, 1.0])
     written = []
     for i, name in enumerate(names):
