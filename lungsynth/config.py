@@ -269,35 +269,51 @@ class HrLdmConfig:
 class LungDdpmConfig:
     """Chapter 06: Lung-DDPM, pixel-space 3D DDPM with anatomically aware sampling."""
 
-    # Med-DDPM/Lung-DDPM U-Net at 128^3: 64 base channels, multipliers (1, 1, 2, 3, 4), attention at 16^3
-    # course budget, chapter 06 (~9 min): pixel space at 96^3 is the course's dearest step (the widths
-    # (32, 64, 64, 128) cost 32 s a step on 2 cores, (16, 32, 32, 64) 11 s); (8, 16, 16, 32) x 60 steps for each
-    # of the two variants, 25 respaced reverse steps, 3 volumes per ablation row. It cannot learn in this budget.
-    unet_channels: tuple[int, ...] = tiered((16, 32, 32), (8, 16, 16, 32), (64, 64, 128, 192, 256))
+    # Med-DDPM/Lung-DDPM U-Net at 128^3: 64 base channels, multipliers (1, 1, 2, 3, 4), attention at 16^3.
+    # course budget, chapter 06 (~10 min of training on an AVX512-BF16 or AMX CPU): each variant 3000 steps on
+    # lung-centred 32^3 cubes (train_patch) at widths (16, 32, 32, 64), 0.1 s a step in bf16 (a whole 96^3 volume
+    # at (8, 16, 16, 32) cost 2.4 s a step in fp32); 25 respaced reverse steps on whole 96^3 volumes
+    unet_channels: tuple[int, ...] = tiered((16, 32, 32), (16, 32, 32, 64), (64, 64, 128, 192, 256))
     attention_at: tuple[int, ...] = tiered((2,), (3,), (3,))  # U-Net levels with self-attention
     num_res_blocks: int = 1
     layout_encoding: str = "onehot"  # onehot (3 channels; 2 without the lung) | scaled (1 channel in [-1, 1])
     num_train_timesteps: int = 250
     schedule: str = "cosine"
+    # what the U-Net regresses (L1, eq. 7): "epsilon" (the paper's) or "v_prediction" (Salimans & Ho 2022).
+    # Smoke and course: v. With epsilon, x0 = (x_t - sqrt(1-ab) eps) / sqrt(ab) amplifies the error 160x at
+    # t = T-1, so the first reverse steps set the lungs' mean level at random (clipped to [-1, 1]: mean 0) and
+    # the short-trained model then reads that level from x_t: whole course volumes came out at lung mean 0.43-0.54
+    # against the real 0.15 ([0, 1]); anchoring only the lungs' mean for t > 200 gave 0.16. A v-model predicts
+    # x0 directly where x_t holds no signal: lung mean 0.14 after the same 3000 steps (chapter 06)
+    prediction: str = tiered("v_prediction", "v_prediction", "epsilon")
+    # eq. (7): "l1" (the paper's) or "l2". Smoke and course: l2 with v. L1 regresses the median of the target, and
+    # v holds x0, whose posterior in the lungs is skewed (rare bright vessels, nodules of unknown texture); the
+    # sampler assumes the mean. Measured, course, 3000 steps, two runs each: with L1 no vessels and 6-11 of 28
+    # nodules at half the real contrast, lung JSD 0.15-0.53; with L2 vessels, 9-14 nodules, JSD 0.10-0.25 (ch. 06)
+    loss: str = tiered("l2", "l2", "l1")
     ema_decay: float = 0.995
     ema_start: int = tiered(10, 20, 2000)
     ema_every: int = 10
     # sample with the EMA weights (the paper's) or the raw ones. Smoke and course: raw, since 0.995 every 10
-    # steps averages over ~2000 steps, longer than their budgets: course's EMA after 60 steps is ~the weights
-    # of step 20, and a 3000-step cube probe drew lungs at 0.35-0.45 with its EMA against 0.22-0.25 raw (real
-    # 0.13-0.15, [0, 1] scale, DDPM)
+    # steps averages over ~2000 steps, most of the course's 3000: with its EMA a course probe's lung JSD was
+    # 0.43 against 0.15 raw (chapter 06)
     sample_ema: bool = tiered(False, False, True)
-    train_steps: int = tiered(40, 60, 100_000)
+    train_steps: int = tiered(40, 3000, 100_000)
     batch_size: int = 1
     # the reference trains with batch 1 and 2 accumulated micro-batches, in fp32, unclipped
     grad_accum: int = tiered(1, 1, 2)
     grad_clip: float = tiered(1.0, 1.0, 0.0)  # 0: off. Smoke and course: clipped, for their high learning rates
-    precision: str = tiered("auto", "auto", "fp32")  # training and sampling precision (auto: engine.precision)
+    # training and sampling precision; auto: the engine's setting, with bf16 on AVX512-BF16 CPUs as well as AMX
+    # (lung_ddpm.model.BF16_CPU_FLAGS says why)
+    precision: str = tiered("auto", "auto", "fp32")
     # side of the training cubes cut from the size_ddpm volumes (data.patches.LungCubes: half centred on a
     # nodule, half on a lung voxel); sampling runs on whole volumes, as the U-Net is fully convolutional.
-    # 0: whole volumes, as the paper
-    train_patch: int = tiered(0, 0, 0)
+    # 0: whole volumes, as the paper. Course: 32 (a 96^3 step is ~25x dearer)
+    train_patch: int = tiered(0, 32, 0)
     lr: float = tiered(2e-4, 5e-4, 1e-5)
+    # engine.SCHEDULES; the reference's is constant. Course, measured: cosine decay drew the lungs too dark
+    # (mean 0.08-0.10 against 0.15-0.16) where constant gave 0.14-0.16
+    lr_schedule: str = "constant"
     blend_from: int = 250  # AAS blends the reference from this step down to 0
     # the reverse process: "ddpm" (the paper's ancestral sampler) or "ddim" (the fast sampler, eta 0); AAS
     # anchors the reference at every step of either

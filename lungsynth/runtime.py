@@ -13,7 +13,7 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -41,6 +41,8 @@ PRECISION_ENV = "LUNGSYNTH_PRECISION"
 #   NaN in 7 of 20 LAND steps at the course size (none in fp32, none with oneDNN off: a kernel fault, not
 #   a range overflow).
 FAST_BF16_CPU_FLAGS: tuple[str, ...] = ("amx_bf16",)
+# CPU flags with bf16 in hardware at all; bf16 asked for without one of them is emulated
+NATIVE_BF16_CPU_FLAGS: tuple[str, ...] = ("amx_bf16", "avx512_bf16")
 _warned: set[str] = set()
 
 
@@ -78,10 +80,10 @@ def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     return _cpuinfo_field("model name", cpuinfo) or platform.processor() or "unknown CPU"
 
 
-def fast_cpu_bf16(flags: set[str] | None = None) -> str | None:
-    """The first flag of :data:`FAST_BF16_CPU_FLAGS` this CPU has, or None."""
+def fast_cpu_bf16(flags: set[str] | None = None, bf16_flags: Sequence[str] = FAST_BF16_CPU_FLAGS) -> str | None:
+    """The first flag of ``bf16_flags`` (default :data:`FAST_BF16_CPU_FLAGS`) this CPU has, or None."""
     flags = cpu_flags() if flags is None else flags
-    return next((f for f in FAST_BF16_CPU_FLAGS if f in flags), None)
+    return next((f for f in bf16_flags if f in flags), None)
 
 
 def _check_precision(value: str, where: str) -> str:
@@ -92,12 +94,13 @@ def _check_precision(value: str, where: str) -> str:
 
 
 def choose_precision(dev: torch.device | None = None, requested: str | None = None,
-                     flags: set[str] | None = None) -> Precision:
+                     flags: set[str] | None = None, bf16_flags: Sequence[str] = FAST_BF16_CPU_FLAGS) -> Precision:
     """The precision of autocast on ``dev``.
 
     ``requested`` (a config key) wins unless it is ``"auto"``; then ``$LUNGSYNTH_PRECISION``; then
-    ``auto``: bf16 on CUDA with bf16 support and on a CPU with AMX, fp32 otherwise.
-    bf16 asked for on a CPU without them runs, with one warning that it is slow.
+    ``auto``: bf16 on CUDA with bf16 support and on a CPU with one of ``bf16_flags`` (default AMX; a
+    model measured safe on more CPUs passes its own), fp32 otherwise. bf16 asked for on a CPU without
+    native bf16 (neither AMX nor AVX512-BF16) runs, with one warning that it is slow.
     """
     dev = dev or device()
     choice = _check_precision(requested, "config key engine.precision") if requested else "auto"
@@ -108,7 +111,7 @@ def choose_precision(dev: torch.device | None = None, requested: str | None = No
     else:
         source = "engine.precision" if choice != "auto" else "auto"
     if dev.type == "cpu":
-        flag = fast_cpu_bf16(flags)
+        flag = fast_cpu_bf16(flags, bf16_flags)
         if choice == "auto":
             if flag:
                 return Precision("bf16", f"auto: the CPU has {flag}")
@@ -117,11 +120,12 @@ def choose_precision(dev: torch.device | None = None, requested: str | None = No
                                  "convolution gradients, 2D steps 0.8-1.6x; docs/performance.md)")
             return Precision("fp32", "auto: the CPU has no " + " or ".join(FAST_BF16_CPU_FLAGS)
                              + " (bf16 would be emulated, many times slower)")
-        if choice == "bf16" and not flag and "cpu-bf16" not in _warned:
+        native = fast_cpu_bf16(flags, NATIVE_BF16_CPU_FLAGS)
+        if choice == "bf16" and not native and "cpu-bf16" not in _warned:
             _warned.add("cpu-bf16")
             import warnings
 
-            warnings.warn(f"bf16 asked for ({source}) on a CPU without {' or '.join(FAST_BF16_CPU_FLAGS)}: "
+            warnings.warn(f"bf16 asked for ({source}) on a CPU without {' or '.join(NATIVE_BF16_CPU_FLAGS)}: "
                           "it runs, emulated, and many times slower than fp32", RuntimeWarning, stacklevel=2)
         return Precision(choice, source)
     if dev.type == "cuda":

@@ -148,6 +148,66 @@ def image_grid(images: Sequence[Any], titles: Sequence[str] | None = None, ncols
     return fig
 
 
+def mds_embedding(groups: Mapping[str, Any], seed: int = 0) -> dict[str, np.ndarray]:
+    """Metric MDS of feature sets into 2D, all groups together (sklearn ``MDS``, Euclidean distances of the
+    features standardised over all rows).
+
+    Args: groups {name: [N_g, D]}. Returns: {name: [N_g, 2]}.
+    """
+    from sklearn.manifold import MDS
+
+    arrays = {k: np.asarray(v, dtype=np.float64).reshape(len(v), -1) for k, v in groups.items()}
+    if len({a.shape[1] for a in arrays.values()}) > 1:
+        raise ValueError(f"feature sets of different widths {[a.shape for a in arrays.values()]}: extract them "
+                         f"with one network")
+    stacked = np.concatenate(list(arrays.values()))
+    if len(stacked) < 3:
+        raise ValueError(f"MDS needs at least 3 feature rows in all, got {len(stacked)}")
+    z = (stacked - stacked.mean(0)) / (stacked.std(0) + 1e-8)
+    # classical MDS (Torgerson) as the start of the SMACOF iterations: deterministic, no random restarts
+    xy = MDS(n_components=2, init="classical_mds", n_init=1, random_state=seed).fit_transform(z)
+    out, start = {}, 0
+    for k, a in arrays.items():
+        out[k] = xy[start:start + len(a)]
+        start += len(a)
+    return out
+
+
+def covariance_ellipse(points: np.ndarray, n_std: float = 2.0) -> tuple[np.ndarray, float, float, float] | None:
+    """Centre, width, height and angle (degrees) of the ``n_std`` covariance ellipse of 2D points [N, 2]
+    (None with fewer than 3 points)."""
+    pts = np.asarray(points, dtype=np.float64)
+    if len(pts) < 3:
+        return None
+    vals, vecs = np.linalg.eigh(np.cov(pts.T))
+    vals = np.clip(vals, 0.0, None)
+    angle = float(np.degrees(np.arctan2(vecs[1, 1], vecs[0, 1])))
+    return pts.mean(0), 2 * n_std * float(np.sqrt(vals[1])), 2 * n_std * float(np.sqrt(vals[0])), angle
+
+
+def mds_figure(groups: Mapping[str, Any], title: str = "", seed: int = 0) -> Any:
+    """Feature sets projected by :func:`mds_embedding`, each with its 2-sigma covariance ellipse (as Lung-DDPM's
+    Fig. 4). groups {name: [N_g, D]}."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Ellipse
+
+    xy = mds_embedding(groups, seed)
+    fig, ax = plt.subplots(figsize=(5.0, 4.2))
+    for k, (name, pts) in enumerate(xy.items()):
+        colour = f"C{k}"
+        ax.scatter(pts[:, 0], pts[:, 1], s=18, color=colour, label=f"{name} (n {len(pts)})")
+        ell = covariance_ellipse(pts)
+        if ell is not None:
+            centre, w, h, angle = ell
+            ax.add_patch(Ellipse(tuple(centre), w, h, angle=angle, fill=False, color=colour, lw=1.2))
+    ax.set_xlabel("MDS 1")
+    ax.set_ylabel("MDS 2")
+    ax.set_title(title or "features, MDS to 2D (ellipses: 2 sigma)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def hu_histogram(volumes: Mapping[str, Any], masks: Mapping[str, Any] | None = None, bins: int = 100,
                  hu_range: tuple[float, float] = (-1100.0, 1000.0), ax: Any = None) -> Any:
     """Histograms of HU values of several volumes (optionally inside their masks)."""

@@ -31,6 +31,28 @@ def test_auto_precision_follows_the_cpu_flags(monkeypatch):
     assert slow.name == "fp32" and slow.dtype is None and "no amx_bf16" in slow.reason
 
 
+def test_a_model_can_name_more_cpus_where_auto_picks_bf16(monkeypatch):
+    """A model measured safe in bf16 on AVX512-BF16 without AMX passes its own flags; the default stays AMX."""
+    monkeypatch.delenv("LUNGSYNTH_PRECISION", raising=False)
+    cpu, avx512 = torch.device("cpu"), {"avx512f", "avx512_bf16"}
+    wider = ("amx_bf16", "avx512_bf16")
+    assert runtime.choose_precision(cpu, "auto", flags=avx512).name == "fp32"
+    chosen = runtime.choose_precision(cpu, "auto", flags=avx512, bf16_flags=wider)
+    assert chosen.name == "bf16" and "avx512_bf16" in chosen.reason
+    assert runtime.choose_precision(cpu, "auto", flags=AVX2_ONLY, bf16_flags=wider).name == "fp32"
+    monkeypatch.setenv("LUNGSYNTH_PRECISION", "fp32")  # the env var still wins over auto
+    assert runtime.choose_precision(cpu, "auto", flags=avx512, bf16_flags=wider).name == "fp32"
+
+
+def test_bf16_asked_on_avx512_bf16_runs_without_the_emulation_warning(monkeypatch):
+    import warnings
+
+    monkeypatch.setattr(runtime, "_warned", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert runtime.choose_precision(torch.device("cpu"), "bf16", flags={"avx512_bf16"}).name == "bf16"
+
+
 def test_cpuinfo_flags_are_read(tmp_path):
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nflags\t\t: fpu avx2 amx_bf16\n\nprocessor\t: 1\nflags\t\t: fpu\n")

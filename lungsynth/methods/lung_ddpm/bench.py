@@ -41,8 +41,10 @@ def _bench_child(spec: dict[str, Any]) -> dict[str, Any]:
         return (torch.cuda.max_memory_allocated() / 2**20 if cuda
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
-    if spec["what"] == "train_step":  # a short run: optimiser steps on one batch, the loss of each
-        r = probe_steps(task, {"ct": ct, "layout": layout}, 1 + int(spec["repeats"]), device=dev)
+    if spec["what"] == "train_step":  # a short run: optimiser steps on one batch (a training cube), the loss of each
+        side = int(spec.get("train_size", s))
+        batch = {"ct": ct[..., :side, :side, :side], "layout": layout[..., :side, :side, :side]}
+        r = probe_steps(task, batch, 1 + int(spec["repeats"]), device=dev)
         return {**r, "peak_mb": peak_mb(), "params": params}
 
     def once() -> float:
@@ -72,12 +74,15 @@ def bench_lung_ddpm(args: argparse.Namespace) -> int:
     if size % 2 ** (levels - 1):
         raise ValueError(f"--size {size} must be a multiple of {2 ** (levels - 1)} ({levels}-level U-Net)")
     steps, sampler = int(cfg.lung_ddpm.sample_steps), str(cfg.lung_ddpm.sampler)
-    print(f"Lung-DDPM bench: {size}^3, channels {tuple(cfg.lung_ddpm.unet_channels)}, {sampler} with {steps} "
-          f"sampling steps, repeats {args.repeats}; each number from its own process")
+    patch = int(cfg.lung_ddpm.train_patch)
+    train_size = patch if 0 < patch < size else size  # the profile trains on cubes of this side
+    print(f"Lung-DDPM bench: sampling {size}^3, training items {train_size}^3, channels "
+          f"{tuple(cfg.lung_ddpm.unet_channels)}, {sampler} with {steps} sampling steps, repeats {args.repeats}; "
+          f"each number from its own process")
     res = {}
     for what in ("train_step", "sample_no_aas", "sample_aas"):
         spec = {"profile": cfg.profile, "overrides": overrides, "size": size, "steps": steps, "what": what,
-                "repeats": args.repeats, "sampler": sampler}
+                "repeats": args.repeats, "sampler": sampler, "train_size": train_size}
         res[what] = r = run_child(CHILD, spec)
         print(f"  {what:14s} {r['seconds']:8.3f} s  peak {r['peak_mb']:9.1f} MB  params {r['params'] / 1e6:.2f}M",
               flush=True)
@@ -92,7 +97,7 @@ def bench_lung_ddpm(args: argparse.Namespace) -> int:
         print(f"  the paper's sampler (DDPM, {T} steps, AAS) {p['seconds']:8.3f} s")
         print(f"ratio paper / this sampler ({sampler}, {steps} steps): time {p['seconds'] / a['seconds']:.1f}x")
     spec = {"profile": cfg.profile, "overrides": overrides, "size": size, "steps": steps,
-            "repeats": max(int(args.repeats), 5)}
+            "repeats": max(int(args.repeats), 5), "train_size": train_size}
     compare_precisions(CHILD, {"train step": {**spec, "what": "train_step"},
                                f"one sample (AAS, {steps})": {**spec, "what": "sample_aas"}})
     return 0

@@ -91,7 +91,9 @@ def eval_volumes(cfg: "Config", split: str | None = None, n: int | None = None) 
 
 def metrics(cfg: "Config", samples: "torch.Tensor", real: "torch.Tensor", layouts: "torch.Tensor",
             real_features: Any = None) -> dict[str, Any]:
-    """One row of the ablation table: FID, MMD (3D CT features), masked MSE in the lung, seam ratio.
+    """One row of the ablation table: FID and MMD (3D CT features) with percentile bootstrap intervals
+    (``cfg.evaluation.bootstrap`` resamples, 95%), masked MSE in the lung, seam ratio; ``"fake_features"`` holds
+    the samples' features [N, D] (for :func:`lungsynth.viz.mds_figure`).
 
     Args: samples, real [N, 1, S, S, S] in [0, 1] (paired); layouts [N, 1, S, S, S].
         real_features: ``(features, network)`` of ``real`` to reuse across rows.
@@ -107,14 +109,22 @@ def metrics(cfg: "Config", samples: "torch.Tensor", real: "torch.Tensor", layout
     real_f, name = real_features or extract_features(real.numpy(), network, "unit", unit_range=unit_range)
     fake_f, _ = extract_features(samples.numpy(), network, "unit", unit_range=unit_range)
     lung = layouts >= 1  # the lungs (with their nodules), whatever the row generated
+    boot = int(cfg.evaluation.bootstrap)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # few-sample warnings: the row says n
-        f = fid(real_f, fake_f, network=name)
-        m = mmd(real_f, fake_f, network=name)
-    return {"fid": float(f.value), "mmd": float(m.value),
+        f = fid(real_f, fake_f, network=name, bootstrap=boot, seed=cfg.seed)
+        m = mmd(real_f, fake_f, network=name, bootstrap=boot, seed=cfg.seed)
+    return {"fid": float(f.value), "fid_ci": _interval(f), "mmd": float(m.value), "mmd_ci": _interval(m),
             "masked_mse": float(masked_mse(samples.numpy(), real.numpy(), lung.numpy()).mean()),
             "seam_ratio": float(seam_ratio(samples, real, lung).mean()), "n": int(samples.shape[0]),
-            "features": name}
+            "features": name, "fake_features": fake_f}
+
+
+def _interval(result: Any) -> tuple[float, float] | None:
+    """The bootstrap interval of a :class:`lungsynth.eval.distribution.MetricResult` (None without resamples)."""
+    if not result.bootstrap or result.ci_low is None or result.ci_high is None:
+        return None
+    return (round(float(result.ci_low), 4), round(float(result.ci_high), 4))
 
 
 def evaluate(cfg: "Config", rows: Sequence[str] | None = None, *, split: str | None = None, n: int | None = None,
@@ -122,7 +132,7 @@ def evaluate(cfg: "Config", rows: Sequence[str] | None = None, *, split: str | N
     """The ablation table (paper Table IV): ``{row: {fid, mmd, masked_mse, seam_ratio, n, seconds}}``.
 
     Trains the needed variants when missing. ``outputs``, when given, receives ``real``, ``layout``,
-    ``scan_id`` and ``samples`` ({row: [N, 1, S, S, S]}) for figures.
+    ``scan_id``, ``samples`` ({row: [N, 1, S, S, S]}) and ``features`` ({"real" or row: [N, D]}) for figures.
     """
     from lungsynth.eval.features import extract_features
 
@@ -135,6 +145,7 @@ def evaluate(cfg: "Config", rows: Sequence[str] | None = None, *, split: str | N
                               unit_range=(cfg.data.hu_min, cfg.data.hu_max))
     table: dict[str, dict[str, Any]] = {}
     samples: dict[str, Any] = {}
+    features: dict[str, Any] = {}
     models: dict[str, LungDDPM] = {}
     for row in rows:
         variant, aas = ABLATIONS[row]
@@ -145,17 +156,20 @@ def evaluate(cfg: "Config", rows: Sequence[str] | None = None, *, split: str | N
         t0 = time.perf_counter()
         samples[row] = generate(models[variant], data["layout"], data["ct"], aas=aas, seed=seed, progress=progress)
         seconds = time.perf_counter() - t0
-        table[row] = {**metrics(cfg, samples[row], data["ct"], data["layout"], real_f), "source": data_source(cfg),
+        row_metrics = metrics(cfg, samples[row], data["ct"], data["layout"], real_f)
+        features[row] = row_metrics.pop("fake_features")
+        table[row] = {**row_metrics, "source": data_source(cfg),
                       "sample_s_per_volume": round(seconds / data["ct"].shape[0], 3)}
     if outputs is not None:
-        outputs.update(real=data["ct"], layout=data["layout"], scan_id=data["scan_id"], samples=samples)
+        outputs.update(real=data["ct"], layout=data["layout"], scan_id=data["scan_id"], samples=samples,
+                       features={"real": real_f[0], **features})
     return table
 
 
 # --------------------------------------------------------------------------- quality gates (course profile)
 
 CHAPTER = "06"
-GATES_VERSION = 1
+GATES_VERSION = 2
 GATES_FILE = "06_lung_ddpm_gates.json"
 # thresholds (fixed here; never loosened to pass)
 MAX_LUNG_JSD = 0.1  # bits: the lung's HU histogram (40 bins, -1000..400) close to its real volume's ...
@@ -165,6 +179,7 @@ MIN_NODULE_SHARE = 0.8  # nodules >= 6 mm keeping half their real contrast (eval
 SEAM_RANGE = (0.8, 1.25)  # edges at the lung boundary as strong as the real anatomy's, within 25%
 MIN_SAMPLES = 8  # fewer volumes: KID and the means are too noisy to judge ("insufficient N")
 MIN_NODULES = 5
+FAST_SAMPLER = "ddim"  # gate 5: the fast sampler passes gates 1-4 too
 
 
 def lung_crops(volumes: "torch.Tensor", layouts: "torch.Tensor", side: int) -> "torch.Tensor":
@@ -213,62 +228,89 @@ def _crop_features(cfg: "Config", volumes: "torch.Tensor", layouts: "torch.Tenso
                             unit_range=(cfg.data.hu_min, cfg.data.hu_max))[0]
 
 
-def measure(cfg: "Config", model: LungDDPM, *, n: int = MIN_SAMPLES, seed: int = 0) -> list[Any]:
-    """The gates of one model and sampler on ``n`` held-out volumes (test split, half A of
-    :func:`lungsynth.eval.baselines.halves`), each sampled with AAS against its own CT. Baselines on the same
-    volumes and N: noise (the same volumes, voxels shuffled inside the body) and, for KID, the real floor
-    (half A against the reference half B). Halves of fewer than 2 volumes are not sampled at all: every row
-    then says "insufficient N"."""
+def gate_samplers(cfg: "Config") -> list[str]:
+    """The samplers the gates judge: the configured one, and the fast one (gate 5) when that is another."""
+    return list(dict.fromkeys([cfg.lung_ddpm.sampler, FAST_SAMPLER]))
+
+
+def measure(cfg: "Config", model: LungDDPM, *, n: int = MIN_SAMPLES, seed: int = 0,
+            samplers: Sequence[str] | None = None) -> list[Any]:
+    """The gates of one model on ``n`` held-out volumes (test split, half A of
+    :func:`lungsynth.eval.baselines.halves`), each sampled with AAS against its own CT by every sampler of
+    ``samplers`` (default :func:`gate_samplers`; six rows each). Baselines on the same volumes and N, measured
+    once: noise (the same volumes, voxels shuffled inside the body) and, for KID, the real floor (half A
+    against the reference half B). Halves of fewer than 2 volumes are not sampled at all: every row then says
+    "insufficient N"."""
     from lungsynth.eval.baselines import halves
 
     data = eval_volumes(cfg, "test")
     a, r = halves(len(data["ct"]), seed)
     a = a[:n]
-    values = _measured(cfg, model, data, a, r, seed) if len(a) >= 2 and len(r) >= 2 else {}
-    return _gate_rows(cfg, model, values, len(a))
+    enough = len(a) >= 2 and len(r) >= 2
+    baselines = _baselines(cfg, data, a, r, seed) if enough else {}
+    rows = []
+    for sampler in samplers or gate_samplers(cfg):
+        values = {**baselines, **_measured(cfg, model, data, a, r, seed, sampler, baselines)} if enough else {}
+        rows += _gate_rows(cfg, model, sampler, values, len(a))
+    return rows
 
 
-def _measured(cfg: "Config", model: LungDDPM, data: dict[str, Any], a: Any, r: Any, seed: int) -> dict[str, Any]:
+def _baselines(cfg: "Config", data: dict[str, Any], a: Any, r: Any, seed: int) -> dict[str, Any]:
+    """What the gates read against: the noise baseline's JSD and crop KID, the real floor of KID."""
     import numpy as np
     import torch
 
     from lungsynth.autoencoders.evaluate import body_mask
     from lungsynth.data.preprocess import hu_to_unit, unit_to_hu
     from lungsynth.eval.baselines import compare, shuffle_in_body
-    from lungsynth.eval.nodules import contrast_share
 
     ct, layout = data["ct"][a], data["layout"][a]
-    t0 = time.perf_counter()
-    samples = generate(model, layout, ct, aas=True, seed=seed)
-    seconds = (time.perf_counter() - t0) / len(a)
     real_hu = unit_to_hu(ct, cfg.data.hu_min, cfg.data.hu_max).numpy()[:, 0]
-    syn_hu = unit_to_hu(samples, cfg.data.hu_min, cfg.data.hu_max).numpy()[:, 0]
     lays = layout[:, 0].numpy()
     # the lungs are named as body: the slice-wise hole filling of body_mask misses them where the lung air
     # reaches the outside in a slice (measured on the course phantom: 6% of lung voxels inside in 2 of 3 volumes)
     noise_hu = np.stack([shuffle_in_body(v[None], body_mask(v, lay >= 1)[None], seed=i)[0]
                          for i, (v, lay) in enumerate(zip(real_hu, lays))])
-    syn = [volume_measures(cfg, *vols) for vols in zip(syn_hu, real_hu, lays)]
     noise = [volume_measures(cfg, *vols) for vols in zip(noise_hu, real_hu, lays)]
     network = cfg.evaluation.feature_network
     reference = _crop_features(cfg, data["ct"][r], data["layout"][r])
     noise_unit = hu_to_unit(torch.as_tensor(noise_hu)[:, None], cfg.data.hu_min, cfg.data.hu_max)
-    kid, floor, kid_noise = (compare(reference, _crop_features(cfg, v, layout), network=network).value
-                             for v in (samples, ct, noise_unit))
+    floor, kid_noise = (compare(reference, _crop_features(cfg, v, layout), network=network).value
+                        for v in (ct, noise_unit))
+    return {"jsd_noise": float(np.mean([x["lung_jsd"] for x in noise])), "kid_floor": floor,
+            "kid_noise": kid_noise, "reference_features": reference}
+
+
+def _measured(cfg: "Config", model: LungDDPM, data: dict[str, Any], a: Any, r: Any, seed: int, sampler: str,
+              baselines: dict[str, Any]) -> dict[str, Any]:
+    import numpy as np
+
+    from lungsynth.data.preprocess import unit_to_hu
+    from lungsynth.eval.baselines import compare
+    from lungsynth.eval.nodules import contrast_share
+
+    ct, layout = data["ct"][a], data["layout"][a]
+    t0 = time.perf_counter()
+    samples = generate(model, layout, ct, aas=True, seed=seed, sampler=sampler)
+    seconds = (time.perf_counter() - t0) / len(a)
+    real_hu = unit_to_hu(ct, cfg.data.hu_min, cfg.data.hu_max).numpy()[:, 0]
+    syn_hu = unit_to_hu(samples, cfg.data.hu_min, cfg.data.hu_max).numpy()[:, 0]
+    syn = [volume_measures(cfg, *vols) for vols in zip(syn_hu, real_hu, layout[:, 0].numpy())]
+    kid = compare(baselines["reference_features"], _crop_features(cfg, samples, layout),
+                  network=cfg.evaluation.feature_network).value
     share, n_nodules = contrast_share([c for x in syn for c in x["contrasts"]],
                                       [c for x in syn for c in x["real_contrasts"]])
-    return {"jsd": float(np.mean([x["lung_jsd"] for x in syn])),
-            "jsd_noise": float(np.mean([x["lung_jsd"] for x in noise])), "kid": kid, "kid_floor": floor,
-            "kid_noise": kid_noise, "nodule_share": share, "n_nodules": n_nodules,
-            "seam": float(np.mean([x["seam_ratio"] for x in syn])), "seconds": seconds}
+    return {"jsd": float(np.mean([x["lung_jsd"] for x in syn])), "kid": kid, "nodule_share": share,
+            "n_nodules": n_nodules, "seam": float(np.mean([x["seam_ratio"] for x in syn])), "seconds": seconds}
 
 
-def _gate_rows(cfg: "Config", model: LungDDPM, v: dict[str, Any], n_vol: int) -> list[Any]:
-    """The six gate rows from :func:`_measured`'s values (an empty dict: nothing measured)."""
+def _gate_rows(cfg: "Config", model: LungDDPM, sampler: str, v: dict[str, Any], n_vol: int) -> list[Any]:
+    """The six gate rows of one sampler from :func:`_measured`'s values (an empty dict: nothing measured)."""
     from lungsynth.eval.nodules import MIN_CONTRAST_RATIO, MIN_NODULE_MM
     from lungsynth.gates import judge
 
-    label = f"lung_ddpm {model.variant} ({cfg.lung_ddpm.sampler}, {cfg.lung_ddpm.sample_steps} steps)"
+    fast = " (gate 5: the fast sampler)" if sampler == FAST_SAMPLER and sampler != cfg.lung_ddpm.sampler else ""
+    label = f"lung_ddpm {model.variant} ({sampler}, {cfg.lung_ddpm.sample_steps} steps{fast})"
     shuffled = "voxels shuffled in body"
     seconds = f"{v['seconds']:.1f} s a volume" if v else "not sampled: too few held-out volumes"
     floor = f"real floor {v['kid_floor']:.4f} (half A against half B, n {n_vol})" if v else ""
@@ -303,7 +345,7 @@ def quality_gates(cfg: "Config") -> list[Any]:
         return [not_trained(CHAPTER, "lung_ddpm layout", command)]
     fingerprint.refuse_overlap(run, prepared_root(cfg), ("test",), what="Lung-DDPM layout run")
     key = {"gates": GATES_VERSION, "weights": file_digest(run / "final.pt"),
-           "data": fingerprint.load(prepared_root(cfg))["id"], "sampler": cfg.lung_ddpm.sampler,
+           "data": fingerprint.load(prepared_root(cfg))["id"], "samplers": gate_samplers(cfg),
            "steps": int(cfg.lung_ddpm.sample_steps), "ema": bool(cfg.lung_ddpm.sample_ema),
            "network": cfg.evaluation.feature_network}
     return cached(paths.runs_dir(cfg.profile) / GATES_FILE, key,

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from lungsynth.methods.lung_ddpm.model import (KIND, build_scheduler, build_unet, check_layout, check_reference,
-                                               generation_mask, layout_channels, model_config, to_model_scale,
-                                               to_unit_scale, voxel_mm)
+                                               generation_mask, layout_channels, model_config, precision,
+                                               to_model_scale, to_unit_scale, voxel_mm)
 from lungsynth.methods.lung_ddpm.train import default_run_dir, ensure_trained, is_trained
 
 if TYPE_CHECKING:
@@ -39,10 +39,6 @@ class LungDDPM:
     def denoise_fn(self, x: "torch.Tensor", t: "torch.Tensor") -> "torch.Tensor":
         return self.unet(x, t)
 
-    def _precision(self) -> str:
-        """The sampler's autocast precision: ``lung_ddpm.precision``, or the engine's when that is ``auto``."""
-        own = self.cfg.lung_ddpm.precision
-        return own if own != "auto" else str(self.cfg.engine.precision)
 
     def scheduler_for(self, sampler: str) -> Any:
         """The scheduler whose update rule ``sampler`` names, on the training schedule."""
@@ -102,7 +98,7 @@ class LungDDPM:
                                                 generator=ref_gen))
         out = reverse_diffusion(self.denoise_fn, scheduler, (B, 1, *lay.shape[2:]), steps, generator=gen,
                                 device=dev, condition={"concat": cond}, step_callback=callbacks,
-                                intermediates_every=intermediates_every, amp=self._precision(),
+                                intermediates_every=intermediates_every, amp=precision(self.cfg, dev),
                                 progress=progress,
                                 desc="lung-ddpm", stats=stats)
         x, inter = out if intermediates_every else (out, None)

@@ -10,7 +10,8 @@ from lungsynth.data import fingerprint
 from lungsynth.data.datasets import training_stamp
 from lungsynth.engine import TrainTask
 from lungsynth.methods.lung_ddpm.model import (KIND, build_scheduler, build_unet, check_layout, check_variant,
-                                               layout_channels, make_layout, model_config, to_model_scale)
+                                               layout_channels, make_layout, model_config, precision,
+                                               to_model_scale)
 
 if TYPE_CHECKING:
     import torch
@@ -22,7 +23,8 @@ RUN_NAMES: dict[str, str] = {"layout": "06_lung_ddpm_layout", "no_lung_layout": 
 
 
 class LungDdpmTask(TrainTask):
-    """The engine's view of Lung-DDPM: one U-Net, L1 on epsilon (paper Alg. 1).
+    """The engine's view of Lung-DDPM: one U-Net, L1 on epsilon (paper Alg. 1; ``lung_ddpm.prediction`` and
+    ``lung_ddpm.loss`` choose the target and the norm).
 
     Batches are dicts with ``"ct"`` [B, 1, *S] in [0, 1] and either ``"layout"`` [B, 1, *S] or
     ``"lung"`` and ``"label"`` [B, 1, *S] (as :class:`lungsynth.data.datasets.VolumeDataset` yields).
@@ -48,7 +50,7 @@ class LungDdpmTask(TrainTask):
     def training_step(self, batch: Any, step: int) -> dict[str, Any]:
         import torch
 
-        from lungsynth.diffusion.objectives import diffusion_loss
+        from lungsynth.diffusion.objectives import diffusion_loss, target_for
         from lungsynth.diffusion.schedules import add_noise, sample_timesteps
 
         x0 = to_model_scale(batch["ct"].float())
@@ -56,8 +58,10 @@ class LungDdpmTask(TrainTask):
         noise = torch.randn_like(x0)
         t = sample_timesteps(x0.shape[0], self.scheduler.num_train_timesteps, device=x0.device)
         x_t = add_noise(self.scheduler, x0, noise, t)  # eq. (2)
-        eps = self.unet(torch.cat([x_t, cond], dim=1), t)
-        return {"loss": diffusion_loss(eps, noise, kind="l1", check_finite=False)}  # eq. (7)
+        out = self.unet(torch.cat([x_t, cond], dim=1), t)
+        # eq. (7): L1 on epsilon (lung_ddpm.prediction / .loss: v, L2)
+        return {"loss": diffusion_loss(out, target_for(self.scheduler, x0, noise, t), kind=self.cfg.lung_ddpm.loss,
+                                       check_finite=False)}
 
     def config(self) -> dict[str, Any]:
         return model_config(self.cfg, self.variant)
@@ -74,11 +78,10 @@ def make_trainer(cfg: "Config", run_dir: Path | str | None, **kwargs: Any):
     from lungsynth.engine import Trainer
 
     c = cfg.lung_ddpm
-    settings = dict(max_steps=c.train_steps, lr=c.lr, batch_size=c.batch_size, grad_accum=c.grad_accum,
-                    grad_clip=c.grad_clip or None, ema_decay=c.ema_decay, ema_start=c.ema_start,
-                    ema_every=c.ema_every, seed=cfg.seed)
-    if c.precision != "auto":  # auto: the engine's own setting (engine.precision, $LUNGSYNTH_PRECISION)
-        settings["precision"] = c.precision
+    settings = dict(max_steps=c.train_steps, lr=c.lr, schedule=c.lr_schedule, batch_size=c.batch_size,
+                    grad_accum=c.grad_accum, grad_clip=c.grad_clip or None, ema_decay=c.ema_decay,
+                    ema_start=c.ema_start, ema_every=c.ema_every, seed=cfg.seed)
+    settings["precision"] = precision(cfg)
     settings.update(kwargs)
     return Trainer.from_config(cfg.engine, run_dir, **settings)
 
@@ -144,5 +147,24 @@ def ensure_trained(cfg: "Config", variant: str = "layout", run_dir: Path | str |
     run = Path(run_dir) if run_dir is not None else default_run_dir(cfg, variant)
     stamp = training_stamp(cfg) if dataset is None else None
     if is_trained(run) and fingerprint.check_run(run, stamp, rebuild_command(cfg, variant)):
-        return run
+        stale = config_mismatch(run, cfg, variant)
+        if stale is None:
+            return run
+        import warnings
+
+        warnings.warn(f"{stale}: training it again from scratch", stacklevel=2)
+        return train(cfg, variant, run, dataset=dataset, progress=progress, fresh=True)
     return train(cfg, variant, run, dataset=dataset, progress=progress)
+
+
+def config_mismatch(run_dir: Path | str, cfg: "Config", variant: str = "layout") -> str | None:
+    """Why the final checkpoint of ``run_dir`` does not fit ``cfg`` (other widths, target or loss: a course
+    profile changed since it was trained), or None when it fits."""
+    from lungsynth.engine import FINAL_NAME, check_compatible, load_checkpoint
+
+    path = Path(run_dir) / FINAL_NAME
+    try:
+        check_compatible(load_checkpoint(path), path, KIND, model_config(cfg, variant))
+    except ValueError as err:
+        return str(err)
+    return None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from lung_ddpm_toys import S, tiny_cfg, toy_batch
@@ -33,8 +35,13 @@ def test_metrics_row(toy_data):
     ct, layout = toy_batch(toy_data, 3)
     noisy = (ct + 0.05 * torch.randn(ct.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
     row = ld.metrics(cfg, noisy, ct, layout)
-    assert set(row) >= {"fid", "mmd", "masked_mse", "seam_ratio", "n", "features"}
+    assert set(row) >= {"fid", "fid_ci", "mmd", "mmd_ci", "masked_mse", "seam_ratio", "n", "features"}
     assert row["n"] == 3 and row["masked_mse"] > 0 and row["seam_ratio"] > 1
+    assert cfg.evaluation.bootstrap > 0  # the bootstrap intervals of the ablation table (paper Table IV)
+    for key in ("fid_ci", "mmd_ci"):
+        low, high = row[key]
+        assert low <= high and (low, high) != (row[key.split("_")[0]],) * 2
+    assert row["fake_features"].shape[0] == 3
     same = ld.metrics(cfg, ct, ct, layout)
     assert same["masked_mse"] == 0 and same["seam_ratio"] == pytest.approx(1.0) and same["fid"] == pytest.approx(0, abs=1e-6)
 
@@ -79,10 +86,20 @@ def test_gates_never_pass_on_too_few_volumes(trained, toy_data, monkeypatch):
         "layout": torch.stack([ld.make_layout(t["lung"][None], t["label"][None])[0] for t in toy_data] * 2),
         "scan_id": [t["scan_id"] for t in toy_data] * 2})
     model = ld.load(cfg, "layout", runs["layout"], train_if_missing=False)
+    samplers_seen = []
+    generate = ev.generate
+    monkeypatch.setattr(ev, "generate", lambda *a, **kw: samplers_seen.append(kw["sampler"]) or generate(*a, **kw))
     rows = ev.measure(cfg, model)
-    assert len(rows) == 6 and all(r.status == "insufficient N" for r in rows)
-    assert all("(ddpm, 3 steps)" in r.name for r in rows)
+    # the configured sampler (DDPM) and the fast one (gate 5), six rows each, sampled by each
+    assert ev.gate_samplers(cfg) == ["ddpm", "ddim"] and samplers_seen == ["ddpm", "ddim"]
+    assert len(rows) == 12 and all(r.status == "insufficient N" for r in rows)
+    assert all("(ddpm, 3 steps)" in r.name for r in rows[:6])
+    assert all("(ddim, 3 steps (gate 5: the fast sampler))" in r.name for r in rows[6:])
     assert rows[0].n == 3 and rows[0].baseline > 0.3  # the noise baseline: shuffled voxels fill the toy lungs
+    assert rows[6].baseline == rows[0].baseline  # one baseline for both
+    fast_only = copy.deepcopy(cfg)
+    fast_only.lung_ddpm.sampler = "ddim"
+    assert ev.gate_samplers(fast_only) == ["ddim"]
 
 
 def test_gates_sample_nothing_when_a_half_holds_one_volume(trained, toy_data, monkeypatch):
@@ -95,4 +112,4 @@ def test_gates_sample_nothing_when_a_half_holds_one_volume(trained, toy_data, mo
         "scan_id": [t["scan_id"] for t in toy_data[:2]]})
     monkeypatch.setattr(ev, "generate", lambda *a, **kw: pytest.fail("sampled with one volume per half"))
     rows = ev.measure(cfg, ld.load(cfg, "layout", runs["layout"], train_if_missing=False))
-    assert len(rows) == 6 and all(r.status == "insufficient N" and r.value is None for r in rows)
+    assert len(rows) == 12 and all(r.status == "insufficient N" and r.value is None for r in rows)

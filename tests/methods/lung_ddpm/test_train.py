@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from lung_ddpm_toys import tiny_cfg
+from lung_ddpm_toys import tiny_cfg, toy_batch
 
 from lungsynth.config import get_config
 from lungsynth.methods import lung_ddpm as ld
@@ -79,3 +79,70 @@ def test_train_writes_run_and_load_uses_ema(trained):
     assert get_config("full").lung_ddpm.sample_ema and not get_config("course").lung_ddpm.sample_ema
     with pytest.raises(ValueError, match="another"):
         ld.load(cfg, "no_lung_layout", runs["layout"], train_if_missing=False)
+
+
+@pytest.mark.parametrize("prediction,loss", [("epsilon", "l1"), ("v_prediction", "l1"), ("v_prediction", "l2")])
+def test_training_step_regresses_the_configured_target(toy_data, prediction, loss):
+    """L1 (eq. 7) against epsilon, or against v = sqrt(ab) eps - sqrt(1 - ab) x0 with `lung_ddpm.prediction`;
+    L2 with `lung_ddpm.loss`."""
+    cfg = tiny_cfg(**{"lung_ddpm.prediction": prediction, "lung_ddpm.loss": loss})
+    task = ld.LungDdpmTask(cfg, "layout")
+    assert task.scheduler.prediction_type == prediction
+    seen = {}
+
+    def zero_net(x, t):  # records x_t and t; a zero output makes the loss the target's mean |.|
+        seen["x_t"], seen["t"] = x[:, :1].clone(), t.clone()
+        return torch.zeros_like(x[:, :1])
+
+    task.unet = zero_net
+    ct, layout = toy_batch(toy_data)
+    got = float(task.training_step({"ct": ct, "layout": layout}, 0)["loss"])
+    x0 = ct * 2 - 1
+    ab = task.scheduler.alphas_cumprod[seen["t"]].view(-1, 1, 1, 1, 1)
+    eps = (seen["x_t"] - ab.sqrt() * x0) / (1 - ab).sqrt()
+    v = ab.sqrt() * eps - (1 - ab).sqrt() * x0
+    expected = {"epsilon": eps, "v_prediction": v}[prediction]
+    other = {"epsilon": v, "v_prediction": eps}[prediction]
+    measure = (lambda x: x.abs().mean()) if loss == "l1" else (lambda x: (x ** 2).mean())
+    assert got == pytest.approx(float(measure(expected)), rel=1e-4)
+    assert abs(got - float(measure(other))) > 1e-3
+    assert ld.model_config(cfg, "layout")["prediction"] == prediction  # a checkpoint records it
+
+
+def test_auto_precision_is_bf16_on_avx512_bf16_cpus_for_lung_ddpm_only(monkeypatch):
+    """Lung-DDPM's auto picks bf16 on an AVX512-BF16 CPU without AMX (measured safe for its U-Net), where the
+    engine's auto keeps fp32; an explicit key, the env var and `full`'s fp32 win; the trainer gets the choice."""
+    from lungsynth import runtime
+
+    monkeypatch.delenv("LUNGSYNTH_PRECISION", raising=False)
+    monkeypatch.setattr(runtime, "cpu_flags", lambda *a: {"avx512f", "avx512_bf16"})
+    monkeypatch.setattr(runtime, "device", lambda: torch.device("cpu"))
+    cfg = tiny_cfg()
+    assert cfg.lung_ddpm.precision == "auto" and runtime.choose_precision(torch.device("cpu")).name == "fp32"
+    assert ld.precision(cfg) == "bf16"
+    assert ld.make_trainer(cfg, None, progress=False).precision == "bf16"
+    assert ld.precision(tiny_cfg(**{"lung_ddpm.precision": "fp32"})) == "fp32"
+    assert ld.precision(get_config("full")) == "fp32"
+    monkeypatch.setattr(runtime, "cpu_flags", lambda *a: {"avx2"})
+    assert ld.precision(cfg) == "fp32"
+    monkeypatch.setattr(runtime, "cpu_flags", lambda *a: {"avx512_bf16"})
+    monkeypatch.setenv("LUNGSYNTH_PRECISION", "fp32")
+    assert ld.precision(cfg) == "fp32"
+
+
+def test_a_run_trained_with_another_config_is_trained_again(toy_data, tmp_path):
+    """A run whose checkpoint holds other widths, target or loss (a profile changed since) is trained again
+    from scratch with a warning, not loaded into an error or silently reused."""
+    from lungsynth.engine import load_checkpoint
+
+    cfg = tiny_cfg(**{"lung_ddpm.loss": "l1"})
+    run = ld.train(cfg, "layout", tmp_path / "run", dataset=toy_data, progress=False)
+    assert ld.config_mismatch(run, cfg) is None
+    assert ld.ensure_trained(cfg, "layout", run, dataset=toy_data) == run  # fits: reused
+    changed = tiny_cfg(**{"lung_ddpm.loss": "l2"})
+    assert "loss" in ld.config_mismatch(run, changed)
+    with pytest.warns(UserWarning, match="training it again from scratch"):
+        ld.ensure_trained(changed, "layout", run, dataset=toy_data)
+    ckpt = load_checkpoint(run / "final.pt")
+    assert ckpt["config"]["loss"] == "l2" and ld.config_mismatch(run, changed) is None
+    ld.load(changed, "layout", run, train_if_missing=False)  # loads without the mismatch error
