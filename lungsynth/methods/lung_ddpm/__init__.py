@@ -59,7 +59,7 @@ from lungsynth.exports import lazy_exports
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "model": ("ENCODINGS", "KIND", "LAYOUT_LABELS", "VARIANTS", "build_scheduler", "build_unet", "check_layout",
               "check_reference", "check_variant", "generation_mask", "layout_channels", "make_layout", "model_config",
-              "n_layout_channels", "to_model_scale", "to_unit_scale", "voxel_mm", "precision",
+              "n_layout_channels", "nodule_weights", "to_model_scale", "to_unit_scale", "voxel_mm", "precision",
               "BF16_CPU_FLAGS"),
     "train": ("RUN_NAMES", "LungDdpmTask", "default_run_dir", "ensure_trained", "is_trained", "make_trainer", "train",
               "training_dataset", "config_mismatch"),

@@ -129,6 +129,17 @@ def to_unit_scale(x: "torch.Tensor") -> "torch.Tensor":
     return ((x + 1.0) * 0.5).clamp(0.0, 1.0)
 
 
+def nodule_weights(layout: "torch.Tensor", nodule_weight: float) -> "torch.Tensor | None":
+    """Per-voxel loss weights [B, 1, *S] in (0, 1], ``(1 + w [layout == 2]) / (1 + w)``, or None for ``w = 0``
+    (eq. 7's uniform mean). :func:`lungsynth.diffusion.objectives.per_sample_loss` divides by their sum, so the
+    loss stays a weighted mean: a nodule voxel counts ``1 + w`` times a lung voxel."""
+    if nodule_weight < 0:
+        raise ValueError(f"lung_ddpm.nodule_weight must be >= 0, got {nodule_weight}")
+    if nodule_weight == 0:
+        return None
+    return (1.0 + float(nodule_weight) * (layout == 2).float()) / (1.0 + float(nodule_weight))
+
+
 # ``m_l`` of eq. (6) (``m_e = 1 - m_l``): lung and nodule are generated, the rest comes from the reference.
 def generation_mask(layout: "torch.Tensor", lung_layout: bool = True) -> "torch.Tensor":
     """``m_l``: where the model generates under AAS, bool [B, 1, *S]: lung or nodule; for the "w/o lung
@@ -202,4 +213,4 @@ def model_config(cfg: "Config", variant: str) -> dict[str, Any]:
             "num_res_blocks": int(c.num_res_blocks), "layout_encoding": c.layout_encoding,
             "lung_layout": check_variant(variant) == "layout", "num_train_timesteps": int(c.num_train_timesteps),
             "schedule": c.schedule, "prediction": canonical_prediction_type(c.prediction), "loss": c.loss,
-            "size": int(cfg.data.size_ddpm)}
+            "nodule_weight": float(c.nodule_weight), "size": int(cfg.data.size_ddpm)}

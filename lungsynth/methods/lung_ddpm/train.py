@@ -10,8 +10,8 @@ from lungsynth.data import fingerprint
 from lungsynth.data.datasets import training_stamp
 from lungsynth.engine import TrainTask
 from lungsynth.methods.lung_ddpm.model import (KIND, build_scheduler, build_unet, check_layout, check_variant,
-                                               layout_channels, make_layout, model_config, precision,
-                                               to_model_scale)
+                                               layout_channels, make_layout, model_config, nodule_weights,
+                                               precision, to_model_scale)
 
 if TYPE_CHECKING:
     import torch
@@ -42,10 +42,13 @@ class LungDdpmTask(TrainTask):
     def modules(self) -> dict[str, "nn.Module"]:
         return {"unet": self.unet}
 
+    def layout(self, batch: Mapping[str, Any]) -> "torch.Tensor":
+        """The batch's layout [B, 1, *S] in {0, 1, 2} (checked)."""
+        return check_layout(batch["layout"] if "layout" in batch else make_layout(batch["lung"], batch["label"]))
+
     def condition(self, batch: Mapping[str, Any]) -> "torch.Tensor":
         """Layout channels [B, K, *S] of a batch."""
-        layout = batch["layout"] if "layout" in batch else make_layout(batch["lung"], batch["label"])
-        return layout_channels(check_layout(layout), self.lung_layout, self.cfg.lung_ddpm.layout_encoding)
+        return layout_channels(self.layout(batch), self.lung_layout, self.cfg.lung_ddpm.layout_encoding)
 
     def training_step(self, batch: Any, step: int) -> dict[str, Any]:
         import torch
@@ -54,14 +57,15 @@ class LungDdpmTask(TrainTask):
         from lungsynth.diffusion.schedules import add_noise, sample_timesteps
 
         x0 = to_model_scale(batch["ct"].float())
-        cond = self.condition(batch).to(x0)
+        layout = self.layout(batch)
+        cond = layout_channels(layout, self.lung_layout, self.cfg.lung_ddpm.layout_encoding).to(x0)
         noise = torch.randn_like(x0)
         t = sample_timesteps(x0.shape[0], self.scheduler.num_train_timesteps, device=x0.device)
         x_t = add_noise(self.scheduler, x0, noise, t)  # eq. (2)
         out = self.unet(torch.cat([x_t, cond], dim=1), t)
-        # eq. (7): L1 on epsilon (lung_ddpm.prediction / .loss: v, L2)
-        return {"loss": diffusion_loss(out, target_for(self.scheduler, x0, noise, t), kind=self.cfg.lung_ddpm.loss,
-                                       check_finite=False)}
+        # eq. (7): L1 on epsilon (lung_ddpm.prediction / .loss: v, L2; .nodule_weight: nodule voxels weigh more)
+        return {"loss": diffusion_loss(out, target_for(self.scheduler, x0, noise, t), mask=nodule_weights(
+            layout, self.cfg.lung_ddpm.nodule_weight), kind=self.cfg.lung_ddpm.loss, check_finite=False)}
 
     def config(self) -> dict[str, Any]:
         return model_config(self.cfg, self.variant)

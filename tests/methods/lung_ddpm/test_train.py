@@ -50,7 +50,7 @@ def test_full_profile_settings():
     assert c.unet_channels[0] == 64 and c.num_train_timesteps == 250 and c.schedule == "cosine" and c.lr == 1e-5
     assert (c.batch_size, c.grad_accum, c.train_steps) == (1, 2, 100_000)
     assert (c.ema_decay, c.ema_start, c.ema_every) == (0.995, 2000, 10)
-    assert c.grad_clip == 0 and c.precision == "fp32" and c.train_patch == 0
+    assert c.grad_clip == 0 and c.precision == "fp32" and c.train_patch == 0 and c.nodule_weight == 0
     assert full.data.size_ddpm == 128
     trainer = ld.make_trainer(full, None, progress=False)
     assert (trainer.batch_size, trainer.grad_accum, trainer.grad_clip, trainer.precision) == (1, 2, None, "fp32")
@@ -85,7 +85,7 @@ def test_train_writes_run_and_load_uses_ema(trained):
 def test_training_step_regresses_the_configured_target(toy_data, prediction, loss):
     """L1 (eq. 7) against epsilon, or against v = sqrt(ab) eps - sqrt(1 - ab) x0 with `lung_ddpm.prediction`;
     L2 with `lung_ddpm.loss`."""
-    cfg = tiny_cfg(**{"lung_ddpm.prediction": prediction, "lung_ddpm.loss": loss})
+    cfg = tiny_cfg(**{"lung_ddpm.prediction": prediction, "lung_ddpm.loss": loss, "lung_ddpm.nodule_weight": 0.0})
     task = ld.LungDdpmTask(cfg, "layout")
     assert task.scheduler.prediction_type == prediction
     seen = {}
@@ -107,6 +107,38 @@ def test_training_step_regresses_the_configured_target(toy_data, prediction, los
     assert got == pytest.approx(float(measure(expected)), rel=1e-4)
     assert abs(got - float(measure(other))) > 1e-3
     assert ld.model_config(cfg, "layout")["prediction"] == prediction  # a checkpoint records it
+
+
+@pytest.mark.parametrize("weight", [0.0, 20.0])
+def test_nodule_weight_weighs_nodule_voxels_more(toy_data, weight):
+    """`lung_ddpm.nodule_weight` w: the loss is the weighted mean with weight 1 + w on nodule voxels (label 2),
+    1 elsewhere; w = 0 is eq. 7's plain mean. Checked by a zero network, whose loss is then the target's
+    weighted mean square."""
+    cfg = tiny_cfg(**{"lung_ddpm.prediction": "v_prediction", "lung_ddpm.loss": "l2",
+                      "lung_ddpm.nodule_weight": weight})
+    task = ld.LungDdpmTask(cfg, "layout")
+    seen = {}
+
+    def zero_net(x, t):
+        seen["x_t"], seen["t"] = x[:, :1].clone(), t.clone()
+        return torch.zeros_like(x[:, :1])
+
+    task.unet = zero_net
+    ct, layout = toy_batch(toy_data)
+    assert (layout == 2).any()
+    got = float(task.training_step({"ct": ct, "layout": layout}, 0)["loss"])
+    x0 = ct * 2 - 1
+    ab = task.scheduler.alphas_cumprod[seen["t"]].view(-1, 1, 1, 1, 1)
+    eps = (seen["x_t"] - ab.sqrt() * x0) / (1 - ab).sqrt()
+    sq = (ab.sqrt() * eps - (1 - ab).sqrt() * x0) ** 2
+    w = 1 + weight * (layout == 2).float()
+    expected = ((sq * w).sum((1, 2, 3, 4)) / w.sum((1, 2, 3, 4))).mean()
+    assert got == pytest.approx(float(expected), rel=1e-4)
+    plain = float(sq.mean((1, 2, 3, 4)).mean())
+    assert (got == pytest.approx(plain, rel=1e-4)) == (weight == 0)
+    assert ld.model_config(cfg, "layout")["nodule_weight"] == weight  # a checkpoint records it
+    with pytest.raises(ValueError, match="nodule_weight"):
+        ld.nodule_weights(layout, -1.0)
 
 
 def test_auto_precision_is_bf16_on_avx512_bf16_cpus_for_lung_ddpm_only(monkeypatch):
