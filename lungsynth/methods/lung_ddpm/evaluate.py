@@ -347,6 +347,7 @@ def quality_gates(cfg: "Config") -> list[Any]:
     key = {"gates": GATES_VERSION, "weights": file_digest(run / "final.pt"),
            "data": fingerprint.load(prepared_root(cfg))["id"], "samplers": gate_samplers(cfg),
            "steps": int(cfg.lung_ddpm.sample_steps), "ema": bool(cfg.lung_ddpm.sample_ema),
+           "tile": int(cfg.lung_ddpm.sample_tile),
            "network": cfg.evaluation.feature_network}
     return cached(paths.runs_dir(cfg.profile) / GATES_FILE, key,
                   lambda: measure(cfg, load(cfg, "layout", run, train_if_missing=False)))

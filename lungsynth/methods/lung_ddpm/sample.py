@@ -37,7 +37,20 @@ class LungDDPM:
         return self.variant == "layout"
 
     def denoise_fn(self, x: "torch.Tensor", t: "torch.Tensor") -> "torch.Tensor":
-        return self.unet(x, t)
+        """The U-Net's output for ``[x_t, layout]`` [B, 1 + K, *S] -> [B, 1, *S]: on the whole volume, or, with
+        ``lung_ddpm.sample_tile`` > 0 and a larger volume, on overlapping cubes of that side blended by a
+        Gaussian (MONAI sliding window), the context the course model was trained on (see the config)."""
+        tile = int(self.cfg.lung_ddpm.sample_tile)
+        if tile <= 0 or all(s <= tile for s in x.shape[2:]):
+            return self.unet(x, t)
+        from monai.inferers import sliding_window_inference
+
+        steps = t.reshape(-1)
+        if x.shape[0] > 1 and steps.numel() > 1 and not bool((steps == steps[0]).all()):
+            raise ValueError("tiled denoising needs one timestep for the whole batch")
+        return sliding_window_inference(x, (tile,) * (x.ndim - 2), 4,
+                                        lambda part: self.unet(part, steps[:1].expand(part.shape[0])),
+                                        overlap=0.25, mode="gaussian")
 
 
     def scheduler_for(self, sampler: str) -> Any:

@@ -131,3 +131,39 @@ def test_the_fast_sampler_anchors_the_reference_at_every_step(trained, toy_data)
     assert not torch.equal(x[~outside], ddpm[~outside])
     with pytest.raises(ValueError, match="ddpm, ddim"):
         model.sample(layout, ct, sampler="euler")
+
+
+def test_tiled_denoising_runs_the_net_on_tiles_and_blends_them(trained, toy_data):
+    """`lung_ddpm.sample_tile` 8 on a 16^3 volume: the U-Net sees 8^3 cubes only, each with the step's timestep,
+    and a pointwise network gives the whole-volume output exactly (Gaussian weights are normalised); 0, or a
+    tile no smaller than the volume, calls the net once on the whole volume."""
+    import copy
+
+    cfg, runs = trained
+    model = ld.load(cfg, "layout", runs["layout"], train_if_missing=False)
+    shapes, steps = [], []
+
+    def pointwise(x, t):
+        shapes.append(tuple(x.shape[2:]))
+        steps.append(t.clone())
+        return x[:, :1] * 2.0 + x[:, 1:2] - 0.01 * t.float().view(-1, 1, 1, 1, 1)
+
+    model.unet = pointwise
+    ct, layout = toy_batch(toy_data)
+    x = torch.cat([ct * 2 - 1, ld.layout_channels(layout)], dim=1)
+    t = torch.tensor([7, 7])
+    whole = pointwise(x, t)
+    shapes.clear(), steps.clear()
+    for tile, expect_tiles in ((0, False), (16, False), (8, True)):
+        c = copy.deepcopy(cfg)
+        c.lung_ddpm.sample_tile = tile
+        model.cfg = c
+        out = model.denoise_fn(x, t)
+        torch.testing.assert_close(out, whole, rtol=1e-5, atol=1e-5)
+        assert all(s == ((8, 8, 8) if expect_tiles else (16, 16, 16)) for s in shapes), (tile, set(shapes))
+        assert len(shapes) >= (8 if expect_tiles else 1)
+        assert all(bool((s == 7).all()) for s in steps)
+        shapes.clear(), steps.clear()
+    with pytest.raises(ValueError, match="one timestep"):
+        model.denoise_fn(x, torch.tensor([7, 9]))
+    assert ld.load(cfg, "layout", runs["layout"], train_if_missing=False).cfg.lung_ddpm.sample_tile == 0
