@@ -46,9 +46,10 @@ class LungDdpmTask(TrainTask):
         """The batch's layout [B, 1, *S] in {0, 1, 2} (checked)."""
         return check_layout(batch["layout"] if "layout" in batch else make_layout(batch["lung"], batch["label"]))
 
-    def condition(self, batch: Mapping[str, Any]) -> "torch.Tensor":
-        """Layout channels [B, K, *S] of a batch."""
-        return layout_channels(self.layout(batch), self.lung_layout, self.cfg.lung_ddpm.layout_encoding)
+    def condition(self, batch: Mapping[str, Any], layout: "torch.Tensor | None" = None) -> "torch.Tensor":
+        """Layout channels [B, K, *S] of a batch (of ``layout`` when the caller already has it)."""
+        layout = self.layout(batch) if layout is None else layout
+        return layout_channels(layout, self.lung_layout, self.cfg.lung_ddpm.layout_encoding)
 
     def training_step(self, batch: Any, step: int) -> dict[str, Any]:
         import torch
@@ -58,7 +59,7 @@ class LungDdpmTask(TrainTask):
 
         x0 = to_model_scale(batch["ct"].float())
         layout = self.layout(batch)
-        cond = layout_channels(layout, self.lung_layout, self.cfg.lung_ddpm.layout_encoding).to(x0)
+        cond = self.condition(batch, layout).to(x0)
         noise = torch.randn_like(x0)
         t = sample_timesteps(x0.shape[0], self.scheduler.num_train_timesteps, device=x0.device)
         x_t = add_noise(self.scheduler, x0, noise, t)  # eq. (2)
