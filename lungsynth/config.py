@@ -324,11 +324,15 @@ class LungDdpmConfig:
     # anchors the reference at every step of either
     sampler: str = tiered("ddpm", "ddpm", "ddpm")
     sample_steps: int = tiered(10, 25, 250)  # reverse steps (the paper: all 250 of DDPM; fewer: respaced)
-    # the U-Net denoises the volume in overlapping cubes of this side (Gaussian-blended sliding window, overlap
-    # 0.25) when > 0; 0: the whole volume at once, as the paper. Course: 48, as its model was trained on 32^3 cubes:
-    # on whole 96^3 volumes the one-step x0 of the lungs was 20-50 HU too dark at t = 80-150 where on 32^3 cubes
-    # it was within 9 HU, and the samples' lungs came out 30-70 HU off (lung JSD 0.13-0.38); in 48^3 tiles,
-    # within 4 HU (JSD 0.028), at 2.9x the sampling time (chapter 06)
+    # the U-Net denoises the volume in cubes of this side when > 0 (lungsynth.diffusion.tiling: a grid of
+    # non-overlapping cubes shifted every step, its borders kept off the nodules; MONAI's overlapping window where
+    # the sides are not multiples of the tile); 0: the whole volume at once, as the paper. Course: 48, as its model
+    # was trained on 32^3 cubes: on whole 96^3 volumes the one-step x0 of the lungs was 20-50 HU too dark at
+    # t = 80-150 where on 32^3 cubes it was within 9 HU, and the samples' lungs came out 30-70 HU off (lung JSD
+    # 0.13-0.38); in 48^3 tiles within 4 HU. Measured on the chapter's gates (8 volumes, DDPM / DDIM): overlapping
+    # windows (27 a step) JSD 0.029 / 0.026, 24 of 28 nodules with DDIM, 53 s a volume; the shifted grid (8 a step)
+    # 0.041 / 0.033, 24 of 28, 15-17 s; the same grid with borders through nodules 20 of 28 (fails); overlapping
+    # 56^3 windows (8 a step, 18 s) fail the DDPM JSD (0.093) (chapter 06)
     sample_tile: int = tiered(0, 48, 0)
     eval_split: str = tiered("val", "test", "test")
     n_eval: int = tiered(3, 3, 100)  # volumes sampled per ablation row

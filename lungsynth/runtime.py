@@ -189,13 +189,14 @@ def git_commit(repo: Path | None = None) -> str | None:
         return None
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
+    """``obj`` as plain JSON types (dataclasses as dicts, tuples as lists, paths as strings)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return _jsonable(dataclasses.asdict(obj))
+        return jsonable(dataclasses.asdict(obj))
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
     if isinstance(obj, (np.integer, np.floating)):
@@ -210,7 +211,7 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(payload), indent=2, sort_keys=False))
+    tmp.write_text(json.dumps(jsonable(payload), indent=2, sort_keys=False))
     os.replace(tmp, path)
 
 

@@ -5,7 +5,9 @@ cut into fixed batches ``[k B, (k + 1) B)``; batch k is generated with the seed
 ``SeedSequence([seed, k B])``, so it is the same whether the run is fresh or resumed. A batch whose
 samples all have records is skipped (nothing redone); a batch cut short by a kill is regenerated
 and only its missing samples are written. The tables are rewritten after every batch, so a killed
-run leaves a loadable dataset of what it finished.
+run leaves a loadable dataset of what it finished. A dataset is resumed or extended only by the same
+checkpoint weights and method settings (``META_KEYS``); otherwise a chapter's folder is sampled anew and any
+other folder is refused.
 """
 
 from __future__ import annotations
@@ -26,7 +28,11 @@ from lungsynth.methods.base import MethodFace
 from lungsynth.sampling.registry import METHODS, get_method
 from lungsynth.sampling.writer import SyntheticWriter
 
-META_KEYS = ("method", "variant", "unit", "checkpoint", "conditions", "seed", "batch_size", "options")
+# what makes two datasets the same: a dataset is resumed or extended only under all of these. "weights" (the
+# checkpoint's digest) and "settings" (the method's config section) because a retrained model or a changed
+# sampling setting at the same checkpoint path once extended a leaderboard dataset with stale samples
+META_KEYS = ("method", "variant", "unit", "checkpoint", "weights", "settings", "conditions", "seed", "batch_size",
+             "options")
 
 
 @dataclass
@@ -69,18 +75,39 @@ def _peak_mb() -> float:
     return rss / 2**20 if platform.system() == "Darwin" else rss / 1024
 
 
-def _check_meta(out: Path, meta: dict[str, Any]) -> None:
+def _meta_diff(out: Path, meta: dict[str, Any]) -> list[str]:
+    """The META_KEYS on which the dataset at ``out`` (if any) differs from ``meta`` (a key it lacks differs)."""
     import json
 
     path = out / "synth.json"
     if not path.is_file():
-        return
+        return []
     old = json.loads(path.read_text())
-    diff = [k for k in META_KEYS if k in old and json.loads(json.dumps(old[k])) != json.loads(json.dumps(meta[k]))]
-    if diff:
+    return [k for k in META_KEYS if json.loads(json.dumps(old.get(k))) != json.loads(json.dumps(meta[k]))]
+
+
+def _check_meta(out: Path, meta: dict[str, Any], managed: bool) -> None:
+    """Refuse to mix samples of other settings into ``out``; a ``managed`` folder (under
+    ``runs/<profile>/synthetic``, where the chapters keep theirs) is sampled anew instead, since only lungsynth
+    writes there and its old samples belong to a model or setting that no longer exists."""
+    import shutil
+
+    diff = _meta_diff(out, meta)
+    if not diff:
+        return
+    if not managed:
         raise ValueError(f"{out} already holds a synthetic dataset built with other settings "
-                         f"({', '.join(f'{k}: {old[k]!r} vs {meta[k]!r}' for k in diff)}); "
-                         f"use another --out or the same settings to resume it")
+                         f"({', '.join(diff)} differ); use another --out or the same settings to resume it")
+    print(f"{out}: its samples were made with other settings ({', '.join(diff)} differ); sampling it anew")
+    shutil.rmtree(out)
+    out.mkdir(parents=True)
+
+
+def _weights_digest(checkpoint: Path) -> str | None:
+    from lungsynth.gates import file_digest
+
+    final = checkpoint / "final.pt"
+    return file_digest(final) if final.is_file() else None
 
 
 def _check_stamp(out: Path, value: dict[str, Any]) -> None:
@@ -112,7 +139,7 @@ def synthesize(cfg: Any, method: str | MethodFace, n: int | None = None, *, cond
     from filelock import FileLock
     from tqdm.auto import tqdm
 
-    from lungsynth.runtime import write_json_atomic
+    from lungsynth.runtime import jsonable, write_json_atomic
 
     adapter = method if isinstance(method, MethodFace) else get_method(method)
     n = int(n if n is not None else cfg.sampling.n_samples)
@@ -138,14 +165,17 @@ def synthesize(cfg: Any, method: str | MethodFace, n: int | None = None, *, cond
     if model is None and not checkpoint.exists():
         raise FileNotFoundError(f"checkpoint {checkpoint} not found; pass the method's run directory")
     out = Path(out) if out is not None else default_out(cfg, adapter.name, conditions)
+    managed = default_out(cfg, adapter.name, conditions).parent.resolve() in out.resolve().parents
     real = find_root(cfg, real_root)
     data_stamp = fingerprint.derived_stamp(checkpoint, real)
+    section = getattr(cfg, adapter.name, None)
     meta = {"method": adapter.name, "variant": adapter.variant, "unit": adapter.unit,
-            "checkpoint": str(checkpoint), "conditions": conditions, "seed": seed, "batch_size": bs,
-            "options": dict(adapter.options)}
+            "checkpoint": str(checkpoint), "weights": _weights_digest(checkpoint),
+            "settings": jsonable(section),
+            "conditions": conditions, "seed": seed, "batch_size": bs, "options": dict(adapter.options)}
     out.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):  # a second process writing the same dataset waits, then resumes it
-        _check_meta(out, meta)
+        _check_meta(out, meta, managed)
         _check_stamp(out, data_stamp)
         fingerprint.write_stamp(out, data_stamp)
         write_json_atomic(out / "synth.json", {**meta, "n": n, "profile": cfg.profile, "config": cfg,

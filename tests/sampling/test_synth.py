@@ -100,3 +100,24 @@ def test_registry_lists_the_methods_that_exist():
     for name in available_methods():
         a = METHODS[name]
         assert a.unit in ("volume", "slice", "roi", "crop") and a.available()
+
+
+def test_default_dataset_is_resampled_when_the_weights_change(cfg, real_root, tmp_path):
+    """A chapter's folder (under runs/<profile>/synthetic) is extended only by the same weights: a retrained model
+    at the same run path samples anew rather than topping up the old model's samples; a folder elsewhere refuses."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "final.pt").write_bytes(b"weights one")
+    first = synthesize(cfg, NoisyCopy(), 2, checkpoint=run, batch_size=1, real_root=real_root, progress=False)
+    assert first.generated == 2
+    again = synthesize(cfg, NoisyCopy(), 3, checkpoint=run, batch_size=1, real_root=real_root, progress=False)
+    assert (again.generated, again.skipped) == (1, 2)  # same weights: resumed and extended
+    (run / "final.pt").write_bytes(b"weights two")
+    retrained = synthesize(cfg, NoisyCopy(), 3, checkpoint=run, batch_size=1, real_root=real_root, progress=False)
+    assert retrained.out == first.out and (retrained.generated, retrained.skipped) == (3, 0)
+    explicit = tmp_path / "mine"
+    synthesize(cfg, NoisyCopy(), 1, out=explicit, checkpoint=run, batch_size=1, real_root=real_root, progress=False)
+    (run / "final.pt").write_bytes(b"weights three")
+    with pytest.raises(ValueError, match="weights"):
+        synthesize(cfg, NoisyCopy(), 1, out=explicit, checkpoint=run, batch_size=1, real_root=real_root,
+                   progress=False)

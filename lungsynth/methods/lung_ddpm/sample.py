@@ -38,20 +38,13 @@ class LungDDPM:
 
     def denoise_fn(self, x: "torch.Tensor", t: "torch.Tensor") -> "torch.Tensor":
         """The U-Net's output for ``[x_t, layout]`` [B, 1 + K, *S] -> [B, 1, *S]: on the whole volume, or, with
-        ``lung_ddpm.sample_tile`` > 0 and a larger volume, on overlapping cubes of that side blended by a
-        Gaussian (MONAI sliding window), the context the course model was trained on (see the config)."""
-        tile = int(self.cfg.lung_ddpm.sample_tile)
-        if tile <= 0 or all(s <= tile for s in x.shape[2:]):
-            return self.unet(x, t)
-        from monai.inferers import sliding_window_inference
+        ``lung_ddpm.sample_tile`` > 0 and a larger volume, on cubes of that side (``lungsynth.diffusion.tiling``:
+        a grid shifted every step), the context the course model was trained on (see the config)."""
+        from lungsynth.diffusion.tiling import tiled
 
-        steps = t.reshape(-1)
-        if not bool((steps == steps[0]).all()):
-            raise ValueError("tiled denoising needs one timestep for the whole batch")
-        return sliding_window_inference(x, (tile,) * (x.ndim - 2), 4,
-                                        lambda part: self.unet(part, steps[:1].expand(part.shape[0])),
-                                        overlap=0.25, mode="gaussian")
-
+        # the layout's last channel is the nodule in either encoding (one-hot 1, scaled +1): no tile border cuts one
+        nodules = (x[:, -1] > 0.5).any(dim=0)
+        return tiled(self.unet, x, t, int(self.cfg.lung_ddpm.sample_tile), avoid=nodules)
 
     def scheduler_for(self, sampler: str) -> Any:
         """The scheduler whose update rule ``sampler`` names, on the training schedule."""
