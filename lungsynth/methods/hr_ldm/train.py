@@ -183,7 +183,7 @@ def train(cfg: Any, hist_loss: bool = True, run_dir: Path | str | None = None, *
         the run directory (``final.pt``, ``last.pt``, ``metrics.csv``, ``run.json``).
     """
     from lungsynth.engine import Trainer
-    from lungsynth.runtime import RunRecord
+    from lungsynth.runtime import RunRecord, seed_everything
 
     h = cfg.hr_ldm
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg, hist_loss)
@@ -202,6 +202,7 @@ def train(cfg: Any, hist_loss: bool = True, run_dir: Path | str | None = None, *
         rec["subtype_counts"] = dict(zip(SUBTYPES, cache.subtype_counts()))
         rec["vae"] = str(getattr(vae, "checkpoint_path", "in-memory"))
         train_sched, _ = make_schedulers(cfg)
+        seed_everything(cfg.seed)  # the initial weights (the engine seeds the rest)
         net = HrLdmNet(net_spec(cfg, vae.latent_channels))
         task = HrLdmTask(net, train_sched, trunc if hist_loss else None, h.hist_weight, h.hist_bins,
                          h.hist_timestep_weighting)

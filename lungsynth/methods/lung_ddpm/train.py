@@ -118,7 +118,7 @@ def train(cfg: "Config", variant: str = "layout", run_dir: Path | str | None = N
         dataset: map-style dataset of batches as :class:`LungDdpmTask` reads (default: the prepared
             training split at ``cfg.data.size_ddpm``).
     """
-    from lungsynth.runtime import RunRecord
+    from lungsynth.runtime import RunRecord, seed_everything
 
     run = Path(run_dir) if run_dir is not None else default_run_dir(cfg, variant)
     run.mkdir(parents=True, exist_ok=True)
@@ -128,6 +128,7 @@ def train(cfg: "Config", variant: str = "layout", run_dir: Path | str | None = N
     if len(data) == 0:
         raise ValueError(f"no training volumes for Lung-DDPM in profile {cfg.profile!r}; run `lungsynth data "
                          f"prepare --profile {cfg.profile}`")
+    seed_everything(cfg.seed)  # the initial weights (the engine seeds the rest): one config, one training
     task = LungDdpmTask(cfg, variant)
     with RunRecord(run, config=cfg, seed=cfg.seed, command=f"lung-ddpm train {variant}") as record:
         with record.timer("train"):

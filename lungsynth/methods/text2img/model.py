@@ -269,8 +269,10 @@ def build_model(cfg: Config, pretrained: str | Path | None = None) -> Text2ImgMo
     else:
         text, codec = TextEncoder.minilm(), course_codec(cfg)
         latent_channels, latent_size = cfg.autoencoders.latent_channels, cfg.data.roi_size // 4
-        unet = build_unet(tuple(c.unet_channels), c.layers_per_block, text.dim, latent_channels, latent_size,
-                          c.attention_head_dim)
+        with torch.random.fork_rng():  # initial weights from cfg.seed, whatever ran before (the codec's training)
+            torch.manual_seed(int(cfg.seed))
+            unet = build_unet(tuple(c.unet_channels), c.layers_per_block, text.dim, latent_channels, latent_size,
+                              c.attention_head_dim)
         sched, source = train_scheduler(c.num_train_timesteps), "course"
     return Text2ImgModel(unet, text, codec, sched, latent_channels, latent_size, source)
 

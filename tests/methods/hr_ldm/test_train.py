@@ -72,3 +72,13 @@ def test_train_with_and_without_regulariser_then_inpaint(cfg, vae, runs, crops, 
     with pytest.raises(ValueError, match="outside the lung"):
         hr_ldm.inpaint_volume(model, ct, lung, 0, spacing_mm=1.0, library=library, centre=res.centre)
     assert len(calls) == 1
+
+
+def test_one_config_trains_to_the_same_weights(cfg, vae, crops, tmp_path):
+    """The HR-LDM network's initial weights come from cfg.seed: two trainings of one config end bit-identical."""
+    first = hr_ldm.train(cfg, True, tmp_path / "a", vae=vae, crops=crops, progress=False)
+    torch.rand(1000)  # whatever ran before must not matter
+    second = hr_ldm.train(cfg, True, tmp_path / "b", vae=vae, crops=crops, progress=False)
+    a, b = (torch.load(r / "final.pt", map_location="cpu", weights_only=True)["modules"] for r in (first, second))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[m][k], b[m][k]) for m in a for k in a[m])

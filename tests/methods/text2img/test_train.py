@@ -55,3 +55,19 @@ def test_fine_tunes_a_local_stable_diffusion_folder(tiny_pipeline, tmp_path):
     with pytest.raises(ValueError, match="kind"):
         from lungsynth.engine import load_weights
         load_weights(run_dir, kind="vae3d")
+
+
+def test_a_model_from_scratch_starts_from_the_same_weights(monkeypatch):
+    """Built from scratch, the U-Net's initial weights come from cfg.seed, whatever drew from the global RNG before
+    (in a chapter: the codec's training), and building leaves the global RNG where it was."""
+    from lungsynth.config import get_config
+    from lungsynth.methods.text2img import model as t2i
+
+    monkeypatch.setattr(t2i, "course_codec", lambda cfg: None)  # the codec is not what this test is about
+    cfg = get_config("smoke", {"data.roi_size": 32})
+    first = t2i.build_model(cfg).unet.state_dict()
+    torch.rand(1000)
+    state = torch.get_rng_state()
+    second = t2i.build_model(cfg).unet.state_dict()
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(first[k], second[k]) for k in first)
