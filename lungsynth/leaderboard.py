@@ -192,10 +192,35 @@ def _paired_mse(cfg: Any, syn: dict[str, Any], root: Path) -> float | None:
     return float(mse.mean())
 
 
+def real_reference(cfg: Any, root: Path, unit: str, shape: Sequence[int],
+                   cache: dict[tuple, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The real test and training items of ``unit`` resized to ``shape`` and the test set's MS-SSIM diversity:
+    ``{"real", "train", "diversity"}``, computed once per (data, unit, shape) when ``cache`` is given (the
+    board's volume methods share one; the features are cached on disk by :mod:`lungsynth.eval.features`)."""
+    from lungsynth.eval.fidelity import ms_ssim_diversity
+
+    key = (str(root), unit, tuple(int(v) for v in shape))
+    if cache is not None and key in cache:
+        return cache[key]
+    real, train = load_real(root, unit, "test"), load_real(root, unit, "train")
+    for d in (real, train):
+        d["image"] = _resize(d["image"], shape, "image")
+        for k in ("mask", "lung"):
+            if d[k] is not None:
+                d[k] = _resize(d[k], shape, "mask")
+    ref = {"real": real, "train": train,
+           "diversity": ms_ssim_diversity(hu_to_unit_range(real["image"], cfg)[:, None], seed=cfg.seed)}
+    if cache is not None:
+        cache[key] = ref
+    return ref
+
+
 def evaluate_method(cfg: Any, method: Any, *, n: int | None = None, real_root: Path | str | None = None,
                     train_missing: bool = False, out: Path | str | None = None, progress: bool = False,
-                    checkpoint: Path | str | None = None) -> MethodEvaluation:
-    """Sample ``method`` on held-out conditions and compute its leaderboard row (see the module docstring)."""
+                    checkpoint: Path | str | None = None,
+                    references: dict[tuple, dict[str, Any]] | None = None) -> MethodEvaluation:
+    """Sample ``method`` on held-out conditions and compute its leaderboard row (see the module docstring);
+    ``references`` (a dict :func:`real_reference` fills) shares the real sets between methods."""
     from lungsynth.eval.distribution import evaluate_distribution
     from lungsynth.eval.fidelity import ms_ssim_diversity, nodule_dice
     from lungsynth.eval.memorization import audit
@@ -213,14 +238,8 @@ def evaluate_method(cfg: Any, method: Any, *, n: int | None = None, real_root: P
     fingerprint.refuse_overlap(res.out, root, ("test",), what=f"{adapter.name} generator of {res.out}")
     syn = load_synthetic(res.out)
     unit = adapter.unit
-    real = load_real(root, unit, "test")
-    train = load_real(root, unit, "train")
-    shape = syn["image"].shape[1:]
-    for d in (real, train):
-        d["image"] = _resize(d["image"], shape, "image")
-        for k in ("mask", "lung"):
-            if d[k] is not None:
-                d[k] = _resize(d[k], shape, "mask")
+    ref = real_reference(cfg, root, unit, syn["image"].shape[1:], references)
+    real, train = ref["real"], ref["train"]
     net = train_slice_net(cfg, train["image"]) if unit in ("slice", "roi") else None
     f_syn, name = unit_features(cfg, unit, syn["image"], net)
     f_real, _ = unit_features(cfg, unit, real["image"], net)
@@ -233,7 +252,7 @@ def evaluate_method(cfg: Any, method: Any, *, n: int | None = None, real_root: P
         mem_vox = audit(unit_syn, unit_train, unit_real,
                         space="voxel", percentile=cfg.evaluation.memorization_percentile)
     div = ms_ssim_diversity(hu_to_unit_range(syn["image"], cfg)[:, None], seed=cfg.seed)
-    div_real = ms_ssim_diversity(hu_to_unit_range(real["image"], cfg)[:, None], seed=cfg.seed)
+    div_real = ref["diversity"]
     dice = None
     if syn["mask"] is not None and all((m > 0.5).any() for m in syn["mask"]):
         dice = float(nodule_dice(syn["image"][:, None], syn["mask"][:, None], cfg.evaluation.dice_threshold_hu).mean())
@@ -267,6 +286,7 @@ def build_leaderboard(cfg: Any, methods: Sequence[str] | None = None, *, n: int 
 
     names = list(methods) if methods else available_methods()
     out: dict[str, MethodEvaluation] = {}
+    references: dict[tuple, dict[str, Any]] = {}  # real sets shared by the methods of one unit and size
     for name in names:
         adapter = get_method(name) if name in METHODS else None
         if adapter is None:
@@ -277,7 +297,7 @@ def build_leaderboard(cfg: Any, methods: Sequence[str] | None = None, *, n: int 
             continue
         t0 = time.perf_counter()
         out[name] = evaluate_method(cfg, adapter, n=n, real_root=real_root, train_missing=train_missing,
-                                    progress=progress)
+                                    progress=progress, references=references)
         out[name].details["evaluation_seconds"] = round(time.perf_counter() - t0, 2)
     return out
 

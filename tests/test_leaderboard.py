@@ -130,3 +130,20 @@ def test_a_generator_is_never_scored_on_its_training_patients(setup, tmp_path):
     (bare / "final.pt").write_bytes(b"")
     with pytest.raises(DataMismatch, match="records no training patients"):
         evaluate_method(cfg, Trained(bare, root, name="bare"), n=2, real_root=root, out=tmp_path / "bare_out")
+
+
+def test_methods_of_one_unit_share_the_real_reference(setup, tmp_path, monkeypatch):
+    """Two volume methods on the board read the real test and training sets once (not once each) and get the
+    same real diversity."""
+    import lungsynth.leaderboard as lb
+
+    cfg, root, runs = setup
+    twin = Trained(runs / "vol", root, name="fakevol2", noise_hu=30.0)
+    monkeypatch.setitem(registry.METHODS, "fakevol2", twin)
+    calls = []
+    real_load = lb.load_real
+    monkeypatch.setattr(lb, "load_real", lambda r, unit, split: calls.append((unit, split)) or real_load(r, unit, split))
+    res = build_leaderboard(cfg, ["fakevol", "fakevol2"], real_root=root)
+    assert sorted(calls) == [("volume", "test"), ("volume", "train")]
+    assert res["fakevol"].row["ms_ssim_real"] == res["fakevol2"].row["ms_ssim_real"]
+    assert res["fakevol"].reference is res["fakevol2"].reference
