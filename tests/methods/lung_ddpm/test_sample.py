@@ -133,7 +133,7 @@ def test_the_fast_sampler_anchors_the_reference_at_every_step(trained, toy_data)
         model.sample(layout, ct, sampler="euler")
 
 
-def test_tiled_denoising_runs_the_net_on_tiles_and_blends_them(trained, toy_data):
+def test_tiled_denoising_runs_the_net_on_the_grid_tiles(trained, toy_data):
     """`lung_ddpm.sample_tile` 8 on a 16^3 volume: the U-Net sees the eight 8^3 cubes of each volume on the shifted grid, each
     with the step's timestep, and a pointwise network gives the whole-volume output exactly; 0, or a tile no
     smaller than the volume, calls the net once on the whole volume (the grid itself: tests/diffusion)."""
