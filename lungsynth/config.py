@@ -51,8 +51,10 @@ class DataConfig:
     # cube side of Lung-DDPM volumes (the 3D view's field of view resampled): the course's 96 puts 256 mm at
     # 2.7 mm, so a 6 mm nodule is 2.25 voxels across (chapter 01's visibility gate); 64 left it at 1.5
     size_ddpm: int = tiered(32, 96, 128)
-    spacing_2d_mm: float = tiered(2.8, 1.4, 0.7)  # in-plane spacing of the 2D slices (chapter 04)
-    size_2d: int = tiered(64, 128, 256)
+    # side of chapter 04's whole axial slices (the paper resizes them to 256); a pixel is the field of view / this
+    # (the course's median 512 x 0.66 mm at 160: 2.1 mm). Course: 160 puts the widest course field of view
+    # (512 x 0.877 = 449 mm) at 2.8 mm, a 6 mm nodule 2.1 pixels across (chapter 01's gate; 128 left it at 1.7)
+    size_2d: int = tiered(64, 160, 256)
     roi_size: int = tiered(32, 64, 512)  # nodule ROI side (chapter 07)
     crop_size: int = tiered(32, 48, 90)  # nodule-centred 3D crops, voxels at 1 mm (chapters 05, 11)
     hu_min: float = -1000.0
@@ -212,18 +214,36 @@ class LandConfig:
 class BboxLdmConfig:
     """Chapter 04: 2D LDM with a nodule box mask and LIDC attributes (Mari et al.)."""
 
-    # course budget, chapter 04 (~7 min): three configurations x 200 steps of ~0.6 s (batch 16, latent 32^2)
+    # course budget, chapter 04: the three configurations and the lung-conditioned variant x 800 steps (batch 16,
+    # latent 40^2): 9-11.5 min a run, 42 in all (fp32, 2 AMD EPYC cores), then the gates (48 slices per run and
+    # sampler, 3.7 min). The chapter's largest cost; the issue-16 budget needs it cut. Measured on the earlier
+    # 128^2 nodule-centred windows (config 2, v, cosine): 300 steps gave blobs, 800 lungs with vessels and chest
+    # wall (as 1500 at a constant rate); on whole slices only the lung-conditioned run passes the whole-slice KID
     unet_channels: tuple[int, ...] = tiered((32, 64, 64), (32, 64, 64), (128, 256, 512))
     num_train_timesteps: int = 1000
+    # what the U-Net regresses: "epsilon" (Mari et al. §2.2, ||eps - eps_hat||^2) or "v_prediction". Smoke and
+    # course depart: after 800 CPU steps (course, config 2, cosine lr) the epsilon model's one-step estimate of z_0
+    # was 26x (t = 900) and 1.5x (t = 700) worse than the latents' mean and it sampled textures; with v, 0.96x and
+    # 0.57x, and lungs (lungsynth.diffusion.diagnostics; chapter 04)
+    prediction: str = tiered("v_prediction", "v_prediction", "epsilon")
     attr_dim: int = 10  # D, one learnable table per attribute
     attr_hidden: int = 128
     attr_out_dim: int = 10  # D'
-    train_steps: int = tiered(80, 200, 150_000)
+    train_steps: int = tiered(80, 800, 150_000)
     batch_size: int = tiered(8, 16, 16)
     lr: float = tiered(1e-3, 1e-3, 1e-4)  # smoke, course: a high rate so a few hundred steps show anatomy
+    # engine schedule (constant | cosine | polynomial). Course: cosine, whose 800 steps matched 1500 at a constant rate
+    lr_schedule: str = tiered("cosine", "cosine", "constant")
     ddim_steps: int = tiered(20, 25, 1000)
     hu_clip: tuple[float, float] = (-1000.0, 2500.0)
     mask_grid: int = 4  # the mask becomes mask_grid^2 cross-attention tokens (configs 2, 3)
+    # a local folder holding a diffusers VQModel (save_pretrained: config.json + safetensors), frozen, as the paper
+    # uses the diffusers VQ-VAE; "" (every profile: no pretrained weights are reachable offline) uses chapter 02's
+    pretrained_vq: str = ""
+    # generated slices per configuration and sampler for the quality gates (evaluate.quality_gates): half of the
+    # held-out slices is the KID reference, the baselines take n of the other half. Course: 48 of the 124
+    # held-out slices' 62 (a configuration's gates cost ~1 min of sampling); smoke's 8 are below the gates' 16
+    n_gate_samples: int = tiered(8, 48, 100)
 
 
 @dataclass

@@ -55,11 +55,12 @@ def make_fake_prepared(root: Path, n_train: int = 8, n_test: int = 6, size: int 
         box = np.zeros((size, size), np.uint8)
         box[c[1] - 2:c[1] + 3, c[2] - 2:c[2] + 3] = 1
         save_npz(root / "views" / "slices" / f"{nid}.npz", image=ct[k].astype(np.float32), box=box,
-                 lung=lung[k].astype(np.uint8), mask=nod[k].astype(np.uint8))
+                 lung=lung[k].astype(np.uint8), mask=nod[k].astype(np.uint8), spacing_mm=np.float32(4.0))
         nods.append({"nodule_id": nid, "scan_id": sid, "patient_id": f"FAKE-{i:03d}", "split": split,
                      "label_value": 1, "centroid_vox_x": float(c[2]), "centroid_vox_y": float(c[1]),
                      "centroid_vox_z": float(c[0]), "diameter_mm": 12.0, "volume_mm3": 900.0, "subtype": "solid",
-                     "subtype_id": 0, **ATTRS, "reader_scores": json.dumps([{a: ATTRS[a] for a in ATTRS}])})
+                     "subtype_id": 0, **ATTRS, "reader_scores": json.dumps([{a: ATTRS[a] for a in ATTRS}]),
+                     "spacing_2d_mm": 4.0})
     pd.DataFrame(scans).to_csv(root / "scans.csv", index=False)
     pd.DataFrame(nods).to_csv(root / "nodules.csv", index=False)
     (root / "splits.json").write_text(json.dumps(splits))

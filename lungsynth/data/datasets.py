@@ -264,7 +264,8 @@ class SliceDataset(CachedDataset):
     """2D axial slices through nodule centres (chapter 04).
 
     Item: "image" [1,H,W] in [0,1] (clipped to ``hu_clip``, default cfg.bbox_ldm.hu_clip),
-    "box" [1,H,W] {0,1} square box, "lung" [1,H,W], "mask" [1,H,W] (the nodule),
+    "box" [1,H,W] {0,1} square box, "lung" [1,H,W], "mask" [1,H,W] (the nodule), "spacing_mm" (the pixel
+    side: the whole slice's field of view / H; NaN in a synthetic dataset, whose slices do not record it),
     "attributes" LongTensor[5] (sphericity, margin, lobulation, spiculation, texture; 1..5) of
     one reader drawn at random per access (torch RNG), "attributes_median" LongTensor[5],
     "nodule_id".
@@ -295,6 +296,7 @@ class SliceDataset(CachedDataset):
             "box": torch.from_numpy(z["box"]).float()[None],
             "lung": torch.from_numpy(z["lung"]).float()[None],
             "mask": torch.from_numpy(z["mask"]).float()[None],
+            "spacing_mm": float(z["spacing_mm"]) if "spacing_mm" in z.files else float("nan"),  # NaN: synthetic
             "_readers": torch.tensor([[r[a] for a in self.attributes] for r in readers], dtype=torch.long),
             "attributes_median": torch.tensor([int(row[a]) for a in self.attributes], dtype=torch.long),
             "nodule_id": row["nodule_id"],

@@ -20,7 +20,7 @@ SCAN_COLUMNS = ("scan_id", "patient_id", "split", "ct", "lung", "label", "cond",
 NODULE_COLUMNS = ("nodule_id", "scan_id", "patient_id", "split", "label_value", "centroid_vox_x", "centroid_vox_y",
                   "centroid_vox_z", "diameter_mm", "volume_mm3", "texture", "subtype", "subtype_id", "sphericity",
                   "margin", "lobulation", "spiculation", "calcification", "internal_structure", "subtlety",
-                  "malignancy", "reader_scores")
+                  "malignancy", "reader_scores", "spacing_2d_mm")
 ATTRIBUTES = ("sphericity", "margin", "lobulation", "spiculation", "texture")  # chapter 04's five
 
 

@@ -105,6 +105,37 @@ def classical_lung_mask(hu: np.ndarray, spacing_mm: float) -> np.ndarray:
     return lung
 
 
+def slice_lung_mask(hu: np.ndarray, spacing_mm: float) -> np.ndarray:
+    """Lung mask (bool [H, W]) of one axial HU slice [H, W] at ``spacing_mm``: the 2D form of
+    :func:`classical_lung_mask` (generated slices have no neighbours to follow the airways through).
+
+    Air below -400 HU, opened once; every component of at least 1 cm^2 whose mean HU is parenchymal (above
+    -950: lung, not the gas around the body or in the bowel) is kept, then closed with a 6 mm disc and
+    hole-filled so vessels and nodules are inside it. Unlike the 3D mask, air reaching a corner is not
+    dropped for that alone: in a window cut inside the chest (chapter 04's nodule-centred slices) the lung
+    itself reaches the corners; the gas outside the body is told apart by its HU.
+    """
+    hu = np.asarray(hu, dtype=np.float32)
+    if hu.ndim != 2:
+        raise ValueError(f"slice_lung_mask takes one slice [H, W], got shape {hu.shape}")
+    candidate = hu < -400
+    candidate = ndimage.binary_opening(candidate) if spacing_mm < 3 else candidate
+    lab, n = ndimage.label(candidate)
+    if n == 0:
+        return np.zeros_like(candidate)
+    index = np.arange(1, n + 1)
+    sizes = ndimage.sum(candidate, lab, index=index)
+    means = ndimage.mean(hu, lab, index=index)
+    keep = index[(sizes * spacing_mm ** 2 >= 100.0) & (means > PARENCHYMA_MIN_HU)]
+    lung = np.isin(lab, keep)
+    radius = max(1, int(round(6.0 / spacing_mm)))
+    r = np.arange(-radius, radius + 1)
+    disc = (r[:, None] ** 2 + r[None, :] ** 2) <= radius ** 2
+    lung = ndimage.binary_closing(np.pad(lung, radius + 1), structure=disc)[radius + 1:-radius - 1,
+                                                                             radius + 1:-radius - 1]
+    return ndimage.binary_fill_holes(lung)
+
+
 def _learned_lung_mask(hu: np.ndarray, spacing_mm: float) -> np.ndarray:
     """lungmask's U-Net (R231) when installed with its weights; raises when unavailable."""
     import importlib

@@ -17,9 +17,10 @@ Per scan (:func:`prepare_scan`):
    all ground glass, 3 split at -300 HU);
 6. crop or pad (air, -1000 HU) to a cube of ``cfg.data.size_3d`` around the lungs, shifted to
    keep the nodules when they fit;
-7. views from the native-resolution HU: 2D axial slices through each nodule centre at
-   ``cfg.data.spacing_2d_mm`` (``size_2d`` square, square box mask), ROIs of side 2 x the
-   diameter (``roi_size``), nodule-centred crops of ``crop_size`` voxels at 1 mm.
+7. views from the native-resolution HU: the whole axial slice through each nodule centre resized
+   to ``size_2d`` square (square box mask; its pixel side, the field of view / ``size_2d``, is
+   recorded), ROIs of side 2 x the diameter (``roi_size``), nodule-centred crops of ``crop_size``
+   voxels at 1 mm.
 
 Source DICOM is only read. Outputs are written under temporary names and renamed, and a
 scan's record (``records/<scan_id>.json``) is written last, so an interrupted prepare
@@ -41,7 +42,8 @@ import numpy as np
 from scipy import ndimage
 
 # Bump when preparation output changes (mask method, views): older records are then prepared again.
-PREPARE_VERSION = 3  # 2: lung mask keeps lungs that reach the field-of-view edge; 3: and parenchymal islands
+# 2: lung mask keeps lungs that reach the field-of-view edge; 3: and parenchymal islands; 4: whole 2D slices
+PREPARE_VERSION = 4
 CROP_SPACING_MM = 1.0  # the nodule-centred 3D crops are at 1 mm (chapters 05, 11)
 SOLID_CORE_HU = -300.0
 
@@ -368,43 +370,57 @@ def save_npz(path: Path, **arrays: Any) -> None:
     os.replace(tmp, path)
 
 
-def _square_window(centre: float, size: int, n: int, shift: float) -> int:
-    """Start of a ``size`` window around ``centre`` + ``shift`` keeping ``centre`` well inside."""
-    start = int(round(centre + shift - size / 2))
-    return int(np.clip(start, int(centre) - size + 4, int(centre) - 3))
+def whole_plane(plane: np.ndarray, size: int) -> tuple[np.ndarray, float]:
+    """One native axial plane [rows, cols] padded with air to a centred square of side n = max(rows, cols) and
+    resized to ``size`` x ``size`` (antialiased bilinear). Returns the image and the scale n / size (native
+    pixels per output pixel)."""
+    import torch
+    import torch.nn.functional as F
+
+    rows, cols = plane.shape
+    n = max(rows, cols)
+    square = np.full((n, n), -1000.0, dtype=np.float32)
+    r0, c0 = (n - rows) // 2, (n - cols) // 2
+    square[r0:r0 + rows, c0:c0 + cols] = plane
+    with torch.no_grad():
+        out = F.interpolate(torch.from_numpy(square)[None, None], size=(size, size), mode="bilinear",
+                            align_corners=False, antialias=size < n)
+    return out[0, 0].numpy(), n / size
 
 
-def slice_view(ct: CTVolume, nod: Nodule, db_zs: np.ndarray, lung_fn: Any, spacing: float, size: int,
-               rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Axial slice through the nodule centre at ``spacing`` mm, ``size`` square.
+def slice_view(ct: CTVolume, nod: Nodule, db_zs: np.ndarray, lung_fn: Any, size: int) -> dict[str, np.ndarray]:
+    """The whole axial slice through the nodule centre resized to ``size`` square (Mari et al. §2.1: isotropic
+    0.7 mm, whole slices resized to 256 x 256); the pixel side is ``spacing_mm`` = the field of view / ``size``.
 
-    Returns image (HU float32 [size, size]), box/mask/lung (uint8 [size, size]) and the box
-    (r0, c0, r1, c1) in pixels; the window is shifted at random so the nodule is not always centred.
+    Returns image (HU float32 [size, size]), box/mask/lung (uint8 [size, size]), the box (r0, c0, r1, c1) in
+    pixels, the native slice index and ``spacing_mm``.
     """
     k = int(np.clip(round(float(ct.z_to_index(nod.centroid_ijz[2]))), 0, len(ct.zs) - 1))
     z = float(ct.zs[k])
-    plane = resample_inplane(ct.hu[k:k + 1], ct.pixel_spacing, spacing)[0]
-    f = ct.pixel_spacing / spacing
-    rc, cc = (nod.centroid_ijz[0] + 0.5) * f - 0.5, (nod.centroid_ijz[1] + 0.5) * f - 0.5
-    r0 = _square_window(rc, size, plane.shape[0], rng.uniform(-size / 4, size / 4))
-    c0 = _square_window(cc, size, plane.shape[1], rng.uniform(-size / 4, size / 4))
-    image = crop_pad(plane, (r0, c0), (size, size), fill=-1000.0)
-    rr, cc2 = np.meshgrid(np.arange(r0, r0 + size), np.arange(c0, c0 + size), indexing="ij")
-    i, j = (rr + 0.5) / f - 0.5, (cc2 + 0.5) / f - 0.5
+    image, step = whole_plane(ct.hu[k], size)
+    rows, cols = ct.hu.shape[1:]
+    n = max(rows, cols)
+    # output pixel r covers padded native pixels around (r + 0.5) * step - 0.5; the plane starts (n - rows) // 2 in
+    rr, cc = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+    i = (rr + 0.5) * step - 0.5 - (n - rows) // 2
+    j = (cc + 0.5) * step - 0.5 - (n - cols) // 2
     mask = sample_nodule(nod, db_zs, i, j, np.full(i.shape, z)) >= 0.5
-    if not mask.any():
-        mask[int(np.clip(round(rc - r0), 0, size - 1)), int(np.clip(round(cc - c0), 0, size - 1))] = True
+    if not mask.any():  # smaller than a pixel: the pixel holding its centre
+        rc = (nod.centroid_ijz[0] + (n - rows) // 2 + 0.5) / step - 0.5
+        cc0 = (nod.centroid_ijz[1] + (n - cols) // 2 + 0.5) / step - 0.5
+        mask[int(np.clip(round(rc), 0, size - 1)), int(np.clip(round(cc0), 0, size - 1))] = True
     idx = np.argwhere(mask)
     (a0, b0), (a1, b1) = idx.min(0), idx.max(0)
     side = max(a1 - a0, b1 - b0) + 1
     ca, cb = (a0 + a1) / 2, (b0 + b1) / 2
     box = np.zeros((size, size), dtype=np.uint8)
-    ba0, bb0 = int(round(ca - (side - 1) / 2)), int(round(cb - (side - 1) / 2))
-    box[max(ba0, 0):max(ba0 + side, 0), max(bb0, 0):max(bb0 + side, 0)] = 1
+    ba0 = int(np.clip(round(ca - (side - 1) / 2), 0, size - side))
+    bb0 = int(np.clip(round(cb - (side - 1) / 2), 0, size - side))
+    box[ba0:ba0 + side, bb0:bb0 + side] = 1
     lung = lung_fn(i, j, np.full(i.shape, z))
     return {"image": image.astype(np.float32), "mask": mask.astype(np.uint8), "box": box,
             "lung": lung.astype(np.uint8), "box_rc": np.array([ba0, bb0, ba0 + side, bb0 + side]),
-            "slice_index": np.array(k)}
+            "slice_index": np.array(k), "spacing_mm": np.array(step * ct.pixel_spacing, dtype=np.float32)}
 
 
 def roi_view(ct: CTVolume, nod: Nodule, size: int) -> np.ndarray:
@@ -543,11 +559,11 @@ def prepare_scan(scan: Any, out_dir: Path, cfg: Any, lung_method: str = "classic
         return ndimage.map_coordinates(lung.astype(np.uint8), np.stack([d, h, w]).reshape(3, -1), order=0,
                                        cval=0).reshape(np.shape(i))
 
-    rng = np.random.default_rng([int(cfg.data.split_seed), int(scan.id)])
     for row in nod_rows:
         nod = row.pop("_nodule")
         nid = row["nodule_id"]
-        sv = slice_view(ct, nod, db_zs, lung_fn, float(dc.spacing_2d_mm), int(dc.size_2d), rng)
+        sv = slice_view(ct, nod, db_zs, lung_fn, int(dc.size_2d))
+        row["spacing_2d_mm"] = round(float(sv["spacing_mm"]), 4)
         save_npz(out_dir / "views" / "slices" / f"{nid}.npz", **sv)
         save_npz(out_dir / "views" / "rois" / f"{nid}.npz", image=roi_view(ct, nod, int(dc.roi_size)))
         save_npz(out_dir / "views" / "crops" / f"{nid}.npz",
@@ -590,7 +606,7 @@ def prepare_settings(cfg: Any) -> dict[str, Any]:
     """What a prepared scan depends on besides its DICOM (stored in its record as ``config``)."""
     dc = cfg.data
     return {"version": PREPARE_VERSION, "spacing_3d_mm": float(dc.spacing_3d_mm), "size_3d": int(dc.size_3d),
-            "spacing_2d_mm": dc.spacing_2d_mm, "size_2d": dc.size_2d, "roi_size": dc.roi_size,
+            "slice_view": "whole", "size_2d": dc.size_2d, "roi_size": dc.roi_size,
             "crop_size": dc.crop_size}
 
 

@@ -1,7 +1,8 @@
 """Nodule measures shared by the 3D methods' gates: nodules of a label map, their contrast against the lung
 around them, and the share of generated nodules that keep enough of their real contrast.
 
-Shapes: volumes [D, H, W] in HU, masks [D, H, W] bool; ``spacing_mm`` is the isotropic voxel side.
+Shapes: volumes [D, H, W] in HU, masks [D, H, W] bool; ``spacing_mm`` is the isotropic voxel side. The
+texture gates of LAND and the bbox LDM read :func:`spearman` (requested texture against generated HU).
 """
 
 from __future__ import annotations
@@ -58,3 +59,13 @@ def contrast_share(generated: Sequence[float], real: Sequence[float],
     if not kept:
         return float("nan"), 0
     return float(np.mean([g >= min_ratio * r for g, r in kept])), len(kept)
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman rank correlation (NaN when fewer than 3 finite pairs or a constant side)."""
+    from scipy.stats import spearmanr
+
+    pairs = [(a, b) for a, b in zip(x, y) if math.isfinite(a) and math.isfinite(b)]
+    if len(pairs) < 3 or len({a for a, _ in pairs}) < 2 or len({b for _, b in pairs}) < 2:
+        return float("nan")
+    return float(spearmanr([a for a, _ in pairs], [b for _, b in pairs]).statistic)

@@ -12,10 +12,15 @@ def test_visibility_per_view_by_hand(prepared, small_cfg):
     nod = pd.read_csv(P / "nodules.csv")
     rows = {g.name: g for g in G.quality_gates(small_cfg, P) if "visible" in g.name}
     assert len(rows) == 5
-    d = nod.loc[nod["diameter_mm"] >= 6, "diameter_mm"].to_numpy(float)
+    big = nod.loc[nod["diameter_mm"] >= 6]
+    d = big["diameter_mm"].to_numpy(float)
     fov = small_cfg.data.spacing_3d_mm * small_cfg.data.size_3d
+    scans = pd.read_csv(P / "scans.csv").set_index("scan_id")
+    # the whole slice: the scan's 512-pixel field of view over size_2d pixels
+    slice_mm = 512 * scans.loc[big["scan_id"], "pixel_spacing_mm"].to_numpy(float) / small_cfg.data.size_2d
+    assert big["spacing_2d_mm"].to_numpy(float) == pytest.approx(slice_mm, rel=1e-3)
     expect = {"3D volume": d.min() / small_cfg.data.spacing_3d_mm, "Lung-DDPM": d.min() / (fov / small_cfg.data.size_ddpm),
-              "2D slice": d.min() / small_cfg.data.spacing_2d_mm, "1 mm crop": d.min(),
+              "2D slice": (d / slice_mm).min(), "1 mm crop": d.min(),
               "ROI": (d / (np.maximum(2 * d, 16.0) / small_cfg.data.roi_size)).min()}
     for key, value in expect.items():
         (gate,) = [g for name, g in rows.items() if key in name]

@@ -48,3 +48,38 @@ def test_a_parenchymal_island_is_lung_and_a_gas_bubble_is_not():
     hu[bubble] = -1000.0
     mask = classical_lung_mask(hu, spacing_mm=6.0)
     assert mask[island].all() and not mask[bubble].any()
+
+
+def test_slice_lung_mask_finds_the_lungs_of_one_slice_and_keeps_nodules_inside():
+    from lungsynth.data.masks import slice_lung_mask
+
+    hu = chest(64)[32].copy()
+    truth = hu == -850.0
+    assert truth[27:36, 14:23].all()
+    hu[27:36, 14:23] = 30.0  # an 18 mm solid nodule in the left lung: more than the 6 mm closing can fill
+    mask = slice_lung_mask(hu, spacing_mm=2.0)
+    dice = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
+    assert dice > 0.95
+    assert mask[27:36, 14:23].all()  # the nodule is inside the lung
+    assert not mask[0, 0] and not mask[32, 32]  # neither the air around the body nor the mediastinum
+
+
+def test_slice_lung_mask_drops_gas_and_refuses_a_volume():
+    from lungsynth.data.masks import slice_lung_mask
+
+    hu = np.full((64, 64), 40.0, np.float32)
+    hu[20:30, 20:30] = -1000.0  # a gas pocket (bowel), not parenchyma
+    assert not slice_lung_mask(hu, 2.0).any()
+    with pytest.raises(ValueError, match=r"one slice \[H, W\]"):
+        slice_lung_mask(chest(16), 2.0)
+
+
+def test_slice_lung_mask_keeps_a_lung_that_reaches_the_corner_of_a_window():
+    from lungsynth.data.masks import slice_lung_mask
+
+    hu = chest(64)[32]
+    window = hu[26:38, 14:24]  # a window cut inside the left lung: the lung fills its corners
+    truth = window == -850.0
+    assert truth[0, 0] and truth[-1, -1]
+    mask = slice_lung_mask(window, spacing_mm=2.0)
+    assert 2 * (mask & truth).sum() / (mask.sum() + truth.sum()) > 0.95

@@ -176,3 +176,26 @@ def test_malignancy_stratified_split_spreads_every_class():
     assert all(small[k] for k in ("train", "val", "test"))
     assert [malignancy_class(m) for m in (1, 2.5, 3, 3.5, 4.5)] == ["benign", "indeterminate", "indeterminate",
                                                                     "indeterminate", "malignant"]
+
+
+def test_slices_are_whole_slices_with_the_box_on_the_nodule(prepared, small_cfg):
+    """Chapter 04's view (Mari et al. §2.1): the whole axial slice resized, so the body lies inside the image
+    with air around it, and the box is the nodule's on that grid."""
+    import pandas as pd
+    from scipy import ndimage
+
+    P, _ = prepared
+    nodules = pd.read_csv(P / "nodules.csv")
+    assert len(nodules)
+    for _, row in nodules.iterrows():
+        z = np.load(P / "views" / "slices" / f"{row['nodule_id']}.npz")
+        image, box, mask = z["image"], z["box"] > 0, z["mask"] > 0
+        assert image.shape == (small_cfg.data.size_2d,) * 2
+        body = ndimage.binary_fill_holes(image > -500)
+        assert body.mean() > 0.2  # a chest, not a window inside it
+        assert not (body[0].any() or body[-1].any())  # air above and below the chest (it may fill the width)
+        assert (image[[0, 0, -1, -1], [0, -1, 0, -1]] < -900).all()  # and in the corners
+        assert mask.any() and (mask <= box).all()  # the nodule inside its box
+        ys, xs = np.nonzero(mask)
+        assert box.sum() == max(np.ptp(ys), np.ptp(xs)) ** 2 + 2 * max(np.ptp(ys), np.ptp(xs)) + 1  # side = extent
+        assert float(z["spacing_mm"]) == pytest.approx(row["spacing_2d_mm"], rel=1e-3)

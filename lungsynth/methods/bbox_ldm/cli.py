@@ -18,12 +18,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("verb", choices=("train", "sample", "evaluate"))
     p.add_argument("--config", type=int, choices=(1, 2, 3), default=3,
                    help="1: mask concat; 2: + mask cross-attention; 3: + attribute cross-attention (default 3)")
+    p.add_argument("--lung", action="store_true",
+                   help="train/sample: the lung-conditioned variant of configuration 3 (anatomical sampler only)")
     p.add_argument("--sampler", choices=("paper", "anatomical"), default="paper",
                    help="sample: where boxes and attributes come from (default paper)")
     p.add_argument("--n", type=int, default=None, help="sample: how many slices (default cfg.sampling.n_samples)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-dir", default=None, help="default runs/<profile>/04_bbox_ldm_config<k>")
     p.add_argument("--fresh", action="store_true", help="train: start over instead of resuming")
+    p.add_argument("--pretrained-vq", default=None, metavar="DIR",
+                   help="a local diffusers VQModel folder (save_pretrained) to use, frozen, instead of chapter 02's")
     add_profile_argument(p)
     p.set_defaults(func=_main)
 
@@ -32,6 +36,8 @@ def _main(args: argparse.Namespace) -> int:
     from lungsynth.config import get_config, parse_overrides
 
     cfg = get_config(args.profile, parse_overrides(args.overrides))
+    if args.pretrained_vq:
+        cfg.bbox_ldm.pretrained_vq = str(args.pretrained_vq)
     if args.verb == "train":
         return run_train(cfg, args)
     if args.verb == "sample":
@@ -42,23 +48,29 @@ def _main(args: argparse.Namespace) -> int:
 def run_train(cfg, args: argparse.Namespace) -> int:
     from lungsynth.methods.bbox_ldm.train import train
 
-    run_dir = train(cfg, args.config, args.run_dir, fresh=args.fresh)
-    print(f"bbox-ldm config {args.config}: trained into {run_dir}")
+    run_dir = train(cfg, args.config, args.run_dir, fresh=args.fresh, lung=args.lung)
+    print(f"bbox-ldm config {args.config}{' + lung' if args.lung else ''}: trained into {run_dir}")
     return 0
 
 
 def run_sample(cfg, args: argparse.Namespace) -> int:
-    from lungsynth.methods.bbox_ldm.evaluate import box_placement
+    from lungsynth.methods.bbox_ldm.evaluate import box_tissues, in_lung_rate, tissue_counts
     from lungsynth.methods.bbox_ldm.plots import save_grid
-    from lungsynth.methods.bbox_ldm.sample import draw_conditions, load
-    from lungsynth.methods.bbox_ldm.train import ensure_trained
+    from lungsynth.methods.bbox_ldm.sample import draw_conditions, load, to_hu
+    from lungsynth.methods.bbox_ldm.train import ensure_trained, load_split
 
-    run_dir = ensure_trained(cfg, args.config, args.run_dir)
-    model = load(cfg, args.config, run_dir)
+    if args.lung and args.sampler != "anatomical":
+        raise SystemExit("the lung-conditioned variant needs the lung its box lies in: use --sampler anatomical")
+    run_dir = ensure_trained(cfg, args.config, args.run_dir, lung=args.lung)
+    model = load(cfg, args.config, run_dir, lung=args.lung)
     n = int(args.n or cfg.sampling.n_samples)
     draw = draw_conditions(cfg, args.sampler, n, args.seed)
-    images = model.sample(draw.boxes, draw.attributes, seed=args.seed).numpy()
-    where = box_placement(cfg, draw, args.seed)
+    lungs = load_split(cfg, "train")["lungs"][draw.slice_index] if args.lung else None
+    images = model.sample(draw.boxes, draw.attributes, lungs=lungs, seed=args.seed).numpy()
+    # where each box falls, measured on the generated slice itself (its own classical lung mask)
+    spacing = float(np.median(load_split(cfg, "train")["spacings"]))  # the pixel of the generated slices
+    labels = box_tissues(to_hu(images[:, 0], cfg.bbox_ldm.hu_clip), draw.boxes, spacing)
+    where = {"labels": labels, "inside_lung_rate": in_lung_rate(labels), "counts": tissue_counts(labels)}
     out = run_dir / f"samples_{args.sampler}_seed{args.seed}"
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "samples.tmp.npz"
@@ -70,7 +82,7 @@ def run_sample(cfg, args: argparse.Namespace) -> int:
                                                     "inside_lung_rate": where["inside_lung_rate"],
                                                     "counts": where["counts"]}, indent=2))
     print(f"bbox-ldm config {args.config}: {n} slices ({args.sampler} sampler) in {out}; "
-          f"boxes inside the lung: {where['inside_lung_rate']:.0%}")
+          f"boxes on the generated lung: {where['inside_lung_rate']:.0%}")
     return 0
 
 

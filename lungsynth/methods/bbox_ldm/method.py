@@ -35,6 +35,11 @@ class BboxLdmMethod(MethodFace):
     def load(self, cfg: Any, run_dir: Path) -> Any:
         return self.api().load(cfg, self.config, run_dir)
 
+    def quality_gates(self, cfg: Any) -> list[Any]:
+        from lungsynth.methods.bbox_ldm.evaluate import quality_gates
+
+        return quality_gates(cfg)
+
     def conditions(self, cfg: Any, source: str, n: int, seed: int = 0, root: Path | str | None = None
                    ) -> list[Condition]:
         if source == "heldout":

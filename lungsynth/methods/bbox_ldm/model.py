@@ -38,6 +38,7 @@ Conditions are validated here: boxes ``(y0, x0, side)`` entirely inside the imag
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -49,6 +50,10 @@ SCORE_MIN, SCORE_MAX = 1, 5
 CONFIGS: tuple[int, ...] = (1, 2, 3)
 CONFIG_NAMES: dict[int, str] = {1: "mask concat", 2: "mask concat + mask cross-attn",
                                 3: "mask concat + mask & attribute cross-attn"}
+# The course's anatomical variant (not a Table 2 row): configuration 3 with the lung mask of a real slice as one
+# more input channel, so the anatomy is generated around the box (the paper's failure mode, Mari §3.2, is a box
+# drawn independently of the anatomy the model then invents)
+LUNG_CONFIG = 3
 
 
 # --------------------------------------------------------------------------- validation
@@ -139,6 +144,13 @@ def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.long)
 
 
+def lung_to_latent(lung: torch.Tensor, factor: int) -> torch.Tensor:
+    """Lung mask [B, 1, H, W] -> latent grid [B, 1, H/f, W/f], the lung fraction of each latent pixel."""
+    if lung.shape[-1] % factor or lung.shape[-2] % factor:
+        raise ValueError(f"lung mask of size {tuple(lung.shape[-2:])} is not divisible by the autoencoder factor {factor}")
+    return F.avg_pool2d((lung > 0.5).float(), kernel_size=factor, stride=factor)
+
+
 def mask_to_latent(mask: torch.Tensor, factor: int) -> torch.Tensor:
     """Box mask [B, 1, H, W] -> latent grid [B, 1, H/f, W/f] by max-pooling (a small nodule survives)."""
     if mask.shape[-1] % factor or mask.shape[-2] % factor:
@@ -204,8 +216,8 @@ class ConditionEncoder(nn.Module):
 # --------------------------------------------------------------------------- the networks
 
 
-def build_unet(cfg, config: int, latent_channels: int) -> nn.Module:
-    """The noise-predicting 2D U-Net: in = latent + 1 mask channel, out = latent channels.
+def build_unet(cfg, config: int, latent_channels: int, lung: bool = False) -> nn.Module:
+    """The denoising 2D U-Net: in = latent + 1 box-mask channel (+ 1 lung channel), out = latent channels.
 
     Same architecture for the three configurations apart from cross-attention (configs 2, 3, with
     context width ``cfg.bbox_ldm.attr_out_dim``), so Table 2 compares conditioning only.
@@ -215,18 +227,77 @@ def build_unet(cfg, config: int, latent_channels: int) -> nn.Module:
     c = cfg.bbox_ldm
     levels = len(c.unet_channels)
     return diffusion_unet(
-        spatial_dims=2, in_channels=latent_channels + 1, out_channels=latent_channels,
+        spatial_dims=2, in_channels=latent_channels + 1 + int(lung), out_channels=latent_channels,
         channels=tuple(c.unet_channels), attention_levels=(False,) + (True,) * (levels - 1),
         num_res_blocks=2, num_head_channels=c.unet_channels[-1] // 4 if c.unet_channels[-1] >= 32 else 8,
         cross_attention_dim=c.attr_out_dim if check_config(config) > 1 else None)
 
 
+class PretrainedVQ(nn.Module):
+    """A local, frozen diffusers ``VQModel`` (a folder written by ``save_pretrained``: ``config.json`` and
+    safetensors weights, never a pickle) behind the course autoencoder's latent API, as Mari et al. use the
+    diffusers VQ-VAE (§2.2).
+
+    ``encode_latent``: slices [N, 1, H, W] in [0, 1] -> the pre-quantisation latents [N, C, H/f, W/f] times the
+    model's ``scaling_factor`` (latent diffusion diffuses those); ``decode_latent``: quantised to the nearest codes,
+    then decoded, averaged over the model's output channels, clipped to [0, 1]. The model sees [-1, 1] repeated to
+    its input channels. ``identity`` (its config's digest) is recorded in the runs trained on it.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        import hashlib
+        import json
+
+        from diffusers import VQModel
+
+        super().__init__()
+        folder = Path(folder)
+        config = folder / "config.json"
+        if not config.is_file():
+            raise FileNotFoundError(f"{folder} holds no config.json: --pretrained-vq needs a folder written by "
+                                    f"diffusers' VQModel.save_pretrained (config.json and safetensors weights)")
+        meta = json.loads(config.read_text())
+        if meta.get("_class_name") != "VQModel":
+            raise ValueError(f"{config} describes a {meta.get('_class_name')!r}, not a diffusers 'VQModel'; point "
+                             f"--pretrained-vq at a VQModel folder (bbox_ldm.pretrained_vq)")
+        self.vq = VQModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+        self.vq.eval().requires_grad_(False)
+        c = self.vq.config
+        self.downsample = 2 ** (len(c.block_out_channels) - 1)
+        self.latent_channels = int(c.vq_embed_dim or c.latent_channels)
+        self.scale_factor = float(c.scaling_factor)
+        self.in_channels = int(c.in_channels)
+        self.identity = f"diffusers VQModel {hashlib.sha256(config.read_bytes()).hexdigest()[:12]}"
+
+    @torch.no_grad()
+    def encode_latent(self, x: torch.Tensor, sample: bool = False) -> torch.Tensor:
+        """[N, 1, H, W] in [0, 1] -> scaled pre-quantisation latents [N, C, H/f, W/f] (``sample`` is ignored)."""
+        h = self.vq.encode((2.0 * x - 1.0).repeat(1, self.in_channels, 1, 1)).latents
+        return h * self.scale_factor
+
+    @torch.no_grad()
+    def decode_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latents [N, C, h, w] -> slices [N, 1, f h, f w] in [0, 1] (quantised first, as the paper's)."""
+        out = self.vq.decode(z / self.scale_factor).sample
+        return ((out.mean(dim=1, keepdim=True) + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
 def autoencoder(cfg, device: torch.device | str | None = None):
-    """The frozen 2D VQ-VAE of chapter 02 (trained when missing), on ``device`` (default: the runtime's)."""
+    """The frozen VQ-VAE on ``device`` (default: the runtime's): ``cfg.bbox_ldm.pretrained_vq``'s diffusers
+    ``VQModel`` when set (:class:`PretrainedVQ`), else chapter 02's 2D VQ-VAE (trained when missing)."""
     from lungsynth.autoencoders import ensure_autoencoder
 
+    if cfg.bbox_ldm.pretrained_vq:
+        from lungsynth.runtime import device as default_device
+
+        return PretrainedVQ(cfg.bbox_ldm.pretrained_vq).to(device or default_device())
     ae = ensure_autoencoder("vqvae2d", cfg, device=device)
     return ae.eval().requires_grad_(False)
+
+
+def autoencoder_name(ae) -> str | None:
+    """What a run records of its autoencoder: the pretrained model's identity, None for chapter 02's own."""
+    return getattr(ae, "identity", None)
 
 
 @torch.no_grad()

@@ -42,6 +42,31 @@ def show_slices(images: Any, boxes: Any, titles: Sequence[str] | None = None, nc
     return fig
 
 
+def sample_rows(rows: Mapping[str, tuple[Any, Any, Sequence[str]]], n: int = 6):
+    """One row per entry ``name -> (slices [N, 1, H, W], boxes [N, 3], titles [N])``, the first ``n`` of each with
+    its red box, all on one display window (the first row's). Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    names = list(rows)
+    vmax = _window_max(rows[names[0]][0])
+    fig, axes = plt.subplots(len(names), n, figsize=(1.9 * n, 2.0 * len(names)), squeeze=False)
+    for r, name in enumerate(names):
+        images, boxes, titles = rows[name]
+        for j in range(n):
+            ax = axes[r, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j >= len(images):
+                ax.axis("off")
+                continue
+            ax.imshow(_img(images[j]), cmap="gray", vmin=0, vmax=vmax)
+            _draw_box(ax, np.asarray(boxes)[j])
+            ax.set_title(str(titles[j]), fontsize=7)
+        axes[r, 0].set_ylabel(name, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def _window_max(images: Any) -> float:
     """Display window top: the 99.5th percentile, so soft tissue is visible on the [-1000, 2500] scale."""
     a = images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
@@ -49,8 +74,9 @@ def _window_max(images: Any) -> float:
 
 
 def compare_configs(real: Any, samples: Mapping[int, Any], boxes: Any, attributes: Any, n: int = 4,
-                    names: Mapping[int, str] | None = None):
-    """Rows: the real slice, then each configuration's sample for the same box and attributes."""
+                    names: Mapping[int, str] | None = None, real_boxes: Any = None):
+    """Rows: a real slice (with ``real_boxes``, its own box; else ``boxes``), then each configuration's sample for
+    the same box and attributes."""
     import matplotlib.pyplot as plt
 
     keys = list(samples)
@@ -62,7 +88,7 @@ def compare_configs(real: Any, samples: Mapping[int, Any], boxes: Any, attribute
         for i, (label, img) in enumerate(rows):
             ax = axes[i, j]
             ax.imshow(_img(img), cmap="gray", vmin=0, vmax=vmax)
-            _draw_box(ax, np.asarray(boxes)[j])
+            _draw_box(ax, np.asarray(real_boxes if (i == 0 and real_boxes is not None) else boxes)[j])
             ax.set_xticks([])
             ax.set_yticks([])
             if j == 0:

@@ -29,8 +29,9 @@ import torch
 from scipy import ndimage
 
 from lungsynth.engine import load_weights
-from lungsynth.methods.bbox_ldm.model import (ATTRIBUTES, SCORE_MAX, SCORE_MIN, autoencoder, box_masks, decode,
-                                              mask_to_latent, validate_attributes, validate_boxes)
+from lungsynth.methods.bbox_ldm.model import (ATTRIBUTES, SCORE_MAX, SCORE_MIN, autoencoder, autoencoder_name,
+                                              box_masks, decode, lung_to_latent, mask_to_latent, validate_attributes,
+                                              validate_boxes)
 from lungsynth.methods.bbox_ldm.train import KIND, BboxLdmTask, default_run_dir, load_split
 
 SAMPLERS: tuple[str, ...] = ("paper", "anatomical")
@@ -52,6 +53,7 @@ class BboxLdm:
     def __init__(self, task: BboxLdmTask, ae, cfg, run_dir: Path) -> None:
         self.task, self.ae, self.cfg, self.run_dir = task, ae, cfg, run_dir
         self.config_id = task.config_id
+        self.lung = task.lung
         self.image_size = int(cfg.data.size_2d)
 
     @property
@@ -59,13 +61,17 @@ class BboxLdm:
         return next(self.task.unet.parameters()).device
 
     @torch.no_grad()
-    def sample(self, boxes: Any, attributes: Any, *, seed: int = 0, steps: int | None = None,
-               batch_size: int = 16, progress: bool = False) -> torch.Tensor:
-        """Slices [B, 1, H, W] in [0, 1] (over ``cfg.bbox_ldm.hu_clip``) for boxes [B, 3] and attributes [B, 5].
+    def sample(self, boxes: Any, attributes: Any, *, lungs: Any = None, seed: int = 0, steps: int | None = None,
+               batch_size: int = 16, progress: bool = False, same_noise: bool = False) -> torch.Tensor:
+        """Slices [B, 1, H, W] in [0, 1] (over ``cfg.bbox_ldm.hu_clip``) for boxes [B, 3] and attributes [B, 5]
+        (and, for the lung-conditioned variant, the lung masks [B, H, W] the boxes were placed in).
 
         Boxes outside the image or attributes outside 1..5 are a ValueError. With ``steps`` equal to
-        the T training steps the sampler is ancestral DDPM, otherwise deterministic DDIM.
+        the T training steps the sampler is ancestral DDPM, otherwise deterministic DDIM. Sample i draws its
+        noise from its own stream (seed, i), so it does not depend on the batch it is drawn in;
+        ``same_noise`` gives every sample stream 0 (a sweep of one condition at a time).
         """
+        from lungsynth.diffusion.samplers import per_sample_generators
         from lungsynth.diffusion.samplers import sample as reverse
         from lungsynth.diffusion.schedules import make_scheduler
 
@@ -73,37 +79,48 @@ class BboxLdm:
         a = validate_attributes(attributes)
         if a.shape[0] != b.shape[0]:
             raise ValueError(f"{b.shape[0]} boxes but {a.shape[0]} attribute rows; give one row of 5 scores per box")
+        if (lungs is not None) != self.lung:
+            raise ValueError("this model is conditioned on the lung: pass lungs [B, H, W] (an anatomical draw's "
+                             "slices)" if self.lung else "this model has no lung channel; sample it without lungs")
+        lung_t = None if lungs is None else torch.as_tensor(np.asarray(lungs)).float().reshape(b.shape[0], 1,
+                                                                                              self.image_size, -1)
         c = self.cfg.bbox_ldm
         n_steps = int(steps or c.ddim_steps)
         kind = "ddpm" if n_steps >= c.num_train_timesteps else "ddim"
-        sched = make_scheduler(kind, c.num_train_timesteps, "linear", "epsilon")
+        sched = make_scheduler(kind, c.num_train_timesteps, "linear", self.task.prediction)
         dev = self.device
-        gen = torch.Generator().manual_seed(int(seed))
         unet = self.task.unet.eval()
         h = self.image_size // self.task.factor
         out = []
         for i in range(0, b.shape[0], batch_size):
             m = mask_to_latent(box_masks(b[i:i + batch_size], self.image_size), self.task.factor).to(dev)
-            cond: dict[str, Any] = {"concat": m}
+            lung = None if lung_t is None else lung_to_latent(lung_t[i:i + batch_size], self.task.factor).to(dev)
+            cond: dict[str, Any] = {"concat": self.task.concat(m, lung)}
             ctx = self.task.context(m, a[i:i + batch_size].to(dev))
             if ctx is not None:
                 cond["context"] = ctx
+            if same_noise:  # stream 0 for every sample: the same start (and step) noise
+                first = per_sample_generators(seed, 0, 1)[0].initial_seed()
+                gens = [torch.Generator().manual_seed(first) for _ in range(m.shape[0])]
+            else:
+                gens = per_sample_generators(seed, i, m.shape[0])
             z = reverse(lambda x, t, **kw: unet(x, t, **kw), sched, (m.shape[0], self.task.latent_channels, h, h),
-                        n_steps, generator=gen, device=dev, condition=cond, progress=progress,
-                        desc=f"bbox-LDM config {self.config_id}")
+                        n_steps, generator=gens, device=dev, condition=cond, progress=progress,
+                        desc=f"bbox-LDM config {self.config_id}{' + lung' if self.lung else ''}")
             out.append(decode(self.ae, z))
         return torch.cat(out)
 
 
 def load(cfg, config: int, run_dir: Path | str | None = None, device: torch.device | str | None = None,
-         ae: Any = None) -> BboxLdm:
-    """A trained configuration (refuses a checkpoint of another architecture); ``ae`` as in :func:`train`."""
+         ae: Any = None, lung: bool = False) -> BboxLdm:
+    """A trained configuration (``lung``: its lung-conditioned variant); refuses a checkpoint of another
+    architecture; ``ae`` as in :func:`train`."""
     from lungsynth.runtime import device as default_device
 
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg, config, create=False)
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg, config, create=False, lung=lung)
     dev = torch.device(device) if device is not None else default_device()
     ae = (ae if ae is not None else autoencoder(cfg)).to(dev).eval().requires_grad_(False)
-    task = BboxLdmTask(cfg, config, ae.latent_channels, ae.downsample)
+    task = BboxLdmTask(cfg, config, ae.latent_channels, ae.downsample, lung, autoencoder_name(ae))
     load_weights(run_dir, kind=KIND, config=task.config(), modules=task.modules())
     for mod in task.modules().values():
         mod.to(dev).eval().requires_grad_(False)
@@ -281,8 +298,10 @@ def anatomical_sampler(cfg) -> AnatomicalMaskSampler:
 
     prepared = ensure_prepared(cfg)
     table = pd.read_csv(nodule_table_path(prepared))
-    sides, attrs = table_sides_and_attributes(table, float(cfg.data.spacing_2d_mm), int(cfg.data.size_2d))
-    return AnatomicalMaskSampler(load_split(cfg, "train")["lungs"], sides, attrs)
+    train = load_split(cfg, "train")
+    # the sides at the training slices' median pixel (fields of view differ a little from scan to scan)
+    sides, attrs = table_sides_and_attributes(table, float(np.median(train["spacings"])), int(cfg.data.size_2d))
+    return AnatomicalMaskSampler(train["lungs"], sides, attrs)
 
 
 def draw_conditions(cfg, sampler: str, n: int, seed: int = 0) -> MaskDraw:

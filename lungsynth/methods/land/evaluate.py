@@ -33,7 +33,7 @@ from lungsynth.data import fingerprint
 from lungsynth.data.datasets import data_source, prepared_root
 from lungsynth.eval.fidelity import dice
 from lungsynth.eval.nodules import (MIN_CONTRAST_RATIO, MIN_NODULE_MM, SHELL_MM, contrast_share, nodule_contrast,
-                                    sphere_diameter_mm)
+                                    spearman, sphere_diameter_mm)
 from lungsynth.gates import Gate, info, judge, not_trained
 from lungsynth.methods.land.model import CONDITIONS, VARIANTS
 from lungsynth.methods.land.sample import load, peak_sampling_memory, sample
@@ -273,16 +273,6 @@ def volume_measures(hu: np.ndarray, cond: np.ndarray | None, spacing_mm: float,
             "contrasts": [nodule_contrast(hu, n["mask"], shell_lung, spacing_mm) for n in nodules],
             "nodule_hu": [float(hu[n["mask"]].mean()) for n in nodules],
             "nodule_textures": [int(n["texture"]) for n in nodules]}
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman rank correlation (NaN when fewer than 3 finite pairs or a constant side)."""
-    from scipy.stats import spearmanr
-
-    pairs = [(a, b) for a, b in zip(x, y) if math.isfinite(a) and math.isfinite(b)]
-    if len(pairs) < 3 or len({a for a, _ in pairs}) < 2 or len({b for _, b in pairs}) < 2:
-        return float("nan")
-    return float(spearmanr([a for a, _ in pairs], [b for _, b in pairs]).statistic)
 
 
 # --------------------------------------------------------------------------- the gates of one run

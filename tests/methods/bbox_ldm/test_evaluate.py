@@ -37,3 +37,42 @@ def test_crops_and_fid_in_2d_features(tiny_setup):
     want = frechet_by_hand(fr, ff)
     assert want > 1e-3 and out["fid"] == pytest.approx(want, rel=1e-4)
     assert B.fid_2d(real, real, net, clip)["fid"] == pytest.approx(0.0, abs=1e-6)  # identical sets
+
+
+def _chest_slice(size: int = 64) -> np.ndarray:
+    """[H, W] HU: air, an elliptic body at 40 HU holding two lungs at -850 HU."""
+    yy, xx = np.mgrid[:size, :size]
+    hu = np.where(((yy - 32) / 28) ** 2 + ((xx - 32) / 30) ** 2 <= 1, 40.0, -1000.0)
+    for cx in (20, 44):
+        hu[((yy - 32) / 18) ** 2 + ((xx - cx) / 8) ** 2 <= 1] = -850.0
+    return hu.astype(np.float32)
+
+
+def test_box_contrast_is_the_nodule_against_its_ring():
+    hu = _chest_slice()
+    flat = B.box_contrast(hu, (28, 18, 4))
+    assert flat == pytest.approx(0.0)  # lung inside and around
+    hu[28:32, 18:22] = 0.0  # a solid nodule filling the box
+    assert B.box_contrast(hu, (28, 18, 4)) == pytest.approx(850.0)
+    ring = B.ring((28, 18, 4), hu.shape)
+    assert ring.sum() == 8 * 8 - 16 and not ring[28:32, 18:22].any()  # half the side (2 px, the minimum) around
+
+
+def test_reference_contrast_reads_boxes_of_the_same_size():
+    sides = np.array([3, 3, 3, 8, 8, 8, 8])
+    contrasts = np.array([100.0, 120.0, 140.0, 500.0, 600.0, 700.0, 800.0])
+    assert B.reference_contrast(3, sides, contrasts) == pytest.approx(120.0)
+    assert B.reference_contrast(8, sides, contrasts) == pytest.approx(650.0)
+    assert B.reference_contrast(4, sides, contrasts) == pytest.approx(120.0)  # widened by one pixel
+
+
+def test_box_tissues_segment_the_slice_the_box_is_drawn_on():
+    hu = _chest_slice()
+    boxes = np.array([[28, 18, 4], [28, 30, 4], [2, 2, 4]])
+    assert B.box_tissues(np.stack([hu] * 3), boxes, 2.0) == ["lung", "soft tissue", "outside body"]
+    filled = hu.copy()
+    filled[filled < -400] = 40.0
+    filled[:2], filled[-2:], filled[:, :2], filled[:, -2:] = -1000.0, -1000.0, -1000.0, -1000.0
+    # one box on two images: lung where the image has one, soft tissue where it has none
+    assert B.box_tissues(np.stack([hu, filled]), boxes[[0, 0]], 2.0) == ["lung", "soft tissue"]
+    assert B.in_lung_rate(["lung", "lung border", "bone", "outside body"]) == pytest.approx(0.5)

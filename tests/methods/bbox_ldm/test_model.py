@@ -73,3 +73,50 @@ def test_config_must_be_one_two_or_three():
     assert B.check_config("2") == 2
     with pytest.raises(ValueError, match="configuration"):
         B.check_config(4)
+
+
+# --------------------------------------------------------------------------- a pretrained diffusers VQ-VAE
+
+
+def _tiny_vq(folder, cls_name="VQModel"):
+    """A randomly initialised two-level diffusers model (x2) saved with save_pretrained (safetensors)."""
+    import diffusers
+
+    kw = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+              up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
+              latent_channels=3, norm_num_groups=4)
+    if cls_name == "VQModel":
+        model = diffusers.VQModel(**kw, num_vq_embeddings=16, vq_embed_dim=3, scaling_factor=1.0)
+    else:
+        model = diffusers.AutoencoderKL(**kw)
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_a_pretrained_diffusers_vq_is_used_frozen_and_recorded(tiny_setup, tmp_path):
+    import copy
+
+    import torch
+
+    cfg, data, ae, root = tiny_setup
+    vq = B.PretrainedVQ(_tiny_vq(tmp_path / "vq"))
+    assert vq.downsample == 2 and vq.latent_channels == 3 and not any(p.requires_grad for p in vq.parameters())
+    z = vq.encode_latent(data["images"][:2])
+    assert z.shape == (2, 3, 16, 16)
+    x = vq.decode_latent(z)
+    assert x.shape == (2, 1, 32, 32) and 0 <= float(x.min()) and float(x.max()) <= 1
+    cfg = copy.deepcopy(cfg)
+    cfg.bbox_ldm.pretrained_vq = str(tmp_path / "vq")
+    run = B.train(cfg, 1, root / "pretrained", data=data, progress=False)
+    model = B.load(cfg, 1, run, device="cpu")
+    assert isinstance(model.ae, B.PretrainedVQ) and model.task.config()["autoencoder"] == vq.identity
+    assert model.sample(data["boxes"][:1], data["attributes"][:1]).shape == (1, 1, 32, 32)
+    with pytest.raises(ValueError, match="config"):  # the course's own VQ-VAE is another autoencoder
+        B.load(cfg, 1, run, device="cpu", ae=ae)
+
+
+def test_a_pretrained_folder_of_another_kind_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="not a diffusers 'VQModel'"):
+        B.PretrainedVQ(_tiny_vq(tmp_path / "kl", "AutoencoderKL"))
+    with pytest.raises(FileNotFoundError, match="save_pretrained"):
+        B.PretrainedVQ(tmp_path)

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from bbox_fakes import lung_masks
 from lungsynth.methods import bbox_ldm as B
@@ -74,3 +75,22 @@ def test_load_refuses_another_configuration(tiny_setup):
     run = B.train(cfg, 1, root / "refuse", data=data, ae=ae, progress=False)
     with pytest.raises(ValueError, match="config"):
         B.load(cfg, 3, run, device="cpu", ae=ae)
+
+
+def test_a_sample_does_not_depend_on_its_batch_and_same_noise_repeats_it(tiny_setup, monkeypatch):
+    import importlib
+
+    cfg, data, ae, root = tiny_setup
+    run = B.train(cfg, 3, root / "noise", data=data, ae=ae, progress=False)
+    model = B.load(cfg, 3, run, device="cpu", ae=ae)
+    # read the sampled latents themselves: the untrained VQ-VAE decodes them all to the same few codes
+    monkeypatch.setattr(importlib.import_module("lungsynth.methods.bbox_ldm.sample"), "decode", lambda ae, z: z)
+    boxes, attrs = data["boxes"][:4], data["attributes"][:4]
+    together = model.sample(boxes, attrs, seed=5)
+    in_pairs = model.sample(boxes, attrs, seed=5, batch_size=2)
+    torch.testing.assert_close(together, in_pairs)  # sample i has its own noise stream
+    assert not torch.allclose(together[0], together[1])
+    one = np.repeat(boxes[:1], 3, axis=0), np.repeat(attrs[:1], 3, axis=0)
+    same = model.sample(*one, seed=5, same_noise=True)
+    torch.testing.assert_close(same[0], same[2])  # one condition, one noise: one slice
+    torch.testing.assert_close(same[0], together[0])  # stream 0 is the first sample's
