@@ -22,6 +22,17 @@ def test_tissue_classes_from_hu_and_lung():
     assert B.inside_lung_rate(labels) == pytest.approx(0.2)
 
 
+def _kid_by_hand(x, y):
+    """The unbiased MMD^2 with the cubic polynomial kernel (u.v / d + 1)^3, self-pairs left out."""
+    def k(u, v):
+        return (u @ v / x.shape[1] + 1.0) ** 3
+
+    def within(a):
+        return sum(k(a[i], a[j]) for i in range(len(a)) for j in range(len(a)) if i != j) / (len(a) * (len(a) - 1))
+
+    return within(x) + within(y) - 2 * sum(k(u, v) for u in x for v in y) / (len(x) * len(y))
+
+
 def test_crops_and_fid_in_2d_features(tiny_setup):
     from lungsynth.eval.features import build_slice_net, slice_features
 
@@ -36,6 +47,7 @@ def test_crops_and_fid_in_2d_features(tiny_setup):
     fr, ff = (slice_features(x.numpy(), net, intensity="unit")[0] for x in (real, fake))
     want = frechet_by_hand(fr, ff)
     assert want > 1e-3 and out["fid"] == pytest.approx(want, rel=1e-4)
+    assert out["kid"] == pytest.approx(_kid_by_hand(fr, ff), rel=1e-4)
     assert B.fid_2d(real, real, net, clip)["fid"] == pytest.approx(0.0, abs=1e-6)  # identical sets
 
 
