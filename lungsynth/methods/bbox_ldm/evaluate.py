@@ -147,7 +147,7 @@ def fid_2d(real: torch.Tensor, fake: torch.Tensor, net, hu_clip: Sequence[float]
     import warnings
 
     from lungsynth.eval.distribution import fid, kid
-    from lungsynth.eval.features import slice_features
+    from lungsynth.eval.features import slice_features, slice_net_name
 
     kw = dict(net=net, intensity="hu", unit_range=tuple(hu_clip))
     fr, name = slice_features(to_hu(real, hu_clip), **kw)
@@ -254,12 +254,15 @@ def reference_contrast(side: int, sides: np.ndarray, contrasts: np.ndarray, min_
     return float(np.median(contrasts))
 
 
-def box_tissues(hu: np.ndarray, boxes: np.ndarray, spacing_mm: float) -> list[str]:
+def box_tissues(hu: np.ndarray, boxes: np.ndarray, spacing_mm: float | Sequence[float]) -> list[str]:
     """Where each box falls in its own slice, the lung segmented on that slice: :func:`classify_box` with the
-    classical 2D lung mask (:func:`lungsynth.data.masks.slice_lung_mask`); hu [n, H, W], boxes [n, 3]."""
+    classical 2D lung mask (:func:`lungsynth.data.masks.slice_lung_mask`); hu [n, H, W], boxes [n, 3], one pixel
+    side for every slice or one per slice."""
     from lungsynth.data.masks import slice_lung_mask
 
-    return [classify_box(b, hu[i], slice_lung_mask(hu[i], spacing_mm)) for i, b in enumerate(np.asarray(boxes))]
+    spacings = np.broadcast_to(np.asarray(spacing_mm, dtype=float), (len(hu),))
+    return [classify_box(b, hu[i], slice_lung_mask(hu[i], float(spacings[i])))
+            for i, b in enumerate(np.asarray(boxes))]
 
 
 def in_lung_rate(labels: Sequence[str]) -> float:
@@ -273,8 +276,7 @@ def _real_measures(cfg: Any, held: Mapping[str, Any]) -> dict[str, Any]:
     inside = [float(hu[i, y0:y0 + s, x0:x0 + s].mean()) for i, (y0, x0, s) in enumerate(boxes)]
     return {"hu": hu, "boxes": boxes, "sides": boxes[:, 2], "inside_hu": np.asarray(inside),
             "contrasts": np.asarray([box_contrast(hu[i], b) for i, b in enumerate(boxes)]),
-            "tissues": [box_tissues(hu[i:i + 1], boxes[i:i + 1], float(held["spacings"][i]))[0]
-                        for i in range(len(boxes))],
+            "tissues": box_tissues(hu, boxes, held["spacings"]),
             # the readers' median texture: a reader drawn at random would move the baseline from run to run
             "textures": np.asarray(held["attributes_median"])[:, list(ATTRIBUTES).index("texture")]}
 
@@ -377,7 +379,7 @@ def measure_gates(cfg: Any, models: Sequence[BboxLdm], *, n: int | None = None, 
     """The gates of every loaded run on this profile's held-out slices, each against baselines of the
     same n: the held-out set is cut in halves (eval.baselines), the conditions come from the samplers."""
     from lungsynth.eval.baselines import halves
-    from lungsynth.eval.features import slice_features
+    from lungsynth.eval.features import slice_features, slice_net_name
 
     held = load_split(cfg, "test")
     n = int(n or cfg.bbox_ldm.n_gate_samples)
@@ -390,8 +392,7 @@ def measure_gates(cfg: Any, models: Sequence[BboxLdm], *, n: int | None = None, 
     clip = held["hu_clip"]
     features = lambda x: slice_features(x, net=net, intensity="hu", unit_range=tuple(clip))[0]  # noqa: E731
     real = _real_measures(cfg, held)
-    network = slice_features(real["hu"][:1], net=net, intensity="hu", unit_range=tuple(clip))[1]
-    base = _baselines(real["hu"], real["boxes"], n, features, seed, network)
+    base = _baselines(real["hu"], real["boxes"], n, features, seed, slice_net_name(net))
     draws = {"anatomical": anatomical_sampler(cfg).sample(n, seed), "paper": paper_sampler(cfg).sample(n, seed)}
     rows = [g for model in models for g in config_gates(cfg, model, draws, real, base, features, seed)]
     rows.append(info(CHAPTER, "bbox_ldm: real-vs-real KID floor, whole slices (held-out halves)",

@@ -87,4 +87,5 @@ def test_box_tissues_segment_the_slice_the_box_is_drawn_on():
     filled[:2], filled[-2:], filled[:, :2], filled[:, -2:] = -1000.0, -1000.0, -1000.0, -1000.0
     # one box on two images: lung where the image has one, soft tissue where it has none
     assert B.box_tissues(np.stack([hu, filled]), boxes[[0, 0]], 2.0) == ["lung", "soft tissue"]
+    assert B.box_tissues(np.stack([hu, filled]), boxes[[0, 0]], [2.0, 2.5]) == ["lung", "soft tissue"]  # per slice
     assert B.in_lung_rate(["lung", "lung border", "bone", "outside body"]) == pytest.approx(0.5)
