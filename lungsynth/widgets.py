@@ -84,3 +84,93 @@ def niivue_view(ct_path: Any, mask_paths: Mapping[str, Any] | None = None, windo
                      "cal_max": 1.5})
     nv.load_volumes(vols)
     return nv
+
+
+# --------------------------------------------------------------------------- a visual Turing test
+
+QUIZ_LABELS = ("real", "synthetic")
+
+
+class TuringQuiz:
+    """Shuffled real and synthetic images, the learner's guesses, and the confusion matrix a reader study prints
+    (rows: the truth, columns: the guess, as HR-LDM's Table 2).
+
+    ``images[i]`` [H, W] is shown i-th; ``truth[i]`` is "real" or "synthetic"; ``guesses[i]`` is None until answered.
+    """
+
+    def __init__(self, real: Any, synthetic: Any, seed: int = 0) -> None:
+        real, synthetic = [np.asarray(x) for x in real], [np.asarray(x) for x in synthetic]
+        if not real or not synthetic:
+            raise ValueError("a Turing test needs at least one real and one synthetic image")
+        order = np.random.default_rng(seed).permutation(len(real) + len(synthetic))
+        pool = [(x, "real") for x in real] + [(x, "synthetic") for x in synthetic]
+        self.images = [pool[i][0] for i in order]
+        self.truth = [pool[i][1] for i in order]
+        self.guesses: list[str | None] = [None] * len(self.images)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def answer(self, index: int, guess: str) -> None:
+        if guess not in QUIZ_LABELS:
+            raise ValueError(f"a guess is one of {QUIZ_LABELS}, got {guess!r}")
+        self.guesses[int(index)] = guess
+
+    def answer_all(self, guesses: Any) -> "TuringQuiz":
+        """Record a whole answer sheet (one guess per image, in the shown order)."""
+        guesses = list(guesses)
+        if len(guesses) != len(self):
+            raise ValueError(f"{len(guesses)} answers for {len(self)} images")
+        for i, g in enumerate(guesses):
+            self.answer(i, g)
+        return self
+
+    def confusion(self) -> Any:
+        """2 x 2 counts of the answered images: index the truth, columns the guess."""
+        import pandas as pd
+
+        table = pd.DataFrame(0, index=[f"truth: {t}" for t in QUIZ_LABELS], columns=[f"guess: {g}" for g in QUIZ_LABELS])
+        for t, g in zip(self.truth, self.guesses):
+            if g is not None:
+                table.loc[f"truth: {t}", f"guess: {g}"] += 1
+        return table
+
+    def accuracy(self) -> float:
+        answered = [(t, g) for t, g in zip(self.truth, self.guesses) if g is not None]
+        return float(np.mean([t == g for t, g in answered])) if answered else float("nan")
+
+
+def turing_quiz(quiz: TuringQuiz, window: tuple[float, float] | None = (-1000.0, 400.0), size: float = 3.0) -> Any:
+    """One image at a time with "real" / "synthetic" buttons; after the last, the confusion matrix. Returns the
+    widget (display it as a cell's last expression), or None without ipywidgets (answer with ``quiz.answer``)."""
+    try:
+        import ipywidgets as w
+    except ImportError:
+        return None
+    state = {"i": 0}
+    image = w.Image(format="png")
+    status = w.HTML()
+    out = w.Output()
+    buttons = [w.Button(description=label) for label in QUIZ_LABELS]
+
+    def show() -> None:
+        i = state["i"]
+        if i < len(quiz):
+            image.value = _png(quiz.images[i], {}, window, f"image {i + 1} of {len(quiz)}", size)
+            status.value = "real or synthetic?"
+            return
+        for b in buttons:
+            b.disabled = True
+        status.value = f"done: accuracy {quiz.accuracy():.0%} (chance 50%)"
+        with out:
+            print(quiz.confusion())
+
+    def on_click(button: Any) -> None:
+        quiz.answer(state["i"], button.description)
+        state["i"] += 1
+        show()
+
+    for b in buttons:
+        b.on_click(on_click)
+    show()
+    return w.VBox([image, w.HBox(buttons), status, out])

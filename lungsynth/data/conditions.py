@@ -6,7 +6,8 @@ or nodule whose masks were used), so every synthetic sample can be traced to its
 Units (the natural item of a method; the same views the prepared dataset has, notes/DATA_API.md):
 
 - ``volume``: a whole prepared scan; arrays ``ct`` (HU, the real reference: inpainting / AAS methods use
-  it), ``lung``, ``label``, ``cond`` [D, H, W] and ``hrmask`` [D, H, W, 3] as saved;
+  it), ``lung``, ``label``, ``cond`` [D, H, W] and ``hrmask`` [D, H, W, 3] as saved, and on phantom data
+  ``healthy`` [D, H, W] (HU, the same scan without its nodules: where inpainting methods place theirs);
 - ``slice``: a nodule's centre slice (``views/slices``): ``image`` (HU), ``box``, ``lung``, ``mask`` [H, W];
 - ``roi``: a nodule ROI (``views/rois``): ``image`` (HU) [R, R];
 - ``crop``: a nodule-centred 3D crop (``views/crops``): ``ct`` (HU), ``mask`` [C, C, C], ``hrmask`` [3, C, C, C].
@@ -83,7 +84,7 @@ def load_arrays(root: Path, unit: str, row: dict[str, Any]) -> dict[str, np.ndar
     from lungsynth.data.datasets import load_volume
 
     if unit == "volume":
-        return {k: np.asarray(load_volume(root, row[k])) for k in ("ct", "lung", "label", "cond", "hrmask")
+        return {k: np.asarray(load_volume(root, row[k])) for k in ("ct", "lung", "label", "cond", "hrmask", "healthy")
                 if isinstance(row.get(k), str)}
     path = root / "views" / VIEW_DIRS[unit] / f"{row['nodule_id']}.npz"
     if not path.is_file():

@@ -17,7 +17,7 @@ import numpy as np
 from lungsynth import paths
 from lungsynth.data import fingerprint
 
-VOLUME_KEYS = ("ct", "lung", "label", "cond", "hrmask")
+VOLUME_KEYS = ("ct", "lung", "label", "cond", "hrmask", "healthy")
 _ENSURED: set[tuple] = set()  # prepared datasets already checked in this process
 
 
@@ -226,7 +226,7 @@ class VolumeDataset(CachedDataset):
     """Whole prepared volumes. Item: each key [1,S,S,S] ("hrmask" [3,S,S,S]) and "scan_id".
 
     "ct" float in [0, 1] (``hu_to_unit`` with cfg.data.hu_min/hu_max), "lung"/"label" long-valued
-    float tensors, "cond" float in [0, 1]. ``size`` resamples (default: cfg.data.size_3d, as saved).
+    float tensors, "cond" float in [0, 1], "healthy" (phantom data only) as "ct" without the nodules. ``size`` resamples (default: cfg.data.size_3d, as saved).
     """
 
     def __init__(self, cfg: Any, split: str | None = "train", size: int | None = None,
@@ -247,15 +247,18 @@ class VolumeDataset(CachedDataset):
         row = self.table.iloc[idx]
         item: dict[str, Any] = {"scan_id": row["scan_id"]}
         for k in self.keys:
+            if not isinstance(row.get(k), str):
+                raise ValueError(f"scan {row['scan_id']} has no {k!r} volume in {self.root}: only phantom scans have a "
+                                 f"healthy twin (real LIDC data: use 'ct' and keep away from its 'label')")
             arr = load_volume(self.root, row[k])
             if k == "hrmask":
                 t = torch.from_numpy(np.ascontiguousarray(np.moveaxis(arr, -1, 0))).float()
             else:
                 t = torch.from_numpy(np.ascontiguousarray(arr)).float()[None]
-            if k == "ct":
+            if k in ("ct", "healthy"):
                 t = hu_to_unit(t, self.cfg.data.hu_min, self.cfg.data.hu_max)
             if self.size is not None:
-                t = resize_volume(t, int(self.size), "image" if k == "ct" else "mask")
+                t = resize_volume(t, int(self.size), "image" if k in ("ct", "healthy") else "mask")
             item[k] = t
         return item
 
@@ -344,7 +347,8 @@ class CropDataset(CachedDataset):
 
     Item: "ct" [1,C,C,C] in [0,1], "mask" [1,C,C,C], "hrmask" [3,C,C,C] (nodule, solid core,
     ground glass), "subtype_id" (0 solid, 1 part-solid, 2 ground-glass), "diameter_mm",
-    "malignancy" (median 1..5), "nodule_id". ``size`` resamples (default cfg.data.crop_size).
+    "malignancy" (median 1..5), "nodule_id", and on phantom data "healthy" [1,C,C,C] in [0,1] (the same cube
+    of the scan without its nodules). ``size`` resamples (default cfg.data.crop_size).
     """
 
     def __init__(self, cfg: Any, split: str | None = "train", size: int | None = None,
@@ -364,10 +368,16 @@ class CropDataset(CachedDataset):
         ct = hu_to_unit(torch.from_numpy(z["ct"]).float()[None], self.cfg.data.hu_min, self.cfg.data.hu_max)
         mask = torch.from_numpy(z["mask"]).float()[None]
         hr = torch.from_numpy(z["hrmask"]).float()
+        healthy = (hu_to_unit(torch.from_numpy(z["healthy"]).float()[None], self.cfg.data.hu_min, self.cfg.data.hu_max)
+                   if "healthy" in z.files else None)
         if self.size is not None:
             ct = resize_volume(ct, int(self.size), "image")
             mask = resize_volume(mask, int(self.size), "mask")
             hr = resize_volume(hr, int(self.size), "mask")
-        return {"ct": ct, "mask": mask, "hrmask": hr, "subtype_id": int(row["subtype_id"]),
+            healthy = None if healthy is None else resize_volume(healthy, int(self.size), "image")
+        item = {"ct": ct, "mask": mask, "hrmask": hr, "subtype_id": int(row["subtype_id"]),
                 "diameter_mm": float(row["diameter_mm"]), "malignancy": int(row["malignancy"]),
                 "nodule_id": row["nodule_id"]}
+        if healthy is not None:
+            item["healthy"] = healthy
+        return item

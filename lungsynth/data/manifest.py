@@ -15,8 +15,8 @@ import numpy as np
 
 from lungsynth.data import fingerprint
 
-SCAN_COLUMNS = ("scan_id", "patient_id", "split", "ct", "lung", "label", "cond", "hrmask", "spacing_mm", "shape",
-                "n_nodules", "source")
+SCAN_COLUMNS = ("scan_id", "patient_id", "split", "ct", "lung", "label", "cond", "hrmask", "healthy", "spacing_mm",
+                "shape", "n_nodules", "source")
 NODULE_COLUMNS = ("nodule_id", "scan_id", "patient_id", "split", "label_value", "centroid_vox_x", "centroid_vox_y",
                   "centroid_vox_z", "diameter_mm", "volume_mm3", "texture", "subtype", "subtype_id", "sphericity",
                   "margin", "lobulation", "spiculation", "calcification", "internal_structure", "subtlety",
@@ -120,7 +120,8 @@ def write_manifest(prepared: Path | str, cfg: Any) -> None:
         scans = pd.DataFrame(columns=SCAN_COLUMNS)
     if nods.empty:
         nods = pd.DataFrame(columns=NODULE_COLUMNS)
-    scans = scans[list(SCAN_COLUMNS) + [c for c in scans.columns if c not in SCAN_COLUMNS]]
+    scans = scans.reindex(columns=list(SCAN_COLUMNS) + [c for c in scans.columns if c not in SCAN_COLUMNS])  # real
+    # LIDC scans have no healthy twin: the column is then empty
     nods = nods[list(NODULE_COLUMNS) + [c for c in nods.columns if c not in NODULE_COLUMNS]]
     for name, df in (("scans.csv", scans), ("nodules.csv", nods),
                      ("skipped.csv", pd.DataFrame(skipped, columns=["scan_id", "what", "reason"]))):

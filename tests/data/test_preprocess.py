@@ -199,3 +199,58 @@ def test_slices_are_whole_slices_with_the_box_on_the_nodule(prepared, small_cfg)
         ys, xs = np.nonzero(mask)
         assert box.sum() == max(np.ptp(ys), np.ptp(xs)) ** 2 + 2 * max(np.ptp(ys), np.ptp(xs)) + 1  # side = extent
         assert float(z["spacing_mm"]) == pytest.approx(row["spacing_2d_mm"], rel=1e-3)
+
+
+def test_phantom_scans_get_their_healthy_twin(prepared, small_cfg):
+    """The twin is the same scan without its nodules: equal away from them, different inside them, on the
+    volume and on every nodule crop; a twin that does not reproduce the DICOM is refused."""
+    from scipy import ndimage
+
+    P, _ = prepared
+    scans, nods = load_scans(P), load_nodules(P)
+    inside_gap = []
+    for _, row in scans.iterrows():
+        ct, twin, label = (load_volume(P, row[k]) for k in ("ct", "healthy", "label"))
+        assert twin.shape == ct.shape
+        near = ndimage.binary_dilation(label > 0, iterations=2)
+        assert (np.abs(twin - ct)[~near] > 1.0).mean() < 0.002  # a spiculated nodule reaches past its consensus mask
+        if (label > 0).any():
+            inside_gap.append(float(np.abs(twin - ct)[label > 0].mean()))
+    assert max(inside_gap) > 100  # a rendered nodule is gone from its twin
+    for _, n in nods.iterrows():
+        with np.load(P / "views" / "crops" / f"{n.nodule_id}.npz") as z:
+            assert z["healthy"].shape == z["ct"].shape
+            assert not np.array_equal(z["healthy"][z["mask"] > 0], z["ct"][z["mask"] > 0])
+
+
+def test_twin_of_another_phantom_setting_is_refused(phantom_root, small_cfg, tmp_path):
+    import shutil
+
+    scan = lidc.get_scan(698)
+    root = tmp_path / "root"
+    shutil.copytree(phantom_root / scan.patient_id, root / scan.patient_id)
+    shutil.copytree(phantom_root / "twins", root / "twins")
+    record = json.loads((phantom_root / "phantom.json").read_text())
+    for info in record["scans"].values():
+        info["seed"] = int(info["seed"]) + 1  # the DICOM was rendered with another seed
+    (root / "phantom.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="is not that of phantom series"):
+        prepare(root, tmp_path / "out", small_cfg, scans=[698], verbose=False)
+    shutil.rmtree(root / "twins")  # a series rendered before twin files existed: rendered again, and checked
+    with pytest.raises(ValueError, match="healthy twin .* differs from its DICOM"):
+        prepare(root, tmp_path / "out", small_cfg, scans=[698], verbose=False)
+
+
+def test_rebuilt_and_rendered_twins_agree(prepared, phantom_root, small_cfg, tmp_path):
+    """The twin rebuilt from the stored differences equals the one rendered again from the phantom's settings."""
+    import shutil
+
+    P, _ = prepared
+    scan = lidc.get_scan(698)
+    root = tmp_path / "root"
+    shutil.copytree(phantom_root / scan.patient_id, root / scan.patient_id)
+    shutil.copy(phantom_root / "phantom.json", root / "phantom.json")  # no twins/: rendered again
+    prepare(root, tmp_path / "out", small_cfg, scans=[698], verbose=False)
+    again = load_scans(tmp_path / "out").iloc[0]
+    rebuilt = load_scans(P).set_index("pylidc_scan_id").loc[698]
+    assert np.array_equal(load_volume(tmp_path / "out", again["healthy"]), load_volume(P, rebuilt["healthy"]))

@@ -20,10 +20,12 @@ nodule channel on the latent grid). Training noises only the lesion and adds a h
                p = H(D_trunc(z^_0)),  q = H(D_trunc(z_0))                               (8)
     L_total  = L_inp + lambda_hist L_hist,   lambda_hist = 10                           (9)
 
-``D_trunc`` is a frozen copy of the VAE decoder cut after its penultimate residual block; without
-``L_hist`` the model is the paper's MAISI-DDPM ablation. Inference (Algorithm 2) draws a centre in
-the eroded lung, a real nodule shape of the requested size and a real target histogram of the
-subtype, starts from ``z_T ~ N(0, I)`` and re-anchors the background after every reverse step::
+``D_trunc`` is a frozen copy of the VAE's ``post_quant_conv`` and decoder cut before its last residual
+block, at the voxel grid (MAISI's "penultimate residual block"); without ``L_hist`` the model is the
+paper's MAISI-DDPM ablation. Inference (Algorithm 2) takes a healthy scan (on phantom data the scan's
+healthy twin), draws a centre in the eroded lung (or the sub-pleural rim), a real 6-30 mm nodule shape
+of the requested subtype and size and a real target histogram of the subtype, starts from
+``z_T ~ N(0, I)`` and re-anchors the background after every reverse step::
 
     z_{t-1} <- M z_{t-1} + (1 - M) q(z_bg, t - 1),   z_bg = s E(crop)                   (10)
 
@@ -34,8 +36,8 @@ What later chapters (08-11) call to put nodules of a chosen subtype into real CT
     from lungsynth.methods import hr_ldm
     model = hr_ldm.load(cfg, hr_ldm.ensure_trained(cfg))          # HR-LDM (hist_loss=False: ablation)
     library = hr_ldm.NoduleLibrary.from_prepared(cfg, "train")     # real shapes + target histograms
-    res = hr_ldm.inpaint_volume(model, ct_hu, lung, subtype=2, spacing_mm=cfg.data.spacing_3d_mm,
-                                library=library, size_range_mm=(10, 20), seed=0)
+    res = hr_ldm.inpaint_volume(model, healthy_hu, lung, subtype=2, spacing_mm=cfg.data.spacing_3d_mm,
+                                library=library, size_range_mm=(10, 20), seed=0)  # real LIDC: exclude=label > 0
     res.ct_hu, res.nodule_mask, res.hrmask, res.centre          # new volume [D,H,W] and its labels
 
 Command line: ``lungsynth hr-ldm train|inpaint|evaluate --profile P [--no-hist-loss]``.
@@ -57,12 +59,13 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "model": ("SUBTYPES", "HIST_BINS", "HIST_RANGE_HU", "bin_centres", "hu_histogram", "soft_histogram",
               "js_divergence", "js_divergence_np", "feature_histograms", "validate_histogram", "validate_subtype",
               "validate_mask_in_lung", "HistogramEncoder", "HrLdmNet", "TruncatedDecoder", "crop_side",
-              "hr_ldm_losses", "make_schedulers", "mask_to_latent", "net_spec"),
+              "hr_ldm_losses", "inpaint_l1", "make_schedulers", "mask_to_latent", "net_spec"),
     "train": ("HrLdmTask", "LatentCache", "build_latent_cache", "default_run_dir", "run_name", "train_crops", "train",
               "ensure_trained"),
     "sample": ("SIZE_BINS_MM", "HrLdm", "InpaintResult", "NoduleLibrary", "load", "candidate_centres", "sample_centre",
-               "place_mask", "inpaint_crops", "inpaint_latent", "inpaint_volume"),
-    "evaluate": ("evaluate", "eval_items", "generate_for_eval", "metrics_for"),
+               "place_mask", "latent_region", "inpaint_crops", "inpaint_latent", "inpaint_volume"),
+    "evaluate": ("evaluate", "eval_items", "generate_for_eval", "metrics_for", "pick_per_subtype", "median_hu",
+                 "subtype_jsd", "mean_paste", "placement_trials", "quality_gates"),
     "plots": ("plot_soft_histogram", "plot_inpaint_steps", "plot_subtype_size_grid", "plot_histograms",
               "subtype_size_grid"),
 })

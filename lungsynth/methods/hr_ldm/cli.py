@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--size-mm", default=None, help="diameter range of the drawn shape in mm, e.g. 10,20")
     i.add_argument("--split", default="test", help="which split's scan to inpaint into")
     i.add_argument("--index", type=int, default=0, help="which scan of the split")
-    i.add_argument("--include-rim", action="store_true", help="allow sub-pleural centres")
+    i.add_argument("--subpleural", action="store_true", help="centre the nodule in the sub-pleural rim (clipped at the pleura)")
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--out", default=None, help="output folder (default <run dir>/inpainted)")
     add_profile_argument(i)
@@ -80,15 +80,19 @@ def _cmd_inpaint(args: argparse.Namespace) -> int:
     ensure_prepared(cfg)
     model = load(cfg, ensure_trained(cfg, hist), hist)
     library = NoduleLibrary.from_prepared(cfg, "train")
-    ds = VolumeDataset(cfg, args.split, keys=("ct", "lung"))
+    ds = VolumeDataset(cfg, args.split, keys=("ct", "lung", "label"))
     if len(ds) == 0:
         raise ValueError(f"the {args.split} split has no scans; use --split train|val|test")
-    item = ds[int(args.index) % len(ds)]
-    ct = unit_to_hu(item["ct"][0].numpy(), cfg)
+    index = int(args.index) % len(ds)
+    item = ds[index]
+    healthy = isinstance(ds.table.iloc[index].get("healthy"), str)  # phantom: its healthy twin, as the paper
+    ct = unit_to_hu(VolumeDataset(cfg, args.split, keys=("healthy",))[index]["healthy"][0].numpy() if healthy
+                    else item["ct"][0].numpy(), cfg)
     size = tuple(float(v) for v in args.size_mm.split(",")) if args.size_mm else None
     res = inpaint_volume(model, ct, item["lung"][0].numpy(), _parse_subtype(args.subtype),
                          spacing_mm=cfg.data.spacing_3d_mm, library=library, size_range_mm=size,
-                         include_rim=args.include_rim, seed=args.seed)
+                         subpleural=args.subpleural, exclude=None if healthy else item["label"][0].numpy() > 0,
+                         seed=args.seed)
     out = Path(args.out) if args.out else default_run_dir(cfg, hist) / "inpainted"
     out.mkdir(parents=True, exist_ok=True)
     affine = np.diag([cfg.data.spacing_3d_mm] * 3 + [1.0])

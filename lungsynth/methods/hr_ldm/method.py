@@ -12,10 +12,11 @@ from lungsynth.methods.base import MethodFace, condition_volume_from
 
 
 class HrLdmMethod(MethodFace):
-    """HR-LDM (chapter 05): one nodule of a subtype inpainted into a real scan (the condition's CT and lung).
+    """HR-LDM (chapter 05): one nodule of a subtype inpainted into a scan (the condition's healthy twin on phantom
+    data, else its CT) inside its lung.
 
-    The written label map holds the scan's real nodules (1..k) and the inpainted one (k+1); its subtype
-    is the condition's first nodule's (heldout) or drawn uniformly (sampler).
+    The written label map holds the inpainted nodule, after the scan's real nodules (1..k) when those are in the
+    background; its subtype is the condition's first nodule's (heldout) or drawn uniformly (sampler).
     """
 
     name, unit, module, chapter = "hr_ldm", "volume", "lungsynth.methods.hr_ldm", "05"
@@ -39,26 +40,43 @@ class HrLdmMethod(MethodFace):
     def load(self, cfg: Any, run_dir: Path) -> Any:
         return self.api().load(cfg, run_dir, self.hist_loss)
 
+    def quality_gates(self, cfg: Any) -> list[Any]:
+        from lungsynth.methods.hr_ldm.evaluate import quality_gates
+
+        return quality_gates(cfg)
+
     def generate(self, cfg: Any, model: Any, conditions: Sequence[Condition], seed: int) -> list[dict[str, Any]]:
+        """One nodule per condition, inpainted into the scan's healthy twin when it has one (the paper inpaints
+        into healthy lungs; the label map then holds only the new nodule), else into the scan itself, away from
+        its nodules (which keep their labels). ``hr_ldm.subpleural_share`` of the nodules go to the rim."""
         hr = self.api()
         if self._library is None:
             self._library = hr.NoduleLibrary.from_prepared(cfg, "train")
         rng = np.random.default_rng(int(seed))
+        n_rim = int(round(float(cfg.hr_ldm.subpleural_share) * len(conditions)))
+        rim = set(rng.permutation(len(conditions))[:n_rim].tolist())
         out = []
         for k, c in enumerate(conditions):
             sub = int(c.nodules[0]["subtype_id"]) if c.nodules and c.source == "heldout" else int(rng.integers(3))
-            res = hr.inpaint_volume(model, c.arrays["ct"], c.arrays["lung"], sub, spacing_mm=self.spacing_mm(cfg),
-                                    library=self._library, seed=int(seed) + k, steps=self.options.get("steps"))
-            label = np.asarray(c.arrays["label"]).astype(np.uint8).copy()
+            healthy = "healthy" in c.arrays
+            ct = c.arrays["healthy"] if healthy else c.arrays["ct"]
+            label = np.zeros_like(np.asarray(c.arrays["label"]), dtype=np.uint8) if healthy else \
+                np.asarray(c.arrays["label"]).astype(np.uint8).copy()
+            old_rows = [] if healthy else [dict(r) for r in c.nodules]
+            res = hr.inpaint_volume(model, ct, c.arrays["lung"], sub, spacing_mm=self.spacing_mm(cfg),
+                                    library=self._library, seed=int(seed) + k, steps=self.options.get("steps"),
+                                    subpleural=k in rim, exclude=label > 0)
             new = int(label.max()) + 1
-            label[(res.nodule_mask > 0) & (label == 0)] = new
-            hrmask = np.maximum(np.asarray(c.arrays["hrmask"]), np.moveaxis(res.hrmask, 0, -1))
-            tex = self.TEXTURE_OF_SUBTYPE[sub]
-            rows = [dict(r) for r in c.nodules] + [{
-                "label_value": new, "texture": tex, "subtype": ("solid", "part-solid", "ground-glass")[sub],
-                "subtype_id": sub, "diameter_mm": float(res.diameter_mm), "inpainted": True}]
+            label[res.nodule_mask > 0] = new  # never on an old nodule: inpaint_volume keeps away from `exclude`
+            old_hr = np.zeros_like(np.asarray(c.arrays["hrmask"])) if healthy else np.asarray(c.arrays["hrmask"])
+            hrmask = np.maximum(old_hr, np.moveaxis(res.hrmask, 0, -1))
+            rows = old_rows + [{
+                "label_value": new, "texture": self.TEXTURE_OF_SUBTYPE[sub],
+                "subtype": ("solid", "part-solid", "ground-glass")[sub], "subtype_id": sub,
+                "diameter_mm": float(res.diameter_mm), "inpainted": True, "subpleural": bool(res.subpleural)}]
             out.append({"arrays": {"ct": res.ct_hu, "label": label, "hrmask": hrmask,
                                    "cond": condition_volume_from(c.arrays["lung"], label, rows)},
                         "nodules": rows, "info": {"subtype": sub, "centre": list(map(int, res.centre)),
-                                                  "inpainted_label": new}})
+                                                  "inpainted_label": new, "background": "healthy twin" if healthy
+                                                  else "scan with its nodules", "subpleural": bool(res.subpleural)}})
         return out

@@ -16,9 +16,9 @@ Algorithm 1, one step (``M`` = nodule mask on the latent grid):
 
     z_t   = sqrt(ab_t) z_0 + sqrt(1 - ab_t) eps                                         (eq. 1)
     z~_t  = (1 - M) z_0 + M z_t                                                          (eq. 4)
-    L_eps = sum |eps - eps_theta(z~_t, t, y, h, mask)| M / sum M                        (eq. 5)
+    L_eps = sum |M (eps - eps_theta(z~_t, t, y, h, mask))|_1 / (sum M + delta)          (eq. 5)
     z^_0  = M (z~_t - sqrt(1 - ab_t) eps_theta) / sqrt(ab_t) + (1 - M) z_0                (eq. 6)
-    L_hist = JSD(H(D'(z^_0)), H(D'(z_0)))   D' = frozen decoder up to its penultimate res block,
+    L_hist = JSD(H(D'(z^_0)), H(D'(z_0)))   D' = frozen post_quant_conv + decoder up to its last res block,
                                              H = soft histogram over the lesion        (eq. 7-8)
     L = L_eps + lambda_hist L_hist,  lambda_hist = 10                                   (eq. 9)
 
@@ -108,7 +108,7 @@ def validate_mask_in_lung(mask: np.ndarray | torch.Tensor, lung: np.ndarray | to
     inside = float((m & lu).sum()) / n
     if inside < min_inside - 1e-9:
         raise ValueError(f"{what} lies {100 * (1 - inside):.1f}% outside the lung; place the nodule inside the "
-                         f"lung mask (e.g. a centre from hr_ldm.sample_centre) or pass include_rim=True for "
+                         f"lung mask (e.g. a centre from hr_ldm.sample_centre) or pass subpleural=True for "
                          f"sub-pleural nodules")
 
 
@@ -236,16 +236,21 @@ def feature_histograms(feat_pred: torch.Tensor, feat_true: torch.Tensor, weights
 
 
 class HistogramEncoder(nn.Module):
-    """Target histogram -> one cross-attention token: ``[B, bins] -> [B, 1, context_dim]`` (eq. 3).
+    """Target histogram -> one cross-attention token: ``[B, bins] -> [B, 1, context_dim]``.
 
-    Two hidden layers with SiLU, as the paper's "MLP with SiLU activations".
+    ``hidden_layers=1`` is eq. 3 as printed, ``W2 SiLU(W1 h + b1) + b2``; more hidden layers (each
+    Linear + SiLU of width ``hidden``) are a named option, not the paper's form.
     """
 
-    def __init__(self, bins: int = 40, hidden: int = 128, context_dim: int = 64) -> None:
+    def __init__(self, bins: int = 40, hidden: int = 128, context_dim: int = 64, hidden_layers: int = 1) -> None:
         super().__init__()
+        if int(hidden_layers) < 1:
+            raise ValueError(f"the histogram MLP needs at least one hidden layer (eq. 3 has one), got {hidden_layers}")
         self.bins = int(bins)
-        self.mlp = nn.Sequential(nn.Linear(bins, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, context_dim))
+        layers: list[nn.Module] = [nn.Linear(bins, hidden), nn.SiLU()]
+        for _ in range(int(hidden_layers) - 1):
+            layers += [nn.Linear(hidden, hidden), nn.SiLU()]
+        self.mlp = nn.Sequential(*layers, nn.Linear(hidden, context_dim))
 
     def forward(self, hist: torch.Tensor) -> torch.Tensor:
         if hist.ndim != 2 or hist.shape[1] != self.bins:
@@ -275,7 +280,7 @@ class HrLdmNet(nn.Module):
         self.spec = dict(spec)
         c = int(spec["latent_channels"])
         self.hist_encoder = HistogramEncoder(int(spec["hist_bins"]), int(spec["hist_hidden"]),
-                                             int(spec["context_dim"]))
+                                             int(spec["context_dim"]), int(spec.get("hist_layers", 1)))
         self.unet = diffusion_unet(3, c + MASK_CHANNELS, c, channels=tuple(spec["unet_channels"]),
                                    num_res_blocks=int(spec["num_res_blocks"]),
                                    attention_levels=tuple(bool(a) for a in spec["attention_levels"]),
@@ -290,7 +295,8 @@ def net_spec(cfg: Any, latent_channels: int) -> dict[str, Any]:
     h = cfg.hr_ldm
     return {"latent_channels": int(latent_channels), "unet_channels": list(h.unet_channels),
             "num_res_blocks": int(h.num_res_blocks), "attention_levels": [bool(a) for a in h.attention_levels],
-            "context_dim": int(h.context_dim), "hist_hidden": int(h.hist_hidden), "hist_bins": int(h.hist_bins)}
+            "context_dim": int(h.context_dim), "hist_hidden": int(h.hist_hidden), "hist_bins": int(h.hist_bins),
+            "hist_layers": int(h.hist_layers)}
 
 
 def crop_side(cfg: Any, vae_factor: int = 4) -> int:
@@ -320,28 +326,37 @@ def make_schedulers(cfg: Any):
 
 
 class TruncatedDecoder(nn.Module):
-    """A frozen copy of the VAE decoder that stops after its penultimate residual block.
+    """A frozen copy of the VAE's decoding up to its last residual block (Sec. 3.2.3, after Berrada et al.).
 
-    ``forward(z_unscaled [B, c, l, l, l]) -> features [B, F, l*u, ...]`` (u = the upsamplings before
-    the cut; 2 for the course's 3-level VAE). Gradients flow to the input, never to the weights.
+    ``forward(z_unscaled [B, c, l, l, l]) -> features [B, F, l*u, l*u, l*u]``: the ``post_quant_conv`` that
+    ``AutoencoderKL.decode`` applies first, then the decoder's blocks up to the input of its last residual
+    block, so ``u`` (``self.upsamplings``) is every upsampling of the decoder and the features are at the
+    voxel grid (the course's 3-level VAE: u = 4, F = its first channel width). MAISI's decoder has two
+    residual blocks per level, where this is "the penultimate residual block" of the paper; the course's
+    has one, where cutting after the penultimate one would leave half the resolution. The final residual
+    block, norm and output convolution are skipped. Gradients flow to the input, never to the weights;
+    a test checks the output against the real ``decode`` through a forward hook.
     """
 
     def __init__(self, vae: nn.Module) -> None:
         super().__init__()
-        decoder = vae.net.decoder
-        blocks = list(decoder.blocks)
+        net = vae.net
+        blocks = list(net.decoder.blocks)
         res = [i for i, b in enumerate(blocks) if "ResBlock" in type(b).__name__]
         if len(res) < 2:
             raise ValueError("the VAE decoder has fewer than two residual blocks; cannot truncate it")
-        self.blocks = copy.deepcopy(nn.Sequential(*blocks[:res[-2] + 1]))
-        self.blocks.eval().requires_grad_(False)
+        self.cut = res[-1]  # index of the decoder block whose input is the feature map
+        self.post_quant_conv = copy.deepcopy(net.post_quant_conv)
+        self.blocks = copy.deepcopy(nn.Sequential(*blocks[:self.cut]))
+        self.upsamplings = 2 ** sum("upsample" in type(b).__name__.lower() for b in blocks[:self.cut])
+        self.eval().requires_grad_(False)
         self.scale_factor = float(vae.scale_factor)
 
     def train(self, mode: bool = True) -> "TruncatedDecoder":  # always frozen, GroupNorm has no running stats
         return super().train(False)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.blocks(z)
+        return self.blocks(self.post_quant_conv(z))
 
 
 # --------------------------------------------------------------------------- the [0, 1] scale and HU
@@ -363,6 +378,26 @@ def hu_to_unit(x: torch.Tensor | np.ndarray, cfg: Any) -> torch.Tensor | np.ndar
 # --------------------------------------------------------------------------- Algorithm 1: the loss
 
 
+INPAINT_DELTA = 1e-6  # eq. 5's smoothing constant
+
+
+def inpaint_l1(eps_hat: torch.Tensor, eps: torch.Tensor, mask: torch.Tensor, delta: float = INPAINT_DELTA
+               ) -> torch.Tensor:
+    """Eq. 5 per sample, averaged over the batch: ``sum |M (eps - eps_hat)|_1 / (sum M + delta)``.
+
+    Shapes: ``eps_hat``, ``eps`` [B, c, *S]; ``mask`` [B, 1, *S] (the lesion M on the latent grid). The
+    channel choice: ``|.|_1`` is the L1 norm over the c latent channels of each latent voxel and ``sum M``
+    counts latent voxels, so the loss is per lesion voxel (c times a per-element mean; lambda_hist = 10
+    weighs the histogram term against this scale).
+    """
+    if mask.shape[1] != 1 or mask.shape[0] != eps.shape[0] or mask.shape[2:] != eps.shape[2:]:
+        raise ValueError(f"eq. 5 takes a one-channel mask [B, 1, *S] matching eps {tuple(eps.shape)}, "
+                         f"got {tuple(mask.shape)}")
+    err = (mask * (eps.float() - eps_hat.float())).abs().flatten(1).sum(dim=1)
+    return (err / (mask.float().flatten(1).sum(dim=1) + delta)).mean()
+
+
+
 def hr_ldm_losses(net: HrLdmNet, scheduler, batch: Mapping[str, torch.Tensor], trunc: TruncatedDecoder | None,
                   hist_weight: float, hist_bins: int = 40, timesteps: torch.Tensor | None = None,
                   noise: torch.Tensor | None = None, hist_timestep_weighting: str = "none") -> dict[str, torch.Tensor]:
@@ -378,7 +413,7 @@ def hr_ldm_losses(net: HrLdmNet, scheduler, batch: Mapping[str, torch.Tensor], t
     """
     if hist_timestep_weighting not in ("none", "alpha_bar"):
         raise ValueError(f"hist_timestep_weighting must be 'none' or 'alpha_bar', got {hist_timestep_weighting!r}")
-    from lungsynth.diffusion.objectives import add_noise_masked, masked_l1, x0_from_eps
+    from lungsynth.diffusion.objectives import add_noise_masked, x0_from_eps
     from lungsynth.diffusion.schedules import alpha_bar_at, sample_timesteps
 
     z0, m = batch["z0"], batch["mask"]
@@ -387,12 +422,14 @@ def hr_ldm_losses(net: HrLdmNet, scheduler, batch: Mapping[str, torch.Tensor], t
     eps = noise if noise is not None else torch.randn_like(z0)
     zt = add_noise_masked(scheduler, z0, eps, t, m)  # eq. 1 and 4: noise only inside the lesion
     eps_hat = net(torch.cat([zt, batch["cond"]], dim=1), t, batch["hist"], batch["subtype"])
-    loss_eps = masked_l1(eps_hat, eps, m)  # eq. 5, normalised by the mask sum
+    loss_eps = inpaint_l1(eps_hat, eps, m)  # eq. 5
     out: dict[str, torch.Tensor] = {"loss_eps": loss_eps}
     loss = loss_eps
     if trunc is not None and hist_weight > 0:
         ab = alpha_bar_at(scheduler, t, like=z0)
-        z0_hat = m * x0_from_eps(zt.float(), eps_hat.float(), ab) + (1.0 - m) * z0  # eq. 6
+        # eq. 6 inside the lesion; outside it z~_t is the clean z_0 itself (eq. 4), which eq. 6 would distort
+        # by -sqrt(1 - ab) eps_hat / sqrt(ab): the truncated decoder's receptive field sees the true background
+        z0_hat = m * x0_from_eps(zt.float(), eps_hat.float(), ab) + (1.0 - m) * z0
         f_pred = trunc(z0_hat / trunc.scale_factor)
         with torch.no_grad():
             f_true = trunc(z0 / trunc.scale_factor)

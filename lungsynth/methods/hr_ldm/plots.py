@@ -63,9 +63,10 @@ def plot_inpaint_steps(model: HrLdm, result: InpaintResult, n: int = 6) -> Any:
 
 def subtype_size_grid(model: HrLdm, ct_hu: np.ndarray, lung: np.ndarray, library: NoduleLibrary, *,
                       spacing_mm: float, seed: int = 0, steps: int | None = None,
-                      size_bins: Sequence[tuple[float, float]] = SIZE_BINS_MM) -> list[list[InpaintResult]]:
+                      size_bins: Sequence[tuple[float, float]] = SIZE_BINS_MM) -> list[list[InpaintResult | None]]:
     """One nodule per (subtype, size bin) inpainted into the same scan at the same centre: rows are
-    subtypes, columns size bins (the paper's Figure 4)."""
+    subtypes, columns size bins (the paper's Figure 4). A cell whose subtype and size the library lacks is
+    None (the library never substitutes another subtype or size)."""
     from lungsynth.methods.hr_ldm.sample import sample_centre
 
     rng = np.random.default_rng(seed)
@@ -76,12 +77,13 @@ def subtype_size_grid(model: HrLdm, ct_hu: np.ndarray, lung: np.ndarray, library
         row = []
         for j, size in enumerate(size_bins):
             row.append(inpaint_volume(model, ct_hu, lung, y, spacing_mm=spacing_mm, library=library, centre=centre,
-                                      size_range_mm=size, seed=seed + 10 * y + j, steps=steps))
+                                      size_range_mm=size, seed=seed + 10 * y + j, steps=steps)
+                       if library.has(y, size) else None)
         grid.append(row)
     return grid
 
 
-def plot_subtype_size_grid(grid: list[list[InpaintResult]],
+def plot_subtype_size_grid(grid: list[list[InpaintResult | None]],
                            size_bins: Sequence[tuple[float, float]] = SIZE_BINS_MM) -> Any:
     """Centre axial slice of each generated crop with the nodule contour; rows subtypes, columns sizes."""
     import matplotlib.pyplot as plt
@@ -91,12 +93,16 @@ def plot_subtype_size_grid(grid: list[list[InpaintResult]],
     fig, axes = plt.subplots(len(grid), len(grid[0]), figsize=(2.4 * len(grid[0]), 2.4 * len(grid)), squeeze=False)
     for i, row in enumerate(grid):
         for j, res in enumerate(row):
-            c = int(np.argmax(res.crop_mask.sum(axis=(1, 2))))
-            overlay(axes[i, j], res.crop_after[c], {"nodule": res.crop_mask[c]}, window=WINDOW)
+            if res is None:
+                axes[i, j].text(0.5, 0.5, "no real nodule\nof this kind", ha="center", va="center", fontsize=8)
+                axes[i, j].set_xticks([]), axes[i, j].set_yticks([])
+            else:
+                c = int(np.argmax(res.crop_mask.sum(axis=(1, 2))))
+                overlay(axes[i, j], res.crop_after[c], {"nodule": res.crop_mask[c]}, window=WINDOW)
             if i == 0:
                 axes[i, j].set_title(f"{size_bins[j][0]:g}-{size_bins[j][1]:g} mm", fontsize=9)
             if j == 0:
-                axes[i, j].set_ylabel(SUBTYPES[res.subtype], fontsize=9)
+                axes[i, j].set_ylabel(SUBTYPES[i], fontsize=9)
     fig.tight_layout()
     return fig
 

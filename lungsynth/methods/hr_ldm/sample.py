@@ -160,13 +160,14 @@ def inpaint_crops(model: HrLdm, ct: torch.Tensor, hrmask: torch.Tensor, subtype:
 # --------------------------------------------------------------------------- where
 
 
-def candidate_centres(lung: np.ndarray, margin_vox: float, include_rim: bool = False,
-                      rim_vox: float | None = None) -> np.ndarray:
-    """Voxel indices [N, 3] where a nodule centre may go.
+def candidate_centres(lung: np.ndarray, margin_vox: float, *, subpleural: bool = False,
+                      exclude: np.ndarray | None = None, exclude_margin_vox: float = 0.0) -> np.ndarray:
+    """Voxel indices [N, 3] where a nodule centre may go (Sec. 3.3, step 1).
 
-    The eroded lung is every lung voxel farther than ``margin_vox`` from the lung boundary
-    (Euclidean distance transform, so the erosion is by a ball). ``include_rim`` adds the
-    sub-pleural rim: lung voxels within ``rim_vox`` (default ``margin_vox``) of the boundary.
+    The inner region is every lung voxel farther than ``margin_vox`` from the lung boundary (Euclidean
+    distance transform, so the erosion is by a ball): parenchymal nodules. ``subpleural`` takes the
+    rim instead, the lung minus that inner region. ``exclude`` (a mask of existing nodules, [D, H, W])
+    removes every voxel within ``exclude_margin_vox`` of one, so a new nodule never lands on an old one.
     """
     from scipy import ndimage
 
@@ -175,22 +176,28 @@ def candidate_centres(lung: np.ndarray, margin_vox: float, include_rim: bool = F
         raise ValueError(f"lung mask must be [D, H, W], got shape {lu.shape}")
     if not lu.any():
         raise ValueError("the lung mask is empty; pass the scan's lung mask (prepared 'lung' volume)")
-    dist = ndimage.distance_transform_edt(lu)
-    keep = dist > margin_vox
-    if include_rim:
-        keep |= lu & (dist <= (margin_vox if rim_vox is None else rim_vox))
+    inner = ndimage.distance_transform_edt(lu) > margin_vox
+    keep = (lu & ~inner) if subpleural else inner
+    if exclude is not None and np.asarray(exclude).any():
+        ex = np.asarray(exclude) > 0
+        if ex.shape != lu.shape:
+            raise ValueError(f"exclude mask {ex.shape} does not match the lung mask {lu.shape}")
+        keep &= ndimage.distance_transform_edt(~ex) > exclude_margin_vox
     idx = np.argwhere(keep)
     if idx.size == 0:
-        raise ValueError(f"no lung voxel is more than {margin_vox:.1f} voxels from the pleura; use a smaller "
-                         f"nodule, a smaller hr_ldm.lung_erosion_mm, or include_rim=True")
+        where = "in the sub-pleural rim" if subpleural else f"more than {margin_vox:.1f} voxels from the pleura"
+        raise ValueError(f"no lung voxel {where}{' away from the existing nodules' if exclude is not None else ''}; "
+                         f"use a smaller nodule or a smaller hr_ldm.lung_erosion_mm")
     return idx
 
 
 def sample_centre(lung: np.ndarray, radius_mm: float, spacing_mm: float, rng: np.random.Generator,
-                  erosion_mm: float = 4.0, include_rim: bool = False) -> tuple[int, int, int]:
-    """One centre drawn uniformly from :func:`candidate_centres` with margin radius + erosion (in voxels)."""
+                  erosion_mm: float = 4.0, subpleural: bool = False, exclude: np.ndarray | None = None
+                  ) -> tuple[int, int, int]:
+    """One centre drawn uniformly from :func:`candidate_centres`: the erosion margin is radius + erosion (in
+    voxels), and existing nodules (``exclude``) are kept one radius + erosion away."""
     margin = (float(radius_mm) + float(erosion_mm)) / float(spacing_mm)
-    idx = candidate_centres(lung, margin, include_rim=include_rim)
+    idx = candidate_centres(lung, margin, subpleural=subpleural, exclude=exclude, exclude_margin_vox=margin)
     return tuple(int(v) for v in idx[rng.integers(len(idx))])  # type: ignore[return-value]
 
 
@@ -213,55 +220,69 @@ class NoduleLibrary:
         return len(self.masks)
 
     @classmethod
-    def from_crops(cls, items: Iterable[Mapping[str, Any]], cfg: Any) -> "NoduleLibrary":
-        """From CropDataset-like items (ct [1,C,C,C] in [0,1], hrmask [3,C,C,C], subtype_id, diameter_mm)."""
+    def from_crops(cls, items: Iterable[Mapping[str, Any]], cfg: Any,
+                   size_range_mm: tuple[float, float] | None = None) -> "NoduleLibrary":
+        """From CropDataset-like items (ct [1,C,C,C] in [0,1], hrmask [3,C,C,C], subtype_id, diameter_mm), keeping
+        the nodules of diameter in ``size_range_mm`` (default ``cfg.hr_ldm.size_range_mm``, the paper's 6-30 mm)."""
+        lo, hi = size_range_mm or tuple(cfg.hr_ldm.size_range_mm)
         masks, subs, diams, hists, ids = [], [], [], [], []
         for it in items:
             hr = np.asarray(torch.as_tensor(it["hrmask"]).numpy() if torch.is_tensor(it["hrmask"]) else it["hrmask"])
             nod = hr[0] > 0
             if not nod.any():
                 continue
+            diameter = float(it.get("diameter_mm", 2.0 * (3.0 * nod.sum() / (4 * np.pi)) ** (1 / 3)))
+            if not lo <= diameter <= hi:
+                continue
             sl = tuple(slice(int(a.min()), int(a.max()) + 1) for a in np.nonzero(nod))
             masks.append(hr[(slice(None),) + sl].astype(np.uint8))
             subs.append(int(it["subtype_id"]))
-            diams.append(float(it.get("diameter_mm", 2.0 * (3.0 * nod.sum() / (4 * np.pi)) ** (1 / 3))))
+            diams.append(diameter)
             ct = torch.as_tensor(it["ct"]).float()[0]
             hists.append(hu_histogram(unit_to_hu(ct, cfg), torch.as_tensor(nod), cfg.hr_ldm.hist_bins,
                                       tuple(cfg.hr_ldm.hist_range_hu)))
             ids.append(str(it.get("nodule_id", len(ids))))
         if not masks:
-            raise ValueError("no nodule with a non-empty mask in the crops; the library needs real nodules")
+            raise ValueError(f"no nodule of {lo:g}-{hi:g} mm with a non-empty mask in the crops; the library needs "
+                             f"real nodules (hr_ldm.size_range_mm)")
         return cls(masks, np.array(subs), np.array(diams), np.stack(hists), ids)
 
     @classmethod
     def from_prepared(cls, cfg: Any, split: str = "train") -> "NoduleLibrary":
-        """Every nodule of ``split`` of the prepared dataset (``CropDataset`` at the model's crop side)."""
+        """Every 6-30 mm nodule of ``split`` of the prepared dataset (``CropDataset`` at the model's crop side)."""
         from lungsynth.data.datasets import CropDataset, ensure_prepared
 
         ensure_prepared(cfg)
         ds = CropDataset(cfg, split, size=crop_side(cfg))
         return cls.from_crops((ds[i] for i in range(len(ds))), cfg)
 
-    def _pick(self, keep: np.ndarray, rng: np.random.Generator, what: str) -> int:
-        idx = np.flatnonzero(keep)
-        if idx.size == 0:
-            raise ValueError(f"the nodule library has no {what}; widen the size range or use another subtype")
-        return int(idx[rng.integers(idx.size)])
+    def has(self, subtype: int, size_range_mm: tuple[float, float] | None = None) -> bool:
+        """Whether a shape of ``subtype`` (and diameter in ``size_range_mm``) exists."""
+        return bool(self._matching(subtype, size_range_mm).any())
+
+    def _matching(self, subtype: int, size_range_mm: tuple[float, float] | None) -> np.ndarray:
+        keep = self.subtypes == int(subtype)
+        if size_range_mm is not None:
+            keep &= (self.diameters_mm >= size_range_mm[0]) & (self.diameters_mm < size_range_mm[1])
+        return keep
 
     def draw_shape(self, rng: np.random.Generator, size_range_mm: tuple[float, float] | None = None,
                    subtype: int | None = None) -> int:
-        """Index of a shape of diameter in ``size_range_mm`` (and ``subtype`` when given and available:
-        shapes are shared across subtypes when a subtype has none in the range)."""
-        keep = np.ones(len(self), bool)
-        if size_range_mm is not None:
-            keep &= (self.diameters_mm >= size_range_mm[0]) & (self.diameters_mm < size_range_mm[1])
-            if not keep.any():  # nearest diameter to the range's middle
-                mid = 0.5 * (size_range_mm[0] + size_range_mm[1])
-                keep = np.zeros(len(self), bool)
-                keep[int(np.argmin(np.abs(self.diameters_mm - mid)))] = True
-        if subtype is not None and (keep & (self.subtypes == subtype)).any():
-            keep &= self.subtypes == subtype
-        return self._pick(keep, rng, f"nodule in {size_range_mm} mm")
+        """Index of a real shape of ``subtype`` with diameter in ``size_range_mm`` (Sec. 3.3, step 2). There is no
+        fallback to another subtype or size: when none exists the error names both."""
+        if subtype is None:
+            keep = np.ones(len(self), bool) if size_range_mm is None else \
+                (self.diameters_mm >= size_range_mm[0]) & (self.diameters_mm < size_range_mm[1])
+        else:
+            keep = self._matching(int(validate_subtype(subtype)[0]), size_range_mm)
+        idx = np.flatnonzero(keep)
+        if idx.size == 0:
+            what = "any subtype" if subtype is None else SUBTYPES[int(subtype)]
+            size = "" if size_range_mm is None else f" of {size_range_mm[0]:g}-{size_range_mm[1]:g} mm"
+            have = sorted(f"{d:.1f}" for d in self.diameters_mm[self.subtypes == subtype]) if subtype is not None else []
+            raise ValueError(f"the nodule library has no {what} nodule{size} (its {what} diameters: "
+                             f"{', '.join(have) or 'none'} mm); choose another size range or subtype")
+        return int(idx[rng.integers(idx.size)])
 
     def target_histogram(self, subtype: int, rng: np.random.Generator | None = None) -> np.ndarray:
         """A real nodule's HU histogram of ``subtype`` (random one with ``rng``, else the subtype mean)."""
@@ -270,10 +291,7 @@ class NoduleLibrary:
         if not keep.any():
             raise ValueError(f"the nodule library has no {SUBTYPES[int(subtype)]} nodule to take a target histogram "
                              f"from; pass histogram= explicitly")
-        if rng is None:
-            h = self.histograms[keep].mean(axis=0)
-        else:
-            h = self.histograms[self._pick(keep, rng, SUBTYPES[int(subtype)])]
+        h = self.histograms[keep].mean(axis=0) if rng is None else self.histograms[rng.choice(np.flatnonzero(keep))]
         return h / h.sum()
 
 
@@ -342,33 +360,46 @@ class InpaintResult:
     crop_after: np.ndarray  # [C, C, C] HU at 1 mm (decoded)
     crop_mask: np.ndarray  # [C, C, C] uint8
     delta_hu_outside: float  # mean |decoded - input| outside the nodule in the crop (HU)
+    subpleural: bool = False  # centred in the sub-pleural rim (else in the eroded lung)
     intermediates: list[dict[str, Any]] | None = None
 
 
 CENTRE_TRIES = 20  # centres drawn before a nodule that never fits the lung is an error
 
 
+def latent_region(crop_mask: np.ndarray, factor: int) -> np.ndarray:
+    """Where inpainting changes a crop: the nodule channel max-pooled to the latent grid (the M of eq. 10) and
+    upsampled back, [C, C, C] bool; known before any sampling."""
+    m = torch.from_numpy(np.ascontiguousarray(crop_mask[:1] > 0)).float()[None]
+    pooled = F.max_pool3d(m, factor)
+    return F.interpolate(pooled, scale_factor=factor, mode="nearest")[0, 0].numpy() > 0
+
+
 def inpaint_volume(model: HrLdm, ct_hu: np.ndarray, lung: np.ndarray, subtype: int, *, spacing_mm: float,
                    library: NoduleLibrary | None = None, centre: Sequence[int] | None = None,
                    shape: np.ndarray | None = None, histogram: np.ndarray | None = None,
-                   size_range_mm: tuple[float, float] | None = None, include_rim: bool = False,
-                   seed: int = 0, steps: int | None = None, intermediates_every: int | None = None
-                   ) -> InpaintResult:
-    """Inpaint one nodule of ``subtype`` into a real CT volume (Algorithm 2, steps 1-5).
+                   size_range_mm: tuple[float, float] | None = None, subpleural: bool = False,
+                   exclude: np.ndarray | None = None, seed: int = 0, steps: int | None = None,
+                   intermediates_every: int | None = None) -> InpaintResult:
+    """Inpaint one nodule of ``subtype`` into a CT volume (Algorithm 2, steps 1-5).
 
     Args:
-        ct_hu: [D, H, W] in HU; lung: [D, H, W] lung mask; spacing_mm: the volume's isotropic spacing.
+        ct_hu: [D, H, W] in HU, ideally a healthy scan (the prepared ``healthy`` twin on phantom data);
+            lung: [D, H, W] lung mask; spacing_mm: the volume's isotropic spacing.
         subtype: 0 solid, 1 part-solid, 2 ground-glass.
         library: real nodules for the shape and target histogram (needed unless both ``shape`` and
             ``histogram`` are given).
-        centre: voxel (d, h, w); default drawn inside the eroded lung (plus the rim with ``include_rim``).
-        shape: hrmask [3, a, b, c] at the model's crop spacing (a library entry); default drawn from ``library``.
+        centre: voxel (d, h, w); default drawn inside the eroded lung, or in the sub-pleural rim with
+            ``subpleural`` (the shape is then clipped at the pleura).
+        shape: hrmask [3, a, b, c] at the model's crop spacing (a library entry); default drawn from ``library``
+            (of ``subtype`` and ``size_range_mm``, default the library's whole 6-30 mm).
         histogram: target [bins] summing to 1; default a real nodule of ``subtype`` from ``library``.
-        size_range_mm: diameter range of the drawn shape (e.g. (10, 20)).
+        exclude: [D, H, W] mask of nodules already in the scan (real LIDC data): drawn centres keep away from
+            them and the changed region never touches one.
         seed: seeds the choices and the sampler.
     Returns:
-        :class:`InpaintResult`. Raises ValueError for a bad subtype or histogram, or a nodule that
-        falls outside the lung.
+        :class:`InpaintResult`. Raises ValueError for a bad subtype or histogram, a shape the library lacks,
+        or a nodule that falls outside the lung or onto an existing one.
     """
     cfg = model.cfg
     y = int(validate_subtype(subtype)[0])
@@ -376,6 +407,9 @@ def inpaint_volume(model: HrLdm, ct_hu: np.ndarray, lung: np.ndarray, subtype: i
     lu = np.asarray(lung) > 0
     if ct_hu.ndim != 3 or lu.shape != ct_hu.shape:
         raise ValueError(f"ct_hu {ct_hu.shape} and lung {lu.shape} must be [D, H, W] volumes of the same shape")
+    ex = None if exclude is None else np.asarray(exclude) > 0
+    if ex is not None and ex.shape != ct_hu.shape:
+        raise ValueError(f"exclude {ex.shape} must be a [D, H, W] mask like ct_hu {ct_hu.shape}")
     rng = np.random.default_rng(seed)
     if histogram is None:
         if library is None:
@@ -396,19 +430,25 @@ def inpaint_volume(model: HrLdm, ct_hu: np.ndarray, lung: np.ndarray, subtype: i
     # a drawn centre keeps a ball of the nodule's radius inside the eroded lung, but the placed mask (an
     # elongated shape, flipped, on a lung resampled to the crop grid) can still leave a thin lung: draw again
     for attempt in range(CENTRE_TRIES if drawn else 1):
-        if drawn:
-            centre = sample_centre(lu, diameter / 2, spacing_mm, rng, cfg.hr_ldm.lung_erosion_mm, include_rim)
-        centre = tuple(int(c) for c in centre)
-        if any(not 0 <= c < s for c, s in zip(centre, ct_hu.shape)):
-            raise ValueError(f"centre {centre} lies outside the volume {ct_hu.shape}")
-        crop_mask = place_mask(shape, side, tuple(bool(b) for b in rng.integers(0, 2, 3)))
-        sl, pad = _window(centre, win, ct_hu.shape)
-        lung_win = np.pad(lu[tuple(sl)], pad)
-        lung_crop = _resize(torch.from_numpy(lung_win.astype(np.float32))[None, None], side, "trilinear")[0, 0] > 0.5
-        if include_rim:  # a sub-pleural nodule is bounded by the pleura
-            crop_mask = crop_mask * lung_crop.numpy()[None].astype(np.uint8)
         try:
+            if drawn:
+                centre = sample_centre(lu, diameter / 2, spacing_mm, rng, cfg.hr_ldm.lung_erosion_mm, subpleural, ex)
+            centre = tuple(int(c) for c in centre)
+            if any(not 0 <= c < s for c, s in zip(centre, ct_hu.shape)):
+                raise ValueError(f"centre {centre} lies outside the volume {ct_hu.shape}")
+            crop_mask = place_mask(shape, side, tuple(bool(b) for b in rng.integers(0, 2, 3)))
+            sl, pad = _window(centre, win, ct_hu.shape)
+            inner = tuple(slice(p[0], win - p[1]) for p in pad)
+            lung_win = np.pad(lu[tuple(sl)], pad)
+            lung_crop = _resize(torch.from_numpy(lung_win.astype(np.float32))[None, None], side, "trilinear")[0, 0] > 0.5
+            if subpleural:  # a sub-pleural nodule is bounded by the pleura
+                crop_mask = crop_mask * lung_crop.numpy()[None].astype(np.uint8)
             validate_mask_in_lung(crop_mask[0], lung_crop.numpy(), what="nodule mask at the chosen centre")
+            region_crop = latent_region(crop_mask, model.vae.downsample)
+            region_win = _volume_grid(region_crop, crop_mask, win, side)
+            if ex is not None and (region_win[inner] & ex[tuple(sl)]).any():
+                raise ValueError(f"the nodule at centre {centre} would overwrite a nodule already in the scan; "
+                                 f"choose another centre (a drawn one keeps away from `exclude`)")
             break
         except ValueError as exc:
             if not drawn or attempt == CENTRE_TRIES - 1:
@@ -418,21 +458,16 @@ def inpaint_volume(model: HrLdm, ct_hu: np.ndarray, lung: np.ndarray, subtype: i
     x = hu_to_unit(ct_crop, cfg)
     out = inpaint_crops(model, x, torch.from_numpy(crop_mask)[None].float(), y, target[None], steps=steps, seed=seed,
                         intermediates_every=intermediates_every)
-    after_unit = out["ct"].cpu()
     nod = torch.from_numpy(crop_mask[:1]).bool()[None]
     before_hu = unit_to_hu(x.cpu(), cfg)
-    after_hu = unit_to_hu(after_unit, cfg)
+    after_hu = unit_to_hu(out["ct"].cpu(), cfg)
     delta = float((after_hu - before_hu).abs()[~nod].mean())
     # Paste: only the generated region changes; resample back to the volume grid when the spacings differ.
-    region_crop = out["region"].cpu()
-    region_win = (_resize(region_crop, win, "area") > 0.5) if win != side else region_crop > 0.5
     after_win = _resize(after_hu, win, "area") if win != side else after_hu
     nod_win = _downsample_mask(torch.from_numpy(crop_mask).float()[None], win) if win != side else \
         torch.from_numpy(crop_mask)[None] > 0
-    region_win = region_win | nod_win[:, :1]  # the labelled nodule is always part of the pasted region
-    inner = tuple(slice(p[0], win - p[1]) for p in pad)
     new = ct_hu.copy()
-    reg = region_win[0, 0].numpy()[inner]
+    reg = region_win[inner]
     new_win = new[tuple(sl)]
     new_win[reg] = after_win[0, 0].numpy()[inner][reg]
     region_vol = np.zeros(ct_hu.shape, np.uint8)
@@ -444,4 +479,14 @@ def inpaint_volume(model: HrLdm, ct_hu: np.ndarray, lung: np.ndarray, subtype: i
                          subtype=y, diameter_mm=diameter, target_histogram=target.numpy().astype(np.float64),
                          generated_histogram=gen_hist, crop_before=before_hu[0, 0].numpy(),
                          crop_after=after_hu[0, 0].numpy(), crop_mask=crop_mask[0], delta_hu_outside=delta,
-                         intermediates=out["intermediates"])
+                         subpleural=bool(subpleural), intermediates=out["intermediates"])
+
+
+def _volume_grid(region_crop: np.ndarray, crop_mask: np.ndarray, win: int, side: int) -> np.ndarray:
+    """The changed region on the volume's window grid [win, win, win] bool: the latent region resampled, plus the
+    labelled nodule (always part of what is pasted)."""
+    reg = torch.from_numpy(region_crop.astype(np.float32))[None, None]
+    region_win = (_resize(reg, win, "area") > 0.5) if win != side else reg > 0.5
+    nod_win = _downsample_mask(torch.from_numpy(crop_mask).float()[None], win) if win != side else \
+        torch.from_numpy(crop_mask)[None] > 0
+    return (region_win[0, 0] | nod_win[0, 0]).numpy()

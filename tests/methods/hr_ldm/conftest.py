@@ -39,6 +39,12 @@ def cfg():
 
 
 @pytest.fixture(scope="package")
+def cfg_1mm():
+    """The tiny config on the 48^3 test volume's 1 mm grid, half of the nodules sub-pleural."""
+    return get_config("smoke", {**TINY, "data.spacing_3d_mm": 1.0, "hr_ldm.subpleural_share": 0.5})
+
+
+@pytest.fixture(scope="package")
 def vae(cfg):
     from lungsynth.autoencoders import build_autoencoder
 

@@ -124,3 +124,59 @@ def test_sampling_scheduler_clips_z0_when_asked(cfg):
     assert cfg.hr_ldm.clip_latent == 3.0 and sample.clip_sample and tuple(sample.clip_sample_values) == (-3.0, 3.0)
     _, off = hr_ldm.make_schedulers(apply_overrides(cfg, {"hr_ldm.clip_latent": 0.0}))
     assert not off.clip_sample
+
+
+# --------------------------------------------------------------------------- the paper's equations by hand
+
+
+def test_truncated_decoder_is_the_real_decode_up_to_its_last_residual_block(vae):
+    """post_quant_conv included, cut at the input of the decoder's last residual block: compared with the
+    tensor the real AutoencoderKL.decode feeds that block (forward pre-hook); fails if either is dropped."""
+    trunc = hr_ldm.TruncatedDecoder(vae)
+    blocks = list(vae.net.decoder.blocks)
+    seen = {}
+    hook = blocks[trunc.cut].register_forward_pre_hook(lambda mod, args: seen.setdefault("x", args[0].detach()))
+    z = torch.randn(2, vae.latent_channels, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        vae.net.decode(z)
+    hook.remove()
+    feats = trunc(z)
+    assert "ResBlock" in type(blocks[trunc.cut]).__name__ and trunc.cut == max(
+        i for i, b in enumerate(blocks) if "ResBlock" in type(b).__name__)
+    assert feats.shape == seen["x"].shape and feats.shape[2:] == (16, 16, 16)  # at the voxel grid: x4
+    assert trunc.upsamplings == 4
+    assert torch.allclose(feats, seen["x"], atol=1e-5)
+    assert not torch.allclose(trunc.blocks(z), seen["x"], atol=1e-3)  # without post_quant_conv it differs
+
+
+def test_eq5_inpaint_loss_by_hand():
+    """Eq. 5 per sample: the L1 norm over channels summed over lesion voxels / (lesion voxels + delta)."""
+    eps = torch.zeros(2, 2, 1, 1, 3)
+    eps_hat = torch.tensor([[[[[1.0, 2.0, 3.0]]], [[[1.0, 0.0, -1.0]]]],
+                            [[[[0.5, 0.5, 0.5]]], [[[0.5, 0.5, 0.5]]]]])
+    mask = torch.tensor([[[[[1.0, 1.0, 0.0]]]], [[[[0.0, 0.0, 1.0]]]]])
+    # sample 0: voxels 0, 1 -> (|1| + |1|) + (|2| + |0|) = 4 over 2 voxels = 2; sample 1: voxel 2 -> 1 over 1 = 1
+    assert float(hr_ldm.inpaint_l1(eps_hat, eps, mask, delta=0.0)) == pytest.approx(1.5)
+    assert float(hr_ldm.inpaint_l1(eps_hat, eps, mask)) == pytest.approx((4 / (2 + 1e-6) + 1 / (1 + 1e-6)) / 2)
+    with pytest.raises(ValueError, match="one-channel mask"):
+        hr_ldm.inpaint_l1(eps_hat, eps, mask.expand(2, 2, 1, 1, 3))
+
+
+def test_eq7_eq8_soft_histogram_and_jsd_by_hand():
+    """Eq. 7 with K = 4 bins on [0, 1] (width 0.25, centres .125 .375 .625 .875) and eq. 8 in natural log."""
+    x = torch.tensor([0.125, 0.25, 0.8])
+    # 0.125 -> bin 0; 0.25 halfway between bins 0 and 1; 0.8 -> 0.3 of bin 2, 0.7 of bin 3
+    want = torch.tensor([1.5, 0.5, 0.3, 0.7]) / 3
+    assert torch.allclose(hr_ldm.soft_histogram(x, bins=4, eps=0.0), want, atol=1e-6)
+    p, q = torch.tensor([0.5, 0.5, 0.0, 0.0]), torch.tensor([0.0, 0.5, 0.5, 0.0])
+    # a = (.25, .5, .25, 0): KL(p||a) = .5 ln 2, KL(q||a) = .5 ln 2, JSD = .5 ln 2
+    assert float(hr_ldm.js_divergence(p, q, eps=1e-12)) == pytest.approx(0.5 * math.log(2), abs=1e-6)
+
+
+def test_histogram_mlp_has_the_one_hidden_layer_of_eq3():
+    enc = hr_ldm.HistogramEncoder(bins=40, hidden=8, context_dim=6)
+    linears = [m for m in enc.mlp if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(40, 8), (8, 6)]
+    assert len(hr_ldm.HistogramEncoder(40, 8, 6, hidden_layers=2).mlp) == 5  # the named option
+    with pytest.raises(ValueError, match="at least one hidden layer"):
+        hr_ldm.HistogramEncoder(40, 8, 6, hidden_layers=0)

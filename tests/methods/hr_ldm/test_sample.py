@@ -23,10 +23,29 @@ def test_centres_fall_inside_the_eroded_lung(volume):
     for _ in range(20):
         c = hr_ldm.sample_centre(lung, radius_mm=4.0, spacing_mm=2.0, rng=rng, erosion_mm=2.0)
         assert dist[c] > 3.0
-    with_rim = hr_ldm.candidate_centres(lung, margin_vox=3.0, include_rim=True)
-    assert len(with_rim) == int(lung.sum())  # the rim adds every sub-pleural lung voxel, nothing outside
+    rim = hr_ldm.candidate_centres(lung, margin_vox=3.0, subpleural=True)
+    assert len(rim) + len(idx) == int(lung.sum())  # the rim is the lung minus the inner region, nothing outside
+    assert (dist[tuple(rim.T)] <= 3.0).all() and lung[tuple(rim.T)].all()
     with pytest.raises(ValueError, match="pleura"):
         hr_ldm.candidate_centres(lung, margin_vox=50.0)
+    # existing nodules keep drawn centres at the margin's distance
+    nodule = np.zeros_like(lung)
+    nodule[22:27, 22:27, 12:17] = True
+    away = hr_ldm.candidate_centres(lung, margin_vox=3.0, exclude=nodule, exclude_margin_vox=4.0)
+    dist_nodule = ndimage.distance_transform_edt(~nodule)
+    assert len(away) < len(idx) and (dist_nodule[tuple(away.T)] > 4.0).all()
+
+
+def test_library_keeps_6_to_30_mm_and_never_falls_back(cfg, crops):
+    library = hr_ldm.NoduleLibrary.from_crops(crops, cfg)
+    assert len(library) == 3 and (library.diameters_mm >= 6).all()  # the 5 mm crops are left out
+    rng = np.random.default_rng(0)
+    for y in range(3):
+        assert library.subtypes[library.draw_shape(rng, (6, 10), y)] == y
+    with pytest.raises(ValueError, match=r"no part-solid nodule of 20-30 mm.*7\.0"):
+        library.draw_shape(rng, (20, 30), 1)
+    with pytest.raises(ValueError, match="no nodule of 6-30 mm"):
+        hr_ldm.NoduleLibrary.from_crops(crops[:1], cfg)
 
 
 def test_place_mask_centres_the_shape():

@@ -82,3 +82,40 @@ def test_one_config_trains_to_the_same_weights(cfg, vae, crops, tmp_path):
     a, b = (torch.load(r / "final.pt", map_location="cpu", weights_only=True)["modules"] for r in (first, second))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[m][k], b[m][k]) for m in a for k in a[m])
+
+
+def test_face_never_overwrites_a_nodule_and_prefers_the_healthy_twin(cfg, cfg_1mm, vae, runs, crops, volume):
+    """Real-LIDC path: the scan's nodule keeps its label and voxels, the new one gets the next label beside it.
+    Phantom path: the healthy twin is the background and the label map holds only the new nodule."""
+    from lungsynth.data.conditions import Condition
+    from lungsynth.methods.hr_ldm.method import HrLdmMethod
+
+    ct, lung = volume
+    ct = ct.copy()
+    label = np.zeros(ct.shape, np.uint8)
+    label[10:38, 14:34, 8:21] = 1  # a large existing nodule filling the left lung's core
+    ct[label > 0] = 30.0
+    hrmask = np.zeros(ct.shape + (3,), np.uint8)
+    hrmask[..., 0] = label
+    row = {"label_value": 1, "texture": 5, "subtype": "solid", "subtype_id": 0, "diameter_mm": 9.0}
+    tight = cfg_1mm
+    model = hr_ldm.load(tight, runs[0], vae=vae, device="cpu")
+    face = HrLdmMethod()
+    face._library = hr_ldm.NoduleLibrary.from_crops(crops, cfg)
+    conds = [Condition(k, "heldout", "volume", arrays={"ct": ct, "lung": lung, "label": label, "hrmask": hrmask,
+                                                       "cond": np.zeros(ct.shape, np.float32)}, nodules=[row])
+             for k in range(4)]
+    out = face.generate(tight, model, conds, seed=0)
+    assert sum(o["info"]["subpleural"] for o in out) == 2  # half of four, as requested
+    for o in out:
+        lab = o["arrays"]["label"]
+        assert (lab[label > 0] == 1).all() and np.array_equal(o["arrays"]["ct"][label > 0], ct[label > 0])
+        assert (lab == 2).any() and lung[lab == 2].all()
+        assert [r["label_value"] for r in o["nodules"]] == [1, 2]
+    healthy = np.where(lung, -850.0, 40.0).astype(np.float32)
+    conds[0].arrays["healthy"] = healthy
+    twin = face.generate(tight, model, conds[:1], seed=1)[0]
+    assert set(np.unique(twin["arrays"]["label"])) == {0, 1} and len(twin["nodules"]) == 1
+    changed = twin["arrays"]["ct"] != healthy
+    assert changed.any() and (twin["arrays"]["label"][changed] <= 1).all()
+    assert twin["info"]["background"] == "healthy twin"
