@@ -20,8 +20,8 @@ nodule channel on the latent grid). Training noises only the lesion and adds a h
                p = H(D_trunc(z^_0)),  q = H(D_trunc(z_0))                               (8)
     L_total  = L_inp + lambda_hist L_hist,   lambda_hist = 10                           (9)
 
-``D_trunc`` is a frozen copy of the VAE's ``post_quant_conv`` and decoder cut before its last residual
-block, at the voxel grid (MAISI's "penultimate residual block"); without ``L_hist`` the model is the
+``D_trunc`` is a frozen copy of the VAE's ``post_quant_conv`` and decoder cut after its penultimate
+residual block (before the last upsampling); without ``L_hist`` the model is the
 paper's MAISI-DDPM ablation. Inference (Algorithm 2) takes a healthy scan (on phantom data the scan's
 healthy twin), draws a centre in the eroded lung (or the sub-pleural rim), a real 6-30 mm nodule shape
 of the requested subtype and size and a real target histogram of the subtype, starts from

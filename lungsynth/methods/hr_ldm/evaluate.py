@@ -180,13 +180,14 @@ def _with_nodule(ds: Any) -> list[Mapping[str, Any]]:
 
 
 def eval_items(cfg: Any) -> list[Mapping[str, Any]]:
-    """Held-out crops with a non-empty nodule mask: val + test (never a training patient's)."""
+    """Held-out 6-30 mm nodule crops (``hr_ldm.size_range_mm``) with a non-empty mask: val + test (never a
+    training patient's)."""
     items: list[Mapping[str, Any]] = []
     for split in EVAL_SPLITS:
         items += _with_nodule(train_crops(cfg, split))
     if not items:
-        raise ValueError(f"the {'/'.join(EVAL_SPLITS)} splits of profile {cfg.profile} hold no nodule crop; "
-                         "prepare more scans (cfg.data.n_scans)")
+        raise ValueError(f"the {'/'.join(EVAL_SPLITS)} splits of profile {cfg.profile} hold no nodule crop in "
+                         f"{tuple(cfg.hr_ldm.size_range_mm)} mm; prepare more scans (cfg.data.n_scans)")
     return items
 
 
@@ -269,13 +270,15 @@ def measure_gates(cfg: Any, models: Mapping[str, HrLdm]) -> list[Any]:
                           detail=f"HR-LDM {j_hist[s]:.3f}, no-hist ablation {j_base[s]:.3f}, the training {s} "
                                  f"mean HU pasted {j_paste[s]:.3f}"))
     # 3. background kept
-    outside = ~gen["mask"]
-    change = float(np.mean([np.abs(f - b)[o].mean() for f, b, o in zip(gen["fake"], gen["background"], outside)]))
-    recon = float(np.mean([np.abs(r - b)[o].mean() for r, b, o in zip(gen["recon"], gen["background"], outside)]))
-    rows.append(judge(CHAPTER, "background kept: mean |change| outside the nodule in the crop (HU)", change,
-                      n=len(gen["fake"]), n_needed=MIN_PER_SUBTYPE, factor=1.0, baseline=recon,
-                      baseline_name="the autoencoder's own reconstruction error there",
-                      detail="only the latent region M is pasted, so the crop changes around the nodule, not beyond"))
+    ring = gen["region"] & ~gen["mask"]  # what is pasted besides the nodule: the latent voxels it touches
+    keep = [k for k in range(len(ring)) if ring[k].any()]
+    change = float(np.mean([np.abs(gen["fake"][k] - gen["background"][k])[ring[k]].mean() for k in keep]))
+    recon = float(np.mean([np.abs(gen["recon"][k] - gen["background"][k])[ring[k]].mean() for k in keep]))
+    rows.append(judge(CHAPTER, "background kept: mean |change| in the pasted ring around the nodule (HU)", change,
+                      n=len(keep), n_needed=MIN_PER_SUBTYPE, factor=1.0, baseline=recon,
+                      baseline_name="the autoencoder's reconstruction error on the same voxels",
+                      detail="the ring is the latent region M upsampled, minus the nodule: a generated nodule that "
+                             "bleeds past its mask changes it more than decoding alone"))
     trials = placement_trials(hist_model, cfg, int(cfg.hr_ldm.n_placement_trials))
     nt = len(trials)
     rows.append(judge(CHAPTER, "background kept: largest |change| outside the pasted region (HU)",
@@ -312,6 +315,7 @@ def quality_gates(cfg: Any) -> list[Any]:
     """Chapter 05's gates on the profile's trained HR-LDM and ablation (untrained: the rows name the commands);
     measured once per pair of checkpoints and data, then read from ``runs/<profile>/05_hr_ldm_gates.json``."""
     from lungsynth import paths
+    from lungsynth.autoencoders.model import default_run_dir as ae_run_dir
     from lungsynth.engine import FINAL_NAME
     from lungsynth.gates import cached, file_digest, not_trained
     from lungsynth.methods.hr_ldm.train import default_run_dir, rebuild_command
@@ -328,13 +332,15 @@ def quality_gates(cfg: Any) -> list[Any]:
         models = {}
         for name, hist in runs.items():
             run = default_run_dir(cfg, hist)
-            fingerprint.check_run(run, training_stamp(cfg), rebuild_command(cfg, hist))
+            if not fingerprint.check_run(run, training_stamp(cfg), rebuild_command(cfg, hist)):
+                raise ValueError(f"{run} has no data stamp")
             fingerprint.refuse_overlap(run, prepared_root(cfg), EVAL_SPLITS, what=f"{name} run")
             models[name] = load(cfg, run, hist)
     except (ValueError, FileNotFoundError) as exc:
         return [not_trained(CHAPTER, "HR-LDM", f"{rebuild_command(cfg, True)}  ({str(exc).splitlines()[0][:120]})")]
     key = {"gates": GATES_VERSION, "data": fingerprint.load(prepared_root(cfg))["id"],
            "weights": {name: file_digest(m.run_dir / FINAL_NAME) for name, m in models.items()},
+           "autoencoder": file_digest(ae_run_dir("vae3d", cfg.profile, create=False) / FINAL_NAME),
            "n": int(cfg.hr_ldm.eval_per_subtype), "trials": int(cfg.hr_ldm.n_placement_trials),
            "steps": int(cfg.hr_ldm.ddim_steps)}
     return cached(paths.runs_dir(cfg.profile) / GATES_FILE, key, lambda: measure_gates(cfg, models))

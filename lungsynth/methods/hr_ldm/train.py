@@ -48,12 +48,18 @@ def frozen_vae(cfg: Any, vae: Any = None) -> Any:
 # --------------------------------------------------------------------------- the training view of the data
 
 
-def train_crops(cfg: Any, split: str = "train") -> Any:
-    """The prepared nodule crops (``CropDataset``) at the side the model works on."""
+def train_crops(cfg: Any, split: str = "train", sized: bool = True) -> Any:
+    """The prepared nodule crops (``CropDataset``) at the side the model works on; with ``sized`` only the
+    nodules of ``cfg.hr_ldm.size_range_mm`` (the paper trains and evaluates on 6-30 mm nodules, Sec. 4)."""
     from lungsynth.data.datasets import CropDataset, ensure_prepared
 
     ensure_prepared(cfg)
-    return CropDataset(cfg, split, size=crop_side(cfg))
+    ds = CropDataset(cfg, split, size=crop_side(cfg))
+    if not sized:
+        return ds
+    lo, hi = (float(v) for v in cfg.hr_ldm.size_range_mm)
+    keep = [i for i, d in enumerate(ds.table["diameter_mm"].astype(float)) if lo <= d <= hi]
+    return torch.utils.data.Subset(ds, keep)
 
 
 class LatentCache(torch.utils.data.Dataset):
