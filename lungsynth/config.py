@@ -373,6 +373,9 @@ class Text2ImgConfig:
 
     unet_channels: tuple[int, ...] = tiered((32, 64, 64), (64, 128, 128), (320, 640, 1280, 1280))
     num_train_timesteps: int = 1000
+    # what the course's own U-Net regresses (a local SD folder's scheduler says its own): epsilon as SD 1.x, or
+    # v_prediction as SD 2.0 at 768
+    prediction_type: str = "epsilon"
     prompt_dropout: float = 0.1
     guidance_scales: tuple[float, ...] = (5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0)
     # course budget, chapter 07 (~6 min): 400 steps of ~0.5 s (batch 16 of 16^2 latents), 300 classifier steps,
@@ -386,6 +389,11 @@ class Text2ImgConfig:
     attention_head_dim: int = 8
     pretrained_lr: float = 1e-6  # fine-tuning a local Stable Diffusion U-Net, as the paper
     n_eval_samples: int = tiered(8, 16, 500)  # generated ROIs per guidance scale
+    # the paper's stopping rule (§2.3): validation KID every val_every steps (0: never), the lowest kept in best.pt;
+    # val_samples ROIs for the validation prompts at the paper's best guidance scale
+    val_every: int = tiered(50, 100, 1000)
+    val_samples: int = tiered(4, 32, 416)
+    val_guidance: float = 5.0
     classifier_steps: int = tiered(60, 300, 5000)  # attribute-recovery classifier on real ROIs
 
 
@@ -408,6 +416,11 @@ class EvalConfig:
     # the size of each half of the 30 test scans that the real-versus-real floor compares
     n_samples: int = tiered(6, 15, 500)
     slice_net_steps: int = tiered(60, 300, 2000)  # rotation-training steps of the 2D feature net (slice/ROI methods)
+    # local folders of pretrained weights for the metrics no package ships (chapter 07, Urata et al. §2.4):
+    # a transformers CLIP folder, LPIPS's alexnet.pth + alex.pth, a BiomedCLIP folder; "" = not available offline
+    clip_dir: str = ""
+    lpips_dir: str = ""
+    biomedclip_dir: str = ""
     memorization_percentile: float = 5.0  # flag synthetic samples closer to train than this percentile of held-out
     dice_threshold_hu: float = -500.0  # generated-nodule threshold for Dice against the condition mask
 

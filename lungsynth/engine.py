@@ -66,6 +66,7 @@ from lungsynth import runtime
 CHECKPOINT_FORMAT = "lungsynth-checkpoint-v1"
 LAST_NAME = "last.pt"
 FINAL_NAME = "final.pt"
+BEST_NAME = "best.pt"
 METRICS_NAME = "metrics.csv"
 SETTINGS_NAME = "engine.json"
 SCHEDULES = ("constant", "cosine", "polynomial")
@@ -706,6 +707,9 @@ class Trainer:
         checkpoint_every: steps between ``last.pt`` writes (None: only at the end).
         log_every: steps between metrics rows (mean over the steps since the last row).
         val_every: steps between validations (None: never).
+        keep_best: a validation number to minimise (e.g. ``"val_kid"``): after each validation that lowers it,
+            the weights go to ``best.pt`` with ``{"metric", "value", "step"}`` under its ``"best"`` key (a fresh
+            start removes an older run's ``best.pt``; a resumed one keeps beating the stored value).
         seed: seeds the data order, and Python/NumPy/torch (``seed + rank``) on a fresh start.
         shuffle: shuffle the data order.
         device: default ``lungsynth.runtime.device()`` (``cuda:LOCAL_RANK`` under torchrun).
@@ -721,7 +725,7 @@ class Trainer:
                  min_lr_ratio: float = 0.0, grad_accum: int = 1, grad_clip: float | None = None,
                  mixed_precision: bool = True, precision: str | None = None, ema_decay: float | None = None, ema_start: int = 0,
                  ema_every: int = 1, checkpoint_every: int | None = None, log_every: int = 10,
-                 val_every: int | None = None, seed: int = 0, shuffle: bool = True,
+                 val_every: int | None = None, keep_best: str | None = None, seed: int = 0, shuffle: bool = True,
                  device: torch.device | str | None = None, progress: bool | None = None,
                  fresh: bool = False) -> None:
         if schedule not in SCHEDULES:
@@ -739,6 +743,8 @@ class Trainer:
         self.precision = runtime._check_precision(precision, "Trainer(precision=)") if precision else None
         self.ema_decay, self.ema_start, self.ema_every = ema_decay, int(ema_start), int(ema_every)
         self.checkpoint_every, self.log_every, self.val_every = checkpoint_every, int(log_every), val_every
+        self.keep_best = keep_best
+        self._best_value: float | None = None  # the stored best.pt's value, read once per fit
         self.seed, self.shuffle, self.progress, self.fresh = int(seed), bool(shuffle), progress, bool(fresh)
         self._device_arg = device
         # state of the current/last fit
@@ -771,8 +777,8 @@ class Trainer:
         """The trainer's settings as plain values (stored in checkpoints and engine.json)."""
         keys = ("max_steps", "time_budget_s", "batch_size", "num_workers", "lr", "weight_decay", "schedule",
                 "warmup_steps", "poly_power", "min_lr_ratio", "grad_accum", "grad_clip", "mixed_precision",
-                "precision", "ema_decay", "ema_start", "ema_every", "checkpoint_every", "log_every", "val_every", "seed",
-                "shuffle")
+                "precision", "ema_decay", "ema_start", "ema_every", "checkpoint_every", "log_every", "val_every", "keep_best",
+                "seed", "shuffle")
         return {k: _plain(getattr(self, k)) for k in keys}
 
     @property
@@ -907,6 +913,23 @@ class Trainer:
 
             dist.barrier()
         return self.run_dir / LAST_NAME if path is None else path
+
+    def _keep_if_best(self, val: Mapping[str, float]) -> None:
+        """Write ``best.pt`` when ``val[keep_best]`` beats the stored best (rank 0; the value travels in the file,
+        so a killed run resumes comparing against what ``best.pt`` holds)."""
+        if self.run_dir is None or not self.dist.is_main:
+            return
+        if self.keep_best not in val:
+            raise ValueError(f"keep_best={self.keep_best!r}, but validation gave only {sorted(val)}")
+        path = self.run_dir / BEST_NAME
+        if self._best_value is None:
+            self._best_value = float(load_checkpoint(path)["best"]["value"]) if path.is_file() else math.inf
+        value = float(val[self.keep_best])
+        if math.isfinite(value) and value < self._best_value:
+            payload = self._payload(False, None)
+            payload["best"] = {"metric": self.keep_best, "value": value, "step": self.step}
+            save_checkpoint(payload, path)
+            self._best_value = value
 
     def _restore(self, ckpt: Mapping[str, Any], path: Path) -> None:
         assert self.task is not None
@@ -1066,6 +1089,9 @@ class Trainer:
             self._restore(load_checkpoint(last, map_location="cpu"), last)
         else:
             runtime.seed_everything(self.seed + self.dist.rank)
+            if self.run_dir is not None and self.dist.is_main and (self.run_dir / BEST_NAME).is_file():
+                (self.run_dir / BEST_NAME).unlink()  # an earlier run's best is not this run's
+        self._best_value = None
         if self.dist.distributed:
             self._broadcast_modules(modules)
             if self.ema is not None and not resumed:
@@ -1177,6 +1203,8 @@ class Trainer:
                     log.append({"step": self.step, **val,
                                 "seconds": round(self._elapsed_before + time.perf_counter() - self._t0, 3)})
                 last_logged.update(val)
+                if self.keep_best:
+                    self._keep_if_best(val)
             if done:
                 break
             if self.checkpoint_every and self.step % self.checkpoint_every == 0:

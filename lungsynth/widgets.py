@@ -174,3 +174,107 @@ def turing_quiz(quiz: TuringQuiz, window: tuple[float, float] | None = (-1000.0,
         b.on_click(on_click)
     show()
     return w.VBox([image, w.HBox(buttons), status, out])
+
+
+# --------------------------------------------------------------------------- a rating study (Urata et al.'s Table 2)
+
+RATING_ITEMS = ("realism", "malignancy", "sphericity", "texture", "margin", "spiculation", "lobulation")  # Table 2
+RATING_SCALE = (1, 2, 3, 4, 5)
+
+
+class RatingQuiz:
+    """Shuffled real and generated images rated 1..5 on each item, summarised as a reader study reports it:
+    mean +- sd per item and source, and the two-sided Mann-Whitney U test of real against generated (Urata et
+    al., Table 2). ``images[i]`` [H, W] is shown i-th; ``truth[i]`` is "real" or "generated"; ``prompts[i]`` the
+    prompt the image was generated from (for a real one, written from its scores); ``ratings[i]`` the item scores.
+    """
+
+    def __init__(self, real: Any, generated: Any, prompts_real: Any = None, prompts_generated: Any = None,
+                 items: tuple[str, ...] = RATING_ITEMS, seed: int = 0) -> None:
+        real, generated = [np.asarray(x) for x in real], [np.asarray(x) for x in generated]
+        if not real or not generated:
+            raise ValueError("a rating study needs at least one real and one generated image")
+        prompts_real = list(prompts_real) if prompts_real is not None else [""] * len(real)
+        prompts_generated = list(prompts_generated) if prompts_generated is not None else [""] * len(generated)
+        order = np.random.default_rng(seed).permutation(len(real) + len(generated))
+        pool = ([(x, "real", p) for x, p in zip(real, prompts_real)]
+                + [(x, "generated", p) for x, p in zip(generated, prompts_generated)])
+        self.images = [pool[i][0] for i in order]
+        self.truth = [pool[i][1] for i in order]
+        self.prompts = [pool[i][2] for i in order]
+        self.items = tuple(items)
+        self.ratings: list[dict[str, int] | None] = [None] * len(self.images)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def rate(self, index: int, scores: Mapping[str, int]) -> None:
+        """Record one image's scores: every item, each an integer 1..5."""
+        missing = [i for i in self.items if i not in scores]
+        bad = {k: v for k, v in scores.items() if k in self.items and v not in RATING_SCALE}
+        if missing or bad:
+            raise ValueError(f"rate every item of {self.items} with an integer 1..5; missing {missing}, invalid {bad}")
+        self.ratings[int(index)] = {i: int(scores[i]) for i in self.items}
+
+    def rate_all(self, sheet: Any) -> "RatingQuiz":
+        """Record a whole rating sheet (one mapping per image, in the shown order)."""
+        sheet = list(sheet)
+        if len(sheet) != len(self):
+            raise ValueError(f"{len(sheet)} rating rows for {len(self)} images")
+        for i, scores in enumerate(sheet):
+            self.rate(i, scores)
+        return self
+
+    def demo_sheet(self, seed: int = 0) -> list[dict[str, int]]:
+        """A fixed sheet of seeded scores for batch runs: it shows the table's shape, it is not a reader study."""
+        rng = np.random.default_rng(seed)
+        return [{i: int(rng.integers(1, 6)) for i in self.items} for _ in self.images]
+
+    def summary(self) -> Any:
+        """Rows: the items; columns: "real" and "generated" as "mean +- sd", and the Mann-Whitney p-value."""
+        import pandas as pd
+        from scipy.stats import mannwhitneyu
+
+        rows = {}
+        for item in self.items:
+            by = {s: [r[item] for r, t in zip(self.ratings, self.truth) if r is not None and t == s]
+                  for s in ("real", "generated")}
+            cells = {s: (f"{np.mean(v):.2f} ± {np.std(v, ddof=1) if len(v) > 1 else 0.0:.2f}" if v else "-")
+                     for s, v in by.items()}
+            p = (float(mannwhitneyu(by["real"], by["generated"], alternative="two-sided").pvalue)
+                 if by["real"] and by["generated"] else float("nan"))
+            rows[item] = {**cells, "Mann-Whitney p": p}
+        return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def rating_quiz(quiz: RatingQuiz, window: tuple[float, float] | None = (-1000.0, 400.0), size: float = 3.0) -> Any:
+    """One image at a time with a 1..5 slider per item and a "next" button; after the last, the summary. Returns
+    the widget, or None without ipywidgets (rate with ``quiz.rate``)."""
+    try:
+        import ipywidgets as w
+    except ImportError:
+        return None
+    state = {"i": 0}
+    image, status, out = w.Image(format="png"), w.HTML(), w.Output()
+    sliders = {item: w.IntSlider(value=3, min=1, max=5, description=item) for item in quiz.items}
+    button = w.Button(description="next")
+
+    def show() -> None:
+        i = state["i"]
+        if i < len(quiz):
+            image.value = _png(quiz.images[i], {}, window, f"image {i + 1} of {len(quiz)}", size)
+            status.value = f"prompt: {quiz.prompts[i]}" if quiz.prompts[i] else "rate each item 1..5"
+            return
+        button.disabled = True
+        status.value = "done"
+        with out:
+            print(quiz.summary())
+
+    def on_click(_: Any) -> None:
+        quiz.rate(state["i"], {item: s.value for item, s in sliders.items()})
+        state["i"] += 1
+        show()
+
+    button.on_click(on_click)
+    show()
+    return w.VBox([image, status, *sliders.values(), button, out])

@@ -17,7 +17,8 @@ def _clip_vocab() -> dict[str, int]:
     return vocab
 
 
-def save_tiny_sd_pipeline(folder: Path) -> Path:
+def save_tiny_sd_pipeline(folder: Path, prediction_type: str = "epsilon", drop: str | None = None) -> Path:
+    """Save the pipeline to ``folder``; ``prediction_type`` goes into its scheduler, ``drop`` removes a component."""
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -34,8 +35,13 @@ def save_tiny_sd_pipeline(folder: Path) -> Path:
     vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(32, 32, 32, 32),
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                         latent_channels=4, layers_per_block=1, norm_num_groups=32, sample_size=32)
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1)
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              steps_offset=1, prediction_type=prediction_type)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder)
+    if drop:
+        import shutil
+
+        shutil.rmtree(Path(folder) / drop)
     return folder

@@ -454,3 +454,35 @@ def test_probe_steps_times_and_records_a_short_run():
     assert out["losses"][-1] < 0.5 * out["losses"][0]  # the optimiser steps: it is a run, not one step repeated
     with pytest.raises(ValueError, match=">= 2 steps"):
         probe_steps(SimpleTask(mlp(), mse, kind="toy"), (x, y), 1)
+
+
+def test_keep_best_holds_the_weights_of_the_lowest_validation(tmp_path):
+    """A scripted validation number (low at step 4, higher after): best.pt keeps step 4's weights and value; a
+    resumed run keeps comparing with what best.pt holds; a fresh start removes it."""
+    from lungsynth.engine import BEST_NAME
+
+    script = {2: 3.0, 4: 1.0, 6: 2.0, 8: 1.5, 10: 0.5}
+    snapshots = {}
+
+    class Scripted(SimpleTask):
+        def validation_step(self, batch, step):
+            snapshots[step] = flat(self.model).clone()
+            return {"score": script[step]}
+
+    task = Scripted(mlp(), mse, kind="toy")
+    Trainer(tmp_path, max_steps=8, batch_size=8, val_every=2, keep_best="val_score", checkpoint_every=2, lr=1e-2,
+            progress=False).fit(task, regression_data())
+    best = load_checkpoint(tmp_path / BEST_NAME)
+    assert best["best"] == {"metric": "val_score", "value": 1.0, "step": 4} and best["step"] == 4
+    model = mlp()
+    model.load_state_dict(best["modules"]["model"])
+    assert torch.equal(flat(model), snapshots[4])
+    Trainer(tmp_path, max_steps=10, batch_size=8, val_every=2, keep_best="val_score", lr=1e-2,
+            progress=False).fit(task, regression_data())  # resumes at 8; step 10 beats 1.0
+    assert load_checkpoint(tmp_path / BEST_NAME)["best"]["step"] == 10
+    Trainer(tmp_path, max_steps=1, batch_size=8, keep_best="val_score", lr=1e-2, progress=False,
+            fresh=True).fit(task, regression_data())
+    assert not (tmp_path / BEST_NAME).exists()
+    with pytest.raises(ValueError, match="keep_best='val_kid', but validation gave only"):
+        Trainer(tmp_path / "c", max_steps=2, batch_size=8, val_every=2, keep_best="val_kid",
+                progress=False).fit(task, regression_data())

@@ -23,12 +23,13 @@ MIN_VOXELS_ACROSS = 2.0
 # Nodules are lung tissue; when under 95% of their voxels fall in the lung mask, the mask (not the
 # anatomy) is cutting them away: juxtapleural nodules are the known hard case.
 MIN_IN_LUNG = 0.95
-ROI_MIN_SIDE_MM = 16.0  # roi_view: side 2 x diameter, at least 16 mm
 
 
 def view_spacings_mm(cfg: Any, diameter_mm: np.ndarray, slice_spacing_mm: np.ndarray) -> dict[str, np.ndarray]:
     """Voxel spacing (mm) of each method's view for nodules of ``diameter_mm`` whose whole 2D slices have pixels
     of ``slice_spacing_mm`` (one value per nodule each: the slice's field of view / ``size_2d``)."""
+    from lungsynth.data.preprocess import ROI_SIDE_PER_DIAMETER
+
     d = np.asarray(diameter_mm, dtype=float)
     dc = cfg.data
     one = np.ones_like(d)
@@ -37,7 +38,7 @@ def view_spacings_mm(cfg: Any, diameter_mm: np.ndarray, slice_spacing_mm: np.nda
         "3D volume (LAND, HR-LDM)": one * float(dc.spacing_3d_mm),
         "Lung-DDPM volume": one * fov_mm / int(dc.size_ddpm),
         "2D slice (bbox LDM)": np.asarray(slice_spacing_mm, dtype=float) * one,
-        "ROI (text-to-image)": np.maximum(2.0 * d, ROI_MIN_SIDE_MM) / int(dc.roi_size),
+        "ROI (text-to-image)": ROI_SIDE_PER_DIAMETER * d / int(dc.roi_size),
         "1 mm crop (HR-LDM, downstream)": one * 1.0,
     }
 

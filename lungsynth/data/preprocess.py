@@ -47,8 +47,9 @@ from scipy import ndimage
 
 # Bump when preparation output changes (mask method, views): older records are then prepared again.
 # 2: lung mask keeps lungs that reach the field-of-view edge; 3: and parenchymal islands; 4: whole 2D slices;
-# 5: a phantom scan's healthy twin
-PREPARE_VERSION = 5
+# 5: a phantom scan's healthy twin; 6: ROIs of side exactly 2 x diameter (no 16 mm floor)
+PREPARE_VERSION = 6
+ROI_SIDE_PER_DIAMETER = 2.0  # Urata et al. §2.2: each side of the ROI is twice the nodule's maximum diameter
 CROP_SPACING_MM = 1.0  # the nodule-centred 3D crops are at 1 mm (chapters 05, 11)
 SOLID_CORE_HU = -300.0
 
@@ -486,9 +487,10 @@ def slice_view(ct: CTVolume, nod: Nodule, db_zs: np.ndarray, lung_fn: Any, size:
 
 
 def roi_view(ct: CTVolume, nod: Nodule, size: int) -> np.ndarray:
-    """HU ROI [size, size] of side 2 x diameter (at least 16 mm) on the nodule's centre slice."""
+    """HU ROI [size, size] of side 2 x diameter on the nodule's centre slice (Urata et al. §2.2), so the nodule
+    spans about half of it whatever its size (a 3 mm nodule is magnified as much as the paper's resizing does)."""
     k = int(np.clip(round(float(ct.z_to_index(nod.centroid_ijz[2]))), 0, len(ct.zs) - 1))
-    side_px = max(2.0 * nod.diameter_mm, 16.0) / ct.pixel_spacing
+    side_px = ROI_SIDE_PER_DIAMETER * nod.diameter_mm / ct.pixel_spacing
     step = side_px / size
     plane = ct.hu[k]
     if step > 1.2:

@@ -4,7 +4,9 @@
   slices, a small 2D net), each returning ``(features [N, D] float64, network name)``;
 - :mod:`lungsynth.eval.distribution` FID, KID and MMD with bootstrap confidence intervals;
 - :mod:`lungsynth.eval.fidelity`     MS-SSIM diversity, masked MSE / PSNR / SSIM / MAE, HU-histogram JSD,
-  nodule Dice.
+  nodule Dice;
+- :mod:`lungsynth.eval.pretrained_metrics` LPIPS, CLIPScore and BioCLIPScore where a user has their weights
+  locally ("not available offline" otherwise).
 
 Submodules import numpy/torch; import them directly.
 """

@@ -254,3 +254,21 @@ def test_rebuilt_and_rendered_twins_agree(prepared, phantom_root, small_cfg, tmp
     again = load_scans(tmp_path / "out").iloc[0]
     rebuilt = load_scans(P).set_index("pylidc_scan_id").loc[698]
     assert np.array_equal(load_volume(tmp_path / "out", again["healthy"]), load_volume(P, rebuilt["healthy"]))
+
+
+@pytest.mark.parametrize("diameter_mm", [3.0, 8.0, 20.0])
+def test_a_roi_is_twice_the_nodule_diameter_whatever_its_size(diameter_mm):
+    """Urata et al. §2.2: each side of the ROI is twice the nodule's maximum diameter, so a disc nodule spans half
+    of it (a 3 mm nodule too: there is no minimum side)."""
+    from lungsynth.data.preprocess import CTVolume, Nodule, roi_view
+
+    spacing = 0.7
+    rows = np.arange(512) - 255.5
+    disc = np.hypot(rows[:, None], rows[None, :]) * spacing <= diameter_mm / 2
+    hu = np.where(disc, 40.0, -850.0)[None].repeat(3, 0).astype(np.float32)
+    ct = CTVolume(hu, np.array([0.0, 1.0, 2.0]), spacing, (0.0, 0.0), "phantom", "")
+    nod = Nodule(0, [], np.zeros((1, 1, 1), bool), (slice(0, 1),) * 3, np.array([255.5, 255.5, 1.0]), {}, [],
+                 diameter_mm, 0.0)
+    roi = roi_view(ct, nod, 64)
+    across = (roi[32] > -400).sum()
+    assert across == pytest.approx(32, abs=2)

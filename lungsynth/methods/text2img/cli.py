@@ -53,14 +53,20 @@ def _sample(args: argparse.Namespace) -> int:
 
     from lungsynth.methods.text2img import default_run_dir, generate, load, roi_dataset
 
+    if not args.guidance > 0:
+        raise SystemExit(f"--guidance {args.guidance}: expected a scale > 0 (the paper sweeps 5..60, best 5)")
     cfg = _config(args)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg, args.pretrained)
-    model = load(cfg, run_dir, args.pretrained)
     if args.prompt:
+        from lungsynth.data.prompts import parse_prompt
+
+        for prompt in args.prompt:  # the model knows the sentences it was trained on: anything else is an error
+            parse_prompt(prompt)
         prompts = args.prompt
     else:
         test = roi_dataset(cfg, "test")
         prompts = [test[i % len(test)]["prompt"] for i in range(args.n)]
+    model = load(cfg, run_dir, args.pretrained)
     images = generate(model, prompts, args.guidance, cfg.text2img.sample_steps, cfg.text2img.sampler, args.seed)
     out = Path(args.out or run_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,19 +1,29 @@
 """Chapter 07's metrics per guidance scale (the paper's Table 1 in shape; Urata et al. report FID, KID,
-LPIPS, CLIPScore and BioCLIPScore at GS = 5 .. 60, §2.4 and §3).
+LPIPS, CLIPScore and BioCLIPScore at GS = 5 .. 60, §2.4 and §3), and its quality gates.
 
-- FID and KID of generated ROIs against held-out real ROIs, with the course's 2D slice network
-  (trained on real ROIs; the name of the network is recorded with every number);
+- FID and KID of generated ROIs against real ROIs, with the course's 2D slice network (trained on real
+  training ROIs; its name is recorded with every number). The generator trains on ROIs rotated by
+  0/90/180/270 degrees and flipped (§2.2), so it draws nodules in every orientation; the real references get
+  the same augmentation (:func:`~.train.oriented`), or orientation alone would move FID with a network that was
+  trained to recognise rotations.
 - diversity: mean MS-SSIM between pairs of generated ROIs (lower is more diverse);
-- text consistency as **attribute recovery**: a classifier trained on real ROIs predicts each
-  prompted attribute (sphericity, texture, margin, spiculation, calcification) from the generated
-  image; the score is the fraction of images whose predicted level matches the prompt's. CLIPScore
-  and BiomedCLIP would need weights that cannot be had offline.
+- prompt adherence as **attribute recovery**: classifiers trained on real training ROIs (class-balanced
+  cross-entropy, the same augmentation) predict each prompted attribute from the generated image, scored by
+  *balanced* accuracy (the mean recall over the levels prompted) with a bootstrap interval, beside the same
+  classifiers on real test ROIs and the chance level (1 / number of levels: what a constant guess scores).
+- LPIPS (each generated ROI against the real ROI its prompt was written from), CLIPScore and BioCLIPScore
+  (w = 2.5) through :mod:`lungsynth.eval.pretrained_metrics` where their weights are in local folders; the
+  row says "not available offline" (and why) otherwise.
+
+The sweep runs on the validation split, so the best guidance scale is chosen without the test set; the
+gates (:func:`quality_gates`) read the test split at that scale.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+import warnings
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +37,10 @@ from lungsynth.data.prompts import PHRASES, PROMPT_ATTRIBUTES, parse_prompt, sco
 from lungsynth.engine import SimpleTask, Trainer
 
 N_LEVELS = {a: max(PHRASES[a]) for a in PROMPT_ATTRIBUTES}
+CHAPTER = "07"
+GATES_VERSION = 1
+GATES_FILE = "07_text2img_gates.json"
+GATED_ATTRIBUTES = ("texture", "calcification")  # the two the issue's adherence gate reads (visible in HU)
 
 
 class AttributeClassifier(nn.Module):
@@ -44,40 +58,94 @@ class AttributeClassifier(nn.Module):
         return {a: head(features) for a, head in self.heads.items()}
 
     @torch.no_grad()
-    def predict_levels(self, images: torch.Tensor) -> dict[str, np.ndarray]:
-        """Predicted integer levels (1-based, LIDC scale) per attribute."""
+    def predict_levels(self, images: torch.Tensor, batch_size: int = 64) -> dict[str, np.ndarray]:
+        """Predicted integer prompt levels (1-based) per attribute."""
         self.eval()
-        logits = self(images.to(next(self.parameters()).device))
-        return {a: (v.argmax(1) + 1).cpu().numpy() for a, v in logits.items()}
+        device = next(self.parameters()).device
+        out: dict[str, list[np.ndarray]] = {a: [] for a in PROMPT_ATTRIBUTES}
+        for start in range(0, len(images), batch_size):
+            logits = self(images[start:start + batch_size].to(device))
+            for a, v in logits.items():
+                out[a].append((v.argmax(1) + 1).cpu().numpy())
+        return {a: np.concatenate(v) if v else np.zeros(0, int) for a, v in out.items()}
 
 
-def score_labels(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Collated LIDC scores (floats, medians) -> 0-based class indices per attribute."""
+def score_labels(scores: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Collated LIDC scores (floats, medians) -> 0-based prompt-level indices per attribute."""
     return {a: torch.tensor([score_to_level(a, float(v)) - 1 for v in scores[a]]) for a in PROMPT_ATTRIBUTES}
 
 
-def _classifier_loss(model: AttributeClassifier, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-    logits = model(batch["image"])
+def class_weights(levels: Sequence[int], n_levels: int) -> torch.Tensor:
+    """Inverse-frequency weights [n_levels] over 1-based ``levels`` (mean 1 over the levels present; 0 for absent
+    ones), so every level counts as much as the majority in the cross-entropy."""
+    counts = np.bincount(np.asarray(levels, dtype=int) - 1, minlength=n_levels).astype(float)
+    weights = np.where(counts > 0, 1.0 / np.maximum(counts, 1.0), 0.0)
+    return torch.tensor(weights * (counts > 0).sum() / weights.sum(), dtype=torch.float32)
+
+
+def _classifier_loss(model: AttributeClassifier, batch: dict[str, Any],
+                     weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    from lungsynth.methods.text2img.train import augment
+
+    logits = model(augment(batch["image"]))  # orientation-free, like the generator's training ROIs
     labels = score_labels(batch["scores"])
-    losses = {a: F.cross_entropy(logits[a], labels[a].to(logits[a].device)) for a in PROMPT_ATTRIBUTES}
+    losses = {a: F.cross_entropy(logits[a], labels[a].to(logits[a].device), weight=weights[a].to(logits[a].device))
+              for a in PROMPT_ATTRIBUTES}
     return {"loss": sum(losses.values()), **{f"ce_{a}": v.detach() for a, v in losses.items()}}
 
 
 def train_attribute_classifier(cfg: Config, data, run_dir=None, steps: int | None = None) -> AttributeClassifier:
-    """Train on real ROIs (``data`` yields "image" and "scores") through the course's engine."""
+    """Train on real ROIs (``data`` yields "image" and "scores") through the course's engine, with
+    class-balanced cross-entropy (the levels are very unequal: most nodules are solid and not calcified)."""
+    levels = {a: [score_to_level(a, float(data[i]["scores"][a])) for i in range(len(data))] for a in PROMPT_ATTRIBUTES}
+    weights = {a: class_weights(v, N_LEVELS[a]) for a, v in levels.items()}
     model = AttributeClassifier(seed=cfg.seed)
     trainer = Trainer.from_config(cfg.engine, run_dir, max_steps=steps or cfg.text2img.classifier_steps, lr=1e-3,
                                   batch_size=cfg.text2img.batch_size, seed=cfg.seed, progress=False)
-    trainer.fit(SimpleTask(model, _classifier_loss, kind="text2img_attribute_classifier"), data)
+    loss = lambda m, batch: _classifier_loss(m, batch, weights)  # noqa: E731
+    trainer.fit(SimpleTask(model, loss, kind="text2img_attribute_classifier"), data)
     return model.eval()
 
 
-def attribute_recovery(classifier: AttributeClassifier, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, float]:
-    """Fraction of images whose predicted level equals the level their prompt asked for, per attribute."""
+def balanced_accuracy(wanted: Sequence[int], predicted: Sequence[int]) -> float:
+    """Mean recall over the levels present in ``wanted`` (sklearn's balanced accuracy): a constant guess scores
+    1 / (number of levels present), whatever the imbalance."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "y_pred contains classes not in y_true": fine, they count as misses
+        return float(balanced_accuracy_score(np.asarray(wanted), np.asarray(predicted)))
+
+
+def adherence(wanted: Sequence[int], predicted: Sequence[int], *, bootstrap: int = 200, level: float = 0.95,
+              seed: int = 0) -> dict[str, Any]:
+    """Balanced accuracy with a percentile-bootstrap interval (items resampled) and the chance level.
+
+    Returns ``{"balanced_accuracy", "ci": (low, high), "chance", "levels", "n"}``."""
+    wanted, predicted = np.asarray(wanted), np.asarray(predicted)
+    value = balanced_accuracy(wanted, predicted)
+    rng = np.random.default_rng(seed)
+    reps = [balanced_accuracy(wanted[i], predicted[i]) for i in (rng.integers(0, len(wanted), len(wanted))
+                                                                  for _ in range(int(bootstrap)))]
+    alpha = (1.0 - level) / 2.0
+    ci = (float(np.quantile(reps, alpha)), float(np.quantile(reps, 1.0 - alpha))) if reps else (None, None)
+    k = len(np.unique(wanted))
+    return {"balanced_accuracy": value, "ci": ci, "chance": 1.0 / k if k else float("nan"), "levels": k,
+            "n": int(len(wanted))}
+
+
+def attribute_recovery(classifier: AttributeClassifier, images: torch.Tensor, prompts: Sequence[str], *,
+                       bootstrap: int = 200, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Per attribute, :func:`adherence` of the classifier's predicted level to the level the prompt asked for."""
     predicted = classifier.predict_levels(images)
     wanted = [parse_prompt(p) for p in prompts]
-    out = {a: float(np.mean([w[a] == p for w, p in zip(wanted, predicted[a])])) for a in PROMPT_ATTRIBUTES}
-    out["mean"] = float(np.mean(list(out.values())))
+    return {a: adherence([w[a] for w in wanted], predicted[a], bootstrap=bootstrap, seed=seed)
+            for a in PROMPT_ATTRIBUTES}
+
+
+def _recovery_columns(recovery: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    out = {f"bacc_{a}": r["balanced_accuracy"] for a, r in recovery.items()}
+    out["bacc_mean"] = float(np.mean(list(out.values())))
     return out
 
 
@@ -86,59 +154,225 @@ def stack_images(data) -> torch.Tensor:
     return torch.stack([data[i]["image"] for i in range(len(data))])
 
 
-def guidance_sweep(cfg: Config, model, scales: Sequence[float] | None = None, n: int | None = None,
-                   progress: bool = True) -> list[dict[str, Any]]:
-    """The paper's Table 1 in shape: one row per guidance scale.
+def _check_scales(scales: Sequence[float]) -> tuple[float, ...]:
+    bad = [s for s in scales if not float(s) > 0]
+    if bad:
+        raise ValueError(f"guidance scales must be > 0 (1 is the conditional prediction, the paper sweeps 5..60); got {bad}")
+    return tuple(float(s) for s in scales)
 
-    Real references: held-out ROIs (val + test); generated: ``n`` ROIs per scale for prompts of
-    held-out nodules (cycled), the same seed at every scale so only the guidance changes.
-    Returns rows with ``guidance``, ``fid``/``kid`` (+ CI), ``ms_ssim``, ``recovery_<attr>``,
-    ``recovery_mean``, ``seconds_per_sample``, ``feature_network``; a first row ``guidance="real"``
-    gives the real held-out ROIs' own diversity and attribute recovery (the ceiling).
+
+def _evaluation_tools(cfg: Config, model) -> dict[str, Any]:
+    """What the sweep and the gates share: the training ROIs, the slice net and the attribute classifiers."""
+    from lungsynth.methods.text2img.train import roi_dataset, roi_feature_net
+
+    if getattr(model, "run_dir", None) is not None:  # a model loaded from a run: never scored on its patients
+        fingerprint.refuse_overlap(model.run_dir, prepared_root(cfg), ("val", "test"), what="text2img run")
+    train_data = roi_dataset(cfg, "train")
+    return {"net": roi_feature_net(cfg, stack_images(train_data)),
+            "classifier": train_attribute_classifier(cfg, train_data)}
+
+
+def guidance_sweep(cfg: Config, model, scales: Sequence[float] | None = None, n: int | None = None,
+                   progress: bool = True, split: str = "val", tools: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The paper's Table 1 in shape: one row per guidance scale, on the ``split`` ROIs (validation by default).
+
+    Generated: ``n`` ROIs per scale for the split's prompts (cycled), the same seed at every scale so only the
+    guidance changes. Returns rows with ``guidance``, ``fid``/``kid`` (+ CI), ``ms_ssim``, ``bacc_<attr>`` and
+    ``bacc_mean`` (balanced accuracy of attribute recovery), ``seconds_per_sample``, ``feature_network``;
+    a first row ``guidance="real"`` gives the real ROIs' own diversity and recovery (the ceiling), and
+    ``chance_<attr>`` the chance levels.
     """
     from tqdm.auto import tqdm
 
     from lungsynth.eval.distribution import fid, kid
-    from lungsynth.eval.features import slice_features, train_slice_net
+    from lungsynth.eval.features import slice_features
     from lungsynth.eval.fidelity import ms_ssim_diversity
+    from lungsynth.eval.pretrained_metrics import pretrained_metrics
     from lungsynth.methods.text2img.sample import generate
-    from lungsynth.methods.text2img.train import roi_dataset
+    from lungsynth.methods.text2img.train import oriented, roi_dataset
 
     c = cfg.text2img
-    scales = tuple(scales or c.guidance_scales)
+    scales = _check_scales(scales or c.guidance_scales)
     n = int(n or c.n_eval_samples)
-    if getattr(model, "run_dir", None) is not None:  # a model loaded from a run: never scored on its patients
-        fingerprint.refuse_overlap(model.run_dir, prepared_root(cfg), ("val", "test"), what="text2img run")
-    train_data = roi_dataset(cfg, "train")
-    heldout = [roi_dataset(cfg, s) for s in ("val", "test")]
-    real = torch.cat([stack_images(d) for d in heldout if len(d)])
-    prompts = [d[i]["prompt"] for d in heldout for i in range(len(d))]
-    prompts = [prompts[i % len(prompts)] for i in range(n)]
-    net = train_slice_net(stack_images(train_data), steps=cfg.evaluation.slice_net_steps, seed=cfg.seed, progress=False)
-    real_features, net_name = slice_features(real, net)
-    classifier = train_attribute_classifier(cfg, train_data)
-    real_recovery = attribute_recovery(classifier, real, [d[i]["prompt"] for d in heldout for i in range(len(d))])
-    rows = [{"guidance": "real", "source": data_source(cfg), "ms_ssim": ms_ssim_diversity(real)["mean"],
-             **{f"recovery_{k}": v for k, v in real_recovery.items()}, "feature_network": net_name}]
+    tools = tools or _evaluation_tools(cfg, model)
+    data = roi_dataset(cfg, split)
+    if not len(data):
+        raise ValueError(f"the {split} split has no ROIs; prepare more scans")
+    real = oriented(stack_images(data), cfg.seed)
+    real_prompts = [data[i]["prompt"] for i in range(len(data))]
+    prompts = [real_prompts[i % len(real_prompts)] for i in range(n)]
+    real_features, net_name = slice_features(real, tools["net"])
+    real_recovery = attribute_recovery(tools["classifier"], real, real_prompts, bootstrap=0)
+    real_pretrained = pretrained_metrics(cfg, real, real_prompts, real)
+    real_pretrained.pop("lpips")  # a real ROI against itself
+    rows = [{"guidance": "real", "split": split, "source": data_source(cfg), "ms_ssim": ms_ssim_diversity(real)["mean"],
+             **_recovery_columns(real_recovery), **{f"chance_{a}": r["chance"] for a, r in real_recovery.items()},
+             **real_pretrained, "feature_network": net_name}]
+    references = real[[i % len(real) for i in range(n)]]  # the real ROI each prompt was written from (LPIPS pairs)
     for scale in tqdm(scales, desc="guidance sweep", disable=not progress):
         t0 = time.perf_counter()
         images = generate(model, prompts, scale, c.sample_steps, c.sampler, seed=cfg.seed)
         seconds = (time.perf_counter() - t0) / n
-        fake_features, _ = slice_features(images, net)
+        fake_features, _ = slice_features(images, tools["net"])
         f = fid(real_features, fake_features, bootstrap=cfg.evaluation.bootstrap, network=net_name)
         k = kid(real_features, fake_features, subset_size=min(len(real), n), network=net_name)
-        recovery = attribute_recovery(classifier, images, prompts)
-        rows.append({"guidance": scale, "source": data_source(cfg), "fid": f.value, "fid_ci": (f.ci_low, f.ci_high), "kid": k.value,
-                     "ms_ssim": ms_ssim_diversity(images)["mean"], **{f"recovery_{a}": v for a, v in recovery.items()},
-                     "seconds_per_sample": seconds, "feature_network": net_name, "images": images[:4]})
+        recovery = attribute_recovery(tools["classifier"], images, prompts, bootstrap=0)
+        rows.append({"guidance": scale, "split": split, "source": data_source(cfg), "fid": f.value,
+                     "fid_ci": (f.ci_low, f.ci_high), "kid": k.value, "ms_ssim": ms_ssim_diversity(images)["mean"],
+                     **_recovery_columns(recovery), **pretrained_metrics(cfg, images, prompts, references),
+                     "seconds_per_sample": seconds, "feature_network": net_name,
+                     "images": images[:4], "prompts": prompts[:4]})
     return rows
+
+
+def best_scale(rows: Sequence[Mapping[str, Any]]) -> float:
+    """The swept guidance scale with the lowest KID (the paper's best model is the one with the lowest FID/KID)."""
+    swept = [r for r in rows if r["guidance"] != "real"]
+    return float(min(swept, key=lambda r: r["kid"])["guidance"])
 
 
 def sweep_table(rows: Sequence[dict[str, Any]]):
     """The sweep's rows as a DataFrame indexed by guidance, metrics first (images dropped)."""
     import pandas as pd
 
-    first = ["fid", "kid", "ms_ssim", "recovery_mean"]
-    table = pd.DataFrame([{k: v for k, v in r.items() if k not in ("images", "fid_ci")} for r in rows])
+    first = ["fid", "kid", "lpips", "clip_score", "bioclip_score", "ms_ssim", "bacc_mean"]
+    table = pd.DataFrame([{k: v for k, v in r.items() if k not in ("images", "fid_ci", "prompts")} for r in rows])
     rest = [c for c in table.columns if c not in first and c != "guidance"]
     return table.set_index("guidance")[[c for c in first if c in table.columns] + rest]
+
+
+# ----------------------------------------------------------------------------------------------- geometry
+
+
+def nodule_diameter_ratio(roi: np.ndarray) -> float:
+    """The segmented nodule's maximum (Feret) diameter as a fraction of the ROI side; NaN without one.
+
+    The nodule is the region connected to the ROI's centre that is brighter than halfway between the centre
+    (mean of the central 3 x 3 pixels) and the background (median of the border pixels), so solid and
+    ground-glass nodules are cut at their own edge. A centre no brighter than the background has no nodule.
+    ``roi`` [R, R] in any linear intensity unit.
+    """
+    from scipy import ndimage
+    from skimage.measure import regionprops
+
+    roi = np.asarray(roi, dtype=float)
+    r = roi.shape[0]
+    mid = r // 2
+    centre = float(roi[mid - 1:mid + 2, mid - 1:mid + 2].mean())
+    border = float(np.median(np.concatenate([roi[0], roi[-1], roi[:, 0], roi[:, -1]])))
+    if centre <= border + 1e-6:
+        return float("nan")
+    labels, _ = ndimage.label(ndimage.median_filter(roi, 3) > (centre + border) / 2)
+    central = labels[mid - 1:mid + 2, mid - 1:mid + 2]
+    if not central.any():
+        return float("nan")
+    label = labels[mid, mid] or int(np.bincount(central.ravel())[1:].argmax()) + 1
+    return float(regionprops((labels == label).astype(np.uint8))[0].feret_diameter_max / r)
+
+
+def geometry_share(images: torch.Tensor | np.ndarray, target: float = 0.5, tolerance: float = 0.15) -> tuple[float, np.ndarray]:
+    """(share of ROIs whose nodule diameter is ``target`` +- ``tolerance`` of the side, every ratio)."""
+    ratios = np.array([nodule_diameter_ratio(np.asarray(img).squeeze()) for img in images])
+    ok = np.abs(ratios - target) <= tolerance  # NaN (no nodule) is never ok
+    return float(ok.mean()) if len(ratios) else float("nan"), ratios
+
+
+# ----------------------------------------------------------------------------------------------- gates
+
+
+def measure_gates(cfg: Config, model, progress: bool = True) -> list[Any]:
+    """Chapter 07's gates (see :func:`quality_gates`), measured on ``model``."""
+    from lungsynth.eval.baselines import unit_baselines
+    from lungsynth.eval.features import slice_features
+    from lungsynth.gates import info, judge
+    from lungsynth.methods.text2img.sample import generate
+    from lungsynth.methods.text2img.train import oriented, roi_dataset
+
+    c = cfg.text2img
+    tools = _evaluation_tools(cfg, model)
+    sweep = guidance_sweep(cfg, model, progress=progress, tools=tools)
+    scale = best_scale(sweep)
+    test = roi_dataset(cfg, "test")
+    real = oriented(stack_images(test), cfg.seed + 1)
+    prompts = [test[i]["prompt"] for i in range(len(test))]
+    images = generate(model, prompts, scale, c.sample_steps, c.sampler, seed=cfg.seed)
+    rows = [info(CHAPTER, "best guidance scale (lowest KID on the validation split)", scale, n=len(sweep) - 1)]
+
+    # 1. prompt adherence: generated ROIs against the same classifiers on real test ROIs, and chance
+    boot = int(cfg.evaluation.bootstrap)
+    gen = attribute_recovery(tools["classifier"], images, prompts, bootstrap=boot, seed=cfg.seed)
+    ref = attribute_recovery(tools["classifier"], real, prompts, bootstrap=boot, seed=cfg.seed)
+    for a in PROMPT_ATTRIBUTES:
+        g, r = gen[a], ref[a]
+        if a not in GATED_ATTRIBUTES:
+            rows.append(info(CHAPTER, f"prompt adherence, {a}: balanced accuracy (generated)", g["balanced_accuracy"],
+                             n=g["n"], baseline=r["balanced_accuracy"], baseline_name="real test ROIs",
+                             detail=f"chance {g['chance']:.3f}"))
+            continue
+        rows.append(judge(CHAPTER, f"prompt adherence, {a}: balanced accuracy vs 0.8 x real test ROIs",
+                          g["balanced_accuracy"], n=g["n"], n_needed=2 * g["levels"], at_least=0.8 * r["balanced_accuracy"],
+                          baseline=r["balanced_accuracy"], baseline_name="real test ROIs, same classifiers",
+                          detail="a generator that follows the prompt is read by the classifiers nearly as well as real "
+                                 "nodules (0.8 leaves room for their own error on another distribution)"))
+        rows.append(judge(CHAPTER, f"prompt adherence, {a}: interval low end above chance", g["ci"][0], n=g["n"],
+                          n_needed=2 * g["levels"], at_least=g["chance"], baseline=g["chance"],
+                          baseline_name=f"chance (1 / {g['levels']} levels)",
+                          detail=f"{int(cfg.evaluation.bootstrap)}-resample 95% interval of the balanced accuracy"))
+
+    # 2. distribution: KID against the reference half, with the baselines of the same run and N
+    def features(x: Any) -> np.ndarray:
+        return slice_features(torch.as_tensor(np.asarray(x)), tools["net"])[0]
+
+    np_real = real.numpy()
+    n_half = (len(np_real) + 1) // 2
+    base = unit_baselines("roi", np_real, np.ones_like(np_real, dtype=bool), features, n_half,
+                          network=slice_features(real[:1], tools["net"])[1], seed=cfg.seed)
+    from lungsynth.eval.baselines import halves
+
+    half_a, _ = halves(len(np_real), cfg.seed)
+    method = base.score(features(images.numpy()[half_a]))
+    rows.append(info(CHAPTER, "KID of real test ROIs against the reference half (floor)", base.floor.value, n=base.n))
+    rows.append(judge(CHAPTER, "distribution: KID vs 0.1 x the noise baseline", method.value, n=base.n, n_needed=20,
+                      factor=0.1, baseline=base.noise.value, baseline_name="real ROIs with their pixels shuffled",
+                      detail="prompts of the comparison half, against the reference half; the noise baseline keeps the "
+                             "intensities and loses the structure"))
+
+    # 3. geometry: the ROI is twice the diameter, so the nodule spans half of it
+    share, _ = geometry_share(images)
+    real_share, _ = geometry_share(real)
+    rows.append(judge(CHAPTER, "geometry: nodule diameter 0.5 +- 0.15 of the ROI side (share)", share, n=len(images),
+                      n_needed=20, at_least=0.8, baseline=real_share, baseline_name="real test ROIs, same segmentation",
+                      detail="the ROI is cut at twice the maximum diameter (§2.2)"))
+    return rows
+
+
+def quality_gates(cfg: Config) -> list[Any]:
+    """Chapter 07's gates on the profile's trained course model (untrained: the row names the command); measured
+    once per checkpoint, sampler and data, then read from ``runs/<profile>/07_text2img_gates.json``.
+
+    1. prompt adherence, texture and calcification: balanced accuracy on generated test-prompt ROIs >= 0.8 x
+       that of real test ROIs, and its interval's low end above chance;
+    2. distribution: KID <= 0.1 x the pixel-shuffle noise baseline (same reference half, same N);
+    3. geometry: the segmented nodule's diameter 0.5 +- 0.15 of the ROI side in >= 80% of the samples.
+    """
+    from lungsynth import paths
+    from lungsynth.data.datasets import training_stamp
+    from lungsynth.engine import FINAL_NAME
+    from lungsynth.gates import cached, file_digest, not_trained
+    from lungsynth.methods.text2img.model import default_run_dir, selected_checkpoint
+    from lungsynth.methods.text2img.sample import load
+    from lungsynth.methods.text2img.train import rebuild_command
+
+    run = default_run_dir(cfg)
+    command = rebuild_command(cfg, None).replace(" --fresh", "")
+    try:
+        if not (run / FINAL_NAME).is_file() or not fingerprint.check_run(run, training_stamp(cfg), rebuild_command(cfg, None)):
+            return [not_trained(CHAPTER, "text2img", command)]
+    except ValueError as exc:  # made from other data: the message names the command that rebuilds it
+        return [not_trained(CHAPTER, "text2img", f"{rebuild_command(cfg, None)}  ({str(exc).splitlines()[0][:120]})")]
+    c = cfg.text2img
+    key = {"gates": GATES_VERSION, "weights": file_digest(selected_checkpoint(run)), "data": fingerprint.load(prepared_root(cfg))["id"],
+           "sampler": c.sampler, "steps": int(c.sample_steps), "scales": list(c.guidance_scales), "n": int(c.n_eval_samples),
+           "seed": int(cfg.seed), "bootstrap": int(cfg.evaluation.bootstrap), "slice_net": int(cfg.evaluation.slice_net_steps),
+           "classifier": int(c.classifier_steps)}
+    return cached(paths.runs_dir(cfg.profile) / GATES_FILE, key, lambda: measure_gates(cfg, load(cfg, run)))

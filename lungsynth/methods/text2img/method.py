@@ -20,6 +20,11 @@ class Text2ImgMethod(MethodFace):
 
         return paths.run_dir(cfg.profile, "07_text2img", create=False)
 
+    def quality_gates(self, cfg: Any) -> list[Any]:
+        from lungsynth.methods.text2img.evaluate import quality_gates
+
+        return quality_gates(cfg)
+
     def ensure_trained(self, cfg: Any) -> Path:
         self.api().ensure_trained(cfg)
         return self.run_dir(cfg)

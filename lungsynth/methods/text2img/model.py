@@ -17,7 +17,9 @@ sampling. The paper prints no numbered equations; the comments cite its sections
   :func:`build_model` assembles U-Net, text encoder, codec and training scheduler;
   :func:`model_config` is what checkpoints compare when loading.
 
-The loss (noise prediction with prompt dropout) is the engine task's step, in :mod:`.train`.
+:func:`diffusion_loss` is the objective with the target the scheduler names (:func:`training_target`: the
+noise, or the velocity v for SD 2.x v-models); prompt dropout and augmentation are the engine task's, in
+:mod:`.train`.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from torch import nn
 from lungsynth import paths
 from lungsynth.config import Config
 
-MAX_TOKENS = 48  # the longest prompt is 31 MiniLM tokens
+MAX_TOKENS = 48  # the longest prompt is 36 MiniLM tokens
 
 
 # tau(y): the frozen text encoder whose token embeddings the U-Net cross-attends to (§2.3).
@@ -182,14 +184,51 @@ def build_unet(channels: tuple[int, ...], layers_per_block: int, cross_attention
 
 # The forward process z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps with Stable Diffusion's
 # scaled-linear betas (Ho et al. [10], cited in §2.3).
-def train_scheduler(num_train_timesteps: int = 1000, folder: Path | None = None):
-    """Stable Diffusion's DDPM training scheduler (scaled-linear betas 0.00085..0.012)."""
+def train_scheduler(num_train_timesteps: int = 1000, folder: Path | None = None, prediction_type: str = "epsilon"):
+    """Stable Diffusion's DDPM training scheduler (scaled-linear betas 0.00085..0.012); a pipeline folder's own
+    scheduler (and its ``prediction_type``) when ``folder`` is given."""
     from diffusers import DDPMScheduler
 
     if folder is not None:
-        return DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
-    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_start=0.00085, beta_end=0.012,
-                         beta_schedule="scaled_linear", clip_sample=False, steps_offset=1)
+        sched = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
+    else:
+        sched = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", clip_sample=False, steps_offset=1,
+                              prediction_type=prediction_type)
+    if sched.config.prediction_type not in PREDICTION_TYPES:
+        where = f"{folder}/scheduler/scheduler_config.json" if folder is not None else "text2img.prediction_type"
+        raise ValueError(f"{where}: prediction_type {sched.config.prediction_type!r} is not supported; expected one of "
+                         f"{', '.join(PREDICTION_TYPES)}")
+    return sched
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+# What the U-Net regresses is the scheduler's prediction_type: SD 1.x and the course's U-Net predict the noise,
+# SD 2.0 (768, the paper's best model, §3) the velocity v = sqrt(abar_t) eps - sqrt(1 - abar_t) z_0; training
+# must use the target the sampling scheduler will read the output as.
+def training_target(scheduler, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The regression target for ``z_t = add_noise(z0, noise, t)``: ``noise`` (epsilon) or
+    ``scheduler.get_velocity(z0, noise, t)`` (v_prediction), as ``scheduler.config.prediction_type`` says."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(z0, noise, t)
+    raise ValueError(f"scheduler prediction_type {kind!r} is not supported; expected one of {', '.join(PREDICTION_TYPES)}")
+
+
+def diffusion_loss(model: "Text2ImgModel", z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                   context: torch.Tensor) -> torch.Tensor:
+    """Stable Diffusion's objective, ``|| target - unet(z_t, t, tau(y)) ||^2`` with the scheduler's target.
+
+    z0, noise [B,C,h,w]; t [B] integer timesteps; context [B,L,D] -> a scalar."""
+    import torch.nn.functional as F
+
+    z_t = model.scheduler.add_noise(z0, noise, t)
+    pred = model.unet(z_t, t, encoder_hidden_states=context).sample
+    return F.mse_loss(pred.float(), training_target(model.scheduler, z0, noise, t).float())
 
 
 def sample_scheduler(kind: str, train_sched) -> Any:
@@ -250,6 +289,15 @@ def default_run_dir(cfg: Config, pretrained: str | Path | None = None) -> Path:
     return paths.run_dir(cfg.profile, "07_text2img" + ("_sd" if pretrained else ""))
 
 
+def selected_checkpoint(run_dir: Path) -> Path:
+    """The weights a run samples with: ``best.pt`` (lowest validation KID, the paper's stopping rule, §2.3) when
+    training validated, else ``final.pt``."""
+    from lungsynth.engine import BEST_NAME, FINAL_NAME
+
+    run_dir = Path(run_dir)
+    return run_dir / BEST_NAME if (run_dir / BEST_NAME).is_file() else run_dir / FINAL_NAME
+
+
 def course_codec(cfg: Config) -> LatentCodec:
     """The frozen 2D KL-VAE of chapter 02 (trained there when missing) as a latent codec."""
     from lungsynth.autoencoders import ensure_autoencoder
@@ -273,13 +321,13 @@ def build_model(cfg: Config, pretrained: str | Path | None = None) -> Text2ImgMo
             torch.manual_seed(int(cfg.seed))
             unet = build_unet(tuple(c.unet_channels), c.layers_per_block, text.dim, latent_channels, latent_size,
                               c.attention_head_dim)
-        sched, source = train_scheduler(c.num_train_timesteps), "course"
+        sched, source = train_scheduler(c.num_train_timesteps, prediction_type=c.prediction_type), "course"
     return Text2ImgModel(unet, text, codec, sched, latent_channels, latent_size, source)
 
 
 def model_config(model: Text2ImgModel) -> dict[str, Any]:
     """What built the U-Net's weights (compared when loading)."""
     return {"source": model.source, "text_encoder": model.text.name, "latent_channels": model.latent_channels,
-            "latent_size": model.latent_size,
+            "latent_size": model.latent_size, "prediction_type": model.scheduler.config.prediction_type,
             "unet": {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.unet.config.items()
                      if k in ("block_out_channels", "layers_per_block", "cross_attention_dim", "in_channels")}}

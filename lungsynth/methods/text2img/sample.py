@@ -21,16 +21,17 @@ from lungsynth.config import Config
 from lungsynth.diffusion.samplers import cfg_combine
 from lungsynth.engine import load_weights
 from lungsynth.methods.text2img.model import (KIND, Text2ImgModel, build_model, default_run_dir, model_config,
-                                              sample_scheduler)
+                                              sample_scheduler, selected_checkpoint)
 from lungsynth.runtime import autocast
 from lungsynth.runtime import device as default_device
 
 
 def load(cfg: Config, run_dir: Path | None = None, pretrained: str | Path | None = None) -> Text2ImgModel:
-    """The trained model of ``run_dir`` (weights-only load; refuses another kind or architecture)."""
+    """The trained model of ``run_dir`` with its selected weights (:func:`~.model.selected_checkpoint`: the lowest
+    validation KID, else the last step); weights-only load, refusing another kind or architecture."""
     run_dir = Path(run_dir or default_run_dir(cfg, pretrained))
     model = build_model(cfg, pretrained)
-    load_weights(run_dir, kind=KIND, config=model_config(model), modules={"unet": model.unet})
+    load_weights(selected_checkpoint(run_dir), kind=KIND, config=model_config(model), modules={"unet": model.unet})
     model.unet.eval()
     model.run_dir = run_dir  # the evaluation checks whom it was trained on
     return model
@@ -51,6 +52,9 @@ def guided_noise(unet: nn.Module, z: torch.Tensor, t: torch.Tensor, context: tor
 def generate(model: Text2ImgModel, prompts: Sequence[str], guidance_scale: float = 5.0, steps: int = 50,
              sampler: str = "ddim", seed: int = 0, device: torch.device | None = None) -> torch.Tensor:
     """ROIs for ``prompts``: [B, 1, R, R] in [0, 1]. Deterministic for a seed (DDIM eta 0, PNDM)."""
+    if not float(guidance_scale) > 0:
+        raise ValueError(f"guidance_scale {guidance_scale}: expected a scale > 0 (1 is the conditional prediction; "
+                         "the paper sweeps 5..60 and finds 5 best)")
     device = device or default_device()
     model.to(device)
     model.unet.eval()

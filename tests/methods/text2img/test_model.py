@@ -12,3 +12,45 @@ def test_pipeline_folder_check_names_what_is_missing(tmp_path, tiny_pipeline):
         check_pipeline_folder(tmp_path)
     with pytest.raises(FileNotFoundError, match="no such folder"):
         check_pipeline_folder(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_the_loss_regresses_the_target_the_scheduler_samples_with(tmp_path, prediction_type):
+    """SD 2.0 (the paper's best model) is a v-prediction model: training it on the noise while its scheduler reads
+    the output as v trains one target and samples another."""
+    import torch
+    import torch.nn.functional as F
+    from sd_tiny import save_tiny_sd_pipeline
+
+    from lungsynth.methods.text2img import Text2ImgModel, diffusion_loss, load_pretrained_parts, sample_scheduler
+
+    folder = save_tiny_sd_pipeline(tmp_path / "sd", prediction_type=prediction_type)
+    unet, text, codec, sched = load_pretrained_parts(folder)
+    model = Text2ImgModel(unet.eval(), text, codec, sched, latent_channels=4, latent_size=4, source=str(folder))
+    assert sched.config.prediction_type == prediction_type
+    assert sample_scheduler("ddim", sched).config.prediction_type == prediction_type  # sampling reads the same
+    g = torch.Generator().manual_seed(0)
+    z0, noise = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, generator=g)
+    t, ctx = torch.tensor([100, 900]), text(["", ""])
+    with torch.no_grad():
+        pred = unet(sched.add_noise(z0, noise, t), t, encoder_hidden_states=ctx).sample
+        loss = diffusion_loss(model, z0, noise, t, ctx)
+    target = noise if prediction_type == "epsilon" else sched.get_velocity(z0, noise, t)
+    assert loss == pytest.approx(F.mse_loss(pred, target).item(), rel=1e-5)
+    assert (loss == pytest.approx(F.mse_loss(pred, noise).item(), rel=1e-5)) == (prediction_type == "epsilon")
+
+
+def test_a_pipeline_without_a_component_or_with_an_unknown_target_is_refused(tmp_path):
+    import json
+
+    from sd_tiny import save_tiny_sd_pipeline
+
+    from lungsynth.methods.text2img import train_scheduler
+
+    with pytest.raises(ValueError, match=r"missing text_encoder/config.json"):
+        check_pipeline_folder(save_tiny_sd_pipeline(tmp_path / "a", drop="text_encoder"))
+    folder = save_tiny_sd_pipeline(tmp_path / "b")
+    config = folder / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "prediction_type": "sample"}))
+    with pytest.raises(ValueError, match=r"scheduler_config.json: prediction_type 'sample' is not supported"):
+        train_scheduler(folder=folder)

@@ -4,8 +4,7 @@ import torch
 
 from lungsynth.methods.text2img import generate, guided_noise
 
-PROMPT = ("The nodule is nearly round in shape, solid internally, with mostly well-defined margins, "
-          "no spiculation and no calcification.")
+PROMPT = "The nodule is nearly round in shape, solid internally, with mostly well-defined margins."
 
 
 def test_guidance_scale_one_is_the_conditional_prediction(tiny_model):

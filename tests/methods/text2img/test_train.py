@@ -1,12 +1,12 @@
 """Chapter 07, train room: the engine task, augmentation, prompt dropout, fine-tuning a local SD folder."""
 
+import numpy as np
 import pytest
 import torch
 
 from lungsynth.methods.text2img import Text2ImgTask, augment, drop_prompts
 
-PROMPT = ("The nodule is nearly round in shape, solid internally, with mostly well-defined margins, "
-          "no spiculation and no calcification.")
+PROMPT = "The nodule is nearly round in shape, solid internally, with mostly well-defined margins."
 
 
 def test_training_step_moves_only_the_unet(tiny_model):
@@ -71,3 +71,32 @@ def test_a_model_from_scratch_starts_from_the_same_weights(monkeypatch):
     second = t2i.build_model(cfg).unet.state_dict()
     assert torch.equal(torch.get_rng_state(), state)
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_training_keeps_the_checkpoint_of_the_lowest_validation_kid(tiny_pipeline, tmp_path):
+    """The paper stops on validation KID (§2.3): the run validates every val_every steps, best.pt holds the lowest,
+    sampling loads it and the run record says which."""
+    import json
+
+    from lungsynth.config import get_config
+    from lungsynth.engine import BEST_NAME, load_checkpoint, read_metrics
+    from lungsynth.eval.features import build_slice_net
+    from lungsynth.methods.text2img import ValidationKid, load, train
+
+    cfg = get_config("smoke", {"data.roi_size": 32, "text2img.batch_size": 2, "text2img.pretrained_lr": 1e-3,
+                               "text2img.val_every": 2})
+    real = torch.stack([_Rois()[i]["image"] for i in range(4)])
+    validation = ValidationKid(real, [PROMPT] * 4, build_slice_net(width=8, feature_dim=16), guidance_scale=5.0,
+                               steps=2, sampler="ddim")
+    run_dir = train(cfg, pretrained=tiny_pipeline, run_dir=tmp_path / "run", max_steps=6, data=_Rois(),
+                    validation=validation)
+    kids = read_metrics(run_dir)["val_kid"]
+    kids = kids[np.isfinite(kids)]
+    assert len(kids) == 3
+    best = load_checkpoint(run_dir / BEST_NAME)["best"]
+    assert best["value"] == pytest.approx(kids.min()) and best["step"] == 2 * (1 + int(np.argmin(kids)))
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["results"]["selected"] == {"checkpoint": BEST_NAME, "step": best["step"], "val_kid": pytest.approx(best["value"])}
+    model = load(cfg, run_dir, pretrained=tiny_pipeline)
+    weights = load_checkpoint(run_dir / BEST_NAME)["modules"]["unet"]
+    assert all(torch.equal(v, model.unet.state_dict()[k]) for k, v in weights.items())
