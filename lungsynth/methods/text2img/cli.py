@@ -54,7 +54,7 @@ def _sample(args: argparse.Namespace) -> int:
     from lungsynth.methods.text2img import default_run_dir, generate, load, roi_dataset
 
     if not args.guidance > 0:
-        raise SystemExit(f"--guidance {args.guidance}: expected a scale > 0 (the paper sweeps 5..60, best 5)")
+        raise SystemExit(f"--guidance {args.guidance:g}: expected a scale > 0 (the paper sweeps 5..60, best 5)")
     cfg = _config(args)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg, args.pretrained)
     if args.prompt:
