@@ -61,7 +61,7 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
               "roi_dataset", "roi_feature_net", "selected_checkpoint_info", "train"),
     "sample": ("generate", "guided_noise", "load"),
     "evaluate": ("N_LEVELS", "AttributeClassifier", "adherence", "attribute_recovery", "balanced_accuracy",
-                 "best_scale", "class_weights", "geometry_share", "guidance_sweep", "measure_gates",
+                 "best_scale", "class_weights", "evaluation_tools", "geometry_share", "guidance_sweep", "measure_gates",
                  "nodule_diameter_ratio", "quality_gates", "score_labels", "stack_images", "sweep_table",
                  "train_attribute_classifier"),
     "plots": ("guidance_grid", "prompt_grid", "sweep_curves"),

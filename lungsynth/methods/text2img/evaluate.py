@@ -161,8 +161,9 @@ def _check_scales(scales: Sequence[float]) -> tuple[float, ...]:
     return tuple(float(s) for s in scales)
 
 
-def _evaluation_tools(cfg: Config, model) -> dict[str, Any]:
-    """What the sweep and the gates share: the training ROIs, the slice net and the attribute classifiers."""
+def evaluation_tools(cfg: Config, model) -> dict[str, Any]:
+    """What the sweep and the gates share, trained on the real training ROIs: ``{"net": the slice network of
+    FID/KID, "classifier": the attribute classifiers}``. Pass it to both so a chapter trains them once."""
     from lungsynth.methods.text2img.train import roi_dataset, roi_feature_net
 
     if getattr(model, "run_dir", None) is not None:  # a model loaded from a run: never scored on its patients
@@ -194,7 +195,7 @@ def guidance_sweep(cfg: Config, model, scales: Sequence[float] | None = None, n:
     c = cfg.text2img
     scales = _check_scales(scales or c.guidance_scales)
     n = int(n or c.n_eval_samples)
-    tools = tools or _evaluation_tools(cfg, model)
+    tools = tools or evaluation_tools(cfg, model)
     data = roi_dataset(cfg, split)
     if not len(data):
         raise ValueError(f"the {split} split has no ROIs; prepare more scans")
@@ -205,7 +206,8 @@ def guidance_sweep(cfg: Config, model, scales: Sequence[float] | None = None, n:
     real_recovery = attribute_recovery(tools["classifier"], real, real_prompts, bootstrap=0)
     real_pretrained = pretrained_metrics(cfg, real, real_prompts, real)
     real_pretrained.pop("lpips")  # a real ROI against itself
-    rows = [{"guidance": "real", "split": split, "source": data_source(cfg), "ms_ssim": ms_ssim_diversity(real)["mean"],
+    run = str(getattr(model, "run_dir", None))  # which model the rows describe (the gates reuse only their own)
+    rows = [{"guidance": "real", "split": split, "run": run, "source": data_source(cfg), "ms_ssim": ms_ssim_diversity(real)["mean"],
              **_recovery_columns(real_recovery), **{f"chance_{a}": r["chance"] for a, r in real_recovery.items()},
              **real_pretrained, "feature_network": net_name}]
     references = real[[i % len(real) for i in range(n)]]  # the real ROI each prompt was written from (LPIPS pairs)
@@ -218,7 +220,7 @@ def guidance_sweep(cfg: Config, model, scales: Sequence[float] | None = None, n:
         f = fid(real_features, fake_features, bootstrap=cfg.evaluation.bootstrap, network=net_name, min_samples_warn=0)
         k = kid(real_features, fake_features, subset_size=min(len(real), n), network=net_name, min_samples_warn=0)
         recovery = attribute_recovery(tools["classifier"], images, prompts, bootstrap=0)
-        rows.append({"guidance": scale, "split": split, "n": n, "n_real": len(real), "source": data_source(cfg), "fid": f.value,
+        rows.append({"guidance": scale, "split": split, "run": run, "n": n, "n_real": len(real), "source": data_source(cfg), "fid": f.value,
                      "fid_ci": (f.ci_low, f.ci_high), "kid": k.value, "ms_ssim": ms_ssim_diversity(images)["mean"],
                      **_recovery_columns(recovery), **pretrained_metrics(cfg, images, prompts, references),
                      "seconds_per_sample": seconds, "feature_network": net_name,
@@ -237,7 +239,7 @@ def sweep_table(rows: Sequence[dict[str, Any]]):
     import pandas as pd
 
     first = ["fid", "kid", "lpips", "clip_score", "bioclip_score", "ms_ssim", "bacc_mean"]
-    table = pd.DataFrame([{k: v for k, v in r.items() if k not in ("images", "fid_ci", "prompts")} for r in rows])
+    table = pd.DataFrame([{k: v for k, v in r.items() if k not in ("images", "fid_ci", "prompts", "run")} for r in rows])
     rest = [c for c in table.columns if c not in first and c != "guidance"]
     return table.set_index("guidance")[[c for c in first if c in table.columns] + rest]
 
@@ -281,8 +283,10 @@ def geometry_share(images: torch.Tensor | np.ndarray, target: float = 0.5, toler
 # ----------------------------------------------------------------------------------------------- gates
 
 
-def measure_gates(cfg: Config, model, progress: bool = True) -> list[Any]:
-    """Chapter 07's gates (see :func:`quality_gates`), measured on ``model``."""
+def measure_gates(cfg: Config, model, progress: bool = True, sweep: Sequence[Mapping[str, Any]] | None = None,
+                  tools: Mapping[str, Any] | None = None) -> list[Any]:
+    """Chapter 07's gates (see :func:`quality_gates`), measured on ``model``; ``sweep`` (the validation sweep of
+    this model, :func:`guidance_sweep`) and ``tools`` (:func:`evaluation_tools`) are computed when not given."""
     from lungsynth.eval.baselines import unit_baselines
     from lungsynth.eval.features import slice_features
     from lungsynth.gates import info, judge
@@ -290,8 +294,10 @@ def measure_gates(cfg: Config, model, progress: bool = True) -> list[Any]:
     from lungsynth.methods.text2img.train import oriented, roi_dataset
 
     c = cfg.text2img
-    tools = _evaluation_tools(cfg, model)
-    sweep = guidance_sweep(cfg, model, progress=progress, tools=tools)
+    tools = tools or evaluation_tools(cfg, model)
+    sweep = sweep or guidance_sweep(cfg, model, progress=progress, tools=tools)
+    if any(r.get("split", "val") != "val" for r in sweep):
+        raise ValueError("the gates choose the guidance scale on a sweep of the validation split")
     scale = best_scale(sweep)
     test = roi_dataset(cfg, "test")
     real = oriented(stack_images(test), cfg.seed + 1)
@@ -350,7 +356,8 @@ def measure_gates(cfg: Config, model, progress: bool = True) -> list[Any]:
     return rows
 
 
-def quality_gates(cfg: Config) -> list[Any]:
+def quality_gates(cfg: Config, sweep: Sequence[Mapping[str, Any]] | None = None,
+                  tools: Mapping[str, Any] | None = None) -> list[Any]:
     """Chapter 07's gates on the profile's trained course model (untrained: the row names the command); measured
     once per checkpoint, sampler and data, then read from ``runs/<profile>/07_text2img_gates.json``.
 
@@ -358,6 +365,9 @@ def quality_gates(cfg: Config) -> list[Any]:
        that of real test ROIs, and its interval's low end above chance;
     2. distribution: KID <= 0.1 x the pixel-shuffle noise baseline (same reference half, same N);
     3. geometry: the segmented nodule's diameter 0.5 +- 0.15 of the ROI side in >= 80% of the samples.
+
+    A notebook that has swept the model already passes its ``sweep`` and ``tools`` (they are what the gates
+    would compute again: the same seed, data and settings).
     """
     from lungsynth import paths
     from lungsynth.data.datasets import training_stamp
@@ -379,4 +389,7 @@ def quality_gates(cfg: Config) -> list[Any]:
            "sampler": c.sampler, "steps": int(c.sample_steps), "scales": list(c.guidance_scales), "n": int(c.n_eval_samples),
            "seed": int(cfg.seed), "bootstrap": int(cfg.evaluation.bootstrap), "slice_net": int(cfg.evaluation.slice_net_steps),
            "classifier": int(c.classifier_steps)}
-    return cached(paths.runs_dir(cfg.profile) / GATES_FILE, key, lambda: measure_gates(cfg, load(cfg, run)))
+    if sweep is not None and any(r.get("run") != str(run) for r in sweep):
+        sweep, tools = None, None  # the rows of another model (a fine-tuned SD folder): the gates sweep their own
+    return cached(paths.runs_dir(cfg.profile) / GATES_FILE, key,
+                  lambda: measure_gates(cfg, load(cfg, run), sweep=sweep, tools=tools))
