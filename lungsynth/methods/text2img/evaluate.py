@@ -287,7 +287,7 @@ def measure_gates(cfg: Config, model, progress: bool = True, sweep: Sequence[Map
                   tools: Mapping[str, Any] | None = None) -> list[Any]:
     """Chapter 07's gates (see :func:`quality_gates`), measured on ``model``; ``sweep`` (the validation sweep of
     this model, :func:`guidance_sweep`) and ``tools`` (:func:`evaluation_tools`) are computed when not given."""
-    from lungsynth.eval.baselines import unit_baselines
+    from lungsynth.eval.baselines import halves, unit_baselines
     from lungsynth.eval.features import slice_features
     from lungsynth.gates import info, judge
     from lungsynth.methods.text2img.sample import generate
@@ -300,6 +300,8 @@ def measure_gates(cfg: Config, model, progress: bool = True, sweep: Sequence[Map
         raise ValueError("the gates choose the guidance scale on a sweep of the validation split")
     scale = best_scale(sweep)
     test = roi_dataset(cfg, "test")
+    if not len(test):
+        raise ValueError("the test split has no ROIs; prepare more scans")
     real = oriented(stack_images(test), cfg.seed + 1)
     prompts = [test[i]["prompt"] for i in range(len(test))]
     images = generate(model, prompts, scale, c.sample_steps, c.sampler, seed=cfg.seed)
@@ -319,7 +321,8 @@ def measure_gates(cfg: Config, model, progress: bool = True, sweep: Sequence[Map
         # one prompted level makes balanced accuracy trivially chance: nothing to judge
         judged = g["levels"] >= 2
         rows.append(judge(CHAPTER, f"prompt adherence, {a}: balanced accuracy vs 0.8 x real test ROIs",
-                          g["balanced_accuracy"] if judged else None, n=g["n"], n_needed=2 * g["levels"], at_least=0.8 * r["balanced_accuracy"],
+                          g["balanced_accuracy"] if judged else None, n=g["n"], n_needed=2 * g["levels"],
+                          at_least=0.8 * r["balanced_accuracy"],
                           baseline=r["balanced_accuracy"], baseline_name="real test ROIs, same classifiers",
                           detail="a generator that follows the prompt is read by the classifiers nearly as well as real "
                                  "nodules (0.8 leaves room for their own error on another distribution)"))
@@ -334,16 +337,16 @@ def measure_gates(cfg: Config, model, progress: bool = True, sweep: Sequence[Map
         return slice_features(torch.as_tensor(np.asarray(x)), tools["net"])[0]
 
     np_real = real.numpy()
-    n_half = (len(np_real) + 1) // 2
-    base = unit_baselines("roi", np_real, np.ones_like(np_real, dtype=bool), features, n_half,
-                          network=slice_features(real[:1], tools["net"])[1], seed=cfg.seed)
-    from lungsynth.eval.baselines import halves
-
-    half_a, _ = halves(len(np_real), cfg.seed)
-    method = base.score(features(images.numpy()[half_a]))
-    rows.append(info(CHAPTER, "KID of real test ROIs against the reference half (floor)", base.floor.value, n=base.n))
-    rows.append(judge(CHAPTER, "distribution: KID vs 0.1 x the noise baseline", method.value, n=base.n, n_needed=20,
-                      factor=0.1, baseline=base.noise.value, baseline_name="real ROIs with their pixels shuffled",
+    half_a, half_r = halves(len(np_real), cfg.seed)
+    if len(half_r) >= 2:  # a KID needs two items a side
+        base = unit_baselines("roi", np_real, np.ones_like(np_real, dtype=bool), features, len(half_a),
+                              network=slice_features(real[:1], tools["net"])[1], seed=cfg.seed)
+        kid_value, floor, noise = base.score(features(images.numpy()[half_a])).value, base.floor.value, base.noise.value
+    else:
+        kid_value = floor = noise = None
+    rows.append(info(CHAPTER, "KID of real test ROIs against the reference half (floor)", floor, n=len(half_a)))
+    rows.append(judge(CHAPTER, "distribution: KID vs 0.1 x the noise baseline", kid_value, n=len(half_a), n_needed=20,
+                      factor=0.1, baseline=noise, baseline_name="real ROIs with their pixels shuffled",
                       detail="prompts of the comparison half, against the reference half; the noise baseline keeps the "
                              "intensities and loses the structure"))
 
