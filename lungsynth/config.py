@@ -392,7 +392,7 @@ class Text2ImgConfig:
     # the paper's stopping rule (§2.3): validation KID every val_every steps (0: never), the lowest kept in best.pt;
     # val_samples ROIs for the validation prompts at the paper's best guidance scale
     val_every: int = tiered(50, 100, 1000)
-    val_samples: int = tiered(4, 32, 416)
+    val_samples: int = tiered(8, 32, 416)
     val_guidance: float = 5.0
     classifier_steps: int = tiered(60, 300, 5000)  # attribute-recovery classifier on real ROIs
 
