@@ -214,9 +214,10 @@ class LandConfig:
 class BboxLdmConfig:
     """Chapter 04: 2D LDM with a nodule box mask and LIDC attributes (Mari et al.)."""
 
-    # course budget, chapter 04: the three configurations and the lung-conditioned variant x 800 steps (batch 16,
-    # latent 40^2): 9-11.5 min a run, 42 in all (fp32, 2 AMD EPYC cores), then the gates (48 slices per run and
-    # sampler, 3.7 min). The chapter's largest cost; the issue-16 budget needs it cut. Measured on the earlier
+    # course budget, chapter 04: the three configurations, configuration 2 with pooled mask tokens and the
+    # lung-conditioned variant x 800 steps (batch 16, latent 40^2): 9-11.5 min a run on 2 AMD EPYC cores in fp32
+    # (measured 2026-12-05 with pooled tokens; ~53 min for five), then the gates (48 slices per run and sampler,
+    # 3.7 min for four). The chapter's largest cost; the issue-16 budget needs it cut. Measured on the earlier
     # 128^2 nodule-centred windows (config 2, v, cosine): 300 steps gave blobs, 800 lungs with vessels and chest
     # wall (as 1500 at a constant rate); on whole slices only the lung-conditioned run passes the whole-slice KID
     unet_channels: tuple[int, ...] = tiered((32, 64, 64), (32, 64, 64), (128, 256, 512))
@@ -236,7 +237,11 @@ class BboxLdmConfig:
     lr_schedule: str = tiered("cosine", "cosine", "constant")
     ddim_steps: int = tiered(20, 25, 1000)
     hu_clip: tuple[float, float] = (-1000.0, 2500.0)
-    mask_grid: int = 4  # the mask becomes mask_grid^2 cross-attention tokens (configs 2, 3)
+    # how configs 2 and 3 put the box mask into cross-attention: "flat", the paper's one flattened vector (Mari
+    # §2.2: "by flattening and concatenating the vectors"), or "pooled", mask_grid^2 tokens with learned positions
+    # (the course's earlier form, a named option; chapter 04 trains configuration 2 both ways)
+    mask_context: str = "flat"
+    mask_grid: int = 4  # "pooled": the mask becomes mask_grid^2 cross-attention tokens
     # a local folder holding a diffusers VQModel (save_pretrained: config.json + safetensors), frozen, as the paper
     # uses the diffusers VQ-VAE; "" (every profile: no pretrained weights are reachable offline) uses chapter 02's
     pretrained_vq: str = ""
@@ -244,6 +249,9 @@ class BboxLdmConfig:
     # held-out slices is the KID reference, the baselines take n of the other half. Course: 48 of the 124
     # held-out slices' 62 (a configuration's gates cost ~1 min of sampling); smoke's 8 are below the gates' 16
     n_gate_samples: int = tiered(8, 48, 100)
+    # generated slices per configuration in Table 2 (evaluate): 0 = one per real slice of the split (smoke, course:
+    # 33 validation slices, as the CPU budget allows); full: the paper's 2048 (Mari, Table 2), sampled in batches
+    table2_samples: int = tiered(0, 0, 2048)
 
 
 @dataclass

@@ -16,10 +16,11 @@ the config and chapter 04).
 The three configurations of the paper's Table 2 differ only in the cross-attention context ``c``:
 
 - config 1: ``c`` empty, the mask only as an extra input channel;
-- config 2: ``c = T(m)``, the mask as ``grid^2`` tokens of width D' = 10;
-- config 3: ``c = [T(m); a]`` with the attribute token
+- config 2: ``c = [vec(m)]``, the mask flattened into one token of width (H/4)(W/4) (Mari §2.2; the course's
+  ``grid^2`` pooled tokens of width D' = 10, ``mask_context="pooled"``, are a named option);
+- config 3: ``c = [vec(m); a]`` with the attribute vector
   ``a = FC_{128->10}(ReLU(FC_{128->128}(ReLU(FC_{50->128}([E_1(s_1); ...; E_5(s_5)])))))``,
-  one learnable table ``E_k`` in R^{5 x 10} per attribute.
+  one learnable table ``E_k`` in R^{5 x 10} per attribute (pooled: ``a`` is one more token).
 
 Sampling runs the reverse process from ``z_T ~ N(0, I)`` (DDPM with ``T`` steps, else DDIM) and decodes
 ``x = D(z_0)``. At inference the paper draws the box centre from a per-pixel map of training nodule
@@ -41,7 +42,8 @@ What later chapters call::
     hu = bbox_ldm.to_hu(slices, cfg.bbox_ldm.hu_clip)
     table = bbox_ldm.evaluate(cfg)["table"]                  # FID on slices and 32x32 crops per config
 
-Command line: ``lungsynth bbox-ldm train|sample|evaluate --config 1|2|3 --sampler paper|anatomical``.
+Command line: ``lungsynth bbox-ldm train|sample|evaluate --config 1|2|3 --sampler paper|anatomical
+[--mask-context flat|pooled]``.
 
 Rooms: :mod:`.model` (condition encoding and validation, attribute embedder, U-Net, the frozen VQ-VAE),
 :mod:`.train` (the training slices, the engine task, ``train`` / ``ensure_trained``), :mod:`.sample`
@@ -56,15 +58,15 @@ from lungsynth.exports import lazy_exports
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "model": ("ATTRIBUTES", "CONFIG_NAMES", "CONFIGS", "LUNG_CONFIG", "AttributeEmbedder", "ConditionEncoder",
-              "PretrainedVQ", "autoencoder", "autoencoder_name",
+              "MASK_CONTEXTS", "PretrainedVQ", "check_mask_context", "autoencoder", "autoencoder_name",
               "box_masks", "boxes_from_masks", "check_config", "lung_to_latent", "mask_to_latent", "validate_attributes",
               "validate_boxes"),
     "train": ("BboxLdmTask", "check_lung", "default_run_dir", "ensure_trained", "load_split", "run_name",
-              "slice_dataset", "train"),
+              "slice_dataset", "train", "train_command"),
     "sample": ("SAMPLERS", "AnatomicalMaskSampler", "BboxLdm", "MaskDraw", "PaperMaskSampler", "anatomical_sampler",
                "box_centres", "draw_conditions", "load", "paper_sampler", "table_sides_and_attributes", "to_hu"),
     "evaluate": ("CROP", "TISSUES", "body_mask", "box_placement", "classify_box", "classify_boxes", "compare_samplers",
                  "crops", "evaluate", "feature_net", "fid_2d", "inside_lung_rate", "tissue_counts", "box_contrast",
                  "box_tissues", "in_lung_rate", "measure_gates", "quality_gates", "reference_contrast", "ring",
-                 "texture_sweep", "variant_label", "VARIANTS"),
+                 "texture_sweep", "variant_label", "variant_config", "box_share", "box_share_ceiling", "VARIANTS"),
 })

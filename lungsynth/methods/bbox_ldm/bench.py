@@ -29,6 +29,10 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     dev = device()
     torch.manual_seed(0)
     size = int(spec["size"] or cfg.data.size_2d)
+    if size != int(cfg.data.size_2d):  # the flattened mask context is as wide as the latent grid
+        from lungsynth.config import apply_overrides
+
+        cfg = apply_overrides(cfg, {"data.size_2d": size})
     lat, c = size // 4, cfg.bbox_ldm
     task = BboxLdmTask(cfg, spec["config"], latent_channels=4)
     for m in task.modules().values():

@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="1: mask concat; 2: + mask cross-attention; 3: + attribute cross-attention (default 3)")
     p.add_argument("--lung", action="store_true",
                    help="train/sample: the lung-conditioned variant of configuration 3 (anatomical sampler only)")
+    p.add_argument("--mask-context", choices=("flat", "pooled"), default=None,
+                   help="configs 2, 3: the mask in cross-attention as the paper's one flattened vector (flat, the "
+                        "default) or as pooled tokens (pooled; runs in ..._pooled)")
     p.add_argument("--sampler", choices=("paper", "anatomical"), default="paper",
                    help="sample: where boxes and attributes come from (default paper)")
     p.add_argument("--n", type=int, default=None, help="sample: how many slices (default cfg.sampling.n_samples)")
@@ -38,6 +41,8 @@ def _main(args: argparse.Namespace) -> int:
     cfg = get_config(args.profile, parse_overrides(args.overrides))
     if args.pretrained_vq:
         cfg.bbox_ldm.pretrained_vq = str(args.pretrained_vq)
+    if args.mask_context:
+        cfg.bbox_ldm.mask_context = args.mask_context
     if args.verb == "train":
         return run_train(cfg, args)
     if args.verb == "sample":

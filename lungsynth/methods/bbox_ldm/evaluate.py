@@ -162,23 +162,26 @@ def fid_2d(real: torch.Tensor, fake: torch.Tensor, net, hu_clip: Sequence[float]
 
 
 def evaluate(cfg, configs: Sequence[int] = CONFIGS, *, split: str = "val", repeats: int = 1, seed: int = 0,
-             steps: int | None = None, models: Mapping[int, BboxLdm] | None = None, net=None) -> dict[str, Any]:
+             steps: int | None = None, models: Mapping[int, BboxLdm] | None = None, net=None,
+             extra: Mapping[str, BboxLdm] | None = None) -> dict[str, Any]:
     """The chapter's Table 2 in shape, plus where the two samplers put their boxes.
 
-    Each configuration generates ``repeats`` slices per real ``split`` slice, conditioned on boxes and
-    attributes drawn by the paper's inference sampler (Mari §3.2; the same draws and seed for every
-    configuration), never on the real slices' own boxes; FID is computed on whole slices and on 32 x 32 crops
-    around the boxes (the real crops around the real boxes).
+    Each configuration generates ``cfg.bbox_ldm.table2_samples`` slices (the paper's 2048 in ``full``; 0: ``repeats``
+    per real ``split`` slice), in batches, conditioned on boxes and attributes drawn by the paper's inference sampler
+    (Mari §3.2; the same draws and seed for every configuration), never on the real slices' own boxes; FID and KID
+    (bootstrap intervals) are computed on whole slices and on 32 x 32 crops around the boxes (the real crops around
+    the real boxes). ``extra`` adds rows for other trained runs under their own names (chapter 04: configuration 2
+    with pooled mask tokens), sampled on the same draws.
 
-    Returns ``{"table": [{"config", "conditioning", "fid_slice", "fid_crop", "n_real", "n_fake",
-    "network", "seconds"}], "samples": {config: [N, 1, H, W]}, "boxes", "attributes" (the draws), "real": {...},
-    "placement": {...}}``.
+    Returns ``{"table": [{"config", "conditioning", "fid_slice", "fid_crop", "kid_slice", "kid_crop" (each with
+    its "_ci"), "n_real", "n_fake", "network", "seconds", "source"}], "samples": {config: [N, 1, H, W]}, "boxes",
+    "attributes" (the draws), "real": {...}, "placement": {...}}``.
     """
     real = load_split(cfg, split)
     net = net if net is not None else feature_net(cfg, seed)
-    draw = paper_sampler(cfg).sample(len(real["images"]) * int(repeats), seed)
-    boxes, attrs = draw.boxes, draw.attributes
-    rows, samples = [], {}
+    n = int(cfg.bbox_ldm.table2_samples) or len(real["images"]) * int(repeats)
+    draw = paper_sampler(cfg).sample(n, seed)
+    runs: dict[Any, tuple[str, BboxLdm]] = {}
     for k in configs:
         if models is not None and k in models:
             model = models[k]
@@ -186,24 +189,26 @@ def evaluate(cfg, configs: Sequence[int] = CONFIGS, *, split: str = "val", repea
             run_dir = ensure_trained(cfg, k)
             fingerprint.refuse_overlap(run_dir, prepared_root(cfg), (split,), what=f"bbox-LDM config {k} run")
             model = load(cfg, k, run_dir)
+        runs[k] = (CONFIG_NAMES[k], model)
+    for name, model in (extra or {}).items():
+        runs[name] = (f"{CONFIG_NAMES[model.config_id]} ({model.cfg.bbox_ldm.mask_context} mask context)", model)
+    rows, samples = [], {}
+    nb = int(cfg.evaluation.bootstrap)
+    for key, (conditioning, model) in runs.items():
         t0 = time.perf_counter()
-        fake = model.sample(boxes, attrs, seed=seed, steps=steps)
+        fake = model.sample(draw.boxes, draw.attributes, seed=seed, steps=steps)
         seconds = time.perf_counter() - t0
-        nb = int(cfg.evaluation.bootstrap)
         whole = fid_2d(real["images"], fake, net, real["hu_clip"], nb, seed)
-        local = fid_2d(crops(real["images"], real["boxes"]), crops(fake, boxes), net, real["hu_clip"], nb, seed)
-        samples[k] = fake
-        rows.append({"config": k, "conditioning": CONFIG_NAMES[k], "fid_slice": whole["fid"],
+        local = fid_2d(crops(real["images"], real["boxes"]), crops(fake, draw.boxes), net, real["hu_clip"], nb, seed)
+        samples[key] = fake
+        rows.append({"config": key, "conditioning": conditioning, "fid_slice": whole["fid"],
                      "fid_slice_ci": (whole["ci_low"], whole["ci_high"]), "fid_crop": local["fid"],
                      "fid_crop_ci": (local["ci_low"], local["ci_high"]), "kid_slice": whole["kid"],
                      "kid_slice_ci": whole["kid_ci"], "kid_crop": local["kid"], "kid_crop_ci": local["kid_ci"],
-                     "n_real": len(real["images"]),
-                     "n_fake": len(fake),
-                     "network": whole["network"], "seconds": round(seconds, 2)})
-    source = data_source(cfg)  # every table says which data its numbers come from
-    rows = [{**r, "source": source} for r in rows]
+                     "n_real": len(real["images"]), "n_fake": len(fake), "network": whole["network"],
+                     "seconds": round(seconds, 2), "source": data_source(cfg)})  # every table names its data
     placement = compare_samplers(cfg, 200, seed)["placement"]
-    return {"table": rows, "samples": samples, "real": real, "boxes": boxes, "attributes": attrs,
+    return {"table": rows, "samples": samples, "real": real, "boxes": draw.boxes, "attributes": draw.attributes,
             "placement": {s: {"inside_lung_rate": p["inside_lung_rate"], "counts": p["counts"]}
                           for s, p in placement.items()}}
 
@@ -212,7 +217,9 @@ def evaluate(cfg, configs: Sequence[int] = CONFIGS, *, split: str = "val", repea
 
 CHAPTER = "04"
 GATES_FILE = "04_bbox_ldm_gates.json"
-GATES_VERSION = 3  # 2: the feature network named in the KID rows; 3: real textures are the readers' medians
+# 2: the feature network named in the KID rows; 3: real textures are the readers' medians; 4: the flattened mask,
+# the pooled-token run and gate 1's ceiling rows
+GATES_VERSION = 4
 # Gate 1: a generated nodule keeps at least half the inside-minus-ring contrast of real boxes of its size, in
 # at least 80% of samples: the issue's thresholds, as the 3D methods' nodule gates (eval.nodules)
 MIN_BOX_CONTRAST_RATIO = 0.5
@@ -225,8 +232,10 @@ MAX_KID_SHARE = 0.1  # gate 4: KID at most a tenth of the shuffled-pixel baselin
 MIN_SAMPLES = 16  # fewer generated slices than this judge nothing
 SWEEP_BOXES = 8  # boxes of the texture sweep (the largest the sampler drew), each at textures 1..5
 IN_LUNG = ("lung", "lung border")  # a box on the pleura (a juxtapleural nodule) is not the failure mode
-# the runs the gates judge: the paper's three configurations and the course's lung-conditioned variant
-VARIANTS: tuple[tuple[int, bool], ...] = tuple((k, False) for k in CONFIGS) + ((LUNG_CONFIG, True),)
+# the runs the gates judge, as (configuration, lung, mask context): the paper's three configurations (the flattened
+# mask), configuration 2 with the course's pooled mask tokens beside it, and the course's lung-conditioned variant
+VARIANTS: tuple[tuple[int, bool, str], ...] = (tuple((k, False, "flat") for k in CONFIGS)
+                                               + ((2, False, "pooled"), (LUNG_CONFIG, True, "flat")))
 
 
 def ring(box: Sequence[int], shape: tuple[int, int], width: int | None = None) -> np.ndarray:
@@ -315,9 +324,41 @@ def texture_sweep(model: BboxLdm, draw: MaskDraw, n_boxes: int = SWEEP_BOXES, se
     return rows
 
 
-def variant_label(config: int, lung: bool = False) -> str:
-    """``bbox_ldm config<k>`` (``+ lung`` for the lung-conditioned variant): the name of a run in the gate rows."""
-    return f"bbox_ldm config{config}" + (" + lung" if lung else "")
+def variant_label(config: int, lung: bool = False, mask_context: str = "flat") -> str:
+    """``bbox_ldm config<k>`` (``+ lung`` for the lung-conditioned variant, ``pooled tokens`` for the mask-token
+    context): the name of a run in the gate rows."""
+    return (f"bbox_ldm config{config}" + (" + lung" if lung else "")
+            + (" (pooled tokens)" if mask_context == "pooled" and config > 1 else ""))
+
+
+def variant_config(cfg: Any, mask_context: str) -> Any:
+    """``cfg`` with ``bbox_ldm.mask_context`` set (a copy; ``cfg`` itself when it already has it)."""
+    from lungsynth.config import apply_overrides
+
+    if cfg.bbox_ldm.mask_context == mask_context:
+        return cfg
+    return apply_overrides(cfg, {"bbox_ldm.mask_context": mask_context})
+
+
+def box_share(hu: np.ndarray, boxes: np.ndarray, real: Mapping[str, Any]) -> tuple[float, int]:
+    """Gate 1's measure: the share of boxes whose contrast (:func:`box_contrast`) on slices ``hu`` [n, H, W] is at
+    least :data:`MIN_BOX_CONTRAST_RATIO` x the real median of boxes of the same side; and how many boxes were judged
+    (those whose real reference contrast is positive)."""
+    ref = np.asarray([reference_contrast(s, real["sides"], real["contrasts"]) for s in np.asarray(boxes)[:, 2]])
+    got = np.asarray([box_contrast(hu[i], b) for i, b in enumerate(np.asarray(boxes))])
+    judged = ref > 0
+    share = float(np.mean(got[judged] >= MIN_BOX_CONTRAST_RATIO * ref[judged])) if judged.any() else float("nan")
+    return share, int(judged.sum())
+
+
+def box_share_ceiling(held: Mapping[str, Any], real: Mapping[str, Any], ae: Any) -> dict[str, tuple[float, int]]:
+    """What gate 1 can reach at best: its share on the real held-out slices with their own boxes, and on the frozen
+    autoencoder's reconstructions of the same slices (a generator is decoded by it, so a nodule the autoencoder
+    loses no sampler can draw)."""
+    from lungsynth.methods.bbox_ldm.model import decode, encode
+
+    recon = to_hu(decode(ae, encode(ae, held["images"]))[:, 0], held["hu_clip"])
+    return {"real": box_share(real["hu"], real["boxes"], real), "autoencoder": box_share(recon, real["boxes"], real)}
 
 
 def config_gates(cfg: Any, model: BboxLdm, draws: Mapping[str, MaskDraw], real: Mapping[str, Any],
@@ -327,7 +368,7 @@ def config_gates(cfg: Any, model: BboxLdm, draws: Mapping[str, MaskDraw], real: 
     from lungsynth.eval.nodules import spearman
 
     k = model.config_id
-    label = variant_label(k, model.lung)
+    label = variant_label(k, model.lung, model.cfg.bbox_ldm.mask_context)
     n = base["slice"].n
     anat, paper = draws["anatomical"], draws["paper"]
     clip = cfg.bbox_ldm.hu_clip
@@ -335,10 +376,8 @@ def config_gates(cfg: Any, model: BboxLdm, draws: Mapping[str, MaskDraw], real: 
     hu = to_hu(model.sample(anat.boxes[:n], anat.attributes[:n], lungs=lungs, seed=seed)[:, 0], clip)
     hu_paper = None if model.lung else to_hu(model.sample(paper.boxes[:n], paper.attributes[:n], seed=seed)[:, 0],
                                              clip)
-    ref = np.asarray([reference_contrast(s, real["sides"], real["contrasts"]) for s in anat.boxes[:n, 2]])
-    got = np.asarray([box_contrast(hu[i], b) for i, b in enumerate(anat.boxes[:n])])
-    judged = ref > 0
-    share = float(np.mean(got[judged] >= MIN_BOX_CONTRAST_RATIO * ref[judged])) if judged.any() else float("nan")
+    share, judged = box_share(hu, anat.boxes[:n], real)
+    ceiling, _ = real["ceiling"]["autoencoder"]
     spacing = float(np.median(load_split(cfg, "train")["spacings"]))  # the pixel of the generated slices
     tissues = box_tissues(hu, anat.boxes[:n], spacing)
     tissues_paper = box_tissues(hu_paper, paper.boxes[:n], spacing) if hu_paper is not None else []
@@ -346,7 +385,8 @@ def config_gates(cfg: Any, model: BboxLdm, draws: Mapping[str, MaskDraw], real: 
     paper_rate = f"; the paper's sampler: {in_lung_rate(tissues_paper):.2f}" if tissues_paper else ""
     rows = [
         judge(CHAPTER, f"{label}: nodule in the box, share with >= {MIN_BOX_CONTRAST_RATIO:g} x real contrast", share,
-              n=int(judged.sum()), n_needed=MIN_SAMPLES, at_least=MIN_BOX_SHARE,
+              n=judged, n_needed=MIN_SAMPLES, at_least=MIN_BOX_SHARE, baseline=ceiling,
+              baseline_name="the VQ-VAE's reconstructions of real held-out slices",
               detail=f"contrast = mean HU in the box - a ring of half its side; real median "
                      f"{np.median(real['contrasts']):.0f} HU (held-out boxes of the same side)"),
         judge(CHAPTER, f"{label}: box in the lung of the generated slice (anatomical sampler)", in_lung_rate(tissues),
@@ -392,11 +432,18 @@ def measure_gates(cfg: Any, models: Sequence[BboxLdm], *, n: int | None = None, 
     clip = held["hu_clip"]
     features = lambda x: slice_features(x, net=net, intensity="hu", unit_range=tuple(clip))[0]  # noqa: E731
     real = _real_measures(cfg, held)
+    real["ceiling"] = box_share_ceiling(held, real, models[0].ae)
     base = _baselines(real["hu"], real["boxes"], n, features, seed, slice_net_name(net))
     draws = {"anatomical": anatomical_sampler(cfg).sample(n, seed), "paper": paper_sampler(cfg).sample(n, seed)}
     rows = [g for model in models for g in config_gates(cfg, model, draws, real, base, features, seed)]
     rows.append(info(CHAPTER, "bbox_ldm: real-vs-real KID floor, whole slices (held-out halves)",
                      base["slice"].floor.value, n=n, detail="what a perfect generator scores at this N"))
+    for source, what in (("real", "real held-out slices, their own boxes"),
+                         ("autoencoder", "the VQ-VAE's reconstructions of those slices")):
+        share, judged = real["ceiling"][source]
+        rows.append(info(CHAPTER, f"bbox_ldm: nodule in the box on {what}", share, n=judged,
+                         detail=f"gate 1's measure (>= {MIN_BOX_CONTRAST_RATIO:g} x the median real contrast of the "
+                                f"same side): what a generator decoded by this autoencoder can reach"))
     return rows
 
 
@@ -407,23 +454,24 @@ def quality_gates(cfg: Any) -> list[Gate]:
     from lungsynth.autoencoders.model import default_run_dir as ae_run_dir
     from lungsynth.engine import FINAL_NAME, load_checkpoint
     from lungsynth.gates import cached, file_digest, not_trained
-    from lungsynth.methods.bbox_ldm.train import default_run_dir, rebuild_command
+    from lungsynth.methods.bbox_ldm.train import default_run_dir, rebuild_command, train_command
 
     rows: list[Gate] = []
     trained: dict[str, Any] = {}
-    for k, lung in VARIANTS:
-        run = default_run_dir(cfg, k, create=False, lung=lung)
-        command = f"lungsynth bbox-ldm train --config {k}{' --lung' if lung else ''} --profile {cfg.profile}"
+    for k, lung, mask_context in VARIANTS:
+        vcfg = variant_config(cfg, mask_context)
+        run = default_run_dir(vcfg, k, create=False, lung=lung)
+        label = variant_label(k, lung, mask_context)
         final = run / FINAL_NAME
         if not final.is_file() or int(load_checkpoint(final).get("step", 0)) < int(cfg.bbox_ldm.train_steps):
-            rows.append(not_trained(CHAPTER, variant_label(k, lung), command))
+            rows.append(not_trained(CHAPTER, label, train_command(vcfg, k, lung)))
             continue
         try:
             fingerprint.refuse_overlap(run, prepared_root(cfg), ("test",), what=f"bbox-LDM {run.name}")
-            model = load(cfg, k, run, lung=lung)
+            model = load(vcfg, k, run, lung=lung)
         except (ValueError, FileNotFoundError) as exc:  # another architecture, data or overlapping patients
-            rows.append(not_trained(CHAPTER, variant_label(k, lung),
-                                    f"{rebuild_command(cfg, k, lung)}  ({str(exc).splitlines()[0][:120]})"))
+            rows.append(not_trained(CHAPTER, label,
+                                    f"{rebuild_command(vcfg, k, lung)}  ({str(exc).splitlines()[0][:120]})"))
             continue
         trained[run.name] = (run, model)
     if not trained:

@@ -14,19 +14,26 @@ diffusion itself, to Ho et al. 2020 (DDPM, eqs. 4 and 14).
 config   condition
 =======  ====================================================================================
 1        the square box mask, max-pooled to the latent grid, concatenated to ``z_t``
-2        (1) + the mask as tokens in cross-attention (:class:`ConditionEncoder`)
-3        (2) + the attribute embedding as one more token (:class:`AttributeEmbedder`)
+2        (1) + the mask in cross-attention (:class:`ConditionEncoder`)
+3        (2) + the attribute embedding in cross-attention (:class:`AttributeEmbedder`)
 =======  ====================================================================================
 
-  ``m = maxpool_4(box_mask(y0, x0, side))`` (:func:`box_masks`, :func:`mask_to_latent`); the context is
-  ``c = [T(m)]`` (config 2) or ``c = [T(m); a]`` (config 3) with ``T`` the shared mask tokenizer and
+  ``m = maxpool_4(box_mask(y0, x0, side))`` (:func:`box_masks`, :func:`mask_to_latent`). The paper "injects the
+  binary mask and the embedding of nodule attributes into the cross-attention layers by flattening and
+  concatenating the vectors" (Mari §2.2), so the context is **one token** ``c = [vec(m)]`` (config 2) or
+  ``c = [vec(m); a]`` (config 3) of width ``h w`` (+ D') (``mask_context="flat"``, every profile's default). With
+  a single key, attention's softmax is 1: the token reaches every position through the key/value projections
+  alone, as the same vector. The course's earlier form, ``mask_context="pooled"``, is kept as a named option:
+  ``c = [T(m)]`` or ``c = [T(m); a]``, ``T`` the shared mask tokenizer (grid^2 tokens of width D', with learned
+  positions), so a query can attend to where the box is. Chapter 04 compares the two on configuration 2. In
+  both forms the attribute vector is
 
       a = FC_{128->D'}(ReLU(FC_{128->128}(ReLU(FC_{5D->128}([E_1(s_1); ...; E_5(s_5)])))))
 
   The attribute embedder is the paper's: one learnable table ``E_k`` per attribute (sphericity, margin,
   lobulation, spiculation, texture; scores 1..5) of width D = 10, the five vectors concatenated
   (5 D = 50), two fully connected layers of 128 units with ReLU, then a linear output of D' = 10.
-  Every cross-attention token has width D', so the attribute vector enters the U-Net as it is.
+  It enters the U-Net as it is: appended to the flattened mask, or as one more token of width D'.
 - **The loss** (Mari §2.2; DDPM eq. 14): ``L = E_{z_0, eps, t} || eps - eps_theta([z_t, m], t, c) ||^2``, the
   course's shared ``lungsynth.diffusion.objectives.diffusion_loss``, taken in
   :meth:`lungsynth.methods.bbox_ldm.train.BboxLdmTask.training_step`.
@@ -48,6 +55,9 @@ from torch import nn
 ATTRIBUTES: tuple[str, ...] = ("sphericity", "margin", "lobulation", "spiculation", "texture")
 SCORE_MIN, SCORE_MAX = 1, 5
 CONFIGS: tuple[int, ...] = (1, 2, 3)
+# how the box mask enters cross-attention (configs 2, 3): "flat" is the paper's one flattened vector (Mari §2.2),
+# "pooled" the course's grid^2 tokens of the shared MaskTokenizer (a named departure, compared in chapter 04)
+MASK_CONTEXTS: tuple[str, ...] = ("flat", "pooled")
 CONFIG_NAMES: dict[int, str] = {1: "mask concat", 2: "mask concat + mask cross-attn",
                                 3: "mask concat + mask & attribute cross-attn"}
 # The course's anatomical variant (not a Table 2 row): configuration 3 with the lung mask of a real slice as one
@@ -69,6 +79,15 @@ def check_config(config: int | str) -> int:
         raise ValueError(f"unknown bbox-LDM configuration {config!r}; use 1 (mask concat), 2 (+ mask "
                          f"cross-attention) or 3 (+ attribute cross-attention)")
     return value
+
+
+def check_mask_context(name: str) -> str:
+    """``"flat"`` (the paper's flattened mask) or ``"pooled"`` (the course's mask tokens); anything else is a
+    ValueError."""
+    if name not in MASK_CONTEXTS:
+        raise ValueError(f"unknown bbox_ldm.mask_context {name!r}; use 'flat' (the paper's flattened mask, one "
+                         f"cross-attention token) or 'pooled' (grid^2 mask tokens)")
+    return name
 
 
 def validate_attributes(attributes: torch.Tensor | Sequence) -> torch.Tensor:
@@ -188,39 +207,58 @@ class AttributeEmbedder(nn.Module):
 class ConditionEncoder(nn.Module):
     """The cross-attention context of configurations 2 and 3.
 
-    ``forward(mask_latent [B, 1, h, w], attributes [B, 5] | None) -> context [B, N, D']``: the mask as
-    ``grid^2`` tokens (the shared :class:`lungsynth.nn.conditioning.MaskTokenizer`, 2D: a small conv
-    lift, max- and average-pooled to a grid x grid map, projected to D' with learned positions),
-    followed (config 3) by the attribute token.
+    ``forward(mask_latent [B, 1, h, w], attributes [B, 5] | None) -> context [B, N, context_dim]``:
+
+    - ``mask_context="flat"`` (Mari §2.2): one token, the mask flattened (h w values, ``latent_size`` = h = w)
+      followed in config 3 by the attribute embedding: ``[B, 1, h w (+ D')]``; nothing is learned here
+      but the attribute embedder, the U-Net's key/value projections read the vector;
+    - ``mask_context="pooled"``: ``grid^2`` tokens of the shared :class:`lungsynth.nn.conditioning.MaskTokenizer`
+      (2D: a small conv lift, max- and average-pooled to a grid x grid map, projected to D' with learned
+      positions), followed in config 3 by the attribute token: ``[B, grid^2 (+ 1), D']``.
     """
 
-    def __init__(self, config: int, dim: int = 10, hidden: int = 128, out_dim: int = 10, grid: int = 4) -> None:
+    def __init__(self, config: int, dim: int = 10, hidden: int = 128, out_dim: int = 10, grid: int = 4,
+                 mask_context: str = "flat", latent_size: int | None = None) -> None:
         super().__init__()
         from lungsynth.nn.conditioning import MaskTokenizer
 
         self.config = check_config(config)
         if self.config == 1:
             raise ValueError("configuration 1 has no cross-attention context")
-        self.mask_tokens = MaskTokenizer(1, out_dim, grid=grid, spatial_dims=2)
+        self.mask_context = check_mask_context(mask_context)
+        if self.mask_context == "flat" and not latent_size:
+            raise ValueError("the flattened mask context needs latent_size (the latent grid's side)")
+        self.latent_size = int(latent_size or 0)
+        self.mask_tokens = (MaskTokenizer(1, out_dim, grid=grid, spatial_dims=2) if self.mask_context == "pooled"
+                            else None)
         self.attributes = AttributeEmbedder(dim, hidden, out_dim) if self.config == 3 else None
+        attr_width = out_dim if self.attributes is not None else 0
+        self.context_dim = out_dim if self.mask_tokens is not None else self.latent_size ** 2 + attr_width
 
     def forward(self, mask_latent: torch.Tensor, attributes: torch.Tensor | None = None) -> torch.Tensor:
-        ctx = self.mask_tokens(mask_latent.float())
-        if self.attributes is not None:
-            if attributes is None:
-                raise ValueError("configuration 3 needs attributes [B, 5] (scores 1..5)")
-            ctx = torch.cat([ctx, self.attributes(attributes)[:, None, :]], dim=1)
-        return ctx
+        if self.attributes is not None and attributes is None:
+            raise ValueError("configuration 3 needs attributes [B, 5] (scores 1..5)")
+        a = None if self.attributes is None else self.attributes(attributes)
+        if self.mask_tokens is not None:
+            ctx = self.mask_tokens(mask_latent.float())
+            return ctx if a is None else torch.cat([ctx, a[:, None, :]], dim=1)
+        side = self.latent_size
+        if tuple(mask_latent.shape[1:]) != (1, side, side):
+            raise ValueError(f"the flattened mask context was built for [B, 1, {side}, {side}] latent masks, got "
+                             f"{tuple(mask_latent.shape)}")
+        vec = mask_latent.float().flatten(1)  # [B, h w]: the paper's flattened mask
+        return (vec if a is None else torch.cat([vec, a.to(vec)], dim=1))[:, None, :]
 
 
 # --------------------------------------------------------------------------- the networks
 
 
-def build_unet(cfg, config: int, latent_channels: int, lung: bool = False) -> nn.Module:
+def build_unet(cfg, config: int, latent_channels: int, lung: bool = False, context_dim: int | None = None) -> nn.Module:
     """The denoising 2D U-Net: in = latent + 1 box-mask channel (+ 1 lung channel), out = latent channels.
 
-    Same architecture for the three configurations apart from cross-attention (configs 2, 3, with
-    context width ``cfg.bbox_ldm.attr_out_dim``), so Table 2 compares conditioning only.
+    Same architecture for the three configurations apart from cross-attention (configs 2, 3, with context width
+    ``context_dim``, the :class:`ConditionEncoder`'s; default ``cfg.bbox_ldm.attr_out_dim``), so Table 2 compares
+    conditioning only.
     """
     from lungsynth.nn.unets import diffusion_unet
 
@@ -230,7 +268,7 @@ def build_unet(cfg, config: int, latent_channels: int, lung: bool = False) -> nn
         spatial_dims=2, in_channels=latent_channels + 1 + int(lung), out_channels=latent_channels,
         channels=tuple(c.unet_channels), attention_levels=(False,) + (True,) * (levels - 1),
         num_res_blocks=2, num_head_channels=c.unet_channels[-1] // 4 if c.unet_channels[-1] >= 32 else 8,
-        cross_attention_dim=c.attr_out_dim if check_config(config) > 1 else None)
+        cross_attention_dim=int(context_dim or c.attr_out_dim) if check_config(config) > 1 else None)
 
 
 class PretrainedVQ(nn.Module):

@@ -23,9 +23,9 @@ from lungsynth import paths
 from lungsynth.data import fingerprint
 from lungsynth.data.datasets import training_stamp
 from lungsynth.engine import FINAL_NAME, TrainTask, Trainer
-from lungsynth.methods.bbox_ldm.model import (LUNG_CONFIG, ConditionEncoder, autoencoder, box_masks, boxes_from_masks,
-                                              autoencoder_name, build_unet, check_config, encode, lung_to_latent,
-                                              mask_to_latent)
+from lungsynth.methods.bbox_ldm.model import (LUNG_CONFIG, ConditionEncoder, autoencoder, autoencoder_name, box_masks,
+                                              boxes_from_masks, build_unet, check_config, check_mask_context, encode,
+                                              lung_to_latent, mask_to_latent)
 
 KIND = "bbox_ldm"
 
@@ -37,14 +37,17 @@ def check_lung(config: int, lung: bool) -> None:
                          f"{config} has no lung channel")
 
 
-def run_name(config: int, lung: bool = False) -> str:
+def run_name(config: int, lung: bool = False, mask_context: str = "flat") -> str:
+    """``04_bbox_ldm_config<k>``, ``_lung`` for the lung-conditioned variant, ``_pooled`` for the mask-token
+    context (configs 2, 3; the paper's flattened mask has no suffix)."""
     check_lung(config, lung)
-    return f"04_bbox_ldm_config{check_config(config)}" + ("_lung" if lung else "")
+    pooled = check_mask_context(mask_context) == "pooled" and check_config(config) > 1
+    return f"04_bbox_ldm_config{check_config(config)}" + ("_lung" if lung else "") + ("_pooled" if pooled else "")
 
 
 def default_run_dir(cfg, config: int, create: bool = True, lung: bool = False) -> Path:
-    """``runs/<profile>/04_bbox_ldm_config<k>`` (``..._lung`` for the lung-conditioned variant)."""
-    return paths.run_dir(cfg.profile, run_name(config, lung), create=create)
+    """``runs/<profile>/`` + :func:`run_name` (with ``cfg.bbox_ldm.mask_context``)."""
+    return paths.run_dir(cfg.profile, run_name(config, lung, cfg.bbox_ldm.mask_context), create=create)
 
 
 # --------------------------------------------------------------------------- data
@@ -130,14 +133,17 @@ class BboxLdmTask(TrainTask):
         check_lung(self.config_id, lung)
         self.lung = bool(lung)
         self.latent_channels, self.factor = int(latent_channels), int(factor)
-        self.unet = build_unet(cfg, self.config_id, self.latent_channels, self.lung)
-        self.cond = (ConditionEncoder(self.config_id, c.attr_dim, c.attr_hidden, c.attr_out_dim, c.mask_grid)
-                     if self.config_id > 1 else None)
+        self.latent_size = int(cfg.data.size_2d) // self.factor
+        self.cond = (ConditionEncoder(self.config_id, c.attr_dim, c.attr_hidden, c.attr_out_dim, c.mask_grid,
+                                      c.mask_context, self.latent_size) if self.config_id > 1 else None)
+        self.unet = build_unet(cfg, self.config_id, self.latent_channels, self.lung,
+                               None if self.cond is None else self.cond.context_dim)
         self.prediction = canonical_prediction_type(c.prediction)
         self.scheduler = make_scheduler("ddpm", c.num_train_timesteps, "linear", self.prediction)
         self._arch = {"config": self.config_id, "latent_channels": self.latent_channels, "factor": self.factor,
                       "unet_channels": list(c.unet_channels), "attr_dim": c.attr_dim, "attr_hidden": c.attr_hidden,
-                      "attr_out_dim": c.attr_out_dim, "mask_grid": c.mask_grid,
+                      "attr_out_dim": c.attr_out_dim, "mask_grid": c.mask_grid, "mask_context": c.mask_context,
+                      "latent_size": self.latent_size,
                       "num_train_timesteps": c.num_train_timesteps, "hu_clip": list(c.hu_clip),
                       "prediction": self.prediction, "lung": self.lung}
         if autoencoder is not None:  # a pretrained VQ-VAE: a run is refused with another one
@@ -153,7 +159,7 @@ class BboxLdmTask(TrainTask):
         return dict(self._arch)
 
     def context(self, mask_latent: torch.Tensor, attributes: torch.Tensor | None) -> torch.Tensor | None:
-        """Cross-attention tokens [B, N, D'] (None for config 1)."""
+        """The cross-attention context [B, N, context_dim] (:class:`ConditionEncoder`; None for config 1)."""
         return None if self.cond is None else self.cond(mask_latent, attributes)
 
     def concat(self, mask_latent: torch.Tensor, lung_latent: torch.Tensor | None) -> torch.Tensor:
@@ -180,8 +186,14 @@ class BboxLdmTask(TrainTask):
 # --------------------------------------------------------------------------- train
 
 
+def train_command(cfg: Any, config: int, lung: bool = False) -> str:
+    """The command line that trains this run (``--mask-context pooled`` for the mask-token form)."""
+    pooled = " --mask-context pooled" if cfg.bbox_ldm.mask_context == "pooled" and config > 1 else ""
+    return f"lungsynth bbox-ldm train --config {config}{' --lung' if lung else ''}{pooled} --profile {cfg.profile}"
+
+
 def rebuild_command(cfg: Any, config: int, lung: bool = False) -> str:
-    return f"lungsynth bbox-ldm train --config {config}{' --lung' if lung else ''} --profile {cfg.profile} --fresh"
+    return train_command(cfg, config, lung) + " --fresh"
 
 
 def train(cfg, config: int, run_dir: Path | str | None = None, *, max_steps: int | None = None,

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from by_hand import frechet_by_hand
 
 from lungsynth.methods import bbox_ldm as B
@@ -89,3 +90,37 @@ def test_box_tissues_segment_the_slice_the_box_is_drawn_on():
     assert B.box_tissues(np.stack([hu, filled]), boxes[[0, 0]], 2.0) == ["lung", "soft tissue"]
     assert B.box_tissues(np.stack([hu, filled]), boxes[[0, 0]], [2.0, 2.5]) == ["lung", "soft tissue"]  # per slice
     assert B.in_lung_rate(["lung", "lung border", "bone", "outside body"]) == pytest.approx(0.5)
+
+
+class _Autoencoder(torch.nn.Module):
+    """A stand-in frozen autoencoder on [N, 1, H, W] slices: the identity, or a 5 x 5 box blur (a decoder that
+    smears small nodules into their surroundings)."""
+
+    def __init__(self, blur: bool) -> None:
+        super().__init__()
+        self.blur = blur
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # encode/decode read the device from a parameter
+
+    def encode_latent(self, x, sample=False):
+        return x
+
+    def decode_latent(self, z):
+        return torch.nn.functional.avg_pool2d(z, 5, 1, 2, count_include_pad=False) if self.blur else z
+
+
+def test_the_nodule_gate_ceiling_is_measured_through_the_autoencoder():
+    """Gate 1 on real slices with their own boxes and on the autoencoder's reconstructions of them: an identity
+    autoencoder keeps the real share, one that blurs 3-pixel nodules away loses it."""
+    rng = np.random.default_rng(0)
+    hu = np.stack([_chest_slice() for _ in range(6)])
+    boxes = np.array([[28, 18, 3], [28, 42, 3], [26, 17, 3], [30, 44, 3], [27, 19, 3], [29, 41, 3]])
+    for i, (y0, x0, s) in enumerate(boxes):
+        hu[i, y0:y0 + s, x0:x0 + s] = rng.uniform(-100.0, 60.0)  # a solid nodule filling its box
+    clip = (-1000.0, 2500.0)
+    held = {"images": torch.from_numpy(((hu - clip[0]) / (clip[1] - clip[0]))[:, None]), "hu_clip": clip}
+    real = {"hu": hu, "boxes": boxes, "sides": boxes[:, 2],
+            "contrasts": np.asarray([B.box_contrast(hu[i], b) for i, b in enumerate(boxes)])}
+    same = B.box_share_ceiling(held, real, _Autoencoder(blur=False))
+    assert same["real"] == same["autoencoder"] and same["real"][0] == pytest.approx(1.0) and same["real"][1] == 6
+    blurred = B.box_share_ceiling(held, real, _Autoencoder(blur=True))
+    assert blurred["real"][0] == pytest.approx(1.0) and blurred["autoencoder"][0] < 0.5

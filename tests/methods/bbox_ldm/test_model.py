@@ -28,14 +28,39 @@ def test_attribute_embedder_is_the_papers():
     assert not torch.allclose(emb(a), emb(b))
 
 
-def test_condition_encoder_tokens():
+def test_condition_encoder_flattens_the_mask_as_the_paper():
+    """Mari §2.2: the mask and the attribute embedding enter cross-attention "by flattening and concatenating the
+    vectors": one token, the mask's values exactly, then (config 3) the D' attribute values."""
     m = torch.zeros(3, 1, 16, 16)
     m[:, :, 4:8, 4:8] = 1
-    ctx2 = B.ConditionEncoder(2, grid=4)(m)
-    ctx3 = B.ConditionEncoder(3, grid=4)(m, torch.randint(1, 6, (3, 5)))
-    assert ctx2.shape == (3, 16, 10) and ctx3.shape == (3, 17, 10)
+    attrs = torch.randint(1, 6, (3, 5))
+    enc2, enc3 = B.ConditionEncoder(2, latent_size=16), B.ConditionEncoder(3, latent_size=16)
+    ctx2, ctx3 = enc2(m), enc3(m, attrs)
+    assert ctx2.shape == (3, 1, 256) and ctx3.shape == (3, 1, 266)
+    assert (enc2.context_dim, enc3.context_dim) == (256, 266)
+    torch.testing.assert_close(ctx2[:, 0], m.flatten(1))
+    torch.testing.assert_close(ctx3[:, 0, :256], m.flatten(1))
+    torch.testing.assert_close(ctx3[:, 0, 256:], enc3.attributes(attrs))
+    assert not any(p.requires_grad for n, p in enc2.named_parameters())  # config 2 flat: nothing to learn here
     with pytest.raises(ValueError, match="configuration 3 needs attributes"):
-        B.ConditionEncoder(3)(m)
+        enc3(m)
+    with pytest.raises(ValueError, match=r"built for \[B, 1, 16, 16\]"):
+        enc2(torch.zeros(3, 1, 8, 8))
+    with pytest.raises(ValueError, match="needs latent_size"):
+        B.ConditionEncoder(2)
+
+
+def test_condition_encoder_pooled_tokens_are_a_named_option():
+    m = torch.zeros(3, 1, 16, 16)
+    m[:, :, 4:8, 4:8] = 1
+    ctx2 = B.ConditionEncoder(2, grid=4, mask_context="pooled")(m)
+    ctx3 = B.ConditionEncoder(3, grid=4, mask_context="pooled")(m, torch.randint(1, 6, (3, 5)))
+    assert ctx2.shape == (3, 16, 10) and ctx3.shape == (3, 17, 10)
+    with pytest.raises(ValueError, match="unknown bbox_ldm.mask_context 'tokens'"):
+        B.ConditionEncoder(2, mask_context="tokens", latent_size=16)
+    assert B.run_name(2, mask_context="pooled") == "04_bbox_ldm_config2_pooled"
+    assert B.run_name(1, mask_context="pooled") == "04_bbox_ldm_config1"  # no cross-attention: one run
+    assert B.run_name(3, lung=True) == "04_bbox_ldm_config3_lung"
 
 
 def test_masks_and_latent_grid():

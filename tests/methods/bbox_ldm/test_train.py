@@ -48,14 +48,19 @@ def test_the_short_budget_objective_estimates_x0_at_high_noise_no_worse_than_the
     assert err[900] < 10 and err[700] < 10, err
 
 
-def test_attributes_mask_tokens_and_the_lung_each_reach_the_unet(tiny_setup):
+@pytest.mark.parametrize("mask_context", ["flat", "pooled"])
+def test_attributes_mask_tokens_and_the_lung_each_reach_the_unet(tiny_setup, mask_context):
     """Each condition path changes the prediction of a (briefly trained) model with the rest held fixed: the
-    attribute token, the mask tokens (the concatenated box mask unchanged) and the lung channel."""
+    attributes, the mask in cross-attention (the concatenated box mask unchanged) and the lung channel; for the
+    paper's flattened mask and for the pooled tokens."""
+    from lungsynth.config import apply_overrides
     from lungsynth.methods.bbox_ldm.model import box_masks, lung_to_latent, mask_to_latent
 
     cfg, data, ae, root = tiny_setup
-    run = B.train(cfg, 3, root / "reach", data=data, ae=ae, progress=False, lung=True)
+    cfg = apply_overrides(cfg, {"bbox_ldm.mask_context": mask_context})
+    run = B.train(cfg, 3, root / f"reach_{mask_context}", data=data, ae=ae, progress=False, lung=True)
     task = B.load(cfg, 3, run, device="cpu", ae=ae, lung=True).task
+    assert task.cond.mask_context == mask_context
     z = torch.randn(1, task.latent_channels, S // 4, S // 4, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([500])
     mask = mask_to_latent(box_masks(data["boxes"][:1], S), 4)
