@@ -12,7 +12,9 @@ For each method in :data:`lungsynth.sampling.registry.METHODS` that has a traine
    MS-SSIM diversity (synthetic and real), masked MSE in the lung against the paired real volume
    (volume methods: the scan whose masks conditioned the sample), HU-histogram JSD of nodule voxels by
    subtype, Dice of the generated nodule against the condition mask, the memorisation audit's flag rate
-   (feature space and voxel space), time per sample and peak memory.
+   (feature space and voxel space), the classifier two-sample test (held-out accuracy of telling the synthetic
+   features from the real ones, :mod:`lungsynth.eval.two_sample`; 0.5 = indistinguishable), time per sample and
+   peak memory.
 
 Methods of different units are compared on their own unit's reference (a 2D FID is not a 3D FID:
 the ``network`` column says which). :func:`write_leaderboard` writes ``runs/<profile>/leaderboard.{md,csv,json}``.
@@ -35,7 +37,7 @@ from lungsynth.eval.features import hu_to_unit_range, unit_features
 
 SUBTYPE_NAMES = ("solid", "part-solid", "ground-glass")
 COLUMNS = ("method", "variant", "unit", "source", "n_synthetic", "n_real", "network", "fid", "fid_ci", "kid", "kid_ci",
-           "mmd", "mmd_ci", "ms_ssim", "ms_ssim_real", "masked_mse", "jsd_solid", "jsd_part-solid",
+           "mmd", "mmd_ci", "c2st", "c2st_ci", "ms_ssim", "ms_ssim_real", "masked_mse", "jsd_solid", "jsd_part-solid",
            "jsd_ground-glass", "dice", "memorization_flag_rate", "memorization_p", "memorization_flag_rate_voxel",
            "s_per_sample", "peak_memory_mb")
 
@@ -224,6 +226,7 @@ def evaluate_method(cfg: Any, method: Any, *, n: int | None = None, real_root: P
     from lungsynth.eval.distribution import evaluate_distribution
     from lungsynth.eval.fidelity import ms_ssim_diversity, nodule_dice
     from lungsynth.eval.memorization import audit
+    from lungsynth.eval.two_sample import classifier_two_sample_test
     from lungsynth.data.conditions import real_root as find_root
     from lungsynth.sampling.registry import get_method
     from lungsynth.methods.base import MethodFace
@@ -247,6 +250,7 @@ def evaluate_method(cfg: Any, method: Any, *, n: int | None = None, real_root: P
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # small-N warnings: the row carries its n and CIs
         dist = evaluate_distribution(f_real, f_syn, cfg, network=name, seed=cfg.seed)
+        c2st = classifier_two_sample_test(f_real, f_syn, seed=cfg.seed, network=name)
         mem = audit(f_syn, f_train, f_real, network=name, percentile=cfg.evaluation.memorization_percentile)
         unit_syn, unit_train, unit_real = (hu_to_unit_range(a["image"], cfg) for a in (syn, train, real))
         mem_vox = audit(unit_syn, unit_train, unit_real,
@@ -260,13 +264,15 @@ def evaluate_method(cfg: Any, method: Any, *, n: int | None = None, real_root: P
            "n_synthetic": len(syn["image"]),
            "n_real": len(real["image"]), "network": name,
            "fid": dist["fid"].value, "fid_ci": _ci(dist["fid"]), "kid": dist["kid"].value, "kid_ci": _ci(dist["kid"]),
-           "mmd": dist["mmd"].value, "mmd_ci": _ci(dist["mmd"]), "ms_ssim": div["mean"], "ms_ssim_real": div_real["mean"],
+           "mmd": dist["mmd"].value, "mmd_ci": _ci(dist["mmd"]), "c2st": c2st.value, "c2st_ci": _ci(c2st),
+           "ms_ssim": div["mean"], "ms_ssim_real": div_real["mean"],
            "masked_mse": _paired_mse(cfg, syn, root), **_jsd_by_subtype(syn, real), "dice": dice,
            "memorization_flag_rate": mem.flag_rate, "memorization_p": mem.p_value,
            "memorization_flag_rate_voxel": mem_vox.flag_rate, "s_per_sample": res.seconds_per_sample,
            "peak_memory_mb": res.peak_memory_mb}
     details = {"data": fingerprint.read_stamp(res.out),  # fingerprint, source, the generator's training patients
-               "distribution": {k: v.as_dict() for k, v in dist.items()}, "memorization": mem.summary(),
+               "distribution": {k: v.as_dict() for k, v in dist.items()}, "two_sample": c2st.as_dict(),
+               "memorization": mem.summary(),
                "memorization_voxel": mem_vox.summary(), "synthetic_dir": str(res.out),
                "checkpoint": syn["records"][0].get("checkpoint"), "ms_ssim": div, "ms_ssim_real": div_real}
     return MethodEvaluation(row, syn["image"], train["image"], real["image"], mem, mem_vox, details)
@@ -312,20 +318,24 @@ def _fmt(v: Any) -> str:
 
 def leaderboard_markdown(rows: Sequence[dict[str, Any]], profile: str = "") -> str:
     """The table as GitHub markdown (one row per method; ``-`` where a metric does not apply)."""
-    head = ["method", "unit", "n syn/real", "network", "FID [95% CI]", "KID [95% CI]", "MMD", "MS-SSIM syn (real)",
+    head = ["method", "unit", "n syn/real", "network", "FID [95% CI]", "KID [95% CI]", "MMD",
+            "real vs synthetic classifier [95% CI]", "MS-SSIM syn (real)",
             "masked MSE", "JSD solid / part-solid / GGO", "Dice", "memorised (feat / voxel)", "s/sample", "peak MB"]
     sources = sorted({str(r.get("source", "unknown source")) for r in rows})
     label = ", ".join(([profile] if profile else []) + sources)
     lines = [f"# Leaderboard{f' ({label})' if label else ''}", "",
              "Every method sampled on the held-out (test) conditions and compared with the same real test set "
              "of its unit. Lower is better for FID/KID/MMD, masked MSE, JSD and memorised; MS-SSIM near the real "
-             "value is best (higher = less diverse).", "",
+             "value is best (higher = less diverse). The classifier column is the held-out accuracy of a "
+             "classifier telling synthetic from real features (0.5 = indistinguishable, 1 = told apart; '-' when "
+             "a set has fewer than 10 samples).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         name = r["method"] + (f" ({r['variant']})" if r.get("variant") else "")
         lines.append("| " + " | ".join([
             name, r["unit"], f"{r['n_synthetic']}/{r['n_real']}", str(r["network"]),
             f"{_fmt(r['fid'])} {r['fid_ci']}", f"{_fmt(r['kid'])} {r['kid_ci']}", _fmt(r["mmd"]),
+            f"{_fmt(r.get('c2st'))} {r.get('c2st_ci', '')}".strip(),
             f"{_fmt(r['ms_ssim'])} ({_fmt(r['ms_ssim_real'])})", _fmt(r["masked_mse"]),
             " / ".join(_fmt(r[f"jsd_{s}"]) for s in SUBTYPE_NAMES), _fmt(r["dice"]),
             f"{_fmt(r['memorization_flag_rate'])} / {_fmt(r['memorization_flag_rate_voxel'])}",

@@ -74,6 +74,8 @@ def test_leaderboard_for_the_methods_present(setup, tmp_path):
     assert row["dice"] == pytest.approx(np.mean(dices)) and 0 < row["dice"] < 1
     # heldout-conditioned copies of test scans are not copies of training scans
     assert row["memorization_flag_rate_voxel"] < 0.5
+    # 6 samples are too few for the two-sample classifier: reported as insufficient, never a number
+    assert np.isnan(row["c2st"]) and ev.details["two_sample"]["extra"]["insufficient"]
     files = write_leaderboard(res, tmp_path, "smoke")
     md = files["md"].read_text()
     assert "| fakevol" in md and "FID" in md

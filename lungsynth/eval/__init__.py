@@ -3,6 +3,8 @@
 - :mod:`lungsynth.eval.features`     feature networks (packaged I3ResNet-152 chest-CT encoder, 2.5D
   slices, a small 2D net), each returning ``(features [N, D] float64, network name)``;
 - :mod:`lungsynth.eval.distribution` FID, KID and MMD with bootstrap confidence intervals;
+- :mod:`lungsynth.eval.two_sample`   the classifier two-sample test (held-out accuracy of telling synthetic
+  from real; 0.5 = indistinguishable);
 - :mod:`lungsynth.eval.fidelity`     MS-SSIM diversity, masked MSE / PSNR / SSIM / MAE, HU-histogram JSD,
   nodule Dice;
 - :mod:`lungsynth.eval.pretrained_metrics` LPIPS, CLIPScore and BioCLIPScore where a user has their weights
