@@ -17,7 +17,10 @@ For each method in :data:`lungsynth.sampling.registry.METHODS` that has a traine
    peak memory.
 
 Methods of different units are compared on their own unit's reference (a 2D FID is not a 3D FID:
-the ``network`` column says which). :func:`write_leaderboard` writes ``runs/<profile>/leaderboard.{md,csv,json}``.
+the ``network`` column says which). Every reference is written once to ``runs/<profile>/reference/<unit>/<id>/``
+(:func:`write_reference`: its case list, preprocessing, feature network, and the features with their mean and
+covariance) and every row carries its ``reference`` id, so a number can be traced to the cases and network it was
+computed against. :func:`write_leaderboard` writes ``runs/<profile>/leaderboard.{md,csv,json}``.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from lungsynth.data import fingerprint
 from lungsynth.eval.features import hu_to_unit_range, unit_features
 
 SUBTYPE_NAMES = ("solid", "part-solid", "ground-glass")
-COLUMNS = ("method", "variant", "unit", "source", "n_synthetic", "n_real", "network", "fid", "fid_ci", "kid", "kid_ci",
+COLUMNS = ("method", "variant", "unit", "source", "n_synthetic", "n_real", "network", "reference", "fid", "fid_ci", "kid", "kid_ci",
            "mmd", "mmd_ci", "c2st", "c2st_ci", "ms_ssim", "ms_ssim_real", "masked_mse", "jsd_solid", "jsd_part-solid",
            "jsd_ground-glass", "dice", "memorization_flag_rate", "memorization_p", "memorization_flag_rate_voxel",
            "s_per_sample", "peak_memory_mb")
@@ -217,6 +220,42 @@ def real_reference(cfg: Any, root: Path, unit: str, shape: Sequence[int],
     return ref
 
 
+def write_reference(cfg: Any, root: Path | str, unit: str, real: dict[str, Any], features: np.ndarray,
+                    network: str) -> str:
+    """Record the real reference of one unit and return its id (``<unit>-<10 hex>``).
+
+    The id is a digest of what defines the reference: the prepared data's fingerprint, the unit, the item shape, the
+    held-out case list (``real["ids"]``), the HU window and the feature network's name. The folder
+    ``runs/<profile>/reference/<unit>/<id>/`` holds ``reference.json`` (those fields, N and the feature dimension),
+    ``features.npy`` [N, D] and ``stats.npz`` (mean [D], covariance [D, D]); it is written once, and a second method of
+    the same unit finds it in place (its files are not rewritten).
+    """
+    import hashlib
+
+    from lungsynth import paths
+    from lungsynth.eval.features import describe_network
+    from lungsynth.runtime import write_json_atomic
+
+    feats = np.asarray(features, dtype=np.float64)
+    payload = {"data": fingerprint.load(root)["id"], "source": fingerprint.source_label(root), "unit": unit,
+               "split": "test", "shape": [int(v) for v in real["image"].shape[1:]],
+               "cases": [str(i) for i in real["ids"]],
+               "preprocessing": f"HU clipped to [{float(cfg.data.hu_min):g}, {float(cfg.data.hu_max):g}], scaled to "
+                                f"[0, 1], resampled to the synthetic items' shape",
+               "network": describe_network(network)}
+    ref_id = f"{unit}-" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
+    folder = paths.runs_dir(cfg.profile) / "reference" / unit / ref_id
+    record = folder / "reference.json"
+    if record.is_file():
+        return ref_id
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "features.npy", feats)
+    cov = np.cov(feats, rowvar=False) if len(feats) > 1 else np.zeros((feats.shape[1], feats.shape[1]))
+    np.savez(folder / "stats.npz", mean=feats.mean(axis=0), cov=cov)
+    write_json_atomic(record, {"id": ref_id, **payload, "n": int(len(feats)), "dim": int(feats.shape[1])})
+    return ref_id
+
+
 def evaluate_method(cfg: Any, method: Any, *, n: int | None = None, real_root: Path | str | None = None,
                     train_missing: bool = False, out: Path | str | None = None, progress: bool = False,
                     checkpoint: Path | str | None = None,
@@ -247,6 +286,7 @@ def evaluate_method(cfg: Any, method: Any, *, n: int | None = None, real_root: P
     f_syn, name = unit_features(cfg, unit, syn["image"], net)
     f_real, _ = unit_features(cfg, unit, real["image"], net)
     f_train, _ = unit_features(cfg, unit, train["image"], net)
+    reference = write_reference(cfg, root, unit, real, f_real, name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # small-N warnings: the row carries its n and CIs
         dist = evaluate_distribution(f_real, f_syn, cfg, network=name, seed=cfg.seed)
@@ -262,7 +302,7 @@ def evaluate_method(cfg: Any, method: Any, *, n: int | None = None, real_root: P
         dice = float(nodule_dice(syn["image"][:, None], syn["mask"][:, None], cfg.evaluation.dice_threshold_hu).mean())
     row = {"method": adapter.name, "variant": adapter.variant, "unit": unit, "source": fingerprint.source_label(root),
            "n_synthetic": len(syn["image"]),
-           "n_real": len(real["image"]), "network": name,
+           "n_real": len(real["image"]), "network": name, "reference": reference,
            "fid": dist["fid"].value, "fid_ci": _ci(dist["fid"]), "kid": dist["kid"].value, "kid_ci": _ci(dist["kid"]),
            "mmd": dist["mmd"].value, "mmd_ci": _ci(dist["mmd"]), "c2st": c2st.value, "c2st_ci": _ci(c2st),
            "ms_ssim": div["mean"], "ms_ssim_real": div_real["mean"],
@@ -318,7 +358,7 @@ def _fmt(v: Any) -> str:
 
 def leaderboard_markdown(rows: Sequence[dict[str, Any]], profile: str = "") -> str:
     """The table as GitHub markdown (one row per method; ``-`` where a metric does not apply)."""
-    head = ["method", "unit", "n syn/real", "network", "FID [95% CI]", "KID [95% CI]", "MMD",
+    head = ["method", "unit", "n syn/real", "network", "reference", "FID [95% CI]", "KID [95% CI]", "MMD",
             "real vs synthetic classifier [95% CI]", "MS-SSIM syn (real)",
             "masked MSE", "JSD solid / part-solid / GGO", "Dice", "memorised (feat / voxel)", "s/sample", "peak MB"]
     sources = sorted({str(r.get("source", "unknown source")) for r in rows})
@@ -328,12 +368,13 @@ def leaderboard_markdown(rows: Sequence[dict[str, Any]], profile: str = "") -> s
              "of its unit. Lower is better for FID/KID/MMD, masked MSE, JSD and memorised; MS-SSIM near the real "
              "value is best (higher = less diverse). The classifier column is the held-out accuracy of a "
              "classifier telling synthetic from real features (0.5 = indistinguishable, 1 = told apart; '-' when "
-             "a set has fewer than 10 samples).", "",
+             "a set has fewer than 10 samples). A reference id names the real cases and feature network a row is "
+             "compared with (`runs/<profile>/reference/<unit>/<id>/reference.json`).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         name = r["method"] + (f" ({r['variant']})" if r.get("variant") else "")
         lines.append("| " + " | ".join([
-            name, r["unit"], f"{r['n_synthetic']}/{r['n_real']}", str(r["network"]),
+            name, r["unit"], f"{r['n_synthetic']}/{r['n_real']}", str(r["network"]), str(r.get("reference", "-")),
             f"{_fmt(r['fid'])} {r['fid_ci']}", f"{_fmt(r['kid'])} {r['kid_ci']}", _fmt(r["mmd"]),
             f"{_fmt(r.get('c2st'))} {r.get('c2st_ci', '')}".strip(),
             f"{_fmt(r['ms_ssim'])} ({_fmt(r['ms_ssim_real'])})", _fmt(r["masked_mse"]),

@@ -149,3 +149,30 @@ def test_methods_of_one_unit_share_the_real_reference(setup, tmp_path, monkeypat
     assert sorted(calls) == [("volume", "test"), ("volume", "train")]
     assert res["fakevol"].row["ms_ssim_real"] == res["fakevol2"].row["ms_ssim_real"]
     assert res["fakevol"].reference is res["fakevol2"].reference
+    assert res["fakevol"].row["reference"] == res["fakevol2"].row["reference"]
+
+
+def test_every_row_names_a_reference_written_once(setup, tmp_path):
+    """The reference folder lists the held-out cases and the network, holds the features the row was compared
+    with, is not rewritten by a second method, and another feature network is another reference."""
+    from lungsynth import paths
+    from lungsynth.config import apply_overrides
+    from lungsynth.leaderboard import load_real, write_reference
+
+    cfg, root, runs = setup
+    ev = build_leaderboard(cfg, ["fakevol"], real_root=root)["fakevol"]
+    ref_id = ev.row["reference"]
+    folder = paths.runs_dir(cfg.profile) / "reference" / "volume" / ref_id
+    record = json.loads((folder / "reference.json").read_text())
+    real = load_real(root, "volume", "test")
+    assert record["cases"] == real["ids"] and record["n"] == 6 and record["network"]["network"] == ev.row["network"]
+    f_real = unit_features(cfg, "volume", ev.reference)[0]
+    np.testing.assert_allclose(np.load(folder / "features.npy"), f_real)
+    stamp = (folder / "features.npy").stat().st_mtime_ns
+    assert write_reference(cfg, root, "volume", real, f_real * 0, ev.row["network"]) == ref_id  # found, not recomputed
+    assert (folder / "features.npy").stat().st_mtime_ns == stamp
+    assert write_reference(cfg, root, "volume", real, f_real, "slicenet2d-random-s0") != ref_id
+    other = apply_overrides(cfg, {"data.hu_max": 600.0})  # another window: another reference
+    assert write_reference(other, root, "volume", real, f_real, ev.row["network"]) != ref_id
+    assert f"| {ref_id} |" in write_leaderboard(
+        {"fakevol": ev}, tmp_path, "smoke")["md"].read_text()
