@@ -6,7 +6,10 @@ For each method in :data:`lungsynth.sampling.registry.METHODS` that has a traine
 1. samples ``cfg.evaluation.n_samples`` items with conditions from the real **test** split
    (``lungsynth synth``; resumable, so a second evaluation reuses them), timing each sample;
 2. loads the real reference in the method's unit (test split: volumes, slices, ROIs or crops; a real
-   reference of another size is resampled to the synthetic one) and the training split;
+   reference of another size is resampled to the synthetic one) and the training split. The held-out items are
+   cut in two fixed halves: the reference half every row is compared with, and a comparison half that makes the
+   **baseline rows** (:func:`baseline_evaluations`: real vs real, blurred real, shuffled-pixel noise), so a reader
+   sees where each method falls between the floor and the noise;
 3. computes FID / KID / MMD with bootstrap CIs on features of a named network (3D: ``cfg.evaluation
    .feature_network``; 2D: a slice net trained on the real training images by rotation prediction),
    MS-SSIM diversity (synthetic and real), masked MSE in the lung against the paired real volume
@@ -197,23 +200,53 @@ def _paired_mse(cfg: Any, syn: dict[str, Any], root: Path) -> float | None:
     return float(mse.mean())
 
 
+MIN_HALF = 2  # the baselines need two held-out halves of at least this many items each
+
+
+def _subset(d: dict[str, Any], idx: np.ndarray) -> dict[str, Any]:
+    """The items ``idx`` of a :func:`load_real`-shaped dict."""
+    out = dict(d)
+    for k in ("image", "mask", "lung", "subtype"):
+        if d.get(k) is not None:
+            out[k] = d[k][idx]
+    out["ids"] = [d["ids"][i] for i in idx]
+    return out
+
+
 def real_reference(cfg: Any, root: Path, unit: str, shape: Sequence[int],
                    cache: dict[tuple, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The real test and training items of ``unit`` resized to ``shape`` and the test set's MS-SSIM diversity:
-    ``{"real", "train", "diversity"}``, computed once per (data, unit, shape) when ``cache`` is given (the
-    board's volume methods share one; the features are cached on disk by :mod:`lungsynth.eval.features`)."""
+    """The fixed real reference of ``unit`` at ``shape``, computed once per (data, unit, shape) when ``cache`` is
+    given (every method of the unit reads the same one).
+
+    The held-out (test) items are resized to ``shape`` and cut in two halves (``eval.baselines.halves``, the seed of
+    the config): ``real``, the reference half every row is compared with, and ``comparison``, from which the baseline
+    rows are made (None below ``2 * MIN_HALF`` items: then ``real`` is the whole test set and the board has no
+    baselines). Returns ``{"real", "comparison", "train", "diversity" (MS-SSIM of the reference), "net" (the 2D
+    slice net of slice/ROI units, trained once on the real training items; None for 3D), "network", "features"
+    [N, D] of the reference, "id"}``.
+    """
+    from lungsynth.eval.baselines import halves
     from lungsynth.eval.fidelity import ms_ssim_diversity
 
     key = (str(root), unit, tuple(int(v) for v in shape))
     if cache is not None and key in cache:
         return cache[key]
-    real, train = load_real(root, unit, "test"), load_real(root, unit, "train")
-    for d in (real, train):
+    test, train = load_real(root, unit, "test"), load_real(root, unit, "train")
+    for d in (test, train):
         d["image"] = _resize(d["image"], shape, "image")
         for k in ("mask", "lung"):
             if d[k] is not None:
                 d[k] = _resize(d[k], shape, "mask")
-    ref = {"real": real, "train": train,
+    if len(test["image"]) >= 2 * MIN_HALF:
+        a, r = halves(len(test["image"]), int(cfg.seed))
+        real, comparison = _subset(test, r), _subset(test, a)
+    else:
+        real, comparison = test, None
+    net = train_slice_net(cfg, train["image"]) if unit in ("slice", "roi") else None
+    features, network = unit_features(cfg, unit, real["image"], net)
+    ref = {"unit": unit, "root": Path(root), "real": real, "comparison": comparison, "train": train, "net": net,
+           "network": network,
+           "features": features, "id": write_reference(cfg, root, unit, real, features, network),
            "diversity": ms_ssim_diversity(hu_to_unit_range(real["image"], cfg)[:, None], seed=cfg.seed)}
     if cache is not None:
         cache[key] = ref
@@ -281,12 +314,10 @@ def evaluate_method(cfg: Any, method: Any, *, n: int | None = None, real_root: P
     syn = load_synthetic(res.out)
     unit = adapter.unit
     ref = real_reference(cfg, root, unit, syn["image"].shape[1:], references)
-    real, train = ref["real"], ref["train"]
-    net = train_slice_net(cfg, train["image"]) if unit in ("slice", "roi") else None
+    real, train, net, f_real = ref["real"], ref["train"], ref["net"], ref["features"]
     f_syn, name = unit_features(cfg, unit, syn["image"], net)
-    f_real, _ = unit_features(cfg, unit, real["image"], net)
     f_train, _ = unit_features(cfg, unit, train["image"], net)
-    reference = write_reference(cfg, root, unit, real, f_real, name)
+    reference = ref["id"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # small-N warnings: the row carries its n and CIs
         dist = evaluate_distribution(f_real, f_syn, cfg, network=name, seed=cfg.seed)
@@ -318,15 +349,72 @@ def evaluate_method(cfg: Any, method: Any, *, n: int | None = None, real_root: P
     return MethodEvaluation(row, syn["image"], train["image"], real["image"], mem, mem_vox, details)
 
 
+# --------------------------------------------------------------------------- baselines
+
+BLUR_SIGMA_VOXELS = 2.0  # "blurred real": anatomy kept, fine texture lost
+WHOLE_ITEM_UNITS = ("roi", "crop")  # items inside the body: their shuffled baseline permutes every voxel
+
+
+def baseline_sets(cfg: Any, unit: str, images: np.ndarray) -> dict[str, np.ndarray]:
+    """The three baselines made from real held-out items [N, *S] (HU): as they are (``real vs real``, what a perfect
+    generator scores), Gaussian-blurred by :data:`BLUR_SIGMA_VOXELS` (``blurred real``), and with their voxels
+    permuted inside the body (``shuffled-pixel noise``: the HU histogram without anatomy)."""
+    from scipy import ndimage
+
+    from lungsynth.autoencoders.evaluate import body_mask
+    from lungsynth.eval.baselines import shuffle_in_body
+
+    bodies = (np.ones_like(images, dtype=bool) if unit in WHOLE_ITEM_UNITS
+              else np.stack([body_mask(x) for x in images]))
+    return {"real vs real": images,
+            "blurred real": np.stack([ndimage.gaussian_filter(x, BLUR_SIGMA_VOXELS) for x in images]),
+            "shuffled-pixel noise": shuffle_in_body(images, bodies, int(cfg.seed))}
+
+
+def baseline_evaluations(cfg: Any, ref: dict[str, Any]) -> dict[str, MethodEvaluation]:
+    """The board's baseline rows for one reference (:func:`real_reference`): each of :func:`baseline_sets` of the
+    comparison half, compared with the reference half exactly as a method's samples are (FID, KID, MMD, the
+    two-sample classifier, MS-SSIM). A working method's row falls between ``real vs real`` and the noise. Empty when
+    the held-out set was too small to halve."""
+    from lungsynth.eval.distribution import evaluate_distribution
+    from lungsynth.eval.fidelity import ms_ssim_diversity
+    from lungsynth.eval.two_sample import classifier_two_sample_test
+
+    comp = ref["comparison"]
+    if comp is None:
+        return {}
+    unit, out = ref["unit"], {}
+    for name, images in baseline_sets(cfg, unit, comp["image"]).items():
+        feats, network = unit_features(cfg, unit, images, ref["net"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # small N: the row carries its n and CIs
+            dist = evaluate_distribution(ref["features"], feats, cfg, network=network, seed=cfg.seed)
+            c2st = classifier_two_sample_test(ref["features"], feats, seed=cfg.seed, network=network)
+        div = ms_ssim_diversity(hu_to_unit_range(images, cfg)[:, None], seed=cfg.seed)
+        row = {**dict.fromkeys(COLUMNS), "method": f"baseline: {name}", "variant": "", "unit": unit,
+               "source": fingerprint.source_label(ref["root"]), "n_synthetic": len(images),
+               "n_real": len(ref["real"]["image"]), "network": network, "reference": ref["id"],
+               "fid": dist["fid"].value, "fid_ci": _ci(dist["fid"]), "kid": dist["kid"].value,
+               "kid_ci": _ci(dist["kid"]), "mmd": dist["mmd"].value, "mmd_ci": _ci(dist["mmd"]), "c2st": c2st.value,
+               "c2st_ci": _ci(c2st), "ms_ssim": div["mean"], "ms_ssim_real": ref["diversity"]["mean"]}
+        details = {"baseline": name, "items": comp["ids"], "distribution": {k: v.as_dict() for k, v in dist.items()},
+                   "two_sample": c2st.as_dict()}
+        out[f"baseline {unit}: {name}"] = MethodEvaluation(row, images, ref["train"]["image"], ref["real"]["image"],
+                                                           None, None, details)
+    return out
+
+
 # --------------------------------------------------------------------------- all methods
 
 
 def build_leaderboard(cfg: Any, methods: Sequence[str] | None = None, *, n: int | None = None,
                       train_missing: bool = False, real_root: Path | str | None = None,
-                      progress: bool = False) -> dict[str, MethodEvaluation]:
+                      progress: bool = False, baselines: bool = True) -> dict[str, MethodEvaluation]:
     """Evaluate every trained method (or ``methods``); untrained ones are skipped unless ``train_missing``.
 
-    Returns ``{name: MethodEvaluation}`` in registry order; ``{}`` when no method is trained.
+    Returns ``{name: MethodEvaluation}`` in registry order, then (``baselines``) the baseline rows of every
+    reference the methods were compared with (:func:`baseline_evaluations`, keys ``baseline <unit>: <name>``);
+    ``{}`` when no method is trained.
     """
     from lungsynth.sampling.registry import METHODS, available_methods, get_method
 
@@ -345,6 +433,9 @@ def build_leaderboard(cfg: Any, methods: Sequence[str] | None = None, *, n: int 
         out[name] = evaluate_method(cfg, adapter, n=n, real_root=real_root, train_missing=train_missing,
                                     progress=progress, references=references)
         out[name].details["evaluation_seconds"] = round(time.perf_counter() - t0, 2)
+    if baselines:
+        for ref in references.values():
+            out.update(baseline_evaluations(cfg, ref))
     return out
 
 
@@ -369,10 +460,14 @@ def leaderboard_markdown(rows: Sequence[dict[str, Any]], profile: str = "") -> s
              "value is best (higher = less diverse). The classifier column is the held-out accuracy of a "
              "classifier telling synthetic from real features (0.5 = indistinguishable, 1 = told apart; '-' when "
              "a set has fewer than 10 samples). A reference id names the real cases and feature network a row is "
-             "compared with (`runs/<profile>/reference/<unit>/<id>/reference.json`).", "",
+             "compared with (`runs/<profile>/reference/<unit>/<id>/reference.json`). Rows named *baseline* are the other "
+             "half of the held-out items compared with the same reference: as they are (the floor a perfect "
+             "generator reaches), blurred, and with their voxels shuffled inside the body (the noise); a working "
+             "method falls between the first and the last.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         name = r["method"] + (f" ({r['variant']})" if r.get("variant") else "")
+        name = f"*{name}*" if name.startswith("baseline:") else name
         lines.append("| " + " | ".join([
             name, r["unit"], f"{r['n_synthetic']}/{r['n_real']}", str(r["network"]), str(r.get("reference", "-")),
             f"{_fmt(r['fid'])} {r['fid_ci']}", f"{_fmt(r['kid'])} {r['kid_ci']}", _fmt(r["mmd"]),

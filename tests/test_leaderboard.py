@@ -57,9 +57,12 @@ def monkeypatch_module():
 def test_leaderboard_for_the_methods_present(setup, tmp_path):
     cfg, root, runs = setup
     res = build_leaderboard(cfg, real_root=root)
-    assert list(res) == ["fakevol"]  # the untrained ones are skipped; sl has no final.pt
+    # the untrained ones are skipped (sl has no final.pt); the volume reference's baselines follow the method
+    assert list(res) == ["fakevol", "baseline volume: real vs real", "baseline volume: blurred real",
+                         "baseline volume: shuffled-pixel noise"]
     row = res["fakevol"].row
-    assert row["n_synthetic"] == 6 and row["n_real"] == 6 and "slicenet2d" in row["network"]
+    # 6 held-out volumes: a reference half of 3, the baselines' half of 3
+    assert row["n_synthetic"] == 6 and row["n_real"] == 3 and "slicenet2d" in row["network"]
     assert row["fid_ci"].startswith("[")
     assert row["masked_mse"] is not None and row["masked_mse"] > 0
     assert row["jsd_solid"] is not None and row["jsd_ground-glass"] is None
@@ -78,12 +81,13 @@ def test_leaderboard_for_the_methods_present(setup, tmp_path):
     assert np.isnan(row["c2st"]) and ev.details["two_sample"]["extra"]["insufficient"]
     files = write_leaderboard(res, tmp_path, "smoke")
     md = files["md"].read_text()
-    assert "| fakevol" in md and "FID" in md
+    assert "| fakevol" in md and "FID" in md and "| *baseline: real vs real* |" in md
     assert md.startswith("# Leaderboard (smoke, fake)") and row["source"] == "fake"  # the data source in the title
     data = json.loads(files["json"].read_text())["details"]["fakevol"]["data"]
     assert data["id"] == json.loads((root / "fingerprint.json").read_text())["id"]
     assert data["trained_on"]["patients"] == [f"FAKE-{i:03d}" for i in range(8)]  # the generator's, recorded
-    assert pd.read_csv(files["csv"])["method"].tolist() == ["fakevol"]
+    assert pd.read_csv(files["csv"])["method"].tolist() == ["fakevol", "baseline: real vs real", "baseline: blurred real",
+                                                            "baseline: shuffled-pixel noise"]
     assert json.loads(files["json"].read_text())["details"]["fakevol"]["memorization"]["n_synthetic"] == 6
 
 
@@ -164,8 +168,14 @@ def test_every_row_names_a_reference_written_once(setup, tmp_path):
     ref_id = ev.row["reference"]
     folder = paths.runs_dir(cfg.profile) / "reference" / "volume" / ref_id
     record = json.loads((folder / "reference.json").read_text())
-    real = load_real(root, "volume", "test")
-    assert record["cases"] == real["ids"] and record["n"] == 6 and record["network"]["network"] == ev.row["network"]
+    from lungsynth.eval.baselines import halves
+
+    test = load_real(root, "volume", "test")
+    a, r = halves(len(test["ids"]), cfg.seed)  # the reference is the held-out half R, the baselines' is A
+    real = {"image": test["image"][r], "ids": [test["ids"][i] for i in r]}
+    assert record["cases"] == real["ids"] and record["n"] == 3 and record["network"]["network"] == ev.row["network"]
+    assert not set(record["cases"]) & set(json.loads(json.dumps(
+        build_leaderboard(cfg, ["fakevol"], real_root=root)["baseline volume: real vs real"].details["items"])))
     f_real = unit_features(cfg, "volume", ev.reference)[0]
     np.testing.assert_allclose(np.load(folder / "features.npy"), f_real)
     stamp = (folder / "features.npy").stat().st_mtime_ns
@@ -176,3 +186,38 @@ def test_every_row_names_a_reference_written_once(setup, tmp_path):
     assert write_reference(other, root, "volume", real, f_real, ev.row["network"]) != ref_id
     assert f"| {ref_id} |" in write_leaderboard(
         {"fakevol": ev}, tmp_path, "smoke")["md"].read_text()
+
+
+def test_baseline_rows_bracket_the_board(setup):
+    """Real vs real is another half of one distribution: KID near 0 with an interval that covers 0; the shuffled
+    noise is far from the reference; every baseline is compared with the same reference half as the method."""
+    from lungsynth.leaderboard import baseline_sets
+
+    cfg, root, runs = setup
+    res = build_leaderboard(cfg, ["fakevol"], real_root=root)
+    floor, blur, noise = (res[f"baseline volume: {k}"].row for k in ("real vs real", "blurred real",
+                                                                      "shuffled-pixel noise"))
+    method = res["fakevol"].row
+    assert {r["reference"] for r in (floor, blur, noise, method)} == {method["reference"]}
+    low, high = (float(v) for v in floor["kid_ci"].strip("[]").split(","))
+    assert low <= 0.0 <= high
+    assert noise["kid"] > floor["kid"] and noise["kid"] > 10 * abs(floor["kid"])
+    assert floor["n_synthetic"] == 3 and floor["n_real"] == 3
+    # the baseline sets are what their names say
+    imgs = res["baseline volume: real vs real"].synthetic
+    sets = baseline_sets(cfg, "volume", imgs)
+    assert np.array_equal(sets["real vs real"], imgs)
+    assert sets["blurred real"].std() < imgs.std()
+    for a, b in zip(sets["shuffled-pixel noise"], imgs):
+        np.testing.assert_allclose(np.sort(a.ravel()), np.sort(b.ravel()))  # same HU values, moved
+        assert not np.array_equal(a, b)
+
+
+def test_a_held_out_set_too_small_to_halve_has_no_baselines(tmp_path):
+    from lungsynth.leaderboard import baseline_evaluations, real_reference
+
+    root = make_fake_prepared(tmp_path / "real", n_train=4, n_test=3)
+    cfg = get_config("smoke", {"evaluation.feature_network": "slicenet2d-2.5d", "evaluation.slice_net_steps": 5})
+    ref = real_reference(cfg, root, "volume", (16, 16, 16))
+    assert ref["comparison"] is None and len(ref["real"]["image"]) == 3
+    assert baseline_evaluations(cfg, ref) == {}
