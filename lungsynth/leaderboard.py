@@ -59,6 +59,8 @@ class MethodEvaluation:
     memorization: Any  # MemorizationResult (feature space)
     memorization_voxel: Any
     details: dict[str, Any] = field(default_factory=dict)
+    features: np.ndarray | None = None  # [N, D] of ``synthetic`` in the row's network
+    reference_features: np.ndarray | None = None  # [K, D] of the reference half (shared by the rows of a unit)
 
 
 # --------------------------------------------------------------------------- loading
@@ -346,7 +348,7 @@ def evaluate_method(cfg: Any, method: Any, *, n: int | None = None, real_root: P
                "memorization": mem.summary(),
                "memorization_voxel": mem_vox.summary(), "synthetic_dir": str(res.out),
                "checkpoint": syn["records"][0].get("checkpoint"), "ms_ssim": div, "ms_ssim_real": div_real}
-    return MethodEvaluation(row, syn["image"], train["image"], real["image"], mem, mem_vox, details)
+    return MethodEvaluation(row, syn["image"], train["image"], real["image"], mem, mem_vox, details, f_syn, f_real)
 
 
 # --------------------------------------------------------------------------- baselines
@@ -400,7 +402,50 @@ def baseline_evaluations(cfg: Any, ref: dict[str, Any]) -> dict[str, MethodEvalu
         details = {"baseline": name, "items": comp["ids"], "distribution": {k: v.as_dict() for k, v in dist.items()},
                    "two_sample": c2st.as_dict()}
         out[f"baseline {unit}: {name}"] = MethodEvaluation(row, images, ref["train"]["image"], ref["real"]["image"],
-                                                           None, None, details)
+                                                           None, None, details, feats, ref["features"])
+    return out
+
+
+def real_vs_real_curve(reference: np.ndarray, comparison: np.ndarray, sizes: Sequence[int], *, repeats: int = 20,
+                       seed: int = 0) -> list[dict[str, Any]]:
+    """What FID and KID say about real against real at N samples: for each n in ``sizes``, ``repeats`` draws of n
+    rows of ``comparison`` [A, D] (without replacement) against the whole ``reference`` [R, D].
+
+    Rows ``{"n", "fid_mean", "fid_sd", "kid_mean", "kid_sd"}``: a perfect generator's FID at small n is far above 0
+    and falls with n (FID is biased), its KID scatters around 0 (unbiased) with a spread that shrinks, which is why
+    the board ranks by KID and prints N beside every number. Sizes above A are skipped."""
+    from lungsynth.eval.distribution import fid_value, kid
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n in sorted({int(v) for v in sizes if 2 <= int(v) <= len(comparison)}):
+        fids, kids = [], []
+        for _ in range(int(repeats)):
+            pick = comparison[rng.choice(len(comparison), n, replace=False)]
+            fids.append(fid_value(reference, pick))
+            kids.append(kid(reference, pick, subset_size=max(len(reference), n), min_samples_warn=0).value)
+        rows.append({"n": n, "fid_mean": float(np.mean(fids)), "fid_sd": float(np.std(fids)),
+                     "kid_mean": float(np.mean(kids)), "kid_sd": float(np.std(kids))})
+    return rows
+
+
+def feature_map(results: dict[str, MethodEvaluation], unit: str, seed: int = 0) -> dict[str, np.ndarray]:
+    """Every row of ``unit`` and its reference half in one 2D picture of the feature space: metric MDS
+    (scikit-learn) of the standardised features of all sets together. Returns ``{name: [N, 2]}`` with the reference
+    under ``"reference"``; a set that lies on the reference's cloud is hard to tell from real."""
+    from sklearn.manifold import MDS
+
+    chosen = {k: e for k, e in results.items() if e.row["unit"] == unit and e.features is not None}
+    if not chosen:
+        raise ValueError(f"no row of unit {unit!r} with features on this board")
+    sets = {"reference": next(iter(chosen.values())).reference_features, **{k: e.features for k, e in chosen.items()}}
+    stacked = np.concatenate(list(sets.values()))
+    stacked = (stacked - stacked.mean(0)) / (stacked.std(0) + 1e-8)
+    xy = MDS(n_components=2, init="classical_mds", random_state=seed, normalized_stress="auto").fit_transform(stacked)
+    out, start = {}, 0
+    for name, f in sets.items():
+        out[name] = xy[start:start + len(f)]
+        start += len(f)
     return out
 
 

@@ -221,3 +221,32 @@ def test_a_held_out_set_too_small_to_halve_has_no_baselines(tmp_path):
     ref = real_reference(cfg, root, "volume", (16, 16, 16))
     assert ref["comparison"] is None and len(ref["real"]["image"]) == 3
     assert baseline_evaluations(cfg, ref) == {}
+
+
+def test_real_vs_real_fid_is_biased_at_small_n_and_kid_is_not():
+    """Two samples of one Gaussian: FID at n = 5 is far above its value at n = 150 (biased), KID's mean stays
+    near 0 at every n while its spread shrinks."""
+    from lungsynth.leaderboard import real_vs_real_curve
+
+    rng = np.random.default_rng(0)
+    reference, comparison = rng.normal(size=(150, 8)), rng.normal(size=(150, 8))
+    rows = {r["n"]: r for r in real_vs_real_curve(reference, comparison, [5, 20, 150, 400], repeats=10)}
+    assert sorted(rows) == [5, 20, 150]  # 400 > the comparison set: skipped
+    assert rows[5]["fid_mean"] > 3 * rows[150]["fid_mean"]
+    assert all(abs(r["kid_mean"]) < 2 * r["kid_sd"] + 1e-3 for r in rows.values() if r["n"] < 150)
+    assert rows[5]["kid_sd"] > rows[20]["kid_sd"]
+
+
+def test_feature_map_puts_every_set_of_a_unit_in_one_picture(setup):
+    from lungsynth.leaderboard import feature_map
+
+    cfg, root, runs = setup
+    res = build_leaderboard(cfg, ["fakevol"], real_root=root)
+    xy = feature_map(res, "volume")
+    assert list(xy) == ["reference", *res]
+    assert all(v.shape == (len(res[k].synthetic) if k != "reference" else 3, 2) for k, v in xy.items())
+    centre = xy["reference"].mean(0)
+    dist = {k: float(np.linalg.norm(v.mean(0) - centre)) for k, v in xy.items()}
+    assert dist["baseline volume: shuffled-pixel noise"] > dist["baseline volume: real vs real"]
+    with pytest.raises(ValueError, match="no row of unit 'roi'"):
+        feature_map(res, "roi")
