@@ -102,8 +102,35 @@ def load_real(root: Path, unit: str, split: str) -> dict[str, Any]:
         raise ValueError(f"the {split!r} split of {root} has {len(rows)} {unit} item(s); the leaderboard needs at "
                          f"least 2 (prepare more scans: cfg.data.n_scans)")
     arrays = [load_arrays(Path(root), unit, r) for r in rows]
-    return _pack(arrays, unit, [_subtype_of_row(r, root, unit) for r in rows], [str(r.get("nodule_id", r["scan_id"]))
-                                                                            for r in rows])
+    packed = _pack(arrays, unit, [_subtype_of_row(r, root, unit) for r in rows], [str(r.get("nodule_id", r["scan_id"]))
+                                                                              for r in rows])
+    packed["spacing_mm"] = [float(r["spacing_mm"]) if r.get("spacing_mm") not in (None, "") else None for r in rows]
+    return packed
+
+
+FOV_TOLERANCE = 0.05  # a synthetic volume's field of view may differ from the reference's by 5% at most
+
+
+def check_matches_reference(syn: dict[str, Any], unit: str, real: dict[str, Any], out: Path | str) -> None:
+    """Refuse a synthetic dataset that is not comparable with the real reference, naming both: another unit, or
+    (volumes) another field of view, shape x spacing (the reference is resampled to the synthetic shape, so its
+    spacing is scaled by the shape ratio before comparing)."""
+    if syn.get("unit") != unit:
+        raise ValueError(f"{out} holds {syn.get('unit')!r} items but the method's unit, and so its reference, is "
+                         f"{unit!r}; sample it again with `lungsynth synth` for this method")
+    if unit != "volume":
+        return
+    syn_sp = {float(r["scan"]["spacing_mm"]) for r in syn.get("records", []) if r.get("scan")}
+    real_sp = {v for v in real.get("spacing_mm", []) if v is not None}
+    if not syn_sp or not real_sp:
+        return
+    syn_fov = max(syn_sp) * syn["image"].shape[1]
+    real_fov = max(real_sp) * real["image"].shape[1]
+    if abs(syn_fov - real_fov) > FOV_TOLERANCE * real_fov:
+        raise ValueError(f"{out}: synthetic volumes of {syn['image'].shape[1]} voxels at {max(syn_sp):g} mm "
+                         f"({syn_fov:.0f} mm across) do not match the real reference's {real['image'].shape[1]} "
+                         f"voxels at {max(real_sp):g} mm ({real_fov:.0f} mm); resample one to the other's field of "
+                         f"view first")
 
 
 def _subtype_of_row(row: dict[str, Any], root: Path, unit: str) -> int:
@@ -212,6 +239,8 @@ def _subset(d: dict[str, Any], idx: np.ndarray) -> dict[str, Any]:
         if d.get(k) is not None:
             out[k] = d[k][idx]
     out["ids"] = [d["ids"][i] for i in idx]
+    if d.get("spacing_mm") is not None:
+        out["spacing_mm"] = [d["spacing_mm"][i] for i in idx]
     return out
 
 
@@ -234,6 +263,7 @@ def real_reference(cfg: Any, root: Path, unit: str, shape: Sequence[int],
     if cache is not None and key in cache:
         return cache[key]
     test, train = load_real(root, unit, "test"), load_real(root, unit, "train")
+    native = {"image": test["image"], "spacing_mm": test["spacing_mm"]}  # before resizing: the field-of-view check
     for d in (test, train):
         d["image"] = _resize(d["image"], shape, "image")
         for k in ("mask", "lung"):
@@ -246,7 +276,7 @@ def real_reference(cfg: Any, root: Path, unit: str, shape: Sequence[int],
         real, comparison = test, None
     net = train_slice_net(cfg, train["image"]) if unit in ("slice", "roi") else None
     features, network = unit_features(cfg, unit, real["image"], net)
-    ref = {"unit": unit, "root": Path(root), "real": real, "comparison": comparison, "train": train, "net": net,
+    ref = {"unit": unit, "root": Path(root), "native": native, "real": real, "comparison": comparison, "train": train, "net": net,
            "network": network,
            "features": features, "id": write_reference(cfg, root, unit, real, features, network),
            "diversity": ms_ssim_diversity(hu_to_unit_range(real["image"], cfg)[:, None], seed=cfg.seed)}
@@ -316,6 +346,7 @@ def evaluate_method(cfg: Any, method: Any, *, n: int | None = None, real_root: P
     syn = load_synthetic(res.out)
     unit = adapter.unit
     ref = real_reference(cfg, root, unit, syn["image"].shape[1:], references)
+    check_matches_reference(syn, unit, ref["native"], res.out)
     real, train, net, f_real = ref["real"], ref["train"], ref["net"], ref["features"]
     f_syn, name = unit_features(cfg, unit, syn["image"], net)
     f_train, _ = unit_features(cfg, unit, train["image"], net)

@@ -250,3 +250,16 @@ def test_feature_map_puts_every_set_of_a_unit_in_one_picture(setup):
     assert dist["baseline volume: shuffled-pixel noise"] > dist["baseline volume: real vs real"]
     with pytest.raises(ValueError, match="no row of unit 'roi'"):
         feature_map(res, "roi")
+
+
+def test_a_synthetic_set_of_another_unit_or_field_of_view_is_refused():
+    from lungsynth.leaderboard import check_matches_reference
+
+    real = {"image": np.zeros((3, 16, 16, 16)), "spacing_mm": [4.0, 4.0, 4.0]}
+    syn = {"unit": "volume", "image": np.zeros((2, 32, 32, 32)),
+           "records": [{"scan": {"spacing_mm": 2.0}}, {"scan": {"spacing_mm": 2.0}}]}
+    check_matches_reference(syn, "volume", real, "runs/x/synthetic/m")  # 64 mm across both: comparable
+    with pytest.raises(ValueError, match=r"32 voxels at 4 mm \(128 mm across\).*16 voxels at 4 mm \(64 mm\)"):
+        check_matches_reference({**syn, "records": [{"scan": {"spacing_mm": 4.0}}]}, "volume", real, "d")
+    with pytest.raises(ValueError, match="holds 'slice' items but .* is 'volume'"):
+        check_matches_reference({**syn, "unit": "slice"}, "volume", real, "d")
