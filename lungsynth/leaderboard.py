@@ -45,7 +45,19 @@ SUBTYPE_NAMES = ("solid", "part-solid", "ground-glass")
 COLUMNS = ("method", "variant", "unit", "source", "n_synthetic", "n_real", "network", "reference", "fid", "fid_ci", "kid", "kid_ci",
            "mmd", "mmd_ci", "c2st", "c2st_ci", "ms_ssim", "ms_ssim_real", "masked_mse", "jsd_solid", "jsd_part-solid",
            "jsd_ground-glass", "dice", "memorization_flag_rate", "memorization_p", "memorization_flag_rate_voxel",
-           "s_per_sample", "peak_memory_mb")
+           "s_per_sample", "peak_memory_mb", "feature_dim")
+UNIT_ORDER = ("volume", "crop", "slice", "roi")
+
+
+def ranked(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The board's order: by unit, then by KID (the unbiased ranking metric), baselines among the methods so a
+    reader sees which fall between the floor and the noise; rows without a KID last in their unit."""
+    def key(r: dict[str, Any]) -> tuple:
+        kid = r.get("kid")
+        missing = kid is None or not np.isfinite(float(kid))
+        unit = UNIT_ORDER.index(r["unit"]) if r["unit"] in UNIT_ORDER else len(UNIT_ORDER)
+        return unit, missing, 0.0 if missing else float(kid)
+    return sorted(rows, key=key)
 
 
 @dataclass
@@ -366,7 +378,7 @@ def evaluate_method(cfg: Any, method: Any, *, n: int | None = None, real_root: P
         dice = float(nodule_dice(syn["image"][:, None], syn["mask"][:, None], cfg.evaluation.dice_threshold_hu).mean())
     row = {"method": adapter.name, "variant": adapter.variant, "unit": unit, "source": fingerprint.source_label(root),
            "n_synthetic": len(syn["image"]),
-           "n_real": len(real["image"]), "network": name, "reference": reference,
+           "n_real": len(real["image"]), "network": name, "reference": reference, "feature_dim": int(f_real.shape[1]),
            "fid": dist["fid"].value, "fid_ci": _ci(dist["fid"]), "kid": dist["kid"].value, "kid_ci": _ci(dist["kid"]),
            "mmd": dist["mmd"].value, "mmd_ci": _ci(dist["mmd"]), "c2st": c2st.value, "c2st_ci": _ci(c2st),
            "ms_ssim": div["mean"], "ms_ssim_real": div_real["mean"],
@@ -427,6 +439,7 @@ def baseline_evaluations(cfg: Any, ref: dict[str, Any]) -> dict[str, MethodEvalu
         row = {**dict.fromkeys(COLUMNS), "method": f"baseline: {name}", "variant": "", "unit": unit,
                "source": fingerprint.source_label(ref["root"]), "n_synthetic": len(images),
                "n_real": len(ref["real"]["image"]), "network": network, "reference": ref["id"],
+               "feature_dim": int(feats.shape[1]),
                "fid": dist["fid"].value, "fid_ci": _ci(dist["fid"]), "kid": dist["kid"].value,
                "kid_ci": _ci(dist["kid"]), "mmd": dist["mmd"].value, "mmd_ci": _ci(dist["mmd"]), "c2st": c2st.value,
                "c2st_ci": _ci(c2st), "ms_ssim": div["mean"], "ms_ssim_real": ref["diversity"]["mean"]}
@@ -539,14 +552,17 @@ def leaderboard_markdown(rows: Sequence[dict[str, Any]], profile: str = "") -> s
              "compared with (`runs/<profile>/reference/<unit>/<id>/reference.json`). Rows named *baseline* are the other "
              "half of the held-out items compared with the same reference: as they are (the floor a perfect "
              "generator reaches), blurred, and with their voxels shuffled inside the body (the noise); a working "
-             "method falls between the first and the last.", "",
+             "method falls between the first and the last. Rows are ranked by KID within each unit. † marks an FID "
+             "or MMD from fewer samples than the feature dimension: biased upward and unstable, read KID.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
+    for r in ranked(rows):
+        dim = r.get("feature_dim")
+        few = "†" if dim and min(int(r["n_synthetic"]), int(r["n_real"])) < int(dim) else ""
         name = r["method"] + (f" ({r['variant']})" if r.get("variant") else "")
         name = f"*{name}*" if name.startswith("baseline:") else name
         lines.append("| " + " | ".join([
-            name, r["unit"], f"{r['n_synthetic']}/{r['n_real']}", str(r["network"]), str(r.get("reference", "-")),
-            f"{_fmt(r['fid'])} {r['fid_ci']}", f"{_fmt(r['kid'])} {r['kid_ci']}", _fmt(r["mmd"]),
+            name, r["unit"], f"{r['n_synthetic']}/{r['n_real']}", str(r["network"]), _fmt(r.get("reference")),
+            f"{_fmt(r['fid'])}{few} {r['fid_ci']}", f"{_fmt(r['kid'])} {r['kid_ci']}", _fmt(r["mmd"]) + few,
             f"{_fmt(r.get('c2st'))} {r.get('c2st_ci', '')}".strip(),
             f"{_fmt(r['ms_ssim'])} ({_fmt(r['ms_ssim_real'])})", _fmt(r["masked_mse"]),
             " / ".join(_fmt(r[f"jsd_{s}"]) for s in SUBTYPE_NAMES), _fmt(r["dice"]),

@@ -263,3 +263,17 @@ def test_a_synthetic_set_of_another_unit_or_field_of_view_is_refused():
         check_matches_reference({**syn, "records": [{"scan": {"spacing_mm": 4.0}}]}, "volume", real, "d")
     with pytest.raises(ValueError, match="holds 'slice' items but .* is 'volume'"):
         check_matches_reference({**syn, "unit": "slice"}, "volume", real, "d")
+
+
+def test_the_board_ranks_by_kid_within_a_unit_and_marks_fid_below_the_feature_dimension():
+    from lungsynth.leaderboard import COLUMNS, leaderboard_markdown, ranked
+
+    def row(name, unit, kid, n=8, dim=128):
+        return {**dict.fromkeys(COLUMNS), "method": name, "unit": unit, "kid": kid, "fid": 1.0, "fid_ci": "",
+                "kid_ci": "", "n_synthetic": n, "n_real": n, "network": "net", "feature_dim": dim}
+
+    rows = [row("noise", "volume", 0.5), row("b", "slice", 0.02), row("a", "volume", 0.01),
+            row("floor", "volume", -0.001), row("c", "volume", float("nan")), row("big", "slice", 0.01, n=200)]
+    assert [r["method"] for r in ranked(rows)] == ["floor", "a", "noise", "c", "big", "b"]
+    md = leaderboard_markdown(rows)
+    assert "| a | volume | 8/8 | net | - | 1† " in md and "| big | slice | 200/200 | net | - | 1 " in md
