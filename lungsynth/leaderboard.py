@@ -3,7 +3,8 @@
 For each method in :data:`lungsynth.sampling.registry.METHODS` that has a trained run (or, with
 ``train_missing``, after training it), :func:`evaluate_method`:
 
-1. samples ``cfg.evaluation.n_samples`` items with conditions from the real **test** split
+1. samples :func:`sample_count` items (``cfg.evaluation.n_samples`` / ``n_samples_2d``, the papers' counts in
+   ``full``) with conditions from the real **test** split
    (``lungsynth synth``; resumable, so a second evaluation reuses them), timing each sample;
 2. loads the real reference in the method's unit (test split: volumes, slices, ROIs or crops; a real
    reference of another size is resampled to the synthetic one) and the training split. The held-out items are
@@ -333,6 +334,21 @@ def write_reference(cfg: Any, root: Path | str, unit: str, real: dict[str, Any],
     return ref_id
 
 
+def sample_count(cfg: Any, adapter: Any, root: Path | str) -> int:
+    """How many items the board samples of a method: ``cfg.evaluation.n_samples`` (volumes, crops) or
+    ``n_samples_2d`` (slices, ROIs); where that is 0 (``full``), the method's paper's count
+    (``MethodFace.paper_samples``), or one per held-out case when the paper evaluates on its held-out set."""
+    from lungsynth.data.conditions import view_rows
+
+    e = cfg.evaluation
+    n = int(e.n_samples_2d if adapter.unit in ("slice", "roi") else e.n_samples)
+    if n > 0:
+        return n
+    if adapter.paper_samples:
+        return int(adapter.paper_samples)
+    return len(view_rows(Path(root), adapter.unit, "test"))
+
+
 def evaluate_method(cfg: Any, method: Any, *, n: int | None = None, real_root: Path | str | None = None,
                     train_missing: bool = False, out: Path | str | None = None, progress: bool = False,
                     checkpoint: Path | str | None = None,
@@ -350,7 +366,7 @@ def evaluate_method(cfg: Any, method: Any, *, n: int | None = None, real_root: P
 
     adapter = method if isinstance(method, MethodFace) else get_method(method)
     root = find_root(cfg, real_root)
-    n = int(n or cfg.evaluation.n_samples)
+    n = int(n or sample_count(cfg, adapter, root))
     res = synthesize(cfg, adapter, n, conditions="heldout", out=out, checkpoint=checkpoint,
                      train_missing=train_missing, real_root=root, progress=progress)
     # the generator never saw a test patient (its run's data stamp says whom it trained on)
@@ -610,7 +626,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("evaluate", help="chapter 09: the leaderboard of every trained method")
     p.add_argument("--methods", nargs="*", default=None, help="default: every method with a trained run")
-    p.add_argument("--n", type=int, default=None, help="synthetic samples per method (cfg.evaluation.n_samples)")
+    p.add_argument("--n", type=int, default=None, help="synthetic samples per method (default: cfg.evaluation.n_samples, n_samples_2d for 2D units)")
     p.add_argument("--train-missing", action="store_true", help="train methods that have no trained run first")
     p.add_argument("--out", default=None, help="folder of leaderboard.{md,csv,json} (default runs/<profile>)")
     add_profile_argument(p)

@@ -277,3 +277,17 @@ def test_the_board_ranks_by_kid_within_a_unit_and_marks_fid_below_the_feature_di
     assert [r["method"] for r in ranked(rows)] == ["floor", "a", "noise", "c", "big", "b"]
     md = leaderboard_markdown(rows)
     assert "| a | volume | 8/8 | net | - | 1† " in md and "| big | slice | 200/200 | net | - | 1 " in md
+
+
+def test_sample_counts_by_unit_and_the_papers_counts_in_full(tmp_path):
+    from lungsynth.leaderboard import sample_count
+    from lungsynth.sampling.registry import get_method
+
+    root = make_fake_prepared(tmp_path / "real", n_train=4, n_test=5)
+    course = get_config("course")
+    assert sample_count(course, get_method("land"), root) == course.evaluation.n_samples == 32
+    assert sample_count(course, get_method("bbox_ldm"), root) == course.evaluation.n_samples_2d == 256
+    full = get_config("full")
+    assert [sample_count(full, get_method(m), root) for m in ("land", "bbox_ldm", "hr_ldm", "text2img")] == \
+        [100, 2048, 500, 500]
+    assert sample_count(full, get_method("lung_ddpm"), root) == 5  # one per held-out case

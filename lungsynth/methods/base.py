@@ -36,6 +36,9 @@ class MethodFace:
     chapter: str = ""
     variant: str | None = None
     description: str = ""
+    # the leaderboard's count in `full`: the method's paper's evaluation count where it prints one (each face says);
+    # None: one per held-out case (Lung-DDPM evaluates on its held-out set)
+    paper_samples: int | None = None
 
     def __init__(self, variant: str | None = None, **options: Any) -> None:
         self.options = dict(options)

@@ -19,6 +19,7 @@ class BboxLdmMethod(MethodFace):
     """
 
     name, unit, module, chapter = "bbox_ldm", "slice", "lungsynth.methods.bbox_ldm", "04"
+    paper_samples = 2048  # Mari et al., Table 2: 2048 synthetic slices
     description = "2D LDM with a nodule box and LIDC attributes"
 
     def __init__(self, config: int = 3, **options: Any) -> None:

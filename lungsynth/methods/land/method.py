@@ -15,6 +15,7 @@ class LandMethod(MethodFace):
     """LAND (chapter 03): whole volumes from the prepared ``cond`` volume; masks stay the condition's."""
 
     name, unit, module, chapter = "land", "volume", "lungsynth.methods.land", "03"
+    paper_samples = 100  # the poster prints no count for Table 1: 100 volumes is the course's full evaluation
     variant = "mask"  # the default; LandMethod("none") etc. pick another
     description = "3D latent diffusion with anatomical masks"
 

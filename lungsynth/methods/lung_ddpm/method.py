@@ -16,6 +16,7 @@ class LungDdpmMethod(MethodFace):
     layout, with anatomically aware sampling against the condition's real CT (paired: masked MSE)."""
 
     name, unit, module, chapter = "lung_ddpm", "volume", "lungsynth.methods.lung_ddpm", "06"
+    paper_samples = None  # Lung-DDPM evaluates on its held-out set: one sample per held-out case
     variant = "layout"  # the default; "no_lung_layout" is the ablation
     description = "pixel-space 3D DDPM with anatomically aware sampling"
 

@@ -13,6 +13,7 @@ class Text2ImgMethod(MethodFace):
     """The text-to-image LDM (chapter 07): nodule ROIs from prompts written from the condition's scores."""
 
     name, unit, module, chapter = "text2img", "roi", "lungsynth.methods.text2img", "07"
+    paper_samples = 500  # Urata et al. print no count (their test split is 208 ROIs): 500 per guidance scale in full
     description = "text-to-image LDM of nodule ROIs"
 
     def run_dir(self, cfg: Any) -> Path:
