@@ -65,7 +65,8 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def bench_bbox_ldm(args: argparse.Namespace) -> int:
-    """Train step and one latent sample (``ddim_steps``) for configs 1, 2, 3, with ratios to config 1."""
+    """Train step and one latent sample (``ddim_steps``) for configs 1, 2, 3 (the flattened mask) and 2 with pooled
+    mask tokens, with ratios to config 1."""
     from lungsynth.config import get_config, parse_overrides
 
     overrides = parse_overrides(args.overrides)
@@ -74,17 +75,19 @@ def bench_bbox_ldm(args: argparse.Namespace) -> int:
     print(f"bbox-LDM bench ({cfg.profile}): {size}^2 slices (latent {size // 4}^2), U-Net "
           f"{tuple(cfg.bbox_ldm.unet_channels)}, batch {cfg.bbox_ldm.batch_size}, {cfg.bbox_ldm.ddim_steps} "
           f"sampling steps, repeats {args.repeats}; one process per number")
-    res: dict[tuple[int, str], dict[str, Any]] = {}
+    # the paper's flattened mask for configs 1-3, and config 2 with the pooled mask tokens beside it
+    variants = {"1": (1, "flat"), "2": (2, "flat"), "3": (3, "flat"), "2 pooled": (2, "pooled")}
+    res: dict[tuple[str, str], dict[str, Any]] = {}
     for what in ("train", "sample"):
-        for k in (1, 2, 3):
-            spec = {"profile": cfg.profile, "overrides": overrides, "size": size, "config": k, "what": what,
-                    "repeats": args.repeats}
-            res[(k, what)] = run_child(CHILD, spec)
+        for name, (k, context) in variants.items():
+            spec = {"profile": cfg.profile, "overrides": {**overrides, "bbox_ldm.mask_context": context},
+                    "size": size, "config": k, "what": what, "repeats": args.repeats}
+            res[(name, what)] = run_child(CHILD, spec)
     for what, label in (("train", "train step"), ("sample", "one sample")):
-        base = res[(1, what)]
-        for k in (1, 2, 3):
-            r = res[(k, what)]
-            print(f"  {label:>10} config {k}: {r['seconds']:.3f} s ({r['seconds'] / base['seconds']:.2f}x), "
+        base = res[("1", what)]
+        for name in variants:
+            r = res[(name, what)]
+            print(f"  {label:>10} config {name}: {r['seconds']:.3f} s ({r['seconds'] / base['seconds']:.2f}x), "
                   f"peak {r['peak_mb']:.0f} MB ({r['peak_mb'] / base['peak_mb']:.2f}x), "
                   f"{r['params'] / 1e6:.2f} M params")
     spec = {"profile": cfg.profile, "overrides": overrides, "size": size, "config": 3,
