@@ -179,7 +179,7 @@ class BboxLdmTask(TrainTask):
         t = sample_timesteps(z0.shape[0], self.scheduler.num_train_timesteps, device=z0.device)
         z_t = add_noise(self.scheduler, z0, noise, t)
         ctx = self.context(m, batch["attributes"])
-        pred = self.unet(torch.cat([z_t, self.concat(m, batch["lung"]).to(z_t.dtype)], dim=1), t, context=ctx)
+        pred = self.unet(torch.cat([z_t, self.concat(m, batch.get("lung")).to(z_t.dtype)], dim=1), t, context=ctx)
         return {"loss": diffusion_loss(pred, target_for(self.scheduler, z0, noise, t), check_finite=False)}
 
 
