@@ -7,7 +7,7 @@ tests"). Given real features [N1, D] and synthetic features [N2, D] (one row per
 1. the larger set is subsampled to the smaller's size, so chance is exactly 0.5;
 2. a logistic regression (scikit-learn, L2) on the standardised features and their squares (so a set with the
    right mean but the wrong spread is caught too: a linear classifier on the features alone scored 0.57 on
-   Gaussian vs uniform features of equal mean, with squares it separates them) is trained on ``folds - 1``
+   Gaussian vs uniform features of equal mean, with the squares 0.996) is trained on ``folds - 1``
    stratified folds and predicts the held-out fold, so every sample is labelled once by a model that never saw it;
 3. the held-out accuracy ``acc = (#correct) / (2 n)`` is the statistic: **0.5 means indistinguishable, 1.0 means
    every sample was told apart**. Its interval is Wilson's score interval for a binomial proportion over the 2n
