@@ -43,7 +43,8 @@ from lungsynth.data import fingerprint
 from lungsynth.eval.features import hu_to_unit_range, unit_features
 
 SUBTYPE_NAMES = ("solid", "part-solid", "ground-glass")
-COLUMNS = ("method", "variant", "unit", "source", "n_synthetic", "n_real", "network", "reference", "fid", "fid_ci", "kid", "kid_ci",
+COLUMNS = ("method", "variant", "unit", "source", "n_synthetic", "n_real", "network", "reference", "fid", "fid_ci",
+           "kid", "kid_ci",
            "mmd", "mmd_ci", "c2st", "c2st_ci", "ms_ssim", "ms_ssim_real", "masked_mse", "jsd_solid", "jsd_part-solid",
            "jsd_ground-glass", "dice", "memorization_flag_rate", "memorization_p", "memorization_flag_rate_voxel",
            "s_per_sample", "peak_memory_mb", "feature_dim")
@@ -127,7 +128,8 @@ FOV_TOLERANCE = 0.05  # a synthetic volume's field of view may differ from the r
 def check_matches_reference(syn: dict[str, Any], unit: str, real: dict[str, Any], out: Path | str) -> None:
     """Refuse a synthetic dataset that is not comparable with the real reference, naming both: another unit, or
     (volumes) another field of view, shape x spacing (the reference is resampled to the synthetic shape, so its
-    spacing is scaled by the shape ratio before comparing)."""
+    spacing is scaled by the shape ratio before comparing). ``real``: ``{"shape", "spacing_mm"}`` of the held-out
+    items as prepared."""
     if syn.get("unit") != unit:
         raise ValueError(f"{out} holds {syn.get('unit')!r} items but the method's unit, and so its reference, is "
                          f"{unit!r}; sample it again with `lungsynth synth` for this method")
@@ -138,10 +140,10 @@ def check_matches_reference(syn: dict[str, Any], unit: str, real: dict[str, Any]
     if not syn_sp or not real_sp:
         return
     syn_fov = max(syn_sp) * syn["image"].shape[1]
-    real_fov = max(real_sp) * real["image"].shape[1]
+    real_fov = max(real_sp) * real["shape"][0]
     if abs(syn_fov - real_fov) > FOV_TOLERANCE * real_fov:
         raise ValueError(f"{out}: synthetic volumes of {syn['image'].shape[1]} voxels at {max(syn_sp):g} mm "
-                         f"({syn_fov:.0f} mm across) do not match the real reference's {real['image'].shape[1]} "
+                         f"({syn_fov:.0f} mm across) do not match the real reference's {real['shape'][0]} "
                          f"voxels at {max(real_sp):g} mm ({real_fov:.0f} mm); resample one to the other's field of "
                          f"view first")
 
@@ -276,7 +278,8 @@ def real_reference(cfg: Any, root: Path, unit: str, shape: Sequence[int],
     if cache is not None and key in cache:
         return cache[key]
     test, train = load_real(root, unit, "test"), load_real(root, unit, "train")
-    native = {"image": test["image"], "spacing_mm": test["spacing_mm"]}  # before resizing: the field-of-view check
+    # the held-out items' own size and spacing, before resizing: what the field-of-view check compares
+    native = {"shape": tuple(int(v) for v in test["image"].shape[1:]), "spacing_mm": test["spacing_mm"]}
     for d in (test, train):
         d["image"] = _resize(d["image"], shape, "image")
         for k in ("mask", "lung"):
@@ -289,9 +292,9 @@ def real_reference(cfg: Any, root: Path, unit: str, shape: Sequence[int],
         real, comparison = test, None
     net = train_slice_net(cfg, train["image"]) if unit in ("slice", "roi") else None
     features, network = unit_features(cfg, unit, real["image"], net)
-    ref = {"unit": unit, "root": Path(root), "native": native, "real": real, "comparison": comparison, "train": train, "net": net,
-           "network": network,
-           "features": features, "id": write_reference(cfg, root, unit, real, features, network),
+    ref = {"unit": unit, "root": Path(root), "native": native, "real": real, "comparison": comparison,
+           "train": train, "net": net, "network": network, "features": features,
+           "id": write_reference(cfg, root, unit, real, features, network),
            "diversity": ms_ssim_diversity(hu_to_unit_range(real["image"], cfg)[:, None], seed=cfg.seed)}
     if cache is not None:
         cache[key] = ref
@@ -565,8 +568,8 @@ def leaderboard_markdown(rows: Sequence[dict[str, Any]], profile: str = "") -> s
              "value is best (higher = less diverse). The classifier column is the held-out accuracy of a "
              "classifier telling synthetic from real features (0.5 = indistinguishable, 1 = told apart; '-' when "
              "a set has fewer than 10 samples). A reference id names the real cases and feature network a row is "
-             "compared with (`runs/<profile>/reference/<unit>/<id>/reference.json`). Rows named *baseline* are the other "
-             "half of the held-out items compared with the same reference: as they are (the floor a perfect "
+             "compared with (`runs/<profile>/reference/<unit>/<id>/reference.json`). Rows named *baseline* are the "
+             "other half of the held-out items compared with the same reference: as they are (the floor a perfect "
              "generator reaches), blurred, and with their voxels shuffled inside the body (the noise); a working "
              "method falls between the first and the last. Rows are ranked by KID within each unit. † marks an FID "
              "or MMD from fewer samples than the feature dimension: biased upward and unstable, read KID.", "",
@@ -626,7 +629,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("evaluate", help="chapter 09: the leaderboard of every trained method")
     p.add_argument("--methods", nargs="*", default=None, help="default: every method with a trained run")
-    p.add_argument("--n", type=int, default=None, help="synthetic samples per method (default: cfg.evaluation.n_samples, n_samples_2d for 2D units)")
+    p.add_argument("--n", type=int, default=None,
+                   help="synthetic samples per method (default: cfg.evaluation.n_samples; n_samples_2d for 2D units)")
     p.add_argument("--train-missing", action="store_true", help="train methods that have no trained run first")
     p.add_argument("--out", default=None, help="folder of leaderboard.{md,csv,json} (default runs/<profile>)")
     add_profile_argument(p)

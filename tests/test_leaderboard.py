@@ -86,8 +86,8 @@ def test_leaderboard_for_the_methods_present(setup, tmp_path):
     data = json.loads(files["json"].read_text())["details"]["fakevol"]["data"]
     assert data["id"] == json.loads((root / "fingerprint.json").read_text())["id"]
     assert data["trained_on"]["patients"] == [f"FAKE-{i:03d}" for i in range(8)]  # the generator's, recorded
-    assert pd.read_csv(files["csv"])["method"].tolist() == ["fakevol", "baseline: real vs real", "baseline: blurred real",
-                                                            "baseline: shuffled-pixel noise"]
+    assert pd.read_csv(files["csv"])["method"].tolist() == [
+        "fakevol", "baseline: real vs real", "baseline: blurred real", "baseline: shuffled-pixel noise"]
     assert json.loads(files["json"].read_text())["details"]["fakevol"]["memorization"]["n_synthetic"] == 6
 
 
@@ -255,7 +255,7 @@ def test_feature_map_puts_every_set_of_a_unit_in_one_picture(setup):
 def test_a_synthetic_set_of_another_unit_or_field_of_view_is_refused():
     from lungsynth.leaderboard import check_matches_reference
 
-    real = {"image": np.zeros((3, 16, 16, 16)), "spacing_mm": [4.0, 4.0, 4.0]}
+    real = {"shape": (16, 16, 16), "spacing_mm": [4.0, 4.0, 4.0]}
     syn = {"unit": "volume", "image": np.zeros((2, 32, 32, 32)),
            "records": [{"scan": {"spacing_mm": 2.0}}, {"scan": {"spacing_mm": 2.0}}]}
     check_matches_reference(syn, "volume", real, "runs/x/synthetic/m")  # 64 mm across both: comparable
@@ -281,8 +281,15 @@ def test_the_board_ranks_by_kid_within_a_unit_and_marks_fid_below_the_feature_di
 
 def test_sample_counts_by_unit_and_the_papers_counts_in_full(tmp_path):
     from lungsynth.leaderboard import sample_count
-    from lungsynth.sampling.registry import get_method
+    from lungsynth.methods.bbox_ldm.method import BboxLdmMethod
+    from lungsynth.methods.hr_ldm.method import HrLdmMethod
+    from lungsynth.methods.land.method import LandMethod
+    from lungsynth.methods.lung_ddpm.method import LungDdpmMethod
+    from lungsynth.methods.text2img.method import Text2ImgMethod
 
+    faces = {"land": LandMethod(), "bbox_ldm": BboxLdmMethod(), "hr_ldm": HrLdmMethod(), "lung_ddpm": LungDdpmMethod(),
+             "text2img": Text2ImgMethod()}  # the real faces (the module's fixture replaces the registry's)
+    get_method = faces.__getitem__
     root = make_fake_prepared(tmp_path / "real", n_train=4, n_test=5)
     course = get_config("course")
     assert sample_count(course, get_method("land"), root) == course.evaluation.n_samples == 32
