@@ -417,6 +417,8 @@ class SamplingConfig:
 class EvalConfig:
     """Chapter 09: one evaluation for every method."""
 
+    # the 3D feature network: "astra" (packaged), "astra-2.5d", or weights the user holds locally,
+    # "medicalnet:/path/resnet_50_23dataset.pth" / "radimagenet:/path/ResNet50.pt" (eval.local_networks)
     feature_network: str = tiered("astra", "astra", "astra")
     bootstrap: int = tiered(20, 200, 1000)
     min_samples_warn: int = 50

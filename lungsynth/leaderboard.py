@@ -9,8 +9,9 @@ For each method in :data:`lungsynth.sampling.registry.METHODS` that has a traine
 2. loads the real reference in the method's unit (test split: volumes, slices, ROIs or crops; a real
    reference of another size is resampled to the synthetic one) and the training split. The held-out items are
    cut in two fixed halves: the reference half every row is compared with, and a comparison half that makes the
-   **baseline rows** (:func:`baseline_evaluations`: real vs real, blurred real, shuffled-pixel noise), so a reader
-   sees where each method falls between the floor and the noise;
+   **baseline rows** (:func:`baseline_evaluations`: real vs real, blurred real, shuffled-pixel noise, and the
+   reconstructions of the chapter 02 autoencoder a latent method decodes through), so a reader sees where each
+   method falls between the floor and the noise;
 3. computes FID / KID / MMD with bootstrap CIs on features of a named network (3D: ``cfg.evaluation
    .feature_network``; 2D: a slice net trained on the real training images by rotation prediction),
    MS-SSIM diversity (synthetic and real), masked MSE in the lung against the paired real volume
@@ -21,7 +22,11 @@ For each method in :data:`lungsynth.sampling.registry.METHODS` that has a traine
    peak memory.
 
 Methods of different units are compared on their own unit's reference (a 2D FID is not a 3D FID:
-the ``network`` column says which). Every reference is written once to ``runs/<profile>/reference/<unit>/<id>/``
+the ``network`` column says which). A volume method whose samples hold generated nodules (LAND, HR-LDM, Lung-DDPM)
+has a second row, unit ``nodule``: crops around its generated nodules only (an inpainting method's scan is otherwise
+real) against crops around the real held-out nodules, both cut at 1 mm from volumes of the same grid
+(:func:`nodule_crop_evaluation`; the level HR-LDM's paper evaluates, where every method that makes nodules is
+comparable). Every reference is written once to ``runs/<profile>/reference/<unit>/<id>/``
 (:func:`write_reference`: its case list, preprocessing, feature network, and the features with their mean and
 covariance) and every row carries its ``reference`` id, so a number can be traced to the cases and network it was
 computed against. :func:`write_leaderboard` writes ``runs/<profile>/leaderboard.{md,csv,json}``.
@@ -48,7 +53,8 @@ COLUMNS = ("method", "variant", "unit", "source", "n_synthetic", "n_real", "netw
            "mmd", "mmd_ci", "c2st", "c2st_ci", "ms_ssim", "ms_ssim_real", "masked_mse", "jsd_solid", "jsd_part-solid",
            "jsd_ground-glass", "dice", "memorization_flag_rate", "memorization_p", "memorization_flag_rate_voxel",
            "s_per_sample", "peak_memory_mb", "feature_dim")
-UNIT_ORDER = ("volume", "crop", "slice", "roi")
+UNIT_ORDER = ("volume", "nodule", "crop", "slice", "roi")
+NODULE_UNIT = "nodule"  # crops around the generated nodules of a volume method (eval.nodule_crops)
 
 
 def ranked(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -75,6 +81,7 @@ class MethodEvaluation:
     details: dict[str, Any] = field(default_factory=dict)
     features: np.ndarray | None = None  # [N, D] of ``synthetic`` in the row's network
     reference_features: np.ndarray | None = None  # [K, D] of the reference half (shared by the rows of a unit)
+    nodule_crops: "MethodEvaluation | None" = None  # the same samples on crops around their generated nodules
 
 
 # --------------------------------------------------------------------------- loading
@@ -272,7 +279,6 @@ def real_reference(cfg: Any, root: Path, unit: str, shape: Sequence[int],
     [N, D] of the reference, "id"}``.
     """
     from lungsynth.eval.baselines import halves
-    from lungsynth.eval.fidelity import ms_ssim_diversity
 
     key = (str(root), unit, tuple(int(v) for v in shape))
     if cache is not None and key in cache:
@@ -291,18 +297,68 @@ def real_reference(cfg: Any, root: Path, unit: str, shape: Sequence[int],
     else:
         real, comparison = test, None
     net = train_slice_net(cfg, train["image"]) if unit in ("slice", "roi") else None
+    ref = _reference(cfg, root, unit, real, comparison, train, net)
+    ref["native"] = native
+    if cache is not None:
+        cache[key] = ref
+    return ref
+
+
+def _reference(cfg: Any, root: Path | str, unit: str, real: dict[str, Any], comparison: dict[str, Any] | None,
+               train: dict[str, Any], net: Any = None, preprocessing: str | None = None) -> dict[str, Any]:
+    """A reference dict (see :func:`real_reference`) from its three item sets: features, id and diversity."""
+    from lungsynth.eval.fidelity import ms_ssim_diversity
+
     features, network = unit_features(cfg, unit, real["image"], net)
-    ref = {"unit": unit, "root": Path(root), "native": native, "real": real, "comparison": comparison,
-           "train": train, "net": net, "network": network, "features": features,
-           "id": write_reference(cfg, root, unit, real, features, network),
-           "diversity": ms_ssim_diversity(hu_to_unit_range(real["image"], cfg)[:, None], seed=cfg.seed)}
+    return {"unit": unit, "root": Path(root), "real": real, "comparison": comparison, "train": train, "net": net,
+            "network": network, "features": features,
+            "id": write_reference(cfg, root, unit, real, features, network, preprocessing),
+            "diversity": ms_ssim_diversity(hu_to_unit_range(real["image"], cfg)[:, None], seed=cfg.seed)}
+
+
+def nodule_reference(cfg: Any, volume_ref: dict[str, Any], size: int,
+                     cache: dict[tuple, dict[str, Any]] | None = None) -> dict[str, Any] | None:
+    """The real reference of the nodule-crop rows: ``size``^3 crops at 1 mm around every real nodule of the volume
+    reference's items, cut from the held-out (and training) volumes *as resized to the synthetic grid*, so real and
+    synthetic crops come from volumes of one spacing (:mod:`lungsynth.eval.nodule_crops`). The volume reference's
+    halves give the crop halves (split by scan, so one patient's nodules stay on one side). None when the reference
+    half holds fewer than 2 nodules."""
+    from lungsynth.data.datasets import load_nodules
+    from lungsynth.eval.nodule_crops import cut_nodule_crops, real_centres
+
+    root = volume_ref["root"]
+    shape = tuple(int(v) for v in volume_ref["real"]["image"].shape[1:])
+    key = (str(root), NODULE_UNIT, shape, int(size))
+    if cache is not None and key in cache:
+        return cache[key]
+    native = volume_ref["native"]
+    scale = [s / n for s, n in zip(shape, native["shape"])]
+    spacing = max(v for v in native["spacing_mm"] if v is not None) / scale[0]
+    nodules = load_nodules(Path(root))
+
+    def crops(items: dict[str, Any] | None) -> dict[str, Any] | None:
+        if items is None:
+            return None
+        return cut_nodule_crops(items["image"], items["mask"], real_centres(nodules, items["ids"], scale), spacing,
+                                size)
+
+    real, comparison, train = (crops(volume_ref[k]) for k in ("real", "comparison", "train"))
+    if len(real["image"]) < 2:
+        return None
+    if comparison is not None and len(comparison["image"]) < MIN_HALF:
+        comparison = None
+    prep = (f"{size}^3 crops at 1 mm around each real nodule, cut from the held-out volumes resampled to the synthetic "
+            f"volumes' grid ({shape[0]} voxels at {spacing:.3g} mm); HU clipped to [{float(cfg.data.hu_min):g}, "
+            f"{float(cfg.data.hu_max):g}], scaled to [0, 1]")
+    ref = _reference(cfg, root, NODULE_UNIT, real, comparison, train, preprocessing=prep)
+    ref["native"] = {"shape": shape, "spacing_mm": [spacing] * len(real["image"])}
     if cache is not None:
         cache[key] = ref
     return ref
 
 
 def write_reference(cfg: Any, root: Path | str, unit: str, real: dict[str, Any], features: np.ndarray,
-                    network: str) -> str:
+                    network: str, preprocessing: str | None = None) -> str:
     """Record the real reference of one unit and return its id (``<unit>-<10 hex>``).
 
     The id is a digest of what defines the reference: the prepared data's fingerprint, the unit, the item shape, the
@@ -321,8 +377,9 @@ def write_reference(cfg: Any, root: Path | str, unit: str, real: dict[str, Any],
     payload = {"data": fingerprint.load(root)["id"], "source": fingerprint.source_label(root), "unit": unit,
                "split": "test", "shape": [int(v) for v in real["image"].shape[1:]],
                "cases": [str(i) for i in real["ids"]],
-               "preprocessing": f"HU clipped to [{float(cfg.data.hu_min):g}, {float(cfg.data.hu_max):g}], scaled to "
-                                f"[0, 1], resampled to the synthetic items' shape",
+               "preprocessing": preprocessing or f"HU clipped to [{float(cfg.data.hu_min):g}, "
+                                                 f"{float(cfg.data.hu_max):g}], scaled to [0, 1], resampled to the "
+                                                 f"synthetic items' shape",
                "network": describe_network(network)}
     ref_id = f"{unit}-" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
     folder = paths.runs_dir(cfg.profile) / "reference" / unit / ref_id
@@ -357,11 +414,8 @@ def evaluate_method(cfg: Any, method: Any, *, n: int | None = None, real_root: P
                     checkpoint: Path | str | None = None,
                     references: dict[tuple, dict[str, Any]] | None = None) -> MethodEvaluation:
     """Sample ``method`` on held-out conditions and compute its leaderboard row (see the module docstring);
-    ``references`` (a dict :func:`real_reference` fills) shares the real sets between methods."""
-    from lungsynth.eval.distribution import evaluate_distribution
-    from lungsynth.eval.fidelity import ms_ssim_diversity, nodule_dice
-    from lungsynth.eval.memorization import audit
-    from lungsynth.eval.two_sample import classifier_two_sample_test
+    ``references`` (a dict :func:`real_reference` fills) shares the real sets between methods. A volume method whose
+    samples hold generated nodules also gets its nodule-crop row (``.nodule_crops``, :func:`nodule_crop_evaluation`)."""
     from lungsynth.data.conditions import real_root as find_root
     from lungsynth.sampling.registry import get_method
     from lungsynth.methods.base import MethodFace
@@ -378,10 +432,29 @@ def evaluate_method(cfg: Any, method: Any, *, n: int | None = None, real_root: P
     unit = adapter.unit
     ref = real_reference(cfg, root, unit, syn["image"].shape[1:], references)
     check_matches_reference(syn, unit, ref["native"], res.out)
+    scored = _score(cfg, unit, syn, ref)
+    row = {"method": adapter.name, "variant": adapter.variant, **scored.row,
+           "masked_mse": _paired_mse(cfg, syn, root), "s_per_sample": res.seconds_per_sample,
+           "peak_memory_mb": res.peak_memory_mb}
+    details = {"data": fingerprint.read_stamp(res.out),  # fingerprint, source, the generator's training patients
+               **scored.details, "synthetic_dir": str(res.out), "checkpoint": syn["records"][0].get("checkpoint")}
+    scored.row, scored.details = row, details
+    if unit == "volume":
+        scored.nodule_crops = nodule_crop_evaluation(cfg, adapter, syn, ref, references)
+    return scored
+
+
+def _score(cfg: Any, unit: str, syn: dict[str, Any], ref: dict[str, Any]) -> MethodEvaluation:
+    """The metrics of one item set ``syn`` (:func:`load_synthetic`-shaped) against a reference
+    (:func:`real_reference`): distribution, two-sample test, memorisation, diversity, nodule JSD and Dice."""
+    from lungsynth.eval.distribution import evaluate_distribution
+    from lungsynth.eval.fidelity import ms_ssim_diversity, nodule_dice
+    from lungsynth.eval.memorization import audit
+    from lungsynth.eval.two_sample import classifier_two_sample_test
+
     real, train, net, f_real = ref["real"], ref["train"], ref["net"], ref["features"]
     f_syn, name = unit_features(cfg, unit, syn["image"], net)
     f_train, _ = unit_features(cfg, unit, train["image"], net)
-    reference = ref["id"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # small-N warnings: the row carries its n and CIs
         dist = evaluate_distribution(f_real, f_syn, cfg, network=name, seed=cfg.seed)
@@ -395,28 +468,48 @@ def evaluate_method(cfg: Any, method: Any, *, n: int | None = None, real_root: P
     dice = None
     if syn["mask"] is not None and all((m > 0.5).any() for m in syn["mask"]):
         dice = float(nodule_dice(syn["image"][:, None], syn["mask"][:, None], cfg.evaluation.dice_threshold_hu).mean())
-    row = {"method": adapter.name, "variant": adapter.variant, "unit": unit, "source": fingerprint.source_label(root),
-           "n_synthetic": len(syn["image"]),
-           "n_real": len(real["image"]), "network": name, "reference": reference, "feature_dim": int(f_real.shape[1]),
+    row = {"unit": unit, "source": fingerprint.source_label(ref["root"]), "n_synthetic": len(syn["image"]),
+           "n_real": len(real["image"]), "network": name, "reference": ref["id"], "feature_dim": int(f_real.shape[1]),
            "fid": dist["fid"].value, "fid_ci": _ci(dist["fid"]), "kid": dist["kid"].value, "kid_ci": _ci(dist["kid"]),
            "mmd": dist["mmd"].value, "mmd_ci": _ci(dist["mmd"]), "c2st": c2st.value, "c2st_ci": _ci(c2st),
-           "ms_ssim": div["mean"], "ms_ssim_real": div_real["mean"],
-           "masked_mse": _paired_mse(cfg, syn, root), **_jsd_by_subtype(syn, real), "dice": dice,
+           "ms_ssim": div["mean"], "ms_ssim_real": div_real["mean"], **_jsd_by_subtype(syn, real), "dice": dice,
            "memorization_flag_rate": mem.flag_rate, "memorization_p": mem.p_value,
-           "memorization_flag_rate_voxel": mem_vox.flag_rate, "s_per_sample": res.seconds_per_sample,
-           "peak_memory_mb": res.peak_memory_mb}
-    details = {"data": fingerprint.read_stamp(res.out),  # fingerprint, source, the generator's training patients
-               "distribution": {k: v.as_dict() for k, v in dist.items()}, "two_sample": c2st.as_dict(),
-               "memorization": mem.summary(),
-               "memorization_voxel": mem_vox.summary(), "synthetic_dir": str(res.out),
-               "checkpoint": syn["records"][0].get("checkpoint"), "ms_ssim": div, "ms_ssim_real": div_real}
+           "memorization_flag_rate_voxel": mem_vox.flag_rate}
+    details = {"distribution": {k: v.as_dict() for k, v in dist.items()}, "two_sample": c2st.as_dict(),
+               "memorization": mem.summary(), "memorization_voxel": mem_vox.summary(), "ms_ssim": div,
+               "ms_ssim_real": div_real}
     return MethodEvaluation(row, syn["image"], train["image"], real["image"], mem, mem_vox, details, f_syn, f_real)
+
+
+def nodule_crop_evaluation(cfg: Any, adapter: Any, syn: dict[str, Any], volume_ref: dict[str, Any],
+                           references: dict[tuple, dict[str, Any]] | None = None) -> MethodEvaluation | None:
+    """The row of a volume method on crops around its *generated* nodules (``cfg.data.crop_size``^3 at 1 mm,
+    :mod:`lungsynth.eval.nodule_crops`) against the real held-out nodules cut the same way from volumes of the same
+    grid (:func:`nodule_reference`): the level HR-LDM's paper evaluates, where an inpainting method is comparable
+    with a whole-volume one. None when fewer than 2 generated or real nodules exist."""
+    from lungsynth.eval.nodule_crops import cut_nodule_crops, generated_centres
+
+    centres = generated_centres(syn["records"])
+    if sum(len(c) for c in centres) < 2:
+        return None
+    size = int(cfg.data.crop_size)
+    ref = nodule_reference(cfg, volume_ref, size, references)
+    if ref is None:
+        return None
+    spacing = float(syn["records"][0]["scan"]["spacing_mm"])
+    crops = cut_nodule_crops(syn["image"], syn["mask"], centres, spacing, size)
+    scored = _score(cfg, NODULE_UNIT, crops, ref)
+    scored.row = {"method": adapter.name, "variant": adapter.variant, **scored.row, "masked_mse": None,
+                  "s_per_sample": None, "peak_memory_mb": None}
+    scored.details = {**scored.details, "crops_of": "generated nodules", "crop_size": size,
+                      "synthetic_spacing_mm": spacing, "real_spacing_mm": ref["native"]["spacing_mm"][0]}
+    return scored
 
 
 # --------------------------------------------------------------------------- baselines
 
 BLUR_SIGMA_VOXELS = 2.0  # "blurred real": anatomy kept, fine texture lost
-WHOLE_ITEM_UNITS = ("roi", "crop")  # items inside the body: their shuffled baseline permutes every voxel
+WHOLE_ITEM_UNITS = ("roi", "crop", "nodule")  # items inside the body: their shuffled baseline permutes every voxel
 
 
 def baseline_sets(cfg: Any, unit: str, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -435,38 +528,76 @@ def baseline_sets(cfg: Any, unit: str, images: np.ndarray) -> dict[str, np.ndarr
             "shuffled-pixel noise": shuffle_in_body(images, bodies, int(cfg.seed))}
 
 
-def baseline_evaluations(cfg: Any, ref: dict[str, Any]) -> dict[str, MethodEvaluation]:
+def baseline_evaluations(cfg: Any, ref: dict[str, Any],
+                         autoencoders: Sequence[str] = ()) -> dict[str, MethodEvaluation]:
     """The board's baseline rows for one reference (:func:`real_reference`): each of :func:`baseline_sets` of the
     comparison half, compared with the reference half exactly as a method's samples are (FID, KID, MMD, the
-    two-sample classifier, MS-SSIM). A working method's row falls between ``real vs real`` and the noise. Empty when
-    the held-out set was too small to halve."""
-    from lungsynth.eval.distribution import evaluate_distribution
-    from lungsynth.eval.fidelity import ms_ssim_diversity
-    from lungsynth.eval.two_sample import classifier_two_sample_test
-
+    two-sample classifier, MS-SSIM), and, for each chapter 02 autoencoder kind in ``autoencoders`` (those the unit's
+    latent methods decode through), its reconstructions of the comparison half (:func:`autoencoder_ceiling`). A
+    working method's row falls between ``real vs real`` and the noise; a latent one at best near its autoencoder's
+    row. Empty when the held-out set was too small to halve."""
     comp = ref["comparison"]
     if comp is None:
         return {}
     unit, out = ref["unit"], {}
-    for name, images in baseline_sets(cfg, unit, comp["image"]).items():
-        feats, network = unit_features(cfg, unit, images, ref["net"])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # small N: the row carries its n and CIs
-            dist = evaluate_distribution(ref["features"], feats, cfg, network=network, seed=cfg.seed)
-            c2st = classifier_two_sample_test(ref["features"], feats, seed=cfg.seed, network=network)
-        div = ms_ssim_diversity(hu_to_unit_range(images, cfg)[:, None], seed=cfg.seed)
-        row = {**dict.fromkeys(COLUMNS), "method": f"baseline: {name}", "variant": "", "unit": unit,
-               "source": fingerprint.source_label(ref["root"]), "n_synthetic": len(images),
-               "n_real": len(ref["real"]["image"]), "network": network, "reference": ref["id"],
-               "feature_dim": int(feats.shape[1]),
-               "fid": dist["fid"].value, "fid_ci": _ci(dist["fid"]), "kid": dist["kid"].value,
-               "kid_ci": _ci(dist["kid"]), "mmd": dist["mmd"].value, "mmd_ci": _ci(dist["mmd"]), "c2st": c2st.value,
-               "c2st_ci": _ci(c2st), "ms_ssim": div["mean"], "ms_ssim_real": ref["diversity"]["mean"]}
-        details = {"baseline": name, "items": comp["ids"], "distribution": {k: v.as_dict() for k, v in dist.items()},
-                   "two_sample": c2st.as_dict()}
-        out[f"baseline {unit}: {name}"] = MethodEvaluation(row, images, ref["train"]["image"], ref["real"]["image"],
-                                                           None, None, details, feats, ref["features"])
+    sets = baseline_sets(cfg, unit, comp["image"])
+    for kind in dict.fromkeys(k for k in autoencoders if k):
+        recon = autoencoder_ceiling(cfg, kind, comp["image"], ref["root"])
+        if recon is not None:
+            sets[f"{kind} reconstructions (autoencoder ceiling)"] = recon
+    for name, images in sets.items():
+        out[f"baseline {unit}: {name}"] = _baseline_row(cfg, ref, name, images)
     return out
+
+
+def _baseline_row(cfg: Any, ref: dict[str, Any], name: str, images: np.ndarray) -> MethodEvaluation:
+    """One baseline set of HU items compared with the reference half as a method's samples are."""
+    from lungsynth.eval.distribution import evaluate_distribution
+    from lungsynth.eval.fidelity import ms_ssim_diversity
+    from lungsynth.eval.two_sample import classifier_two_sample_test
+
+    unit, comp = ref["unit"], ref["comparison"]
+    feats, network = unit_features(cfg, unit, images, ref["net"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # small N: the row carries its n and CIs
+        dist = evaluate_distribution(ref["features"], feats, cfg, network=network, seed=cfg.seed)
+        c2st = classifier_two_sample_test(ref["features"], feats, seed=cfg.seed, network=network)
+    div = ms_ssim_diversity(hu_to_unit_range(images, cfg)[:, None], seed=cfg.seed)
+    row = {**dict.fromkeys(COLUMNS), "method": f"baseline: {name}", "variant": "", "unit": unit,
+           "source": fingerprint.source_label(ref["root"]), "n_synthetic": len(images),
+           "n_real": len(ref["real"]["image"]), "network": network, "reference": ref["id"],
+           "feature_dim": int(feats.shape[1]),
+           "fid": dist["fid"].value, "fid_ci": _ci(dist["fid"]), "kid": dist["kid"].value,
+           "kid_ci": _ci(dist["kid"]), "mmd": dist["mmd"].value, "mmd_ci": _ci(dist["mmd"]), "c2st": c2st.value,
+           "c2st_ci": _ci(c2st), "ms_ssim": div["mean"], "ms_ssim_real": ref["diversity"]["mean"]}
+    details = {"baseline": name, "items": comp["ids"], "distribution": {k: v.as_dict() for k, v in dist.items()},
+               "two_sample": c2st.as_dict()}
+    return MethodEvaluation(row, images, ref["train"]["image"], ref["real"]["image"], None, None, details, feats,
+                            ref["features"])
+
+
+def autoencoder_ceiling(cfg: Any, kind: str, images_hu: np.ndarray, root: Path | str,
+                        batch_size: int = 4) -> np.ndarray | None:
+    """Chapter 02's ``kind`` autoencoder's reconstructions of real items [N, *S] (HU in, HU out; through the
+    course's HU window and back): what a latent method decoded by it can at best produce. None, with a printed
+    reason, when no finished and current autoencoder of ``kind`` is in place (the board never trains one)."""
+    import torch
+
+    from lungsynth.autoencoders import trained_autoencoder
+
+    ae = trained_autoencoder(kind, cfg, root=root)
+    if ae is None:
+        print(f"leaderboard: no autoencoder ceiling row for {kind}: no finished run of it on the current data "
+              f"(train it in chapter 02: `lungsynth autoencoder train --kind {kind} --profile {cfg.profile}`)")
+        return None
+    # the window the autoencoder was trained in: the slice view's (bbox_ldm.hu_clip) for the VQ-VAE, else the data's
+    lo, hi = (tuple(float(v) for v in cfg.bbox_ldm.hu_clip) if kind == "vqvae2d"
+              else (float(cfg.data.hu_min), float(cfg.data.hu_max)))
+    dev = next(ae.parameters()).device
+    x = torch.from_numpy(((np.clip(images_hu, lo, hi) - lo) / (hi - lo)).astype(np.float32))[:, None]
+    out = [ae.reconstruct(x[i:i + batch_size].to(dev), int(cfg.autoencoders.sliding_roi)).float().cpu()
+           for i in range(0, len(x), batch_size)]
+    return (torch.cat(out)[:, 0].clamp(0, 1).numpy() * (hi - lo) + lo).astype(np.float32)
 
 
 def real_vs_real_curve(reference: np.ndarray, comparison: np.ndarray, sizes: Sequence[int], *, repeats: int = 20,
@@ -520,7 +651,8 @@ def build_leaderboard(cfg: Any, methods: Sequence[str] | None = None, *, n: int 
                       progress: bool = False, baselines: bool = True) -> dict[str, MethodEvaluation]:
     """Evaluate every trained method (or ``methods``); untrained ones are skipped unless ``train_missing``.
 
-    Returns ``{name: MethodEvaluation}`` in registry order, then (``baselines``) the baseline rows of every
+    Returns ``{name: MethodEvaluation}`` in registry order, a volume method that makes nodules followed by its
+    nodule-crop row (key ``<name> (nodule crops)``), then (``baselines``) the baseline rows of every
     reference the methods were compared with (:func:`baseline_evaluations`, keys ``baseline <unit>: <name>``);
     ``{}`` when no method is trained.
     """
@@ -529,6 +661,7 @@ def build_leaderboard(cfg: Any, methods: Sequence[str] | None = None, *, n: int 
     names = list(methods) if methods else available_methods()
     out: dict[str, MethodEvaluation] = {}
     references: dict[tuple, dict[str, Any]] = {}  # real sets shared by the methods of one unit and size
+    decoders: dict[str, list[str]] = {}  # reference id -> the autoencoder kinds its methods decode through
     for name in names:
         adapter = get_method(name) if name in METHODS else None
         if adapter is None:
@@ -541,9 +674,12 @@ def build_leaderboard(cfg: Any, methods: Sequence[str] | None = None, *, n: int 
         out[name] = evaluate_method(cfg, adapter, n=n, real_root=real_root, train_missing=train_missing,
                                     progress=progress, references=references)
         out[name].details["evaluation_seconds"] = round(time.perf_counter() - t0, 2)
+        decoders.setdefault(out[name].row["reference"], []).append(adapter.autoencoder_kind(cfg))
+        if out[name].nodule_crops is not None:
+            out[f"{name} (nodule crops)"] = out[name].nodule_crops
     if baselines:
         for ref in references.values():
-            out.update(baseline_evaluations(cfg, ref))
+            out.update(baseline_evaluations(cfg, ref, decoders.get(ref["id"], ())))
     return out
 
 
@@ -564,14 +700,17 @@ def leaderboard_markdown(rows: Sequence[dict[str, Any]], profile: str = "") -> s
     label = ", ".join(([profile] if profile else []) + sources)
     lines = [f"# Leaderboard{f' ({label})' if label else ''}", "",
              "Every method sampled on the held-out (test) conditions and compared with the same real test set "
-             "of its unit. Lower is better for FID/KID/MMD, masked MSE, JSD and memorised; MS-SSIM near the real "
+             "of its unit; volume methods that make nodules appear again as unit *nodule*, crops around their "
+             "generated nodules against crops around the real held-out nodules cut from volumes of the same grid. "
+             "Lower is better for FID/KID/MMD, masked MSE, JSD and memorised; MS-SSIM near the real "
              "value is best (higher = less diverse). The classifier column is the held-out accuracy of a "
              "classifier telling synthetic from real features (0.5 = indistinguishable, 1 = told apart; '-' when "
              "a set has fewer than 10 samples). A reference id names the real cases and feature network a row is "
              "compared with (`runs/<profile>/reference/<unit>/<id>/reference.json`). Rows named *baseline* are the "
              "other half of the held-out items compared with the same reference: as they are (the floor a perfect "
-             "generator reaches), blurred, and with their voxels shuffled inside the body (the noise); a working "
-             "method falls between the first and the last. Rows are ranked by KID within each unit. † marks an FID "
+             "generator reaches), blurred, with their voxels shuffled inside the body (the noise), and, for a latent "
+             "method, reconstructed by the chapter 02 autoencoder it decodes through (its ceiling); a working "
+             "method falls between the floor and the noise. Rows are ranked by KID within each unit. † marks an FID "
              "or MMD from fewer samples than the feature dimension: biased upward and unstable, read KID.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in ranked(rows):

@@ -57,9 +57,11 @@ def monkeypatch_module():
 def test_leaderboard_for_the_methods_present(setup, tmp_path):
     cfg, root, runs = setup
     res = build_leaderboard(cfg, real_root=root)
-    # the untrained ones are skipped (sl has no final.pt); the volume reference's baselines follow the method
-    assert list(res) == ["fakevol", "baseline volume: real vs real", "baseline volume: blurred real",
-                         "baseline volume: shuffled-pixel noise"]
+    # the untrained ones are skipped (sl has no final.pt); a volume method's nodules give it a nodule-crop row; the
+    # baselines of each reference follow the methods
+    baselines = [f"baseline {u}: {b}" for u in ("volume", "nodule")
+                 for b in ("real vs real", "blurred real", "shuffled-pixel noise")]
+    assert list(res) == ["fakevol", "fakevol (nodule crops)", *baselines]
     row = res["fakevol"].row
     # 6 held-out volumes: a reference half of 3, the baselines' half of 3
     assert row["n_synthetic"] == 6 and row["n_real"] == 3 and "slicenet2d" in row["network"]
@@ -86,8 +88,8 @@ def test_leaderboard_for_the_methods_present(setup, tmp_path):
     data = json.loads(files["json"].read_text())["details"]["fakevol"]["data"]
     assert data["id"] == json.loads((root / "fingerprint.json").read_text())["id"]
     assert data["trained_on"]["patients"] == [f"FAKE-{i:03d}" for i in range(8)]  # the generator's, recorded
-    assert pd.read_csv(files["csv"])["method"].tolist() == [
-        "fakevol", "baseline: real vs real", "baseline: blurred real", "baseline: shuffled-pixel noise"]
+    assert pd.read_csv(files["csv"])["method"].tolist() == ["fakevol", "fakevol"] + [
+        "baseline: real vs real", "baseline: blurred real", "baseline: shuffled-pixel noise"] * 2
     assert json.loads(files["json"].read_text())["details"]["fakevol"]["memorization"]["n_synthetic"] == 6
 
 
@@ -243,7 +245,7 @@ def test_feature_map_puts_every_set_of_a_unit_in_one_picture(setup):
     cfg, root, runs = setup
     res = build_leaderboard(cfg, ["fakevol"], real_root=root)
     xy = feature_map(res, "volume")
-    assert list(xy) == ["reference", *res]
+    assert list(xy) == ["reference", *(k for k, e in res.items() if e.row["unit"] == "volume")]
     assert all(v.shape == (len(res[k].synthetic) if k != "reference" else 3, 2) for k, v in xy.items())
     centre = xy["reference"].mean(0)
     dist = {k: float(np.linalg.norm(v.mean(0) - centre)) for k, v in xy.items()}
@@ -298,3 +300,99 @@ def test_sample_counts_by_unit_and_the_papers_counts_in_full(tmp_path):
     assert [sample_count(full, get_method(m), root) for m in ("land", "bbox_ldm", "hr_ldm", "text2img")] == \
         [100, 2048, 500, 500]
     assert sample_count(full, get_method("lung_ddpm"), root) == 5  # one per held-out case
+
+
+class Inpainter(Trained):
+    """Pastes one ground-glass nodule (300 HU, label 2, flagged ``inpainted``) into each held-out scan, written at
+    twice the prepared resolution (32^3 at 2 mm); the scan's own nodule stays as a real row (label 1)."""
+
+    def spacing_mm(self, cfg):
+        return 2.0
+
+    def generate(self, cfg, model, conditions, seed):
+        up = lambda a: a.repeat(2, 0).repeat(2, 1).repeat(2, 2)  # noqa: E731
+        z, y, x = np.meshgrid(*(np.arange(32),) * 3, indexing="ij")
+        new = (z - 26) ** 2 + (y - 26) ** 2 + (x - 6) ** 2 <= 9
+        out = []
+        for c in conditions:
+            ct, label = up(np.asarray(c.arrays["ct"], np.float32)), up(np.asarray(c.arrays["label"])).astype(np.uint8)
+            ct[new], label[new] = 300.0, 2
+            rows = [{"label_value": 1, "subtype_id": 0, "subtype": "solid", "texture": 5},
+                    {"label_value": 2, "subtype_id": 2, "subtype": "ground-glass", "texture": 1, "inpainted": True}]
+            arrays = {k: up(np.asarray(v)) for k, v in c.arrays.items()}  # every condition array on the new grid
+            out.append({"arrays": {**arrays, "ct": ct, "label": label}, "nodules": rows})
+        return out
+
+
+def test_a_method_that_makes_nodules_is_also_compared_on_crops_of_its_generated_nodules(setup, monkeypatch):
+    """The nodule-crop row holds one crop per *generated* nodule (the scan's real nodule is not a synthetic item),
+    centred on it, and the real crops are cut from the held-out volumes brought to the synthetic grid (2 mm, not
+    their prepared 4 mm), around the real nodules of the reference half; its baselines come from the other half."""
+    cfg, root, runs = setup
+    monkeypatch.setitem(registry.METHODS, "fakeinp", Inpainter(runs / "vol", root, name="fakeinp"))
+    res = build_leaderboard(cfg, ["fakeinp"], real_root=root)
+    assert list(res)[:2] == ["fakeinp", "fakeinp (nodule crops)"]
+    crops = res["fakeinp (nodule crops)"]
+    size = cfg.data.crop_size
+    assert crops.row["unit"] == "nodule" and crops.row["method"] == "fakeinp"
+    assert crops.row["n_synthetic"] == 6 and crops.synthetic.shape == (6, size, size, size)  # not 12: real rows out
+    centre = crops.synthetic[:, size // 2 - 1:size // 2 + 1, size // 2 - 1:size // 2 + 1, size // 2 - 1:size // 2 + 1]
+    np.testing.assert_allclose(centre, 300.0, atol=1e-3)  # each crop sits on the pasted nodule
+    assert crops.details["real_spacing_mm"] == pytest.approx(2.0) == crops.details["synthetic_spacing_mm"]
+    assert crops.row["n_real"] == 3 and np.abs(crops.reference[:, size // 2, size // 2, size // 2]).max() < 200
+    assert crops.row["reference"].startswith("nodule-") and crops.row["jsd_ground-glass"] is None
+    floor = res["baseline nodule: real vs real"].row
+    assert floor["reference"] == crops.row["reference"] and floor["n_synthetic"] == 3
+    assert res["fakeinp"].row["unit"] == "volume" and res["fakeinp"].row["n_synthetic"] == 6
+
+
+def test_the_autoencoder_a_latent_method_decodes_through_gives_a_ceiling_row(setup, monkeypatch, capsys):
+    """A method that names a chapter 02 autoencoder puts that autoencoder's reconstructions of the comparison half on
+    the board, compared with the reference half like the other baselines; with no finished autoencoder there is no
+    row, and the board says why."""
+    import torch
+
+    import lungsynth.autoencoders as autoencoders
+
+    class Blurry(torch.nn.Module):  # an x2 'autoencoder': average-pool, then nearest upsampling
+        kind = "vae3d"
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def reconstruct(self, x, roi_size=None):
+            return torch.nn.functional.interpolate(torch.nn.functional.avg_pool3d(x, 2), scale_factor=2.0)
+
+    cfg, root, runs = setup
+    latent = Trained(runs / "vol", root, name="fakelatent", noise_hu=30.0)
+    latent.autoencoder = "vae3d"
+    monkeypatch.setitem(registry.METHODS, "fakelatent", latent)
+    monkeypatch.setattr(autoencoders, "trained_autoencoder", lambda kind, cfg, **kw: Blurry())
+    res = build_leaderboard(cfg, ["fakelatent"], real_root=root)
+    key = "baseline volume: vae3d reconstructions (autoencoder ceiling)"
+    ceiling, floor = res[key], res["baseline volume: real vs real"]
+    lo, hi = cfg.data.hu_min, cfg.data.hu_max
+    unit = torch.from_numpy(np.clip((floor.synthetic - lo) / (hi - lo), 0, 1).astype(np.float32))[:, None]
+    want = Blurry().reconstruct(unit)[:, 0].numpy() * (hi - lo) + lo  # the comparison half, reconstructed
+    np.testing.assert_allclose(ceiling.synthetic, want, atol=1e-3)
+    assert ceiling.row["reference"] == res["fakelatent"].row["reference"] and ceiling.row["n_synthetic"] == 3
+    assert [k for k in res if "ceiling" in k] == [key]  # the method's own unit only, not its nodule crops
+    monkeypatch.setattr(autoencoders, "trained_autoencoder", lambda kind, cfg, **kw: None)
+    res = build_leaderboard(cfg, ["fakelatent"], real_root=root)
+    assert key not in res and "no autoencoder ceiling row for vae3d" in capsys.readouterr().out
+
+
+def test_each_face_names_the_autoencoder_it_decodes_through(tmp_path):
+    from lungsynth.config import apply_overrides
+    from lungsynth.methods.bbox_ldm.method import BboxLdmMethod
+    from lungsynth.methods.hr_ldm.method import HrLdmMethod
+    from lungsynth.methods.land.method import LandMethod
+    from lungsynth.methods.lung_ddpm.method import LungDdpmMethod
+    from lungsynth.methods.text2img.method import Text2ImgMethod
+
+    cfg = get_config("smoke")
+    kinds = [f.autoencoder_kind(cfg) for f in (LandMethod(), HrLdmMethod(), BboxLdmMethod(), Text2ImgMethod(),
+                                               LungDdpmMethod())]
+    assert kinds == ["vae3d", "vae3d", "vqvae2d", "vae2d", None]  # Lung-DDPM diffuses pixels
+    assert BboxLdmMethod().autoencoder_kind(apply_overrides(cfg, {"bbox_ldm.pretrained_vq": str(tmp_path)})) is None

@@ -34,7 +34,7 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "model": ("KINDS", "DOWNSAMPLE", "TEXTURES", "LUNG_COND", "TRAINING_VIEWS", "Autoencoder", "autoencoder_spec",
               "build_autoencoder", "load_autoencoder", "check_kind", "codebook_stats", "default_run_dir"),
     "train": ("AutoencoderTask", "ImageView", "MixedDataset", "compute_scale_factor", "ensure_autoencoder", "item_id",
-              "source_dataset", "source_key", "train_autoencoder", "train_budget"),
+              "source_dataset", "source_key", "train_autoencoder", "train_budget", "trained_autoencoder"),
     "latents": ("LatentDataset", "encode_dataset", "ensure_latents"),
     "evaluate": ("body_mask", "evaluate_autoencoder", "mask_metrics", "nodule_errors", "plot_reconstructions",
                  "reconstruction_metrics", "resample_baseline", "texture_map"),

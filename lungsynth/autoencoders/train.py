@@ -461,6 +461,34 @@ def same_loss(kind: str, stored: dict[str, Any], cfg: Any) -> bool:
     return float(stored.get("nodule_weight", 1.0)) == float(cfg.autoencoders.vae3d_nodule_weight)
 
 
+def _finished(kind: str, ckpt: dict[str, Any], cfg: Any) -> bool:
+    """A final checkpoint ``cfg`` can use as it is: its scale factor written, the step count ``cfg`` asks for
+    reached, and the same loss."""
+    stored = ckpt.get("config") or {}
+    steps, _ = train_budget(kind, cfg)
+    return "scale_factor" in stored and int(ckpt.get("step", 0)) >= steps and same_loss(kind, stored, cfg)
+
+
+def trained_autoencoder(kind: str, cfg: Any, run_dir: Path | str | None = None, *,
+                        device: torch.device | str | None = None, root: Path | str | None = None) -> Any | None:
+    """The finished autoencoder of ``kind`` for ``cfg`` when one is in place and current (made from the same data,
+    trained to the step count and with the loss ``cfg`` asks for), else None. Never trains: for readers that only
+    report what an autoencoder does (the leaderboard's ceiling rows), where :func:`ensure_autoencoder` would train."""
+    from lungsynth import runtime
+
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(kind, cfg.profile, create=False)
+    ckpt = _final_with_scale(run_dir)
+    if ckpt is None or not _finished(kind, ckpt, cfg):
+        return None
+    try:
+        if not fingerprint.check_run(run_dir, training_stamp(cfg, root), rebuild_command(kind, cfg)):
+            return None
+    except fingerprint.DataMismatch:
+        return None
+    ae = load_autoencoder(kind, run_dir / "final.pt", cfg)
+    return ae.to(device if device is not None else runtime.device())
+
+
 def ensure_autoencoder(kind: str, cfg: Any, run_dir: Path | str | None = None, *, progress: bool | None = None,
                        device: torch.device | str | None = None, root: Path | str | None = None) -> Any:
     """The trained autoencoder of ``kind`` for ``cfg``: loaded from ``run_dir`` (default
@@ -477,7 +505,6 @@ def ensure_autoencoder(kind: str, cfg: Any, run_dir: Path | str | None = None, *
 
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(kind, cfg.profile)
     device = device if device is not None else runtime.device()
-    steps, _ = train_budget(kind, cfg)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     # a second process (another chapter, a notebook beside the course) waits for the first one's training,
     # then reuses it: final.pt is written before its scale factor, so a reader in between would train again
@@ -488,7 +515,7 @@ def ensure_autoencoder(kind: str, cfg: Any, run_dir: Path | str | None = None, *
             ae = load_autoencoder(kind, run_dir / "final.pt", cfg)  # refuses another architecture
             stored = ckpt.get("config") or {}
             fresh = not same_loss(kind, stored, cfg)  # resuming would continue another objective's weights
-            if "scale_factor" in stored and int(ckpt.get("step", 0)) >= steps and not fresh:
+            if _finished(kind, ckpt, cfg):
                 return ae.to(device)
             if fresh:
                 warnings.warn(f"{run_dir} was trained with another loss than {cfg.profile!r} asks for "

@@ -3,12 +3,16 @@
 The course trains some 3D networks on cubes smaller than its volumes (the CPU budget); they are fully
 convolutional and run on the whole volume afterwards. Randomness comes from torch's global RNG, which the
 engine checkpoints, so a killed run resumes with the same cubes (``num_workers=0``).
+
+Nodule crops (:func:`cut_crop`, :func:`coarsen`) are cut the same way for every reader of them (the downstream
+chapters' items, the leaderboard's nodule-crop rows), so real and synthetic crops differ only by what is in them.
 """
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -79,3 +83,38 @@ class LungCubes(Dataset):
             centre = mask_voxel(torch.as_tensor(item["lung"])[0] > 0.5)
         sl = (slice(None), *cube_slices(spatial, self.side, centre))
         return {k: v[sl].contiguous() for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------- nodule crops at 1 mm
+
+
+def cut_crop(ct_hu: np.ndarray, label: np.ndarray, centre_vox: Sequence[float], spacing_mm: float,
+             size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A ``size``^3 crop at 1 mm centred on ``centre_vox`` (d, h, w) of a volume at ``spacing_mm``.
+
+    Args:
+        ct_hu / label: [D, H, W] arrays. Outside the volume the CT is -1000 HU and the label 0.
+    Returns:
+        ct [size]^3 (HU, trilinear) and mask [size]^3 (label > 0, nearest).
+    """
+    from scipy import ndimage
+
+    t = (np.arange(size) - (size - 1) / 2) / float(spacing_mm)
+    grid = np.stack(np.meshgrid(*(c + t for c in centre_vox), indexing="ij")).reshape(3, -1)
+    ct = ndimage.map_coordinates(ct_hu, grid, order=1, cval=-1000.0).reshape((size,) * 3)
+    mask = ndimage.map_coordinates((label > 0).astype(np.float32), grid, order=0, cval=0.0).reshape((size,) * 3)
+    return ct.astype(np.float32), (mask > 0.5).astype(np.float32)
+
+
+def coarsen(ct_hu: np.ndarray, label: np.ndarray, spacing_mm: float, to_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """A volume at ``spacing_mm`` resampled to the coarser ``to_mm`` (CT: Gaussian anti-aliasing, then linear;
+    label: nearest). Voxel ``i`` of the result sits at voxel ``i * to_mm / spacing_mm`` of the input."""
+    from scipy import ndimage
+
+    factor = float(spacing_mm) / float(to_mm)
+    shape = [max(1, int(round(n * factor))) for n in ct_hu.shape]
+    grid = np.stack(np.meshgrid(*(np.arange(n) / factor for n in shape), indexing="ij"))
+    smooth = ndimage.gaussian_filter(ct_hu.astype(np.float32), sigma=0.5 / factor)  # half a coarse voxel
+    ct = ndimage.map_coordinates(smooth, grid, order=1, mode="nearest")
+    lab = ndimage.map_coordinates(label, grid, order=0, mode="nearest")
+    return ct.astype(np.float32), lab

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from lungsynth.data.datasets import CachedDataset
+from lungsynth.data.patches import coarsen, cut_crop  # noqa: F401  (the crops of the item datasets)
 
 SUBTYPES: tuple[str, ...] = ("solid", "part-solid", "ground-glass")  # subtype_id 0, 1, 2 (DATA_API.md)
 UNITS_FOR: dict[str, tuple[str, ...]] = {"volume": ("volume",), "nodule": ("volume", "crop")}
@@ -211,10 +212,12 @@ def generated_nodules(nods: Any) -> Any:
     nodules, written beside it so the label map stays whole, are real and never synthetic items. Datasets
     without the column (whole generated volumes: LAND, Lung-DDPM) are generated throughout.
     """
+    from lungsynth.eval.nodule_crops import is_generated
+
     if "inpainted" not in nods.columns:
         return nods
-    flag = nods["inpainted"].astype(str).str.strip().str.lower().isin(("true", "1", "1.0"))
-    return nods[flag.to_numpy()]
+    rows = nods.to_dict("records")
+    return nods[np.array([is_generated(r, rows) for r in rows], dtype=bool)]
 
 
 def synthetic_items(path: Path | str, unit: str, real_root: Path | str) -> Any:
@@ -288,44 +291,12 @@ def _load_nifti(root: str, rel: str) -> np.ndarray:
     return np.asarray(load_volume(Path(root), rel), dtype=np.float32)
 
 
-def cut_crop(ct_hu: np.ndarray, label: np.ndarray, centre_vox: Sequence[float], spacing_mm: float,
-             size: int) -> tuple[np.ndarray, np.ndarray]:
-    """A ``size``^3 crop at 1 mm centred on ``centre_vox`` (d, h, w) of a volume at ``spacing_mm``.
-
-    Args:
-        ct_hu / label: [D, H, W] arrays. Outside the volume the CT is -1000 HU and the label 0.
-    Returns:
-        ct [size]^3 (HU, trilinear) and mask [size]^3 (label > 0, nearest).
-    """
-    from scipy import ndimage
-
-    t = (np.arange(size) - (size - 1) / 2) / float(spacing_mm)
-    grid = np.stack(np.meshgrid(*(c + t for c in centre_vox), indexing="ij")).reshape(3, -1)
-    ct = ndimage.map_coordinates(ct_hu, grid, order=1, cval=-1000.0).reshape((size,) * 3)
-    mask = ndimage.map_coordinates((label > 0).astype(np.float32), grid, order=0, cval=0.0).reshape((size,) * 3)
-    return ct.astype(np.float32), (mask > 0.5).astype(np.float32)
-
-
 def same_resolution(*tables: Any) -> tuple[Any, ...]:
     """The nodule item tables with every crop cut the same way: from its volume, brought to the coarsest volume
     spacing among them (``crop_from_mm``), never from a real nodule's 1 mm crop view. Synthetic volumes are coarser
     than the views cut from the original CT, a difference a network can learn instead of the nodule."""
     spacing = max(float(t["spacing_mm"].max()) for t in tables if len(t))
     return tuple(t.assign(view=None, crop_from_mm=spacing) for t in tables)
-
-
-def coarsen(ct_hu: np.ndarray, label: np.ndarray, spacing_mm: float, to_mm: float) -> tuple[np.ndarray, np.ndarray]:
-    """A volume at ``spacing_mm`` resampled to the coarser ``to_mm`` (CT: Gaussian anti-aliasing, then linear;
-    label: nearest). Voxel ``i`` of the result sits at voxel ``i * to_mm / spacing_mm`` of the input."""
-    from scipy import ndimage
-
-    factor = float(spacing_mm) / float(to_mm)
-    shape = [max(1, int(round(n * factor))) for n in ct_hu.shape]
-    grid = np.stack(np.meshgrid(*(np.arange(n) / factor for n in shape), indexing="ij"))
-    smooth = ndimage.gaussian_filter(ct_hu.astype(np.float32), sigma=0.5 / factor)  # half a coarse voxel
-    ct = ndimage.map_coordinates(smooth, grid, order=1, mode="nearest")
-    lab = ndimage.map_coordinates(label, grid, order=0, mode="nearest")
-    return ct.astype(np.float32), lab
 
 
 class ItemDataset(CachedDataset):

@@ -17,6 +17,16 @@ the feature network's name.
 - MMD: the biased (V-statistic) MMD^2 with a Gaussian (median-heuristic bandwidth) or polynomial
   kernel; always >= 0.
 
+Why these are written here and not taken from MONAI (which the course uses first):
+
+- MONAI's ``FIDMetric`` computes the same quantity, through ``scipy.linalg.sqrtm(S1 S2)``; with fewer samples than
+  feature dimensions (every board row: 32 volumes against 2048 features) ``S1 S2`` is singular and that root is
+  regularised or refused ("imaginary component too high"). :func:`fid` is exact there; where N > D the two agree
+  (tested against ``monai.metrics.FIDMetric``).
+- MONAI's ``MMDMetric`` is the unbiased *linear*-kernel MMD between two image batches of the same size; the board's
+  MMD is a Gaussian-kernel MMD on feature sets of unequal size, a different quantity.
+- MS-SSIM (:mod:`lungsynth.eval.fidelity`) is MONAI's algorithm, with MONAI's own ``compute_ms_ssim`` as a backend.
+
 Bad input (different dimensions, fewer than 2 samples, NaN/inf) raises ValueError; fewer samples
 than ``min_samples_warn`` (cfg.evaluation.min_samples_warn) issues a ``UserWarning``.
 """

@@ -549,7 +549,9 @@ def extract_features(data: Any, network: str, intensity: Intensity, **kwargs: An
 
     - ``"astra"``: 3D volumes -> :func:`astra_features`;
     - ``"astra-2.5d"``: 3D volumes -> :func:`features_25d` with the planes concatenated to [N, 3*2048];
-    - ``"slicenet2d"``: 2D slices -> :func:`slice_features` (pass ``net=`` for a trained one).
+    - ``"slicenet2d"``: 2D slices -> :func:`slice_features` (pass ``net=`` for a trained one);
+    - ``"medicalnet:<file>"`` / ``"radimagenet:<file>"``: 3D volumes -> :func:`lungsynth.eval.local_networks
+      .local_features` (weights the user holds locally, each with its authors' input normalisation).
     """
     if network == "astra":
         return astra_features(data, intensity, **kwargs)
@@ -558,7 +560,13 @@ def extract_features(data: Any, network: str, intensity: Intensity, **kwargs: An
         return np.concatenate([planes[p] for p in PLANES], axis=1), name + "-concat"
     if network == "slicenet2d":
         return slice_features(data, intensity=intensity, **kwargs)
-    raise ValueError(f"unknown feature network {network!r}; use astra, astra-2.5d, slicenet2d or slicenet2d-2.5d")
+    if network.startswith(("medicalnet:", "radimagenet:")):  # weights the user holds locally
+        from lungsynth.eval.local_networks import local_features
+
+        unit_range = kwargs.pop("unit_range", (-1000.0, 400.0))
+        return local_features(to_hu(data, intensity, unit_range), network, unit_range, **kwargs)
+    raise ValueError(f"unknown feature network {network!r}; use astra, astra-2.5d, slicenet2d, slicenet2d-2.5d, "
+                     f"medicalnet:/path/to/weights or radimagenet:/path/to/weights")
 
 
 def describe_network(name: str) -> dict[str, Any]:
@@ -586,5 +594,5 @@ def unit_features(cfg: Any, unit: str, images_hu: np.ndarray, slice_net: Any = N
     if unit in ("slice", "roi"):
         return slice_features(hu_to_unit_range(images_hu, cfg)[:, None], net=slice_net, intensity="unit", seed=cfg.seed)
     net = cfg.evaluation.feature_network
-    kwargs = {"unit_range": unit_range} if net.startswith("astra") else {}
+    kwargs = {"unit_range": unit_range} if net.startswith(("astra", "medicalnet:", "radimagenet:")) else {}
     return extract_features(hu_to_unit_range(images_hu, cfg), net, "unit", **kwargs)

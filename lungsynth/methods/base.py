@@ -39,6 +39,9 @@ class MethodFace:
     # the leaderboard's count in `full`: the method's paper's evaluation count where it prints one (each face says);
     # None: one per held-out case (Lung-DDPM evaluates on its held-out set)
     paper_samples: int | None = None
+    # the chapter 02 autoencoder the method decodes through, whose reconstructions of real held-out items make the
+    # leaderboard's ceiling row (:meth:`autoencoder_kind`); None: the method works in pixel space
+    autoencoder: str | None = None
 
     def __init__(self, variant: str | None = None, **options: Any) -> None:
         self.options = dict(options)
@@ -53,6 +56,11 @@ class MethodFace:
 
     def api(self) -> Any:
         return importlib.import_module(self.module)
+
+    def autoencoder_kind(self, cfg: Any) -> str | None:
+        """The chapter 02 autoencoder kind the method's samples are decoded by under ``cfg`` (None: pixel space,
+        or weights from outside the course)."""
+        return self.autoencoder
 
     def run_dir(self, cfg: Any) -> Path:
         """The method's default run directory for ``cfg.profile`` (not created)."""

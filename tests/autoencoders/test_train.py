@@ -170,12 +170,28 @@ def test_ensure_reuses_and_refuses(trained, tiny_root):
         ensure_autoencoder("vae2d", other, run, device="cpu", root=tiny_root)
 
 
+def test_trained_autoencoder_reads_a_finished_current_run_and_never_trains(trained, tiny_root, tmp_path):
+    """The board's reader: the finished run as ensure_autoencoder would return it; None (and nothing written) for a
+    missing run or one trained for fewer steps than asked."""
+    from lungsynth.autoencoders import trained_autoencoder
+
+    cfg, run = trained["vae2d"]
+    ae = trained_autoencoder("vae2d", cfg, run, device="cpu", root=tiny_root)
+    assert ae is not None and ae.kind == "vae2d"
+    assert trained_autoencoder("vae2d", cfg, tmp_path / "none", device="cpu", root=tiny_root) is None
+    assert not (tmp_path / "none").exists()
+    longer = get_config("smoke", {**DATA, **BUDGET, "autoencoders.train_steps_2d": 10_000})
+    before = (run / "final.pt").stat().st_mtime_ns
+    assert trained_autoencoder("vae2d", longer, run, device="cpu", root=tiny_root) is None
+    assert (run / "final.pt").stat().st_mtime_ns == before
+
+
 def test_recut_splits_rebuild_the_latent_cache_and_refuse_the_old_run(trained, tmp_path, capsys):
     """After the splits are re-cut, the autoencoder trained on the old train split (which may hold a patient
     now in test) is refused with both fingerprints, and its latent cache is re-encoded, never reused."""
     import shutil
 
-    from lungsynth.autoencoders import ensure_latents
+    from lungsynth.autoencoders import ensure_latents, trained_autoencoder
     from lungsynth.data import fingerprint
     from lungsynth.data.manifest import write_manifest
 
@@ -193,6 +209,7 @@ def test_recut_splits_rebuild_the_latent_cache_and_refuse_the_old_run(trained, t
     assert new["id"] != old["id"]
     with pytest.raises(fingerprint.DataMismatch) as err:
         ensure_autoencoder("vae3d", cfg, run, device="cpu", root=root)
+    assert trained_autoencoder("vae3d", cfg, run, device="cpu", root=root) is None  # the board's reader: no row
     assert old["id"] in str(err.value) and new["id"] in str(err.value)
     assert "lungsynth autoencoder train --kind vae3d" in str(err.value)
     with pytest.raises(fingerprint.DataMismatch):

@@ -1,11 +1,12 @@
-"""Random training cubes: where they are cut, and that every key is cut at the same place."""
+"""Random training cubes: where they are cut, and that every key is cut at the same place; nodule crops at 1 mm."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from lungsynth.data.patches import LungCubes, cube_slices, mask_voxel
+from lungsynth.data.patches import LungCubes, coarsen, cube_slices, cut_crop, mask_voxel
 
 
 def _item() -> dict[str, torch.Tensor]:
@@ -45,3 +46,26 @@ def test_cube_helpers_and_bad_share():
     assert LungCubes([small], ("ct",), side=8)[0]["ct"].shape == (1, 6, 6, 6)  # no larger than the cube: whole
     with pytest.raises(ValueError, match="nodule_share"):
         LungCubes([small], ("ct",), side=8, nodule_share=1.5)
+
+
+def test_cut_crop_centres_the_nodule():
+    ct = np.full((20, 20, 20), -1000.0, np.float32)
+    lab = np.zeros((20, 20, 20), np.uint8)
+    lab[9:12, 9:12, 9:12] = 1
+    ct[lab > 0] = 50.0
+    c, m = cut_crop(ct, lab, (10, 10, 10), spacing_mm=2.0, size=12)
+    assert c.shape == (12, 12, 12) and m[5:7, 5:7, 5:7].all() and not m[0].any()
+    assert c[6, 6, 6] == pytest.approx(50.0) and c[0, 0, 0] == pytest.approx(-1000.0)
+
+
+def test_coarsen_removes_detail_finer_than_the_new_grid():
+
+    z, y, x = np.meshgrid(*(np.arange(16),) * 3, indexing="ij")
+    checker = np.where((z + y + x) % 2 == 0, 100.0, -100.0).astype(np.float32)
+    label = ((z > 4) & (z < 12)).astype(np.uint8)
+    ct, lab = coarsen(checker, label, 1.0, 2.0)
+    assert ct.shape == lab.shape == (8, 8, 8)
+    assert np.abs(ct).max() < 0.2 * np.abs(checker).max()  # a one-voxel pattern cannot survive a 2-voxel grid
+    assert set(np.unique(lab)) <= {0, 1} and lab[4, 4, 4] == 1 and lab[0, 4, 4] == 0
+    flat, _ = coarsen(np.full((16, 16, 16), -700.0, np.float32), label, 1.0, 2.0)
+    assert np.allclose(flat, -700.0)

@@ -41,16 +41,6 @@ def test_item_tables_and_datasets(cfg, real_root, synthetic_train):
     assert v["image"].shape == (1, 8, 8, 8) and v["target"].max() == 1
 
 
-def test_cut_crop_centres_the_nodule():
-    ct = np.full((20, 20, 20), -1000.0, np.float32)
-    lab = np.zeros((20, 20, 20), np.uint8)
-    lab[9:12, 9:12, 9:12] = 1
-    ct[lab > 0] = 50.0
-    c, m = cut_crop(ct, lab, (10, 10, 10), spacing_mm=2.0, size=12)
-    assert c.shape == (12, 12, 12) and m[5:7, 5:7, 5:7].all() and not m[0].any()
-    assert c[6, 6, 6] == pytest.approx(50.0) and c[0, 0, 0] == pytest.approx(-1000.0)
-
-
 def test_wrong_format_is_an_error(tmp_path, real_root, synthetic_train):
     with pytest.raises(FileNotFoundError, match="not found"):
         validate_synthetic(tmp_path / "nope", "volume")
@@ -190,15 +180,3 @@ def test_real_and_synthetic_crops_share_one_resolution(cfg, real_root, synthetic
     assert np.allclose(item["image"][0].numpy(), np.clip((want_ct - lo) / (hi - lo), 0, 1), atol=1e-5)
 
 
-def test_coarsen_removes_detail_finer_than_the_new_grid():
-    from lungsynth.downstream.data import coarsen
-
-    z, y, x = np.meshgrid(*(np.arange(16),) * 3, indexing="ij")
-    checker = np.where((z + y + x) % 2 == 0, 100.0, -100.0).astype(np.float32)
-    label = ((z > 4) & (z < 12)).astype(np.uint8)
-    ct, lab = coarsen(checker, label, 1.0, 2.0)
-    assert ct.shape == lab.shape == (8, 8, 8)
-    assert np.abs(ct).max() < 0.2 * np.abs(checker).max()  # a one-voxel pattern cannot survive a 2-voxel grid
-    assert set(np.unique(lab)) <= {0, 1} and lab[4, 4, 4] == 1 and lab[0, 4, 4] == 0
-    flat, _ = coarsen(np.full((16, 16, 16), -700.0, np.float32), label, 1.0, 2.0)
-    assert np.allclose(flat, -700.0)

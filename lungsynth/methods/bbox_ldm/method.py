@@ -30,6 +30,10 @@ class BboxLdmMethod(MethodFace):
     def run_dir(self, cfg: Any) -> Path:
         return self.api().default_run_dir(cfg, self.config, create=False)
 
+    def autoencoder_kind(self, cfg: Any) -> str | None:
+        """Chapter 02's VQ-VAE, unless a local diffusers VQModel replaces it (``bbox_ldm.pretrained_vq``)."""
+        return None if cfg.bbox_ldm.pretrained_vq else "vqvae2d"
+
     def ensure_trained(self, cfg: Any) -> Path:
         return self.api().ensure_trained(cfg, self.config)
 

@@ -20,6 +20,7 @@ class HrLdmMethod(MethodFace):
     """
 
     name, unit, module, chapter = "hr_ldm", "volume", "lungsynth.methods.hr_ldm", "05"
+    autoencoder = "vae3d"
     paper_samples = 500  # HR-LDM, Sec. 4: 500 real and 500 synthetic nodule volumes
     description = "histogram-regularised latent inpainting"
     TEXTURE_OF_SUBTYPE = {0: 5, 1: 3, 2: 1}

@@ -17,6 +17,7 @@ class LandMethod(MethodFace):
     name, unit, module, chapter = "land", "volume", "lungsynth.methods.land", "03"
     paper_samples = 100  # the poster prints no count for Table 1: 100 volumes is the course's full evaluation
     variant = "mask"  # the default; LandMethod("none") etc. pick another
+    autoencoder = "vae3d"
     description = "3D latent diffusion with anatomical masks"
 
     def run_dir(self, cfg: Any) -> Path:

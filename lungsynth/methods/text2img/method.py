@@ -21,6 +21,16 @@ class Text2ImgMethod(MethodFace):
 
         return paths.run_dir(cfg.profile, "07_text2img", create=False)
 
+    def autoencoder_kind(self, cfg: Any) -> str | None:
+        """Chapter 02's 2D VAE for a run trained in the course; None for a fine-tuned local Stable Diffusion (its own
+        VAE, read from the run's ``engine.json``)."""
+        import json
+
+        record = self.run_dir(cfg) / "engine.json"
+        if record.is_file() and json.loads(record.read_text()).get("config", {}).get("source") != "course":
+            return None
+        return "vae2d"
+
     def quality_gates(self, cfg: Any) -> list[Any]:
         from lungsynth.methods.text2img.evaluate import quality_gates
 
