@@ -20,7 +20,9 @@ Astra encoder, :mod:`lungsynth.eval.features`). A user who has the weights names
   their features concatenated ([N, 3 x 2048]).
 
 The architecture is read from the state dict (block counts and widths), so a smaller network of the same family
-loads too (the tests save tiny random ones). Weights load with ``torch.load(weights_only=True)``; the network name
+loads too (the tests save tiny random ones); a ResNet saved as a Sequential of its children (keys ``0.weight``,
+``4.0.conv1.weight``: how RadImageNet's PyTorch weights circulate) is renamed to its modules, and classifier or
+segmentation heads (``fc.``, ``conv_seg.``) are skipped. Weights load with ``torch.load(weights_only=True)``; the network name
 carries the first 12 hex digits of the file's SHA-256, so other weights make another reference on the board.
 Shapes: volumes [N, D, H, W] in HU; features float64 [N, F].
 """
@@ -74,10 +76,29 @@ def _state_dict(path: Path) -> dict[str, Any]:
                          f"with torch.save(model.state_dict(), path)") from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
+    if isinstance(state, dict):
+        state = _named_children(state)
     if not isinstance(state, dict) or "conv1.weight" not in {_strip(k) for k in state}:
         raise ValueError(f"{path}: no ResNet weights found (expected keys like 'conv1.weight', 'layer1.0.conv1.weight',"
                          f" optionally under 'state_dict' and with a 'module.' prefix)")
     return {_strip(k): v for k, v in state.items()}
+
+
+# a ResNet saved as nn.Sequential(*children[:-1]) (how RadImageNet's PyTorch weights circulate): index -> name
+SEQUENTIAL_NAMES = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
+
+
+def _named_children(state: dict[str, Any]) -> dict[str, Any]:
+    """Keys of a ResNet saved as a Sequential of its children ("0.weight", "4.0.conv1.weight") renamed to the
+    module names ("conv1.weight", "layer1.0.conv1.weight"); other state dicts unchanged."""
+    keys = [_strip(k) for k in state]
+    if "0.weight" not in keys or not any(k.startswith("4.0.") for k in keys):
+        return state
+    out = {}
+    for k, v in state.items():
+        head, _, rest = _strip(k).partition(".")
+        out[f"{SEQUENTIAL_NAMES.get(head, head)}.{rest}"] = v
+    return out
 
 
 def _strip(key: str) -> str:
@@ -98,7 +119,7 @@ def build_from_state(state: dict[str, Any], spatial_dims: int, path: Path | str 
                  conv1_t_size=int(stem.shape[-1]), conv1_t_stride=2, shortcut_type="B", bias_downsample=False,
                  feed_forward=False)
     own = net.state_dict()
-    body = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    body = {k: v for k, v in state.items() if not k.startswith(("fc.", "conv_seg."))}  # heads the features skip
     missing, unexpected = sorted(set(own) - set(body)), sorted(set(body) - set(own))
     if missing or unexpected:
         raise ValueError(f"{path}: the weights do not fit a bottleneck ResNet with blocks {layers} and widths "

@@ -108,3 +108,18 @@ def test_bad_weights_and_names_are_clear_errors(tmp_path):
     torch.save(net.state_dict(), tmp_path / "flat.pt")
     with pytest.raises(ValueError, match="flat.pt: the weights do not fit a 3D bottleneck ResNet"):
         load_network(f"medicalnet:{tmp_path / 'flat.pt'}")
+
+
+def test_a_resnet_saved_as_a_sequential_of_its_children_loads_by_name(tmp_path, monkeypatch):
+    """RadImageNet's PyTorch weights circulate as nn.Sequential(*resnet.children()[:-1]): keys '0.weight',
+    '4.0.conv1.weight'; they load as conv1 / layer1 and give the network's own features."""
+    monkeypatch.setenv("LUNGSYNTH_FEATURE_CACHE", "off")
+    net = _tiny(2, 3)
+    seq = torch.nn.Sequential(*list(net.children())[:8])  # conv1, bn1, act, maxpool, layer1..layer4
+    assert "4.0.conv1.weight" in seq.state_dict()
+    torch.save(seq.state_dict(), tmp_path / "sequential.pt")
+    feats, _ = local_features(_volumes(2), f"radimagenet:{tmp_path / 'sequential.pt'}")
+    axial = (np.clip(_volumes(2)[:, 12], -1000, 400) + 1000) / 1400
+    with torch.no_grad():
+        want = net(torch.from_numpy(radimagenet_input(axial))).double().numpy()
+    np.testing.assert_allclose(feats[:, :32], want, rtol=1e-5, atol=1e-6)
