@@ -11,8 +11,10 @@ Experiments (each over ``cfg.downstream.n_runs`` independent runs, seeds ``cfg.s
 - **ratio** (optional): the subtype classifier on the real train set plus ``ratio x real count`` synthetic nodules
   drawn at random (not balanced), for each ratio of ``cfg.downstream.synthetic_ratios``;
 - **malignancy**: LIDC median malignancy 4-5 (malignant, 1) against 1-2 (benign, 0); **score 3
-  (indeterminate) is left out** of training and evaluation. From scratch against initialised from the subtype
-  model of the same run (every layer but the classifier head).
+  (indeterminate) is left out** of training and evaluation. The paper's three arms: from scratch, initialised from
+  the subtype model trained on the imbalanced real set, and (with a synthetic pool) from the one trained on the
+  balanced set (every layer but the classifier head), with the balanced-vs-imbalanced p-value
+  (:func:`malignancy_table`).
 
 Crops: ``cfg.data.crop_size``^3 at 1 mm (90 at full scale), the prepared crop views for real nodules and crops
 cut from the synthetic volumes around each synthetic nodule's centroid.
@@ -136,7 +138,8 @@ class ClsResult:
 
     ``subtype_runs``: one row per (setting, seed, size, class); ``subtype_table``: mean/std over runs plus
     ``p_value`` (Mann-Whitney, balanced vs real) per (size, class); ``scarcity_runs`` / ``scarcity_table``;
-    ``malignancy_runs`` / ``malignancy_table`` (with ``p_value`` subtype-init vs scratch);
+    ``malignancy_runs`` / ``malignancy_table`` (:func:`malignancy_table`: balanced vs imbalanced initialisation, and
+    each against scratch);
     ``curves``: ``{(experiment, setting, seed): (y_true, proba)}`` for precision-recall curves;
     ``composition``: training-set counts per setting; ``ratio_runs`` / ``ratio_table``: the ratio experiment.
     """
@@ -166,6 +169,25 @@ def _with_pvalues(runs: Any, by: Sequence[str], setting_col: str, a: str, b: str
             key = key if isinstance(key, tuple) else (key,)
             ps[key] = mann_whitney_p(g.loc[g[setting_col] == a, m], g.loc[g[setting_col] == b, m])
         table[f"p_{m}"] = [ps.get(tuple(r[c] for c in by), float("nan")) for _, r in table.iterrows()]
+    return table
+
+
+def malignancy_table(runs: Any, metrics: Sequence[str] = ("auroc", "auprc")) -> Any:
+    """Mean and spread of each malignancy arm over runs, with Mann-Whitney p-values: ``p_<metric>`` the paper's
+    comparison (initialised from the balanced subtype model against the imbalanced one, named in ``compares``;
+    without a synthetic pool, the subtype initialisation against scratch) and ``p_<metric>_vs_scratch`` each
+    initialisation against training from scratch."""
+    from lungsynth.downstream.metrics import mann_whitney_p
+
+    runs = runs.assign(task="malignancy")
+    inits = list(dict.fromkeys(runs["init"]))
+    a, b = ("subtype (balanced)", "subtype (real)") if "subtype (balanced)" in inits else (inits[-1], "scratch")
+    table = _with_pvalues(runs, ["task"], "init", a, b, metrics)
+    table["compares"] = f"{a} vs {b}"
+    for m in metrics:
+        scratch = runs.loc[runs["init"] == "scratch", m]
+        table[f"p_{m}_vs_scratch"] = [float("nan") if i == "scratch" else
+                                      mann_whitney_p(runs.loc[runs["init"] == i, m], scratch) for i in table["init"]]
     return table
 
 
@@ -240,7 +262,9 @@ def run_classification(cfg: Any, synthetic: Any = None, *,
                 sc_rows.append({"real_fraction": frac, "synthetic": mode, "seed": seed,
                                 "macro_auroc": finite_mean([r["auroc"] for r in rows]),
                                 "macro_auprc": finite_mean([r["auprc"] for r in rows]),
-                                **{f"auroc_{r['class']}": r["auroc"] for r in rows}, **composition(table)})
+                                **{f"auroc_{r['class']}": r["auroc"] for r in rows},
+                                **{f"auprc_{r['class']}": r["auprc"] for r in rows},  # Fig. 7: per class
+                                **composition(table)})
     sc_runs = pd.DataFrame(sc_rows)
     sc_table = (aggregate(sc_runs, ["real_fraction", "synthetic"], ("macro_auroc", "macro_auprc"))
                 if len(sc_runs) else pd.DataFrame())
@@ -274,9 +298,9 @@ def run_classification(cfg: Any, synthetic: Any = None, *,
         check_no_leak(mtrain, pools.heldout, held)
         mds = LabelView(ItemDataset(cfg, mtrain, "crop", size), ytr)
         mev_ds = ItemDataset(cfg, mev, "crop", size)
-        source = "balanced" if "balanced" in settings else "real"
-        for seed in seeds(cfg, n_runs):
-            for init_name, init in (("scratch", None), (f"subtype ({source})", sub_models[(source, seed)])):
+        for seed in seeds(cfg, n_runs):  # the paper's three arms (the balanced one only with a synthetic pool)
+            arms = [("scratch", None)] + [(f"subtype ({name})", sub_models[(name, seed)]) for name in settings]
+            for init_name, init in arms:
                 model = train_classifier(cfg, mds, 2, seed, init=init)
                 proba = predict_proba(model, mev_ds)
                 curves[("malignancy", init_name, seed)] = (np.asarray(yev), proba)
@@ -286,9 +310,7 @@ def run_classification(cfg: Any, synthetic: Any = None, *,
     mal_runs = pd.DataFrame(mal_rows)
     mal_table = pd.DataFrame()
     if len(mal_runs):
-        mal_runs["task"] = "malignancy"
-        inits = list(dict.fromkeys(mal_runs["init"]))
-        mal_table = _with_pvalues(mal_runs, ["task"], "init", inits[1], inits[0], ("auroc", "auprc"))
+        mal_table = malignancy_table(mal_runs)
     res = ClsResult(sub_runs, sub_table, sc_runs, sc_table, mal_runs, mal_table, curves, pd.DataFrame(comp_rows),
                     [str(p) for p in pools.synthetic_paths], round(time.perf_counter() - t0, 2), ra_runs, ra_table)
     if out is not None:

@@ -48,17 +48,25 @@ def test_classification_experiments(cfg, real_root, synthetic_train, tmp_path):
         assert row["p_auroc"] == pytest.approx(1.0 if same else mannwhitneyu(a, b, alternative="two-sided").pvalue)
     cells = set(zip(res.scarcity_table["real_fraction"], res.scarcity_table["synthetic"]))
     assert cells == {(0.5, "real"), (0.5, "proportional"), (0.5, "full"), (0.0, "full")}
+    assert {"auprc_part-solid", "auroc_part-solid"} <= set(res.scarcity_runs.columns)  # the paper's Fig. 7 curve
     mal = res.malignancy_runs
-    assert set(mal["init"]) == {"scratch", "subtype (balanced)"} and len(mal) == 4
+    # the paper's three arms: scratch, from the imbalanced subtype model, from the balanced one
+    assert set(mal["init"]) == {"scratch", "subtype (real)", "subtype (balanced)"} and len(mal) == 6
     assert mal["n_eval"].eq(5).all()  # test malignancy 1,4,2,5,4 (the 3 left out)
     for _, r in mal.iterrows():  # malignant (1) against benign, from the run's own predictions
         y, proba = res.curves[("malignancy", r["init"], r["seed"])]
         assert r["auroc"] == pytest.approx(roc_auc_score(y == 1, proba[:, 1]))
     mt = res.malignancy_table.set_index("init")
-    a, b = (mal.loc[mal["init"] == k, "auroc"].to_numpy(float) for k in ("subtype (balanced)", "scratch"))
-    same = np.all(np.concatenate([a, b]) == a[0])
-    want_p = 1.0 if same else mannwhitneyu(a, b, alternative="two-sided").pvalue
-    assert mt["p_auroc"].tolist() == pytest.approx([want_p] * 2)
+
+    def p_between(k1, k2):
+        a, b = (mal.loc[mal["init"] == k, "auroc"].to_numpy(float) for k in (k1, k2))
+        same = np.all(np.concatenate([a, b]) == a[0])
+        return 1.0 if same else mannwhitneyu(a, b, alternative="two-sided").pvalue
+
+    assert mt["compares"].eq("subtype (balanced) vs subtype (real)").all()
+    assert mt["p_auroc"].tolist() == pytest.approx([p_between("subtype (balanced)", "subtype (real)")] * 3)
+    assert mt.loc["subtype (real)", "p_auroc_vs_scratch"] == pytest.approx(p_between("subtype (real)", "scratch"))
+    assert np.isnan(mt.loc["scratch", "p_auroc_vs_scratch"])
     assert ("subtype", "balanced", cfg.seed) in res.curves
     assert (tmp_path / "cls" / "subtype_table.csv").is_file()
     axes = plot_pr_curves(res, "subtype")
