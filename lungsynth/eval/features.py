@@ -541,6 +541,30 @@ def slice_features(slices: Any, net=None, *, intensity: Literal["hu", "unit", "a
     return feats, slice_net_name(net)
 
 
+# --------------------------------------------------------------------------- weights the user holds locally
+
+
+def local_features(volumes_hu: np.ndarray, network: str, unit_range: tuple[float, float] = (-1000.0, 400.0),
+                   batch_size: int = 4, seed: int = 0) -> tuple[np.ndarray, str]:
+    """Features of HU volumes [N, D, H, W] from a ``medicalnet:`` or ``radimagenet:`` network
+    (:mod:`lungsynth.eval.local_networks`): MedicalNet on the authors' normalisation, RadImageNet on the three centre
+    planes, features concatenated; cached like every network's."""
+    from lungsynth.eval.local_networks import load_network, medicalnet_normalise, pooled_features, radimagenet_input
+
+    model, name = load_network(network)
+    vols = np.asarray(volumes_hu, dtype=np.float32)
+    if vols.ndim != 4:
+        raise ValueError(f"{name}: volumes must be [N, D, H, W] in HU, got {vols.shape}")
+    if name.startswith("medicalnet"):
+        inputs = np.stack([medicalnet_normalise(v, seed) for v in vols])[:, None]
+        return cached_features(inputs, name, lambda x: pooled_features(model, x, batch_size)), name
+    lo, hi = unit_range
+    planes = centre_slices((np.clip(vols, lo, hi) - lo) / (hi - lo))
+    feats = [cached_features(radimagenet_input(planes[p]), f"{name}|{p}",
+                             lambda x: pooled_features(model, x, batch_size)) for p in PLANES]
+    return np.concatenate(feats, axis=1), name
+
+
 # --------------------------------------------------------------------------- one entry point
 
 
@@ -550,8 +574,8 @@ def extract_features(data: Any, network: str, intensity: Intensity, **kwargs: An
     - ``"astra"``: 3D volumes -> :func:`astra_features`;
     - ``"astra-2.5d"``: 3D volumes -> :func:`features_25d` with the planes concatenated to [N, 3*2048];
     - ``"slicenet2d"``: 2D slices -> :func:`slice_features` (pass ``net=`` for a trained one);
-    - ``"medicalnet:<file>"`` / ``"radimagenet:<file>"``: 3D volumes -> :func:`lungsynth.eval.local_networks
-      .local_features` (weights the user holds locally, each with its authors' input normalisation).
+    - ``"medicalnet:<file>"`` / ``"radimagenet:<file>"``: 3D volumes -> :func:`local_features` (weights the user
+      holds locally, each with its authors' input normalisation).
     """
     if network == "astra":
         return astra_features(data, intensity, **kwargs)
@@ -561,8 +585,6 @@ def extract_features(data: Any, network: str, intensity: Intensity, **kwargs: An
     if network == "slicenet2d":
         return slice_features(data, intensity=intensity, **kwargs)
     if network.startswith(("medicalnet:", "radimagenet:")):  # weights the user holds locally
-        from lungsynth.eval.local_networks import local_features
-
         unit_range = kwargs.pop("unit_range", (-1000.0, 400.0))
         return local_features(to_hu(data, intensity, unit_range), network, unit_range, **kwargs)
     raise ValueError(f"unknown feature network {network!r}; use astra, astra-2.5d, slicenet2d, slicenet2d-2.5d, "

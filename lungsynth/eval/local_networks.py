@@ -24,7 +24,9 @@ loads too (the tests save tiny random ones); a ResNet saved as a Sequential of i
 ``4.0.conv1.weight``: how RadImageNet's PyTorch weights circulate) is renamed to its modules, and classifier or
 segmentation heads (``fc.``, ``conv_seg.``) are skipped. Weights load with ``torch.load(weights_only=True)``; the network name
 carries the first 12 hex digits of the file's SHA-256, so other weights make another reference on the board.
-Shapes: volumes [N, D, H, W] in HU; features float64 [N, F].
+Shapes: volumes [N, D, H, W] in HU; features float64 [N, F]. The features of a volume batch, with the feature cache
+and the 2.5D planes, come from :func:`lungsynth.eval.features.local_features` (this room only builds, loads and
+feeds the networks).
 """
 
 from __future__ import annotations
@@ -167,7 +169,7 @@ def radimagenet_input(slices_unit: np.ndarray) -> np.ndarray:
     return ((x - mean) / std).numpy()
 
 
-def _pooled(model: Any, inputs: np.ndarray, batch_size: int) -> np.ndarray:
+def pooled_features(model: Any, inputs: np.ndarray, batch_size: int = 4) -> np.ndarray:
     """Global-average-pooled last-block features [N, F] (float64) of ``inputs`` [N, C, *S]."""
     import torch
 
@@ -180,22 +182,3 @@ def _pooled(model: Any, inputs: np.ndarray, batch_size: int) -> np.ndarray:
     if not np.isfinite(feats).all():
         raise ValueError("the local feature network produced NaN/inf features")
     return feats
-
-
-def local_features(volumes_hu: np.ndarray, network: str, unit_range: tuple[float, float] = (-1000.0, 400.0),
-                   batch_size: int = 4, seed: int = 0) -> tuple[np.ndarray, str]:
-    """Features of HU volumes [N, D, H, W] from a ``medicalnet:`` or ``radimagenet:`` network (module docstring)."""
-    from lungsynth.eval.features import cached_features, centre_slices
-
-    model, name = load_network(network)
-    vols = np.asarray(volumes_hu, dtype=np.float32)
-    if vols.ndim != 4:
-        raise ValueError(f"{name}: volumes must be [N, D, H, W] in HU, got {vols.shape}")
-    if name.startswith("medicalnet"):
-        inputs = np.stack([medicalnet_normalise(v, seed) for v in vols])[:, None]
-        return cached_features(inputs, name, lambda x: _pooled(model, x, batch_size)), name
-    lo, hi = unit_range
-    planes = centre_slices((np.clip(vols, lo, hi) - lo) / (hi - lo))
-    feats = [cached_features(radimagenet_input(planes[p]), f"{name}|{p}", lambda x: _pooled(model, x, batch_size))
-             for p in ("axial", "coronal", "sagittal")]
-    return np.concatenate(feats, axis=1), name

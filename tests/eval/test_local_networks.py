@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from lungsynth.eval.features import extract_features
-from lungsynth.eval.local_networks import (load_network, local_features, medicalnet_normalise, parse_network,
-                                           radimagenet_input)
+from lungsynth.eval.features import extract_features, local_features
+from lungsynth.eval.local_networks import load_network, medicalnet_normalise, parse_network, radimagenet_input
 
 
 def _tiny(spatial_dims: int, in_channels: int):
