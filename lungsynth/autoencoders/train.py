@@ -405,7 +405,7 @@ def train_autoencoder(kind: str, cfg: Any, run_dir: Path | str | None = None, *,
 
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(kind, cfg.profile)
     run_dir.mkdir(parents=True, exist_ok=True)
-    fresh = fingerprint.claim_run(run_dir, training_stamp(cfg, root), rebuild_command(kind, cfg)) or fresh
+    fresh = fingerprint.claim_run(run_dir, training_stamp(cfg, root), rebuild_command(kind, cfg), fresh=fresh)
     a = cfg.autoencoders
     steps, batch = train_budget(kind, cfg)
     key = source_key(kind)

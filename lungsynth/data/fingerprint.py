@@ -126,24 +126,29 @@ def _mismatch(where: Path, had: Mapping[str, Any], now: Mapping[str, Any], rebui
         f"changed, so its training patients may now be scored on. Rebuild it: `{rebuild}`")
 
 
-def claim_run(run_dir: Path | str, value: Mapping[str, Any] | None, rebuild: str) -> bool:
+def claim_run(run_dir: Path | str, value: Mapping[str, Any] | None, rebuild: str, fresh: bool = False) -> bool:
     """Before training into ``run_dir``: stamp it, and say whether training must start fresh.
 
-    True when ``run_dir`` holds checkpoints without a stamp (made before stamps: not trusted, so
-    retrained from scratch, with a message). A stamp of another fingerprint is :class:`DataMismatch`.
+    True when ``fresh`` or when ``run_dir`` holds checkpoints without a stamp (made before stamps: not
+    trusted, so retrained from scratch, with a message). A stamp of another fingerprint is
+    :class:`DataMismatch`, unless ``fresh`` (the rebuild the error asks for): then the other data's
+    checkpoints are removed first, so a rebuild killed before its end never leaves them under the new stamp.
     ``value`` None (training on data given in memory, not a prepared folder) records nothing.
     """
     if value is None:  # the caller trains on its own data, not a prepared folder: nothing to record
         return False
     run_dir = Path(run_dir)
     had = read_stamp(run_dir)
-    fresh = False
     if had is None and any((run_dir / c).is_file() for c in CHECKPOINTS):
         print(f"{run_dir}: its checkpoints carry no data stamp (made before data fingerprints); "
               "training again from scratch")
         fresh = True
     elif had is not None and had["id"] != value["id"]:
-        raise _mismatch(run_dir, had, value, rebuild)
+        if not fresh:
+            raise _mismatch(run_dir, had, value, rebuild)
+        for name in CHECKPOINTS:  # lungsynth's own checkpoints of the other data, inside this run folder only
+            (run_dir / name).unlink(missing_ok=True)
+        print(f"{run_dir}: made from data {had['id']}; its checkpoints removed, training afresh on {value['id']}")
     write_stamp(run_dir, value)
     return fresh
 

@@ -57,6 +57,10 @@ def test_a_run_made_from_other_splits_is_refused_with_both_ids_and_the_rebuild_c
         msg = str(err.value)
         assert old["id"] in msg and new["id"] in msg and "lungsynth x train --fresh" in msg
     assert fingerprint.read_stamp(run)["id"] == old["id"]  # the refused claim wrote nothing
+    # the rebuild the error asks for (--fresh): the other data's checkpoints go, the new stamp is written
+    assert fingerprint.claim_run(run, new, "REBUILD", fresh=True) is True
+    assert fingerprint.read_stamp(run)["id"] == new["id"] and not (run / "final.pt").exists()
+    assert "training afresh" in capsys.readouterr().out
 
     # checkpoints without a stamp (made before fingerprints): not trusted, retrained from scratch
     legacy = tmp_path / "legacy"

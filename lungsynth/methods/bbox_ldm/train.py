@@ -212,7 +212,7 @@ def train(cfg, config: int, run_dir: Path | str | None = None, *, max_steps: int
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg, config, lung=lung)
     c = cfg.bbox_ldm
     stamp = training_stamp(cfg) if data is None else None
-    fresh = fingerprint.claim_run(run_dir, stamp, rebuild_command(cfg, config, lung)) or fresh
+    fresh = fingerprint.claim_run(run_dir, stamp, rebuild_command(cfg, config, lung), fresh=fresh)
     with RunRecord(run_dir, config=cfg, seed=cfg.seed,
                    command=f"bbox-ldm train --config {config}{' --lung' if lung else ''}") as rec:
         seed_everything(cfg.seed)

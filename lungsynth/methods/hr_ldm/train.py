@@ -195,7 +195,7 @@ def train(cfg: Any, hist_loss: bool = True, run_dir: Path | str | None = None, *
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg, hist_loss)
     run_dir.mkdir(parents=True, exist_ok=True)
     stamp = training_stamp(cfg) if crops is None else None
-    fresh = fingerprint.claim_run(run_dir, stamp, rebuild_command(cfg, hist_loss)) or fresh
+    fresh = fingerprint.claim_run(run_dir, stamp, rebuild_command(cfg, hist_loss), fresh=fresh)
     vae = frozen_vae(cfg, vae)
     trunc = TruncatedDecoder(vae)
     with RunRecord(run_dir, config=cfg.to_dict(), seed=cfg.seed,

@@ -170,7 +170,7 @@ def train(cfg: Any, variant: str, run_dir: Path | str | None = None, *, skip: st
     check_variant(variant)
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg, variant)
     run_dir.mkdir(parents=True, exist_ok=True)
-    fresh = fingerprint.claim_run(run_dir, training_stamp(cfg), rebuild_command(cfg, variant)) or fresh
+    fresh = fingerprint.claim_run(run_dir, training_stamp(cfg), rebuild_command(cfg, variant), fresh=fresh)
     seed_everything(cfg.seed)
     with RunRecord(run_dir, config=cfg, seed=cfg.seed, command=f"land train --variant {variant}") as rec:
         with rec.timer("data"):

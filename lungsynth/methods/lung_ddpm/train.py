@@ -124,7 +124,7 @@ def train(cfg: "Config", variant: str = "layout", run_dir: Path | str | None = N
     run.mkdir(parents=True, exist_ok=True)
     data = dataset if dataset is not None else training_dataset(cfg)
     stamp = training_stamp(cfg) if dataset is None else None
-    fresh = fingerprint.claim_run(run, stamp, rebuild_command(cfg, variant)) or fresh
+    fresh = fingerprint.claim_run(run, stamp, rebuild_command(cfg, variant), fresh=fresh)
     if len(data) == 0:
         raise ValueError(f"no training volumes for Lung-DDPM in profile {cfg.profile!r}; run `lungsynth data "
                          f"prepare --profile {cfg.profile}`")

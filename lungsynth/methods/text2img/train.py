@@ -155,7 +155,7 @@ def train(cfg: Config, pretrained: str | Path | None = None, run_dir: Path | Non
     run_dir = Path(run_dir or default_run_dir(cfg, pretrained))
     run_dir.mkdir(parents=True, exist_ok=True)
     stamp = training_stamp(cfg) if data is None else None
-    fresh = fingerprint.claim_run(run_dir, stamp, rebuild_command(cfg, pretrained)) or fresh
+    fresh = fingerprint.claim_run(run_dir, stamp, rebuild_command(cfg, pretrained), fresh=fresh)
     model = build_model(cfg, pretrained)
     c = cfg.text2img
     if validation is None and data is None and c.val_every:
