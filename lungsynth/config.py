@@ -474,6 +474,12 @@ class DownstreamConfig:
     cls_blocks: tuple[int, ...] = (6, 12, 24, 16)  # DenseNet121's dense blocks
     cls_steps: int = tiered(10, 150, 10_000)
     cls_batch_size: int = tiered(4, 8, 16)
+    # early stopping (HR-LDM §5.3): this share of the real training patients is held out as a real-only
+    # validation set; each classifier keeps the weights of its lowest validation cross-entropy, measured every
+    # cls_val_every steps, and stops after cls_patience validations without a better one (0: runs all its steps)
+    val_fraction: float = tiered(0.2, 0.2, 0.2)
+    cls_val_every: int = tiered(5, 25, 250)
+    cls_patience: int = tiered(0, 0, 10)
     scarcity_runs: int = tiered(1, 1, 5)
 
 

@@ -607,7 +607,7 @@ class FitResult:
     start_step: int  # where this call started (0, or the resumed checkpoint's step)
     last_losses: dict[str, float]  # the last logged values
     seconds: float  # wall time of this call
-    stopped_by: str  # "max_steps" | "time_budget" | "already_done"
+    stopped_by: str  # "max_steps" | "time_budget" | "early_stop" | "already_done"
     checkpoint_path: Path | None  # last.pt
     final_path: Path | None  # final.pt
     run_dir: Path | None
@@ -709,7 +709,10 @@ class Trainer:
         val_every: steps between validations (None: never).
         keep_best: a validation number to minimise (e.g. ``"val_kid"``): after each validation that lowers it,
             the weights go to ``best.pt`` with ``{"metric", "value", "step"}`` under its ``"best"`` key (a fresh
-            start removes an older run's ``best.pt``; a resumed one keeps beating the stored value).
+            start removes an older run's ``best.pt``; a resumed one keeps beating the stored value). Without a
+            ``run_dir`` they are kept in memory (``best`` / ``best_state``; :meth:`restore_best` loads them).
+        patience: early stopping: end the fit after this many validations in a row that did not lower
+            ``keep_best`` (None or 0: run to ``max_steps``; ``FitResult.stopped_by`` is ``"early_stop"``).
         seed: seeds the data order, and Python/NumPy/torch (``seed + rank``) on a fresh start.
         shuffle: shuffle the data order.
         device: default ``lungsynth.runtime.device()`` (``cuda:LOCAL_RANK`` under torchrun).
@@ -725,7 +728,8 @@ class Trainer:
                  min_lr_ratio: float = 0.0, grad_accum: int = 1, grad_clip: float | None = None,
                  mixed_precision: bool = True, precision: str | None = None, ema_decay: float | None = None, ema_start: int = 0,
                  ema_every: int = 1, checkpoint_every: int | None = None, log_every: int = 10,
-                 val_every: int | None = None, keep_best: str | None = None, seed: int = 0, shuffle: bool = True,
+                 val_every: int | None = None, keep_best: str | None = None, patience: int | None = None,
+                 seed: int = 0, shuffle: bool = True,
                  device: torch.device | str | None = None, progress: bool | None = None,
                  fresh: bool = False) -> None:
         if schedule not in SCHEDULES:
@@ -743,8 +747,13 @@ class Trainer:
         self.precision = runtime._check_precision(precision, "Trainer(precision=)") if precision else None
         self.ema_decay, self.ema_start, self.ema_every = ema_decay, int(ema_start), int(ema_every)
         self.checkpoint_every, self.log_every, self.val_every = checkpoint_every, int(log_every), val_every
-        self.keep_best = keep_best
-        self._best_value: float | None = None  # the stored best.pt's value, read once per fit
+        if patience and not (keep_best and val_every):
+            raise ValueError("patience (early stopping) needs keep_best and val_every: what to watch, and when")
+        self.keep_best, self.patience = keep_best, int(patience or 0)
+        self._best_value = math.inf  # the value keep_best must beat (best.pt's on a resume), set by each fit
+        self._since_best = 0  # validations since keep_best last improved (early stopping)
+        self.best: dict[str, Any] | None = None  # without a run_dir: {"metric", "value", "step"} of the best
+        self.best_state: dict[str, dict[str, torch.Tensor]] | None = None  # and its weights (CPU copies)
         self.seed, self.shuffle, self.progress, self.fresh = int(seed), bool(shuffle), progress, bool(fresh)
         self._device_arg = device
         # state of the current/last fit
@@ -777,8 +786,8 @@ class Trainer:
         """The trainer's settings as plain values (stored in checkpoints and engine.json)."""
         keys = ("max_steps", "time_budget_s", "batch_size", "num_workers", "lr", "weight_decay", "schedule",
                 "warmup_steps", "poly_power", "min_lr_ratio", "grad_accum", "grad_clip", "mixed_precision",
-                "precision", "ema_decay", "ema_start", "ema_every", "checkpoint_every", "log_every", "val_every", "keep_best",
-                "seed", "shuffle")
+                "precision", "ema_decay", "ema_start", "ema_every", "checkpoint_every", "log_every", "val_every",
+                "keep_best", "patience", "seed", "shuffle")
         return {k: _plain(getattr(self, k)) for k in keys}
 
     @property
@@ -915,21 +924,34 @@ class Trainer:
         return self.run_dir / LAST_NAME if path is None else path
 
     def _keep_if_best(self, val: Mapping[str, float]) -> None:
-        """Write ``best.pt`` when ``val[keep_best]`` beats the stored best (rank 0; the value travels in the file,
-        so a killed run resumes comparing against what ``best.pt`` holds)."""
-        if self.run_dir is None or not self.dist.is_main:
-            return
+        """Write ``best.pt`` when ``val[keep_best]`` beats the stored best (the value travels in the file,
+        so a killed run resumes comparing against what ``best.pt`` holds); without a run directory, keep a CPU
+        copy of the weights in ``best_state``. Counts the validations since the last improvement (``patience``)."""
         if self.keep_best not in val:
             raise ValueError(f"keep_best={self.keep_best!r}, but validation gave only {sorted(val)}")
-        path = self.run_dir / BEST_NAME
-        if self._best_value is None:
-            self._best_value = float(load_checkpoint(path)["best"]["value"]) if path.is_file() else math.inf
+        path = self.run_dir / BEST_NAME if self.run_dir is not None else None
         value = float(val[self.keep_best])
-        if math.isfinite(value) and value < self._best_value:
-            payload = self._payload(False, None)
-            payload["best"] = {"metric": self.keep_best, "value": value, "step": self.step}
-            save_checkpoint(payload, path)
-            self._best_value = value
+        if not (math.isfinite(value) and value < self._best_value):
+            self._since_best += 1
+            return
+        self._best_value, self._since_best = value, 0
+        best = {"metric": self.keep_best, "value": value, "step": self.step}
+        if path is None:
+            assert self.task is not None
+            self.best = best
+            self.best_state = {n: {k: v.detach().to("cpu", copy=True) for k, v in m.state_dict().items()}
+                               for n, m in self.task.modules().items()}
+        elif self.dist.is_main:
+            save_checkpoint({**self._payload(False, None), "best": best}, path)
+
+    def restore_best(self) -> dict[str, Any] | None:
+        """Load the in-memory best weights (``keep_best`` without a run directory) into the task's modules;
+        returns ``{"metric", "value", "step"}``, or None when no validation improved (the weights stay as trained)."""
+        if self.best_state is None or self.task is None:
+            return None
+        for name, module in self.task.modules().items():
+            module.load_state_dict(self.best_state[name])
+        return self.best
 
     def _restore(self, ckpt: Mapping[str, Any], path: Path) -> None:
         assert self.task is not None
@@ -1091,7 +1113,11 @@ class Trainer:
             runtime.seed_everything(self.seed + self.dist.rank)
             if self.run_dir is not None and self.dist.is_main and (self.run_dir / BEST_NAME).is_file():
                 (self.run_dir / BEST_NAME).unlink()  # an earlier run's best is not this run's
-        self._best_value = None
+        self._since_best, self.best, self.best_state = 0, None, None
+        # the value to beat, read once here by every process (so all agree when patience ends the fit)
+        best_path = self.run_dir / BEST_NAME if self.run_dir is not None else None
+        stored_best = bool(self.keep_best) and resumed and best_path is not None and best_path.is_file()
+        self._best_value = float(load_checkpoint(best_path)["best"]["value"]) if stored_best else math.inf
         if self.dist.distributed:
             self._broadcast_modules(modules)
             if self.ema is not None and not resumed:
@@ -1205,6 +1231,8 @@ class Trainer:
                 last_logged.update(val)
                 if self.keep_best:
                     self._keep_if_best(val)
+                    if self.patience and self._since_best >= self.patience and not done:
+                        stopped_by, done = "early_stop", True
             if done:
                 break
             if self.checkpoint_every and self.step % self.checkpoint_every == 0:

@@ -486,3 +486,29 @@ def test_keep_best_holds_the_weights_of_the_lowest_validation(tmp_path):
     with pytest.raises(ValueError, match="keep_best='val_kid', but validation gave only"):
         Trainer(tmp_path / "c", max_steps=2, batch_size=8, val_every=2, keep_best="val_kid",
                 progress=False).fit(task, regression_data())
+
+
+def test_early_stopping_in_memory_restores_the_best_validation_step():
+    """Without a run directory the best weights stay in memory and ``restore_best`` loads them; ``patience`` ends
+    the fit after that many validations without a better value (the downstream fits' early stopping)."""
+    script = {2: 3.0, 4: 1.0, 6: 2.0, 8: 1.5, 10: 0.5, 12: 0.1}
+    snapshots = {}
+
+    class Scripted(SimpleTask):
+        def validation_step(self, batch, step):
+            snapshots[step] = flat(self.model).clone()
+            return {"score": script[step]}
+
+    task = Scripted(mlp(), mse, kind="toy")
+    trainer = Trainer(None, max_steps=12, batch_size=8, val_every=2, keep_best="val_score", patience=2, lr=1e-2,
+                      progress=False)
+    result = trainer.fit(task, regression_data())
+    assert result.stopped_by == "early_stop" and result.steps == 8  # 6 and 8 did not beat step 4's 1.0
+    assert not torch.equal(flat(task.model), snapshots[4])
+    assert trainer.restore_best() == {"metric": "val_score", "value": 1.0, "step": 4}
+    assert torch.equal(flat(task.model), snapshots[4])
+    without = Trainer(None, max_steps=12, batch_size=8, val_every=2, keep_best="val_score", lr=1e-2, progress=False)
+    assert without.fit(Scripted(mlp(), mse, kind="toy"), regression_data()).steps == 12
+    assert without.best["step"] == 12
+    with pytest.raises(ValueError, match="patience .* needs keep_best and val_every"):
+        Trainer(None, patience=3, keep_best="val_score")

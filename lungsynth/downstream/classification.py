@@ -16,6 +16,10 @@ Experiments (each over ``cfg.downstream.n_runs`` independent runs, seeds ``cfg.s
   balanced set (every layer but the classifier head), with the balanced-vs-imbalanced p-value
   (:func:`malignancy_table`).
 
+Each run holds out ``cfg.downstream.val_fraction`` of the real training patients (20%, the paper's 80/20 split;
+:func:`lungsynth.downstream.mixing.validation_split`) as a real-only validation set: every classifier keeps the
+weights of its lowest validation cross-entropy (early stopping); synthetic items only ever join the training part.
+
 Crops: ``cfg.data.crop_size``^3 at 1 mm (90 at full scale), the prepared crop views for real nodules and crops
 cut from the synthetic volumes around each synthetic nodule's centroid.
 """
@@ -87,16 +91,32 @@ def cls_loss_fn() -> Any:
     return fn
 
 
+def cls_val_fn() -> Any:
+    """``val_fn(model, batch) -> {"loss"}``: the cross-entropy of a validation batch, without augmentation."""
+    import torch.nn.functional as F
+
+    def fn(model: Any, batch: dict[str, Any]) -> dict[str, float]:
+        return {"loss": float(F.cross_entropy(model(batch["image"]).float(), batch["label"].long()))}
+
+    return fn
+
+
 def train_classifier(cfg: Any, dataset: Any, n_classes: int, seed: int = 0, init: Any = None,
-                     steps: int | None = None) -> Any:
-    """A DenseNet121 trained on ``dataset`` (items ``image``, ``label``); ``init`` a model to start from."""
+                     steps: int | None = None, validation: Any = None) -> Any:
+    """A DenseNet121 trained on ``dataset`` (items ``image``, ``label``); ``init`` a model to start from.
+
+    ``validation`` (real items only): early stopping on its cross-entropy every ``cfg.downstream.cls_val_every``
+    steps (:func:`lungsynth.downstream.common.fit`); the model keeps its best validation step's weights.
+    """
     from lungsynth.downstream.common import fit
 
     model = build_classifier(cfg, n_classes, seed)
     if init is not None:
         init_from(model, init)
     return fit(cfg, model, cls_loss_fn(), dataset, int(steps or cfg.downstream.cls_steps),
-               cfg.downstream.cls_batch_size, seed, kind="densenet121")
+               cfg.downstream.cls_batch_size, seed, kind="densenet121", validation=validation,
+               val_fn=cls_val_fn(), val_every=int(cfg.downstream.cls_val_every),
+               patience=int(cfg.downstream.cls_patience))
 
 
 def predict_proba(model: Any, dataset: Any, batch_size: int = 8) -> np.ndarray:
@@ -211,7 +231,8 @@ def run_classification(cfg: Any, synthetic: Any = None, *,
     from lungsynth.downstream.common import finite_mean, load_pools, seeds
     from lungsynth.downstream.data import ItemDataset, LabelView
     from lungsynth.downstream.metrics import aggregate, one_vs_rest
-    from lungsynth.downstream.mixing import balance_classes, check_no_leak, composition, mix_ratio, scarcity_sets
+    from lungsynth.downstream.mixing import (balance_classes, check_no_leak, composition, mix_ratio, scarcity_sets,
+                                             validation_split)
 
     unknown = sorted(set(experiments) - {"subtype", "scarcity", "malignancy", "ratio"})
     if unknown:
@@ -229,23 +250,34 @@ def run_classification(cfg: Any, synthetic: Any = None, *,
         check_no_leak(table, pools.heldout, held)
         return LabelView(ItemDataset(cfg, table, "crop", size), table["subtype_id"].astype(int).tolist())
 
-    settings = {"real": pools.train}
-    comp_rows = []
-    if pools.synthetic is not None:
-        balanced, report = balance_classes(pools.train, pools.synthetic, "subtype_id", cfg.seed, (0, 1, 2), allow)
-        settings["balanced"] = balanced
-    for name, table in settings.items():
-        comp_rows.append({"setting": name, **composition(table, "subtype_id")})
+    val_fraction = float(cfg.downstream.val_fraction)
+
+    def real_split(seed: int) -> tuple[Any, Any]:  # (train, validation) of the real patients, per run
+        return validation_split(pools.train, val_fraction, seed, "subtype_id")
+
+    def validation_ds(table: Any) -> Any:
+        return subtype_ds(table) if len(table) else None
+
+    def settings_of(seed: int) -> dict[str, Any]:  # the synthetic items top up the run's training part only
+        fit_part = real_split(seed)[0]
+        out = {"real": fit_part}
+        if pools.synthetic is not None:
+            out["balanced"] = balance_classes(fit_part, pools.synthetic, "subtype_id", seed, (0, 1, 2), allow)[0]
+        return out
+
+    first = seeds(cfg, n_runs)[0]
+    comp_rows = [{"setting": name, "seed": first, **composition(table, "subtype_id")}
+                 for name, table in {**settings_of(first), "validation (real)": real_split(first)[1]}.items()]
     sub_rows, curves, sub_models = [], {}, {}
     if "subtype" in experiments or "malignancy" in experiments:
-        for name, table in settings.items():
-            ds = subtype_ds(table)
-            for seed in seeds(cfg, n_runs):
-                model = train_classifier(cfg, ds, 3, seed)
+        for seed in seeds(cfg, n_runs):
+            val_ds = validation_ds(real_split(seed)[1])
+            for name, table in settings_of(seed).items():
+                model = train_classifier(cfg, subtype_ds(table), 3, seed, validation=val_ds)
                 sub_models[(name, seed)] = model
                 proba = predict_proba(model, eval_ds)
                 curves[("subtype", name, seed)] = (y_eval, proba)
-                sub_rows += [{"setting": name, "seed": seed, **r}
+                sub_rows += [{"setting": name, "seed": seed, "best_step": model.best_step, **r}
                              for r in subtype_scores(y_eval, proba, ev["diameter_mm"].to_numpy())]
     sub_runs = pd.DataFrame(sub_rows)
     sub_table = (_with_pvalues(sub_runs, ["size", "class"], "setting", "balanced", "real", ("auroc", "auprc"))
@@ -255,9 +287,11 @@ def run_classification(cfg: Any, synthetic: Any = None, *,
     if "scarcity" in experiments:
         modes = ("real",) + (("proportional", "full") if pools.synthetic is not None else ())
         for seed in seeds(cfg, cfg.downstream.scarcity_runs):
-            cells = scarcity_sets(pools.train, pools.synthetic, cfg.downstream.real_fractions, seed, "subtype_id", modes)
+            fit_part, val_part = real_split(seed)
+            val_ds = validation_ds(val_part)
+            cells = scarcity_sets(fit_part, pools.synthetic, cfg.downstream.real_fractions, seed, "subtype_id", modes)
             for (frac, mode), table in cells.items():
-                model = train_classifier(cfg, subtype_ds(table), 3, seed)
+                model = train_classifier(cfg, subtype_ds(table), 3, seed, validation=val_ds)
                 rows = one_vs_rest(y_eval, predict_proba(model, eval_ds), range(3), SUBTYPE_NAMES)
                 sc_rows.append({"real_fraction": frac, "synthetic": mode, "seed": seed,
                                 "macro_auroc": finite_mean([r["auroc"] for r in rows]),
@@ -276,8 +310,10 @@ def run_classification(cfg: Any, synthetic: Any = None, *,
             rs = [0.0]
         for r in rs:
             for seed in seeds(cfg, n_runs):
-                table = mix_ratio(pools.train, pools.synthetic, r, seed, allow)
-                proba = predict_proba(train_classifier(cfg, subtype_ds(table), 3, seed), eval_ds)
+                fit_part, val_part = real_split(seed)
+                table = mix_ratio(fit_part, pools.synthetic, r, seed, allow)
+                model = train_classifier(cfg, subtype_ds(table), 3, seed, validation=validation_ds(val_part))
+                proba = predict_proba(model, eval_ds)
                 ra_rows += [{"ratio": r, "seed": seed, **row, **composition(table)}
                             for row in one_vs_rest(y_eval, proba, range(3), SUBTYPE_NAMES)]
     ra_runs = pd.DataFrame(ra_rows)
@@ -285,28 +321,34 @@ def run_classification(cfg: Any, synthetic: Any = None, *,
 
     mal_rows = []
     if "malignancy" in experiments:
-        def labelled(table: Any) -> tuple[Any, list[int]]:
+        def labelled(table: Any) -> Any:  # the nodules with a malignancy label (score 3 left out), in "malignant"
             lab = [malignancy_label(s) for s in table["malignancy"]]
             keep = [i for i, v in enumerate(lab) if v is not None]
-            return table.iloc[keep].reset_index(drop=True), [lab[i] for i in keep]
+            return table.iloc[keep].reset_index(drop=True).assign(malignant=[lab[i] for i in keep])
 
-        mtrain, ytr = labelled(pools.train)
-        mev, yev = labelled(ev)
+        def malignancy_ds(table: Any) -> Any:
+            check_no_leak(table, pools.heldout, held)
+            return LabelView(ItemDataset(cfg, table, "crop", size), table["malignant"].astype(int).tolist())
+
+        mtrain, mev = labelled(pools.train), labelled(ev)
+        ytr, yev = mtrain["malignant"].tolist(), mev["malignant"].tolist()
         if len(set(ytr)) < 2 or len(set(yev)) < 2:
             raise ValueError(f"malignancy needs benign (1-2) and malignant (4-5) nodules in train and evaluation; "
                              f"got train {sorted(set(ytr))}, evaluation {sorted(set(yev))}")
-        check_no_leak(mtrain, pools.heldout, held)
-        mds = LabelView(ItemDataset(cfg, mtrain, "crop", size), ytr)
         mev_ds = ItemDataset(cfg, mev, "crop", size)
         for seed in seeds(cfg, n_runs):  # the paper's three arms (the balanced one only with a synthetic pool)
-            arms = [("scratch", None)] + [(f"subtype ({name})", sub_models[(name, seed)]) for name in settings]
+            fit_part, val_part = validation_split(mtrain, val_fraction, seed, "malignant")
+            mds, mval = malignancy_ds(fit_part), (malignancy_ds(val_part) if len(val_part) else None)
+            arms = [("scratch", None)] + [(f"subtype ({name})", sub_models[(name, seed)])
+                                          for name in ("real", "balanced") if (name, seed) in sub_models]
             for init_name, init in arms:
-                model = train_classifier(cfg, mds, 2, seed, init=init)
+                model = train_classifier(cfg, mds, 2, seed, init=init, validation=mval)
                 proba = predict_proba(model, mev_ds)
                 curves[("malignancy", init_name, seed)] = (np.asarray(yev), proba)
                 r = one_vs_rest(yev, proba, [1], MALIGNANCY_NAMES)[0]
                 mal_rows.append({"init": init_name, "seed": seed, "auroc": r["auroc"], "auprc": r["auprc"],
-                                 "n_train": len(mtrain), "n_eval": len(mev), "n_pos_eval": r["n_pos"]})
+                                 "best_step": model.best_step, "n_train": len(fit_part), "n_val": len(val_part),
+                                 "n_eval": len(mev), "n_pos_eval": r["n_pos"]})
     mal_runs = pd.DataFrame(mal_rows)
     mal_table = pd.DataFrame()
     if len(mal_runs):

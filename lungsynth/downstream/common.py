@@ -70,22 +70,34 @@ def load_pools(cfg: Any, unit: str, synthetic: Any = None, real_root: Path | str
 
 
 def fit(cfg: Any, model: Any, loss_fn: Callable[[Any, Any], Any], dataset: Any, steps: int, batch_size: int,
-        seed: int, kind: str) -> Any:
-    """Train ``model`` in place through :class:`lungsynth.engine.Trainer` (in memory, no checkpoints)."""
+        seed: int, kind: str, validation: Any = None, val_fn: Callable[[Any, Any], Any] | None = None,
+        val_every: int = 0, patience: int = 0) -> Any:
+    """Train ``model`` in place through :class:`lungsynth.engine.Trainer` (in memory, no checkpoints).
+
+    With a ``validation`` dataset, ``val_fn(model, batch) -> {"loss": float}`` is measured every ``val_every``
+    steps, the fit stops after ``patience`` validations without a lower loss (0: never), and the model returned
+    holds the weights of the lowest validation loss (early stopping; ``model.best_step`` says which step).
+    """
     from lungsynth.engine import SimpleTask, Trainer
 
+    watch = validation is not None and len(validation) > 0 and val_fn is not None and int(val_every) > 0
     trainer = Trainer.from_config(cfg.engine, None, max_steps=int(steps), batch_size=min(int(batch_size), len(dataset)),
                                   lr=float(cfg.downstream.lr), seed=int(seed), progress=False,
-                                  checkpoint_every=None, num_workers=0, schedule="cosine")
+                                  checkpoint_every=None, num_workers=0, schedule="cosine",
+                                  val_every=int(val_every) if watch else None, keep_best="val_loss" if watch else None,
+                                  patience=int(patience) if watch else None)
     import torch
 
     # Subnormal floats can slow CPU convolutions several-fold in these tiny, short runs; flush them to zero
     # while training (torch's default, off, is restored afterwards).
     torch.set_flush_denormal(True)
     try:
-        trainer.fit(SimpleTask(model, loss_fn, kind=kind), dataset)
+        result = trainer.fit(SimpleTask(model, loss_fn, kind=kind, val_fn=val_fn if watch else None), dataset,
+                             val_data=validation if watch else None)
     finally:
         torch.set_flush_denormal(False)
+    best = trainer.restore_best()
+    model.best_step = best["step"] if best is not None else result.steps
     return model.eval()
 
 

@@ -20,6 +20,7 @@ or as the real scan whose masks conditioned a synthetic item (``provenance.csv``
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -74,6 +75,38 @@ def mix_ratio(real: Any, synthetic: Any, ratio: float, seed: int = 0, allow_repe
         raise ValueError(f"ratio {ratio} asks for {n} synthetic items but no synthetic dataset was given")
     picked = _draw(synthetic, n, seed, allow_repeats, f"ratio {ratio}") if n else real.iloc[:0]
     return _concat([real, picked])
+
+
+def validation_split(real: Any, fraction: float, seed: int = 0, stratify: str | None = None,
+                     group: str = "patient_id") -> tuple[Any, Any]:
+    """``(train, validation)`` of the real training items: about ``fraction`` of them held out for early stopping
+    (HR-LDM §5.3's 80/20 train-validation split), whole patients at a time (two nodules of one patient never
+    straddle it), balanced over the classes of ``stratify`` as far as patients allow (scikit-learn's
+    ``StratifiedGroupKFold``, the first of ``round(1 / fraction)`` folds). Synthetic items never enter it: the
+    validation set is real only, as in the paper. ``fraction`` 0 returns ``(real, empty)``.
+    """
+    from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
+
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"validation fraction must be in [0, 1), got {fraction}")
+    if fraction == 0 or not len(real):
+        return real, real.iloc[:0]
+    folds = max(2, int(round(1.0 / fraction)))
+    groups = real[group].astype(str).to_numpy()
+    if len(set(groups)) < folds:
+        raise ValueError(f"a {fraction:g} validation split needs >= {folds} training patients, got "
+                         f"{len(set(groups))}; prepare more scans or set downstream.val_fraction 0 (no early stopping)")
+    index = np.arange(len(real))
+    if stratify is not None:
+        splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=int(seed))
+        labels = real[stratify].to_numpy()
+        with warnings.catch_warnings():  # a class rarer than the folds: stratified as far as it goes, as documented
+            warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+            fit, val = next(splitter.split(index, labels, groups))
+    else:  # GroupKFold has no shuffle in every scikit-learn: shuffle the patients by relabelling them
+        order = {g: k for k, g in enumerate(np.random.default_rng(seed).permutation(sorted(set(groups))))}
+        fit, val = next(GroupKFold(n_splits=folds).split(index, groups=[order[g] for g in groups]))
+    return real.iloc[np.sort(fit)], real.iloc[np.sort(val)]
 
 
 def real_subset(real: Any, fraction: float, seed: int = 0, stratify: str | None = None) -> Any:

@@ -23,7 +23,8 @@ TINY = {"data.size_ddpm": 16, "data.crop_size": 16, "downstream.seg_crop_size": 
         "downstream.cls_init_features": 4, "downstream.cls_growth_rate": 4, "downstream.cls_blocks": "1,1",
         "downstream.cls_steps": 2, "downstream.cls_batch_size": 4, "downstream.n_runs": 2,
         "downstream.scarcity_runs": 1, "downstream.real_fractions": "0.5,0.0",
-        "downstream.eval_splits": "test", "downstream.allow_repeats": False}
+        "downstream.eval_splits": "test", "downstream.allow_repeats": False,
+        "downstream.val_fraction": 0.0}  # 8 training patients: the early-stopping split is tested on its own
 
 
 @pytest.fixture(scope="session")

@@ -77,7 +77,8 @@ def test_classification_experiments(cfg, real_root, synthetic_train, tmp_path):
 def test_cli(real_root, synthetic_train, tmp_path, capsys):
     base = ["downstream", "cls", "--real-root", str(real_root), "--set", "downstream.eval_splits=test",
             "--set", "data.crop_size=16", "--set", "downstream.cls_blocks=1,1", "--set", "downstream.cls_steps=1",
-            "--set", "downstream.cls_init_features=4", "--set", "downstream.cls_growth_rate=4"]
+            "--set", "downstream.cls_init_features=4", "--set", "downstream.cls_growth_rate=4",
+            "--set", "downstream.val_fraction=0"]
     assert main(base + ["--synthetic", str(tmp_path / "missing")]) == 2
     assert "missing not found" in capsys.readouterr().err
     assert main(base + ["--synthetic", str(synthetic_train), "--experiments", "subtype", "--runs", "1",
@@ -89,3 +90,32 @@ def test_cli(real_root, synthetic_train, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["downstream", "seg", "--ratio"])
     assert main(["downstream", "seg", "--real-root", str(real_root), "--ratio", "x"]) == 2
+
+
+def test_early_stopping_validates_on_real_patients_that_no_classifier_trains_on(cfg, real_root, synthetic_train,
+                                                                                 tiny, monkeypatch):
+    """Each run holds out whole real training patients (the paper's 80/20 split): no training set of that run,
+    balanced or scarce, holds one of them, the validation set is real only, and each model reports the step
+    its weights come from."""
+    import lungsynth.downstream.classification as C
+    from lungsynth.config import get_config
+
+    seen = []
+    train = C.train_classifier
+
+    def spy(cfg_, dataset, n_classes, seed=0, init=None, steps=None, validation=None):
+        seen.append((seed, dataset.base.table, validation.base.table if validation is not None else None))
+        return train(cfg_, dataset, n_classes, seed, init, steps, validation)
+
+    monkeypatch.setattr(C, "train_classifier", spy)
+    small = get_config("smoke", {**tiny, "downstream.val_fraction": 0.25, "downstream.cls_steps": 4,
+                                 "downstream.cls_val_every": 2})
+    res = C.run_classification(small, [synthetic_train], experiments=("subtype", "scarcity"), real_root=real_root)
+    assert len(seen) == 2 * 2 + 4  # two settings x two runs, four scarcity cells
+    for seed, table, val in seen:
+        assert val is not None and len(val) and not val["synthetic"].astype(bool).any()
+        assert not set(table.loc[~table["synthetic"].astype(bool), "patient_id"]) & set(val["patient_id"])
+    vals = {seed: set(val["patient_id"]) for seed, _, val in seen}
+    assert vals[0] != vals[1]  # a new split each run
+    assert res.subtype_runs["best_step"].isin([2, 4]).all()
+    assert "validation (real)" in set(res.composition["setting"])

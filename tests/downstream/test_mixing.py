@@ -116,3 +116,20 @@ def test_pools_refuse_a_generator_trained_on_a_scored_patient(cfg, real_root, sy
     fingerprint.write_stamp(unknown, {**fingerprint.read_stamp(unknown), "trained_on": None})
     with pytest.raises(fingerprint.DataMismatch, match="records no training patients"):
         load_pools(cfg, "volume", [unknown], real_root)
+
+
+def test_validation_split_holds_out_whole_patients_of_every_class():
+    labels = [0] * 30 + [1] * 12 + [2] * 18
+    t = _table(60, 0, labels)
+    t["patient_id"] = [f"P{i // 2}" for i in range(60)]  # two nodules a patient
+    fit, val = X.validation_split(t, 0.2, seed=3, stratify="subtype_id")
+    assert len(fit) + len(val) == 60 and not set(fit["item_id"]) & set(val["item_id"])
+    assert not set(fit["patient_id"]) & set(val["patient_id"])  # a patient never straddles the split
+    assert 0.15 <= len(val) / 60 <= 0.25
+    assert set(val["subtype_id"]) == {0, 1, 2}  # stratified: every class validated
+    again = X.validation_split(t, 0.2, seed=3, stratify="subtype_id")[1]
+    assert again["item_id"].tolist() == val["item_id"].tolist()
+    assert X.validation_split(t, 0.2, seed=4, stratify="subtype_id")[1]["item_id"].tolist() != val["item_id"].tolist()
+    assert len(X.validation_split(t, 0.0)[1]) == 0
+    with pytest.raises(ValueError, match="needs >= 5 training patients, got 3"):
+        X.validation_split(t.iloc[:6], 0.2)
