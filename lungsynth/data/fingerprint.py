@@ -133,10 +133,10 @@ def claim_run(run_dir: Path | str, value: Mapping[str, Any] | None, rebuild: str
     trusted, so retrained from scratch, with a message). A stamp of another fingerprint is
     :class:`DataMismatch`, unless ``fresh`` (the rebuild the error asks for): then the other data's
     checkpoints are removed first, so a rebuild killed before its end never leaves them under the new stamp.
-    ``value`` None (training on data given in memory, not a prepared folder) records nothing.
+    ``value`` None (training on data given in memory, not a prepared folder) records nothing and returns ``fresh``.
     """
     if value is None:  # the caller trains on its own data, not a prepared folder: nothing to record
-        return False
+        return fresh
     run_dir = Path(run_dir)
     had = read_stamp(run_dir)
     if had is None and any((run_dir / c).is_file() for c in CHECKPOINTS):

@@ -61,6 +61,7 @@ def test_a_run_made_from_other_splits_is_refused_with_both_ids_and_the_rebuild_c
     assert fingerprint.claim_run(run, new, "REBUILD", fresh=True) is True
     assert fingerprint.read_stamp(run)["id"] == new["id"] and not (run / "final.pt").exists()
     assert "training afresh" in capsys.readouterr().out
+    assert fingerprint.claim_run(run, None, "R", fresh=True) is True  # data given in memory: --fresh still holds
 
     # checkpoints without a stamp (made before fingerprints): not trusted, retrained from scratch
     legacy = tmp_path / "legacy"
