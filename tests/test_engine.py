@@ -456,6 +456,16 @@ def test_probe_steps_times_and_records_a_short_run():
         probe_steps(SimpleTask(mlp(), mse, kind="toy"), (x, y), 1)
 
 
+def scripted_validation(script, snapshots):
+    """A toy task class whose validation gives ``script[step]`` and records the weights in ``snapshots``."""
+    class Scripted(SimpleTask):
+        def validation_step(self, batch, step):
+            snapshots[step] = flat(self.model).clone()
+            return {"score": script[step]}
+
+    return Scripted
+
+
 def test_keep_best_holds_the_weights_of_the_lowest_validation(tmp_path):
     """A scripted validation number (low at step 4, higher after): best.pt keeps step 4's weights and value; a
     resumed run keeps comparing with what best.pt holds; a fresh start removes it."""
@@ -463,11 +473,7 @@ def test_keep_best_holds_the_weights_of_the_lowest_validation(tmp_path):
 
     script = {2: 3.0, 4: 1.0, 6: 2.0, 8: 1.5, 10: 0.5}
     snapshots = {}
-
-    class Scripted(SimpleTask):
-        def validation_step(self, batch, step):
-            snapshots[step] = flat(self.model).clone()
-            return {"score": script[step]}
+    Scripted = scripted_validation(script, snapshots)
 
     task = Scripted(mlp(), mse, kind="toy")
     Trainer(tmp_path, max_steps=8, batch_size=8, val_every=2, keep_best="val_score", checkpoint_every=2, lr=1e-2,
@@ -493,11 +499,7 @@ def test_early_stopping_in_memory_restores_the_best_validation_step():
     the fit after that many validations without a better value (the downstream fits' early stopping)."""
     script = {2: 3.0, 4: 1.0, 6: 2.0, 8: 1.5, 10: 0.5, 12: 0.1}
     snapshots = {}
-
-    class Scripted(SimpleTask):
-        def validation_step(self, batch, step):
-            snapshots[step] = flat(self.model).clone()
-            return {"score": script[step]}
+    Scripted = scripted_validation(script, snapshots)
 
     task = Scripted(mlp(), mse, kind="toy")
     trainer = Trainer(None, max_steps=12, batch_size=8, val_every=2, keep_best="val_score", patience=2, lr=1e-2,
