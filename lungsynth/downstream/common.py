@@ -124,6 +124,18 @@ def synthetic_needed(cfg: Any, unit: str, real_root: Path | str | None = None) -
     return synthetic_count(len(real_items(root, unit, ("train",))), ratio)
 
 
+# The generator each paper asks its downstream question of (issue 23): Lung-DDPM segments nodules in its
+# synthetic volumes (Table III, chapter 10), HR-LDM classifies subtypes of its inpainted nodules (Sec. 6, chapter 11).
+PAPER_GENERATOR = {"volume": "lung_ddpm", "nodule": "hr_ldm"}
+
+
+def balancing_deficits(real: Any, label: str = "subtype_id", classes: Sequence[int] = (0, 1, 2)) -> tuple[int, ...]:
+    """Per class of ``classes``, the items that bring it to the largest class of ``real`` (a table with a
+    ``label`` column): HR-LDM (Sec. 6.3) tops the minority subtypes up to the solid count."""
+    counts = [int((real[label] == c).sum()) for c in classes]
+    return tuple(max(counts) - n for n in counts)
+
+
 def ensure_synthetic(cfg: Any, method: Any = None, n: int | None = None, out: Path | str | None = None,
                      progress: bool = False, unit: str = "volume", real_root: Path | str | None = None,
                      max_rounds: int = 4, **synth_options: Any) -> Path:
@@ -131,35 +143,43 @@ def ensure_synthetic(cfg: Any, method: Any = None, n: int | None = None, out: Pa
     under ``runs/<profile>/synthetic/downstream_<method>``, large enough for the chapter's experiments.
 
     ``n`` volumes when given; else at least ``cfg.downstream.n_synthetic`` and, unless
-    ``cfg.downstream.allow_repeats``, enough ``unit`` items for the largest synthetic ratio (:func:`synthetic_needed`). For ``unit="nodule"`` the volume count that holds enough
-    nodule rows is not known before sampling: the dataset is extended (resuming, never redone) by the deficit
-    over the measured rows per volume, at most ``max_rounds`` times.
+    ``cfg.downstream.allow_repeats``, enough ``unit`` items for the largest synthetic ratio
+    (:func:`synthetic_needed`). For ``unit="nodule"`` the volume count that holds enough nodule rows is not
+    known before sampling: the dataset is extended (resuming, never redone) by the deficit over the measured
+    rows per volume, at most ``max_rounds`` times. The default nodule pool is HR-LDM's, generated to what
+    balancing the real training nodules needs of each subtype (:func:`balancing_deficits`; one inpainted nodule
+    per volume, from the 6-30 mm shapes of ``hr_ldm.size_range_mm``) rather than to the largest ratio.
 
-    ``method`` defaults to the first trained 3D method (:func:`lungsynth.sampling.registry.trained_methods`),
-    else Lung-DDPM, trained on demand through its ``ensure_trained`` (chapter 06). Smoke cost measured on a
-    busy 2-core machine: 4 Lung-DDPM samples in 50-120 s. ``synth_options`` go to
-    :func:`lungsynth.sampling.synth.synthesize` (``checkpoint``, ``model``).
+    ``method`` defaults to the paper's own generator of the ``unit``'s question (:data:`PAPER_GENERATOR`:
+    Lung-DDPM for volumes, HR-LDM for nodules), trained on demand through its ``ensure_trained`` (chapters 06,
+    05) when it is not. Smoke cost measured on a busy 2-core machine: 4 Lung-DDPM samples in 50-120 s.
+    ``synth_options`` go to :func:`lungsynth.sampling.synth.synthesize` (``checkpoint``, ``model``).
     """
     from lungsynth import paths
     from lungsynth.data.datasets import ensure_prepared
-    from lungsynth.downstream.data import synthetic_items
-    from lungsynth.sampling.registry import METHODS, trained_methods
+    from lungsynth.downstream.data import real_items, synthetic_items
+    from lungsynth.sampling.registry import get_method
     from lungsynth.sampling.synth import synthesize
 
+    if unit not in PAPER_GENERATOR:
+        raise ValueError(f"unit {unit!r}: the downstream chapters use {' or '.join(PAPER_GENERATOR)}")
+    root = Path(real_root) if real_root is not None else ensure_prepared(cfg, verbose=False)
+    planned = None
     if method is None:
-        volume = [m for m in trained_methods(cfg) if METHODS[m].unit == "volume"]
-        method = volume[0] if volume else "lung_ddpm"
+        method = get_method(PAPER_GENERATOR[unit])
+        deficits = balancing_deficits(real_items(root, "nodule", ("train",))) if unit == "nodule" else (0,)
+        if sum(deficits):
+            method, planned = method.with_options(subtype_counts=deficits), sum(deficits)
     name = getattr(method, "name", method)
     out = Path(out) if out is not None else paths.runs_dir(cfg.profile) / "synthetic" / f"downstream_{name}"
-    root = Path(real_root) if real_root is not None else ensure_prepared(cfg, verbose=False)
     options = {"conditions": "sampler", "out": out, "real_root": root, "progress": progress,
                "train_missing": "checkpoint" not in synth_options, **synth_options}
     if n is not None:
         synthesize(cfg, method, int(n), **options)
         return out
     # a pool may be smaller than the largest ratio draws only where items may repeat (smoke)
-    needed = 0 if cfg.downstream.allow_repeats else synthetic_needed(cfg, unit, root)
-    volumes = max(int(cfg.downstream.n_synthetic), needed if unit == "volume" else 1)
+    needed = 0 if cfg.downstream.allow_repeats else planned or synthetic_needed(cfg, unit, root)
+    volumes = max(int(cfg.downstream.n_synthetic), needed if unit == "volume" or planned else 1)  # HR-LDM: 1 a volume
     for _ in range(max_rounds):
         synthesize(cfg, method, volumes, **options)
         have = len(synthetic_items(out, unit, root))

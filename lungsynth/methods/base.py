@@ -12,6 +12,7 @@ the method changed; masks it did not change come from the condition (:mod:`lungs
 
 from __future__ import annotations
 
+import copy
 import importlib
 from pathlib import Path
 from typing import Any, Sequence
@@ -47,6 +48,12 @@ class MethodFace:
         self.options = dict(options)
         if variant is not None:
             self.variant = variant
+
+    def with_options(self, **options: Any) -> "MethodFace":
+        """A copy of this face with ``options`` added to (or replacing) its own; the registered face is unchanged."""
+        face = copy.copy(self)
+        face.options = {**self.options, **options}
+        return face
 
     # ------------------------------------------------------------------ the method's module and runs
 

@@ -4,12 +4,13 @@ for 30 synthetic volumes of a pool of 16 and stopped)."""
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 from synth_fakes import NoisyCopy, stamp_generator
 
 from lungsynth.config import get_config
-from lungsynth.downstream.common import ensure_synthetic, synthetic_needed
-from lungsynth.downstream.data import synthetic_items
-from lungsynth.downstream.mixing import mix_ratio
+from lungsynth.downstream.common import balancing_deficits, ensure_synthetic, synthetic_needed
+from lungsynth.downstream.data import real_items, synthetic_items
+from lungsynth.downstream.mixing import balance_classes, mix_ratio
 
 
 def _cfg(tiny: dict, ratios: str, n_synthetic: int):
@@ -55,3 +56,39 @@ def test_repeats_allowed_keeps_the_small_pool(tiny, real_root, tmp_path):
                                "downstream.allow_repeats": True})
     out = _ensure(cfg, real_root, tmp_path, "volume")
     assert len(synthetic_items(out, "volume", real_root)) == 3
+
+
+def test_each_chapter_asks_its_papers_generator_by_default(tiny, real_root, tmp_path, monkeypatch):
+    """Chapter 10 (volumes) segments Lung-DDPM's volumes, chapter 11 (nodules) classifies HR-LDM's nodules, generated
+    to the subtype deficits of the real training nodules."""
+    import lungsynth.sampling.synth as synth
+
+    asked = []
+    monkeypatch.setattr(synth, "synthesize", lambda cfg, method, n, **options: asked.append((method, options["out"])))
+    cfg = _cfg(tiny, "0", 1)
+    for unit in ("volume", "nodule"):
+        ensure_synthetic(cfg, n=1, unit=unit, real_root=real_root)
+    assert [m.name for m, _ in asked] == ["lung_ddpm", "hr_ldm"]
+    assert [out.name for _, out in asked] == ["downstream_lung_ddpm", "downstream_hr_ldm"]
+    deficits = balancing_deficits(real_items(real_root, "nodule", ("train",)))
+    assert asked[1][0].options.get("subtype_counts") == (deficits if sum(deficits) else None)
+    assert "subtype_counts" not in asked[0][0].options
+    with pytest.raises(ValueError, match="volume or nodule"):
+        ensure_synthetic(cfg, n=1, unit="slice", real_root=real_root)
+
+
+def test_a_pool_generated_to_the_deficits_balances_the_classes():
+    from lungsynth.sampling.registry import get_method
+
+    real = pd.DataFrame({"subtype_id": [0] * 7 + [1] * 3 + [2] * 1, "synthetic": False})
+    deficits = balancing_deficits(real)
+    assert deficits == (0, 4, 6)
+    plan = get_method("hr_ldm").with_options(subtype_counts=deficits).subtype_plan()
+    assert sorted(plan.tolist()) == [1] * 4 + [2] * 6
+    assert set(plan[:5].tolist()) == {1, 2}  # shuffled: a first part of the pool holds both minority classes
+    pool = pd.DataFrame({"subtype_id": plan, "synthetic": True})
+    balanced, report = balance_classes(real, pool, "subtype_id", 0, (0, 1, 2), allow_repeats=False)
+    assert balanced["subtype_id"].value_counts().to_dict() == {0: 7, 1: 7, 2: 7}
+    assert "subtype_counts" not in get_method("hr_ldm").options  # the registered face is unchanged
+    with pytest.raises(ValueError, match="three counts"):
+        get_method("hr_ldm").with_options(subtype_counts=(0, 0, 0)).subtype_plan()

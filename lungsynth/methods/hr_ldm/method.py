@@ -16,7 +16,10 @@ class HrLdmMethod(MethodFace):
     data, else its CT) inside its lung.
 
     The written label map holds the inpainted nodule, after the scan's real nodules (1..k) when those are in the
-    background; its subtype is the condition's first nodule's (heldout) or drawn uniformly (sampler).
+    background; its subtype is the condition's first nodule's (heldout), else drawn uniformly (sampler) or, with
+    the option ``subtype_counts`` = (solid, part-solid, ground-glass), taken from a plan holding each subtype that
+    many times in a fixed shuffled order (sample ``index`` reads entry ``index`` mod the plan's length), so that a
+    pool can be generated to the size each class's balancing needs (chapter 11).
     """
 
     name, unit, module, chapter = "hr_ldm", "volume", "lungsynth.methods.hr_ldm", "05"
@@ -42,6 +45,18 @@ class HrLdmMethod(MethodFace):
     def load(self, cfg: Any, run_dir: Path) -> Any:
         return self.api().load(cfg, run_dir, self.hist_loss)
 
+    def subtype_plan(self) -> np.ndarray | None:
+        """The subtypes of the ``subtype_counts`` option, each repeated its count, in a fixed shuffled order (so any
+        first part of a pool holds the classes in about the planned shares); None without the option."""
+        counts = self.options.get("subtype_counts")
+        if counts is None:
+            return None
+        counts = [int(n) for n in counts]
+        if len(counts) != 3 or min(counts) < 0 or sum(counts) == 0:
+            raise ValueError(f"subtype_counts must be three counts >= 0 (solid, part-solid, ground-glass) with a "
+                             f"positive sum, got {tuple(counts)}")
+        return np.random.default_rng(0).permutation(np.repeat(np.arange(3), counts))
+
     def quality_gates(self, cfg: Any) -> list[Any]:
         from lungsynth.methods.hr_ldm.evaluate import quality_gates
 
@@ -58,8 +73,12 @@ class HrLdmMethod(MethodFace):
         n_rim = int(round(float(cfg.hr_ldm.subpleural_share) * len(conditions)))
         rim = set(rng.permutation(len(conditions))[:n_rim].tolist())
         out = []
+        plan = self.subtype_plan()
         for k, c in enumerate(conditions):
-            sub = int(c.nodules[0]["subtype_id"]) if c.nodules and c.source == "heldout" else int(rng.integers(3))
+            if c.nodules and c.source == "heldout":
+                sub = int(c.nodules[0]["subtype_id"])
+            else:
+                sub = int(plan[c.index % len(plan)]) if plan is not None else int(rng.integers(3))
             healthy = "healthy" in c.arrays
             ct = c.arrays["healthy"] if healthy else c.arrays["ct"]
             label = np.zeros_like(np.asarray(c.arrays["label"]), dtype=np.uint8) if healthy else \
