@@ -1,9 +1,9 @@
 """``lungsynth quality``: every chapter's quality gates, in one report.
 
 The gates of chapter 01 live in :mod:`lungsynth.data.gates`, chapter 02's in
-:func:`lungsynth.autoencoders.evaluate.quality_gates`, and each method's on its face
-(:meth:`lungsynth.methods.base.MethodFace.quality_gates`). This module only collects them, never
-trains: a chapter without a model is listed as "not trained" with its command. The report is
+:func:`lungsynth.autoencoders.evaluate.quality_gates`, each method's on its face
+(:meth:`lungsynth.methods.base.MethodFace.quality_gates`), chapters 10-11's in
+:mod:`lungsynth.downstream.gates`. This module only collects them, never trains: a chapter without a model is listed as "not trained" with its command. The report is
 ``runs/<profile>/quality.md`` (a table a reader can scan) and ``quality.json`` (the same rows).
 """
 
@@ -31,12 +31,26 @@ def _autoencoders(cfg: Any) -> list[Gate]:
     return quality_gates(cfg)
 
 
+def _downstream_segmentation(cfg: Any) -> list[Gate]:
+    from lungsynth.downstream.gates import segmentation_gates
+
+    return segmentation_gates(cfg)
+
+
+def _downstream_classification(cfg: Any) -> list[Gate]:
+    from lungsynth.downstream.gates import classification_gates
+
+    return classification_gates(cfg)
+
+
 def chapter_gates() -> dict[str, tuple[str, Callable[[Any], list[Gate]]]]:
-    """``{chapter: (title, cfg -> gates)}`` in chapter order: data, autoencoders, then each method face."""
+    """``{chapter: (title, cfg -> gates)}`` in chapter order: data, autoencoders, each method face, downstream."""
     from lungsynth.sampling.registry import METHODS
 
     out: dict[str, tuple[str, Callable[[Any], list[Gate]]]] = {
-        "01": ("prepared data", _data), "02": ("autoencoders", _autoencoders)}
+        "01": ("prepared data", _data), "02": ("autoencoders", _autoencoders),
+        "10": ("downstream segmentation", _downstream_segmentation),
+        "11": ("downstream classification", _downstream_classification)}
     for face in METHODS.values():
         out.setdefault(face.chapter, (face.name, face.quality_gates))
     return dict(sorted(out.items()))
