@@ -94,7 +94,9 @@ def classification_gates(cfg: Any, folder: Path | str | None = None, root: Path 
                  detail=f"{len(macro)} seeds; whether balancing helps is in the chapter's table, not a gate")
     first = real[real["seed"] == real["seed"].min()] if len(real) else real
     small = first[first["n_pos"] < MIN_STRATUM_POSITIVES]
-    listed = ", ".join(f"{r['size']} mm {r['class']} ({int(r['n_pos'])})" for _, r in small.iterrows())
+    where = {"all": "all sizes"}
+    listed = ", ".join(f"{where.get(r['size'], str(r['size']) + ' mm')} {r['class']} ({int(r['n_pos'])})"
+                       for _, r in small.iterrows())
     strata = info("11", f"strata with < {MIN_STRATUM_POSITIVES} test nodules (too small to report)", len(small),
                   n=len(first), detail=listed or "every stratum has enough")
     return [gate, strata]
