@@ -167,8 +167,8 @@ def ensure_synthetic(cfg: Any, method: Any = None, n: int | None = None, out: Pa
     planned = None
     if method is None:
         method = get_method(PAPER_GENERATOR[unit])
-        deficits = balancing_deficits(real_items(root, "nodule", ("train",))) if unit == "nodule" else (0,)
-        if sum(deficits):
+        deficits = balancing_deficits(real_items(root, "nodule", ("train",))) if unit == "nodule" else ()
+        if sum(deficits):  # nodules: HR-LDM inpaints what each subtype lacks
             method, planned = method.with_options(subtype_counts=deficits), sum(deficits)
     name = getattr(method, "name", method)
     out = Path(out) if out is not None else paths.runs_dir(cfg.profile) / "synthetic" / f"downstream_{name}"
