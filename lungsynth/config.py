@@ -481,6 +481,8 @@ class DownstreamConfig:
     cls_val_every: int = tiered(5, 25, 250)
     cls_patience: int = tiered(0, 0, 10)
     scarcity_runs: int = tiered(1, 1, 5)
+    # chapter 11 reads the 6-30 mm nodules only (HR-LDM Sec. 5.1), real and synthetic alike; () reads all sizes
+    cls_size_range_mm: tuple[float, ...] = (6.0, 30.0)
 
 
 # --------------------------------------------------------------------------- the whole

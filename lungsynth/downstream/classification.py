@@ -20,6 +20,9 @@ Each run holds out ``cfg.downstream.val_fraction`` of the real training patients
 :func:`lungsynth.downstream.mixing.validation_split`) as a real-only validation set: every classifier keeps the
 weights of its lowest validation cross-entropy (early stopping); synthetic items only ever join the training part.
 
+Nodules: those of ``cfg.downstream.cls_size_range_mm`` (6-30 mm, the paper's Sec. 5.1), real and synthetic, in
+training and evaluation (:func:`sized_pools`; the composition table counts what was left out).
+
 Crops: ``cfg.data.crop_size``^3 at 1 mm (90 at full scale), the prepared crop views for real nodules and crops
 cut from the synthetic volumes around each synthetic nodule's centroid.
 """
@@ -211,6 +214,32 @@ def malignancy_table(runs: Any, metrics: Sequence[str] = ("auroc", "auprc")) -> 
     return table
 
 
+def sized_pools(pools: Any, size_range_mm: Sequence[float]) -> tuple[Any, dict[str, Any]]:
+    """``pools`` (:class:`lungsynth.downstream.common.Pools`) with only the nodules within ``size_range_mm``
+    (:func:`lungsynth.downstream.data.in_size_range`), and the rows left out per table, keyed for the composition
+    table (``"left out: real train outside 6-30 mm"``; empty tables omitted)."""
+    import dataclasses
+
+    from lungsynth.downstream.data import in_size_range
+
+    if not size_range_mm:
+        return pools, {}
+    span = "-".join(f"{float(v):g}" for v in size_range_mm)
+    kept, left_out = {}, {}
+    for name, what in (("train", "real train"), ("evaluation", "real evaluation"), ("synthetic", "synthetic pool")):
+        table = getattr(pools, name)
+        if table is None:
+            continue
+        inside = in_size_range(table, size_range_mm)
+        kept[name] = table[inside].reset_index(drop=True)
+        if not inside.all():
+            left_out[f"left out: {what} outside {span} mm"] = table[~inside]
+    if not len(kept["evaluation"]):
+        raise ValueError(f"no evaluation nodule of {span} mm in {pools.real_root}; set downstream.cls_size_range_mm "
+                         f"to () to read every size")
+    return dataclasses.replace(pools, **kept), left_out
+
+
 def run_classification(cfg: Any, synthetic: Any = None, *,
                        experiments: Sequence[str] = ("subtype", "scarcity", "malignancy"),
                        n_runs: int | None = None, ratios: Sequence[float] | None = None, real_root: Path | str | None = None,
@@ -238,7 +267,7 @@ def run_classification(cfg: Any, synthetic: Any = None, *,
     if unknown:
         raise ValueError(f"unknown experiments {unknown}; use subtype, scarcity, malignancy, ratio")
     t0 = time.perf_counter()
-    pools = load_pools(cfg, "nodule", synthetic, real_root)
+    pools, left_out = sized_pools(load_pools(cfg, "nodule", synthetic, real_root), cfg.downstream.cls_size_range_mm)
     size = int(cfg.data.crop_size)
     held = ("test",) + tuple(cfg.downstream.eval_splits)
     ev = pools.evaluation.reset_index(drop=True)
@@ -267,7 +296,8 @@ def run_classification(cfg: Any, synthetic: Any = None, *,
 
     first = seeds(cfg, n_runs)[0]
     comp_rows = [{"setting": name, "seed": first, **composition(table, "subtype_id")}
-                 for name, table in {**settings_of(first), "validation (real)": real_split(first)[1]}.items()]
+                 for name, table in {**settings_of(first), "validation (real)": real_split(first)[1],
+                                     **left_out}.items()]
     sub_rows, curves, sub_models = [], {}, {}
     if "subtype" in experiments or "malignancy" in experiments:
         for seed in seeds(cfg, n_runs):

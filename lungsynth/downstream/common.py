@@ -136,6 +136,14 @@ def balancing_deficits(real: Any, label: str = "subtype_id", classes: Sequence[i
     return tuple(max(counts) - n for n in counts)
 
 
+def sized_train(cfg: Any, real_root: Path | str) -> Any:
+    """The real training nodules chapter 11 reads: those of ``cfg.downstream.cls_size_range_mm`` (6-30 mm)."""
+    from lungsynth.downstream.data import in_size_range, real_items
+
+    real = real_items(real_root, "nodule", ("train",))
+    return real[in_size_range(real, cfg.downstream.cls_size_range_mm)].reset_index(drop=True)
+
+
 def ensure_synthetic(cfg: Any, method: Any = None, n: int | None = None, out: Path | str | None = None,
                      progress: bool = False, unit: str = "volume", real_root: Path | str | None = None,
                      max_rounds: int = 4, **synth_options: Any) -> Path:
@@ -147,7 +155,8 @@ def ensure_synthetic(cfg: Any, method: Any = None, n: int | None = None, out: Pa
     (:func:`synthetic_needed`). For ``unit="nodule"`` the volume count that holds enough nodule rows is not
     known before sampling: the dataset is extended (resuming, never redone) by the deficit over the measured
     rows per volume, at most ``max_rounds`` times. The default nodule pool is HR-LDM's, generated to what
-    balancing the real training nodules needs of each subtype (:func:`balancing_deficits`; one inpainted nodule
+    balancing the real 6-30 mm training nodules (:func:`sized_train`) needs of each subtype
+    (:func:`balancing_deficits`; one inpainted nodule
     per volume, from the 6-30 mm shapes of ``hr_ldm.size_range_mm``) rather than to the largest ratio.
 
     ``method`` defaults to the paper's own generator of the ``unit``'s question (:data:`PAPER_GENERATOR`:
@@ -157,7 +166,7 @@ def ensure_synthetic(cfg: Any, method: Any = None, n: int | None = None, out: Pa
     """
     from lungsynth import paths
     from lungsynth.data.datasets import ensure_prepared
-    from lungsynth.downstream.data import real_items, synthetic_items
+    from lungsynth.downstream.data import synthetic_items
     from lungsynth.sampling.registry import get_method
     from lungsynth.sampling.synth import synthesize
 
@@ -167,7 +176,7 @@ def ensure_synthetic(cfg: Any, method: Any = None, n: int | None = None, out: Pa
     planned = None
     if method is None:
         method = get_method(PAPER_GENERATOR[unit])
-        deficits = balancing_deficits(real_items(root, "nodule", ("train",))) if unit == "nodule" else ()
+        deficits = balancing_deficits(sized_train(cfg, root)) if unit == "nodule" else ()
         if sum(deficits):  # nodules: HR-LDM inpaints what each subtype lacks
             method, planned = method.with_options(subtype_counts=deficits), sum(deficits)
     name = getattr(method, "name", method)

@@ -119,6 +119,19 @@ def _nodule_table(nods: Any, scans: Any, root: Path) -> Any:
     return pd.DataFrame(rows)
 
 
+def in_size_range(table: Any, size_range_mm: Sequence[float] | None) -> np.ndarray:
+    """Per row of a nodule item table, whether its ``diameter_mm`` lies in ``size_range_mm`` (inclusive; HR-LDM
+    Sec. 5.1 keeps the 6-30 mm nodules of LIDC-IDRI). Rows of unknown diameter (NaN, or 0 where a synthetic dataset
+    recorded none) are kept: their size cannot be read. None or an empty range keeps every row."""
+    if not size_range_mm:
+        return np.ones(len(table), dtype=bool)
+    lo, hi = (float(v) for v in size_range_mm)
+    if not 0 <= lo <= hi:
+        raise ValueError(f"size range {tuple(size_range_mm)} mm: give (low, high) with 0 <= low <= high")
+    d = table["diameter_mm"].astype(float).to_numpy()
+    return ~np.isfinite(d) | (d <= 0) | ((d >= lo) & (d <= hi))
+
+
 # --------------------------------------------------------------------------- synthetic items
 
 
