@@ -119,3 +119,23 @@ def test_early_stopping_validates_on_real_patients_that_no_classifier_trains_on(
     assert vals[0] != vals[1]  # a new split each run
     assert res.subtype_runs["best_step"].isin([2, 4]).all()
     assert "validation (real)" in set(res.composition["setting"])
+
+
+def test_only_nodules_of_the_size_range_are_read(cfg, real_root, synthetic_train):
+    """HR-LDM reads the 6-30 mm nodules: real train, evaluation and synthetic rows outside the range are left out and
+    counted; rows of unknown diameter stay."""
+    from lungsynth.downstream.classification import sized_pools
+    from lungsynth.downstream.common import load_pools
+
+    pools = load_pools(cfg, "nodule", [synthetic_train], real_root)
+    sized, left_out = sized_pools(pools, (8.0, 20.0))
+    for name in ("train", "evaluation", "synthetic"):
+        d = getattr(sized, name)["diameter_mm"].astype(float)
+        assert (((d >= 8) & (d <= 20)) | ~np.isfinite(d) | (d <= 0)).all()
+    # train FAKE-000..007: 7, 12, 25, 8, 15, 9, 22, 11 mm; test FAKE-008..013: 7.5, 12.5, 21, 8.5, 14, 26
+    assert sorted(left_out["left out: real train outside 8-20 mm"]["diameter_mm"]) == [7.0, 22.0, 25.0]
+    assert sorted(left_out["left out: real evaluation outside 8-20 mm"]["diameter_mm"]) == [7.5, 21.0, 26.0]
+    assert len(sized.train) == 5 and len(sized.evaluation) == 3
+    assert sized_pools(pools, ())[0] is pools  # () reads every size
+    with pytest.raises(ValueError, match="no evaluation nodule of 40-50 mm"):
+        sized_pools(pools, (40.0, 50.0))

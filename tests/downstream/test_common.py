@@ -75,6 +75,11 @@ def test_each_chapter_asks_its_papers_generator_by_default(tiny, real_root, tmp_
     assert "subtype_counts" not in asked[0][0].options
     with pytest.raises(ValueError, match="volume or nodule"):
         ensure_synthetic(cfg, n=1, unit="slice", real_root=real_root)
+    # the deficits count the nodules chapter 11 reads: train 7, 12, 25, 8, 15, 9, 22, 11 mm (solid x5, part-solid,
+    # ground-glass x2); within 8-20 mm solid 12, 8, 15, part-solid 9, ground-glass 11
+    narrow = get_config("smoke", {**tiny, "downstream.cls_size_range_mm": "8,20"})
+    ensure_synthetic(narrow, n=1, unit="nodule", real_root=real_root)
+    assert asked[-1][0].options["subtype_counts"] == (0, 2, 2)
 
 
 def test_a_pool_generated_to_the_deficits_balances_the_classes():
