@@ -23,8 +23,9 @@ weights of its lowest validation cross-entropy (early stopping); synthetic items
 Nodules: those of ``cfg.downstream.cls_size_range_mm`` (6-30 mm, the paper's Sec. 5.1), real and synthetic, in
 training and evaluation (:func:`sized_pools`; the composition table counts what was left out).
 
-Crops: ``cfg.data.crop_size``^3 at 1 mm (90 at full scale), the prepared crop views for real nodules and crops
-cut from the synthetic volumes around each synthetic nodule's centroid.
+Crops: ``cfg.downstream.cls_crop_size``^3 at 1 mm (90 at full scale, the paper's), the prepared crop views for real
+nodules and crops cut from the synthetic volumes around each synthetic nodule's centroid (with a synthetic pool every
+crop is cut from its volume, :func:`lungsynth.downstream.data.same_resolution`).
 """
 
 from __future__ import annotations
@@ -268,7 +269,7 @@ def run_classification(cfg: Any, synthetic: Any = None, *,
         raise ValueError(f"unknown experiments {unknown}; use subtype, scarcity, malignancy, ratio")
     t0 = time.perf_counter()
     pools, left_out = sized_pools(load_pools(cfg, "nodule", synthetic, real_root), cfg.downstream.cls_size_range_mm)
-    size = int(cfg.data.crop_size)
+    size = int(cfg.downstream.cls_crop_size)
     held = ("test",) + tuple(cfg.downstream.eval_splits)
     ev = pools.evaluation.reset_index(drop=True)
     eval_ds = ItemDataset(cfg, ev, "crop", size)

@@ -18,7 +18,7 @@ MALIGNANCY = [1, 2, 4, 5, 1, 5, 2, 4, 1, 4, 2, 5, 3, 4]
 DIAMETERS = [7.0, 12.0, 25.0, 8.0, 15.0, 9.0, 22.0, 11.0, 7.5, 12.5, 21.0, 8.5, 14.0, 26.0]
 NAMES = ("solid", "part-solid", "ground-glass")
 
-TINY = {"data.size_ddpm": 16, "data.crop_size": 16, "downstream.seg_crop_size": 16,
+TINY = {"data.size_ddpm": 16, "data.crop_size": 16, "downstream.seg_crop_size": 16, "downstream.cls_crop_size": 16,
         "downstream.seg_channels": "4,8", "downstream.seg_steps": 2, "downstream.seg_batch_size": 2,
         "downstream.cls_init_features": 4, "downstream.cls_growth_rate": 4, "downstream.cls_blocks": "1,1",
         "downstream.cls_steps": 2, "downstream.cls_batch_size": 4, "downstream.n_runs": 2,

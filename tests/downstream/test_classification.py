@@ -76,7 +76,8 @@ def test_classification_experiments(cfg, real_root, synthetic_train, tmp_path):
 
 def test_cli(real_root, synthetic_train, tmp_path, capsys):
     base = ["downstream", "cls", "--real-root", str(real_root), "--set", "downstream.eval_splits=test",
-            "--set", "data.crop_size=16", "--set", "downstream.cls_blocks=1,1", "--set", "downstream.cls_steps=1",
+            "--set", "downstream.cls_crop_size=16", "--set", "downstream.cls_blocks=1,1",
+            "--set", "downstream.cls_steps=1",
             "--set", "downstream.cls_init_features=4", "--set", "downstream.cls_growth_rate=4",
             "--set", "downstream.val_fraction=0"]
     assert main(base + ["--synthetic", str(tmp_path / "missing")]) == 2
