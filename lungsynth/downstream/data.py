@@ -312,6 +312,17 @@ def same_resolution(*tables: Any) -> tuple[Any, ...]:
     return tuple(t.assign(view=None, crop_from_mm=spacing) for t in tables)
 
 
+def central_crop(view: Path, size: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The central ``size``^3 of a 1 mm crop view (``ct`` in HU, ``mask`` > 0), or None when the view is smaller
+    than ``size`` on any axis (the item is then cut from its volume)."""
+    with np.load(view) as z:
+        ct, mask = np.asarray(z["ct"], dtype=np.float32), np.asarray(z["mask"]) > 0
+    if min(ct.shape) < size:
+        return None
+    box = tuple(slice((n - size) // 2, (n - size) // 2 + size) for n in ct.shape)
+    return np.ascontiguousarray(ct[box]), mask[box].astype(np.float32)
+
+
 class ItemDataset(CachedDataset):
     """A map-style dataset over an item table (real and synthetic rows alike), cached in memory.
 
@@ -320,8 +331,8 @@ class ItemDataset(CachedDataset):
         table: an item table (:func:`real_items`, :func:`synthetic_items`, or a mix of them).
         kind: ``"volume"``: item ``image`` [1,S,S,S] in [0,1] and ``target`` [1,S,S,S] (nodule voxels),
             volumes resampled to ``size`` (masks max-pooled); ``"crop"``: a nodule-centred crop of
-            ``size``^3 at 1 mm (the crop view when the dataset has one, else cut from the volume), with
-            ``subtype_id``, ``diameter_mm``, ``malignancy``.
+            ``size``^3 at 1 mm (the centre of the crop view when the dataset has one that large,
+            :func:`central_crop`; else cut from the volume), with ``subtype_id``, ``diameter_mm``, ``malignancy``.
         size: cube side.
         store: a dict shared by several datasets over overlapping tables (the trainings of one experiment):
             each item is loaded once per (root, item_id, kind, size), whichever dataset asks first.
@@ -374,7 +385,10 @@ class ItemDataset(CachedDataset):
             return {"image": resize_volume(hu_to_unit(ct, lo, hi), self.size, "image"),
                     "target": resize_volume(lab, self.size, "mask"), "index": idx, "synthetic": int(r["synthetic"])}
         view = r.get("view")
-        if isinstance(view, str) and view:
+        cropped = central_crop(Path(r["root"]) / view, self.size) if isinstance(view, str) and view else None
+        if cropped is not None:  # the view's centre, at its own 1 mm: the same field as a crop cut from the volume
+            ct, mask = (torch.from_numpy(a)[None] for a in cropped)
+        elif isinstance(view, str) and view and not isinstance(r.get("ct"), str):  # a view smaller than asked
             with np.load(Path(r["root"]) / view) as z:
                 ct = torch.from_numpy(np.asarray(z["ct"], dtype=np.float32))[None]
                 mask = torch.from_numpy((np.asarray(z["mask"]) > 0).astype(np.float32))[None]

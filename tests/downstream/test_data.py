@@ -180,3 +180,28 @@ def test_real_and_synthetic_crops_share_one_resolution(cfg, real_root, synthetic
     assert np.allclose(item["image"][0].numpy(), np.clip((want_ct - lo) / (hi - lo), 0, 1), atol=1e-5)
 
 
+
+
+def test_a_smaller_crop_is_the_centre_of_the_view_at_1_mm(cfg, real_root, tmp_path):
+    """The classifiers' crops may be smaller than the prepared views: the item is the view's centre at its own 1 mm
+    (the field a crop cut from the volume covers), not the whole view resized; a view smaller than asked gives way to
+    a crop cut from the volume."""
+    import shutil
+
+    root = Path(shutil.copytree(real_root, tmp_path / "real"))
+    r = real_items(root, "nodule", ("train",)).iloc[0]
+    ct_hu = np.asanyarray(nib.load(str(root / r["ct"])).dataobj).astype(np.float32)
+    lab = np.asanyarray(nib.load(str(root / r["label"])).dataobj)
+    centre, spacing = (r["centroid_vox_z"], r["centroid_vox_y"], r["centroid_vox_x"]), float(r["spacing_mm"])
+    ct, mask = cut_crop(ct_hu, lab, centre, spacing, 20)  # a 20 mm view, as data prepare writes them
+    ct[:2] = 300.0  # a border only the whole view holds: a resize would carry it into the item
+    (root / "views" / "crops").mkdir(parents=True, exist_ok=True)
+    np.savez(root / "views" / "crops" / f"{r['nodule_id']}.npz", ct=ct, mask=mask)
+    row = real_items(root, "nodule", ("train",)).iloc[[0]].reset_index(drop=True)
+    assert row.loc[0, "view"] == f"views/crops/{r['nodule_id']}.npz"
+    item = ItemDataset(cfg, row, "crop", 14)[0]
+    lo, hi = cfg.data.hu_min, cfg.data.hu_max
+    assert np.allclose(item["image"][0].numpy(), np.clip((ct[3:17, 3:17, 3:17] - lo) / (hi - lo), 0, 1), atol=1e-6)
+    assert np.array_equal(item["target"][0].numpy(), mask[3:17, 3:17, 3:17])
+    big = ItemDataset(cfg, row, "crop", 24)[0]  # larger than the view: cut from the volume instead
+    assert np.array_equal(big["target"][0].numpy(), cut_crop(ct_hu, lab, centre, spacing, 24)[1])
