@@ -156,8 +156,8 @@ def ensure_synthetic(cfg: Any, method: Any = None, n: int | None = None, out: Pa
     known before sampling: the dataset is extended (resuming, never redone) by the deficit over the measured
     rows per volume, at most ``max_rounds`` times. The default nodule pool is HR-LDM's, generated to what
     balancing the real 6-30 mm training nodules (:func:`sized_train`) needs of each subtype
-    (:func:`balancing_deficits`; one inpainted nodule
-    per volume, from the 6-30 mm shapes of ``hr_ldm.size_range_mm``) rather than to the largest ratio.
+    (:func:`balancing_deficits`; one inpainted nodule per volume, from the 6-30 mm shapes of
+    ``hr_ldm.size_range_mm``) rather than to the largest ratio.
 
     ``method`` defaults to the paper's own generator of the ``unit``'s question (:data:`PAPER_GENERATOR`:
     Lung-DDPM for volumes, HR-LDM for nodules), trained on demand through its ``ensure_trained`` (chapters 06,
