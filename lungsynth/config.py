@@ -452,6 +452,11 @@ class DownstreamConfig:
     n_runs: int = tiered(2, 2, 5)
     eval_splits: tuple[str, ...] = tiered(("val", "test"), ("test",), ("test",))  # smoke: 2 test patients only
     allow_repeats: bool = tiered(True, False, False)  # a synthetic pool smaller than asked repeats items
+    # where chapter 10's synthetic volumes take their lung and nodule layouts: "validation", the val split's
+    # patients, whom neither the generator nor the segmenter trains on and who are not tested (Lung-DDPM's
+    # validation cohort, Table I; their real volumes are the "+ real" arm of its Table III); smoke's val split is
+    # an evaluation split (eval_splits), so smoke keeps the training layouts ("sampler") and has no "+ real" arm
+    seg_condition_source: str = tiered("sampler", "validation", "validation")
     n_synthetic: int = tiered(4, 16, 1000)  # samples the chapters synthesize when no dataset is given
     seg_channels: tuple[int, ...] = tiered((8, 16, 32), (8, 16, 32, 64), (32, 64, 128, 256, 512))
     # course: 300 steps take the real-only crop Dice from 0.07 (150 steps) to 0.44; the volume setting learns

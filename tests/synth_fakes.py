@@ -23,7 +23,9 @@ def _ball(shape, centre, r):
     return sum((g - c) ** 2 for g, c in zip(grid, centre)) <= r * r
 
 
-def make_fake_prepared(root: Path, n_train: int = 8, n_test: int = 6, size: int = 16, seed: int = 0) -> Path:
+def make_fake_prepared(root: Path, n_train: int = 8, n_test: int = 6, size: int = 16, seed: int = 0,
+                       n_val: int = 0) -> Path:
+    """Patients FAKE-000.. of the train split, then the test split, then ``n_val`` of the val split."""
     from lungsynth.data.preprocess import save_nifti, save_npz
 
     rng = np.random.default_rng(seed)
@@ -31,8 +33,8 @@ def make_fake_prepared(root: Path, n_train: int = 8, n_test: int = 6, size: int 
     scans, nods = [], []
     splits = {"train": [], "val": [], "test": []}
     aff = np.diag([4.0, 4.0, 4.0, 1.0])
-    for i in range(n_train + n_test):
-        split = "train" if i < n_train else "test"
+    for i in range(n_train + n_test + n_val):
+        split = "train" if i < n_train else "test" if i < n_train + n_test else "val"
         sid = f"FAKE-{i:03d}_s{i}"
         splits[split].append(f"FAKE-{i:03d}")
         shape = (size,) * 3

@@ -14,7 +14,9 @@ Units (the natural item of a method; the same views the prepared dataset has, no
 
 ``heldout`` conditions cycle through the real test split in table order (sample i uses row i mod n);
 ``sampler`` conditions draw real training masks at random (a method adapter may replace this with its
-own condition sampler, e.g. chapter 04's anatomical box sampler).
+own condition sampler, e.g. chapter 04's anatomical box sampler); ``validation`` conditions draw the
+validation split's masks at random: patients neither a generator nor a downstream model trains on, nor any
+test patient (Lung-DDPM's "validation cohort", its Table I; chapter 10's synthetic volumes).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from typing import Any
 import numpy as np
 
 UNITS: tuple[str, ...] = ("volume", "slice", "roi", "crop")
-SOURCES: tuple[str, ...] = ("heldout", "sampler")
+SOURCES: tuple[str, ...] = ("heldout", "sampler", "validation")
+SOURCE_SPLITS = {"heldout": "test", "sampler": "train", "validation": "val"}  # the split each source draws
 VIEW_DIRS = {"slice": "slices", "roi": "rois", "crop": "crops"}
 
 
@@ -103,21 +106,22 @@ def _nodules_of(root: Path, scan_id: str) -> list[dict[str, Any]]:
 
 def real_conditions(cfg: Any, unit: str, n: int, *, source: str = "heldout", seed: int = 0,
                     root: Path | str | None = None, split: str | None = None) -> list[Condition]:
-    """``n`` conditions from real data: ``heldout`` cycles the test split, ``sampler`` draws the train split.
+    """``n`` conditions from real data: ``heldout`` cycles the test split, ``sampler`` draws the train split at
+    random, ``validation`` the val split.
 
     Args:
         unit: ``volume`` | ``slice`` | ``roi`` | ``crop``.
-        split: overrides the split (default test for heldout, train for sampler).
+        split: overrides the split (default :data:`SOURCE_SPLITS` of ``source``).
     Returns:
         n :class:`Condition` with arrays loaded lazily into memory (n rows; repeated rows share arrays).
     """
     _check_unit(unit)
     if source not in SOURCES:
-        raise ValueError(f"unknown condition source {source!r}; use heldout or sampler")
+        raise ValueError(f"unknown condition source {source!r}; use one of {', '.join(SOURCES)}")
     if int(n) < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     root = real_root(cfg, root)
-    split = split or ("test" if source == "heldout" else "train")
+    split = split or SOURCE_SPLITS[source]
     rows = view_rows(root, unit, split)
     if not rows:
         raise ValueError(f"the {split!r} split of {root} holds no {unit} items; prepare more scans "

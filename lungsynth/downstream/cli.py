@@ -16,8 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     cls = verbs.add_parser("cls", help="chapter 11: DenseNet121 subtype / scarcity / malignancy")
     for q in (seg, cls):
         q.add_argument("--synthetic", default=None,
-                       help="synthetic dataset folders, comma-separated (built with `lungsynth synth --conditions "
-                            "sampler`); default: real only")
+                       help="synthetic dataset folders, comma-separated, each compared as its own arms (built "
+                            "with `lungsynth synth --conditions validation` for seg in course / full, `sampler` "
+                            "otherwise); default: real only")
         q.add_argument("--runs", type=int, default=None, help="independent runs (default cfg.downstream.n_runs)")
         q.add_argument("--real-root", default=None, help="real prepared dataset (default: the profile's)")
         q.add_argument("--out", default=None, help="results folder (default runs/<profile>/1N_downstream_<task>)")

@@ -22,6 +22,30 @@ class Pools:
     synthetic: Any  # None when no synthetic dataset was given
     heldout: set[str]
     synthetic_paths: list[Path]
+    cohort: Any = None  # real items of the cohort split (chapter 10's "+ real" arm); None without a cohort
+
+
+def cohort_split(cfg: Any) -> str | None:
+    """The split whose patients condition chapter 10's synthetic volumes and form its "+ real" arm
+    (``cfg.downstream.seg_condition_source``): "val" for ``validation``, None for ``sampler`` (training layouts).
+
+    Raises:
+        ValueError: an unknown source, or a cohort the evaluation also scores (``downstream.eval_splits``).
+    """
+    from lungsynth.data.conditions import SOURCE_SPLITS
+
+    source = str(cfg.downstream.seg_condition_source)
+    if source not in ("validation", "sampler"):
+        raise ValueError(f"downstream.seg_condition_source {source!r}: use validation (a separate cohort, Lung-DDPM's "
+                         f"Table I) or sampler (the training patients' layouts)")
+    if source == "sampler":
+        return None
+    split = SOURCE_SPLITS[source]
+    if split in tuple(cfg.downstream.eval_splits):
+        raise ValueError(f"downstream.seg_condition_source=validation draws the {split!r} patients, but "
+                         f"downstream.eval_splits {tuple(cfg.downstream.eval_splits)} scores them: set "
+                         f"downstream.eval_splits=test or downstream.seg_condition_source=sampler")
+    return split
 
 
 def as_paths(synthetic: str | Path | Sequence[str | Path] | None) -> list[Path]:
@@ -33,24 +57,30 @@ def as_paths(synthetic: str | Path | Sequence[str | Path] | None) -> list[Path]:
     return [Path(s) for s in synthetic]
 
 
-def load_pools(cfg: Any, unit: str, synthetic: Any = None, real_root: Path | str | None = None) -> Pools:
+def load_pools(cfg: Any, unit: str, synthetic: Any = None, real_root: Path | str | None = None,
+               cohort: str | None = None) -> Pools:
     """Real train / evaluation items (``cfg.downstream.eval_splits``) and the synthetic pool of ``unit`` items.
 
     The held-out patients are those of the test split and of the evaluation splits; the synthetic pool is
-    checked against them (:func:`lungsynth.downstream.mixing.check_no_leak`) before any training. With a synthetic
-    pool of nodules, every crop (real and synthetic, train and evaluation) is cut from its volume at the coarsest
-    volume spacing among them (:func:`lungsynth.downstream.data.same_resolution`).
+    checked against them (:func:`lungsynth.downstream.mixing.check_no_leak`) before any training. With a
+    ``cohort`` split (:func:`cohort_split`), its real items are loaded as ``Pools.cohort`` and every synthetic item
+    must be conditioned on one of its patients (:func:`lungsynth.downstream.mixing.check_cohort`). With a synthetic
+    pool of nodules, every crop (real and synthetic, train, cohort and evaluation) is cut from its volume at the
+    coarsest volume spacing among them (:func:`lungsynth.downstream.data.same_resolution`).
     """
     import pandas as pd
 
     from lungsynth.data.datasets import ensure_prepared
     from lungsynth.downstream.data import heldout_patients, real_items, same_resolution, synthetic_items
-    from lungsynth.downstream.mixing import check_no_leak
+    from lungsynth.downstream.mixing import check_cohort, check_no_leak
 
     root = Path(real_root) if real_root is not None else ensure_prepared(cfg, verbose=False)
     splits = tuple(cfg.downstream.eval_splits)
     if "train" in splits:
         raise ValueError(f"downstream.eval_splits {splits} must not contain the train split")
+    if cohort is not None and cohort in ("train", "test") + splits:
+        raise ValueError(f"the cohort split {cohort!r} must be neither trained on nor scored (train, test, "
+                         f"downstream.eval_splits {splits})")
     held = heldout_patients(root, ("test",) + splits)
     train = real_items(root, unit, ("train",))
     evaluation = real_items(root, unit, splits)
@@ -64,9 +94,15 @@ def load_pools(cfg: Any, unit: str, synthetic: Any = None, real_root: Path | str
         check_no_leak(syn, held, ("test",) + splits, what=f"synthetic pool ({', '.join(map(str, paths))})")
     for p in paths:  # nor may the generator of a synthetic pool have trained on a scored patient
         fingerprint.refuse_overlap(p, root, ("test",) + splits, what=f"generator of the synthetic pool {p}")
+    extra = real_items(root, unit, (cohort,)) if cohort is not None else None
+    if syn is not None and extra is not None:
+        check_cohort(syn, train, extra, what=f"synthetic pool ({', '.join(map(str, paths))})")
     if unit == "nodule" and syn is not None:  # real and synthetic crops at one resolution, the real-only arm too
-        train, evaluation, syn = same_resolution(train, evaluation, syn)
-    return Pools(root, train, evaluation, syn, held, paths)
+        if extra is not None:
+            train, evaluation, syn, extra = same_resolution(train, evaluation, syn, extra)
+        else:
+            train, evaluation, syn = same_resolution(train, evaluation, syn)
+    return Pools(root, train, evaluation, syn, held, paths, extra)
 
 
 def fit(cfg: Any, model: Any, loss_fn: Callable[[Any, Any], Any], dataset: Any, steps: int, batch_size: int,
@@ -147,8 +183,11 @@ def sized_train(cfg: Any, real_root: Path | str) -> Any:
 def ensure_synthetic(cfg: Any, method: Any = None, n: int | None = None, out: Path | str | None = None,
                      progress: bool = False, unit: str = "volume", real_root: Path | str | None = None,
                      max_rounds: int = 4, **synth_options: Any) -> Path:
-    """The chapters' synthetic dataset of ``method`` conditioned on *training* masks (``conditions="sampler"``),
-    under ``runs/<profile>/synthetic/downstream_<method>``, large enough for the chapter's experiments.
+    """The chapters' synthetic dataset of ``method``, large enough for the chapter's experiments. Nodules (chapter
+    11) are conditioned on *training* masks (``conditions="sampler"``: HR-LDM inpaints into the training scans),
+    under ``runs/<profile>/synthetic/downstream_<method>``; volumes (chapter 10) on the layouts of
+    ``cfg.downstream.seg_condition_source`` (``validation``: the separate cohort of :func:`cohort_split`, under
+    ``downstream_<method>_validation``; ``sampler``: training layouts).
 
     ``n`` volumes when given; else at least ``cfg.downstream.n_synthetic`` and, unless
     ``cfg.downstream.allow_repeats``, enough ``unit`` items for the largest synthetic ratio
@@ -180,8 +219,10 @@ def ensure_synthetic(cfg: Any, method: Any = None, n: int | None = None, out: Pa
         if sum(deficits):  # nodules: HR-LDM inpaints what each subtype lacks
             method, planned = method.with_options(subtype_counts=deficits), sum(deficits)
     name = getattr(method, "name", method)
-    out = Path(out) if out is not None else paths.runs_dir(cfg.profile) / "synthetic" / f"downstream_{name}"
-    options = {"conditions": "sampler", "out": out, "real_root": root, "progress": progress,
+    source = str(cfg.downstream.seg_condition_source) if unit == "volume" and cohort_split(cfg) else "sampler"
+    folder = f"downstream_{name}" + ("" if source == "sampler" else f"_{source}")
+    out = Path(out) if out is not None else paths.runs_dir(cfg.profile) / "synthetic" / folder
+    options = {"conditions": source, "out": out, "real_root": root, "progress": progress,
                "train_missing": "checkpoint" not in synth_options, **synth_options}
     if n is not None:
         synthesize(cfg, method, int(n), **options)

@@ -292,6 +292,7 @@ def synthetic_items(path: Path | str, unit: str, real_root: Path | str) -> Any:
     df["root"] = str(path)
     df["synthetic"] = True
     df["source"] = source
+    df["generator"] = path.name  # the folder: one set of arms per synthetic dataset (two LAND variants stay apart)
     return df.reset_index(drop=True)
 
 

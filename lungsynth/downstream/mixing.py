@@ -11,6 +11,9 @@ Definitions used in chapters 10-11:
   ``"proportional"`` adds the same fraction f of the synthetic pool (the real:synthetic proportion of the
   full sets is kept; at f = 0 the set is empty and that cell is skipped), ``"full"`` adds the whole synthetic
   pool whatever f is (at f = 0: synthetic only).
+- **Cohort arms** (Lung-DDPM's Table III): the real train set plus the real items of a separate cohort of k
+  patients (``"+ real"``), against the real train set plus k synthetic items generated from that cohort's
+  layouts (``"+ synthetic"``): the same count, so real and synthetic additions compare one for one.
 - **Balancing**: every class with fewer real items than the largest class receives synthetic items of that
   class until it reaches the largest class's count (or the synthetic pool of that class runs out).
 
@@ -75,6 +78,19 @@ def mix_ratio(real: Any, synthetic: Any, ratio: float, seed: int = 0, allow_repe
         raise ValueError(f"ratio {ratio} asks for {n} synthetic items but no synthetic dataset was given")
     picked = _draw(synthetic, n, seed, allow_repeats, f"ratio {ratio}") if n else real.iloc[:0]
     return _concat([real, picked])
+
+
+def cohort_arms(real: Any, cohort: Any, synthetic: Any, seed: int = 0, allow_repeats: bool = False
+                ) -> dict[str, Any]:
+    """``{"+ real": real + cohort, "+ synthetic": real + len(cohort) synthetic items}`` (see the module
+    docstring); the synthetic items are drawn from ``synthetic`` as :func:`mix_ratio` draws them, and without a
+    synthetic pool (None) only the ``"+ real"`` arm is returned."""
+    if not len(cohort):
+        raise ValueError("the cohort holds no items: the '+ real' arm needs the validation split's patients")
+    arms = {"+ real": _concat([real, cohort.assign(synthetic=False)])}
+    if synthetic is not None:
+        arms["+ synthetic"] = _concat([real, _draw(synthetic, len(cohort), seed, allow_repeats, "cohort arm")])
+    return arms
 
 
 def validation_split(real: Any, fraction: float, seed: int = 0, stratify: str | None = None,
@@ -228,6 +244,28 @@ def check_no_leak(train: Any, heldout: Iterable[str], heldout_splits: Sequence[s
                    f"(condition split {', '.join(splits) or '?'}; samples {samples})")
     msg.append("fix: synthesize with --conditions sampler (training masks), not heldout")
     raise ValueError(f"test-patient leak in the {what}: " + "; ".join(msg))
+
+
+def check_cohort(synthetic: Any, train: Any, cohort: Any, what: str = "synthetic pool") -> None:
+    """Raise ValueError unless every synthetic item was conditioned on a patient of ``cohort`` (real items of the
+    cohort split), none on a patient of ``train``: Lung-DDPM generates its downstream volumes from a separate cohort
+    (Table I), so a synthetic volume never re-renders the layout of a scan the segmenter trains on.
+
+    The message names the offending samples and their condition patients.
+    """
+    cond = synthetic["condition_patient"].astype(str) if "condition_patient" in synthetic.columns else None
+    if cond is None:
+        raise ValueError(f"the {what} has no condition_patient column: its provenance cannot show its cohort")
+    allowed = set(cohort["patient_id"].astype(str))
+    bad = synthetic[~cond.isin(allowed).to_numpy()]
+    if not len(bad):
+        return
+    trained = sorted(set(bad["condition_patient"].astype(str)) & set(train["patient_id"].astype(str)))
+    samples = ", ".join(bad["item_id"].astype(str).head(5)) + (" ..." if len(bad) > 5 else "")
+    where = f"training patients {', '.join(trained)}" if trained else "patients outside the cohort"
+    raise ValueError(f"{len(bad)} items of the {what} were conditioned on {where} (samples {samples}); the cohort "
+                     f"is {len(allowed)} validation patients. fix: synthesize with --conditions validation, or set "
+                     f"downstream.seg_condition_source=sampler to mix training layouts knowingly")
 
 
 def composition(table: Any, label: str | None = None) -> dict[str, Any]:

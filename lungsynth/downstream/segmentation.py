@@ -11,6 +11,13 @@ Each is trained through the engine (nodule Dice + cross-entropy, ``monai.losses.
 of ``cfg.downstream.synthetic_ratios`` (synthetic count = ratio x real count,
 :func:`lungsynth.downstream.mixing.mix_ratio`) and every seed of ``cfg.downstream.n_runs``, and evaluated
 per volume (Dice, sensitivity, specificity; :mod:`lungsynth.downstream.metrics`) on the real evaluation split.
+
+With a separate cohort (``cfg.downstream.seg_condition_source = "validation"``, Lung-DDPM's Table I) the synthetic
+items must be generated from the validation patients' layouts, and two more arms run (Table III): the real train set
+plus those patients' *real* items (``+ real``) and plus as many synthetic items (``+ synthetic``,
+:func:`lungsynth.downstream.mixing.cohort_arms`). Rows say which in ``arm``: ``real only``, ``+ synthetic``
+(every ratio > 0 and the cohort-sized one) or ``+ real``. Several synthetic datasets are compared, never mixed:
+each gets its own ``+ synthetic`` arms (``generator``, the dataset's folder) beside one real-only arm.
 """
 
 from __future__ import annotations
@@ -130,12 +137,34 @@ def evaluate_segmenter(model: Any, dataset: Any) -> list[dict[str, Any]]:
     return rows
 
 
+def training_sets(cfg: Any, pools: Any, ratios: Sequence[float], seed: int) -> list[tuple[str, str, float, Any]]:
+    """``(arm, generator, ratio, table)`` for one seed: the real-only set (ratio 0), each ratio > 0 of ``ratios`` for
+    each synthetic dataset of the pool on its own (``generator``: its folder name; "" for real-only arms), then with
+    a cohort (``pools.cohort``) the ``+ real`` arm and each generator's ``+ synthetic`` arm at the cohort's ratio
+    (its item count over the real train count)."""
+    from lungsynth.downstream.mixing import cohort_arms, mix_ratio
+
+    repeats = bool(cfg.downstream.allow_repeats)
+    syn = pools.synthetic
+    by_generator = {g: syn[syn["generator"] == g] for g in dict.fromkeys(syn["generator"])} if syn is not None else {}
+    sets = [("real only", "", 0.0, pools.train)] if 0.0 in [float(r) for r in ratios] or not by_generator else []
+    sets += [("+ synthetic", g, float(r), mix_ratio(pools.train, pool, r, seed, repeats))
+             for g, pool in by_generator.items() for r in ratios if float(r) > 0]
+    if pools.cohort is not None and len(pools.cohort):
+        ratio = round(len(pools.cohort) / max(len(pools.train), 1), 3)
+        sets.append(("+ real", "", ratio, cohort_arms(pools.train, pools.cohort, None)["+ real"]))
+        sets += [("+ synthetic", g, ratio, cohort_arms(pools.train, pools.cohort, pool, seed, repeats)["+ synthetic"])
+                 for g, pool in by_generator.items()]
+    return sets
+
+
 @dataclass
 class SegResult:
     """What :func:`run_segmentation` measured.
 
-    ``runs``: one row per (setting, ratio, seed) with the means over evaluation items and the training
-    composition; ``items``: one row per evaluated item; ``table``: mean and std over seeds per (setting, ratio).
+    ``runs``: one row per (setting, generator, arm, ratio, seed) with the means over evaluation items and the
+    training composition; ``items``: one row per evaluated item; ``table``: mean and std over seeds per (setting,
+    generator, arm, ratio).
     """
 
     runs: Any
@@ -151,7 +180,7 @@ def run_segmentation(cfg: Any, synthetic: Any = None, *, settings: Sequence[str]
     """Train and evaluate AttentionUnets for every setting x ratio x seed.
 
     Args:
-        synthetic: synthetic dataset folders (``"D1,D2"`` or a list); None: real only (ratio 0).
+        synthetic: synthetic dataset folders (``"D1,D2"`` or a list), each its own arms; None: real only.
         settings: ``"volume"`` and / or ``"crop"`` (default ``cfg.downstream.seg_settings``).
         ratios: default ``cfg.downstream.synthetic_ratios`` (only 0 without synthetic data).
         out: folder for ``seg_runs.csv``, ``seg_items.csv``, ``seg_table.csv`` and ``run.json``.
@@ -162,35 +191,35 @@ def run_segmentation(cfg: Any, synthetic: Any = None, *, settings: Sequence[str]
 
     import pandas as pd
 
-    from lungsynth.downstream.common import load_pools, seeds
+    from lungsynth.downstream.common import cohort_split, load_pools, seeds
     from lungsynth.downstream.data import ItemDataset
     from lungsynth.downstream.metrics import aggregate
-    from lungsynth.downstream.mixing import check_no_leak, composition, mix_ratio
+    from lungsynth.downstream.mixing import check_no_leak, composition
 
     t0 = time.perf_counter()
     ratios = [float(r) for r in (ratios if ratios is not None else cfg.downstream.synthetic_ratios)]
+    cohort = cohort_split(cfg)
     run_rows, item_rows, used = [], [], []
     for setting in (settings if settings is not None else cfg.downstream.seg_settings):
         size = input_size(cfg, setting)
-        pools = load_pools(cfg, "volume" if setting == "volume" else "nodule", synthetic, real_root)
+        pools = load_pools(cfg, "volume" if setting == "volume" else "nodule", synthetic, real_root, cohort=cohort)
         used = [str(p) for p in pools.synthetic_paths]
-        rs = ratios if pools.synthetic is not None else [r for r in ratios if r == 0.0] or [0.0]
         kind = "volume" if setting == "volume" else "crop"
         store: dict = {}  # each item loaded once for all ratios and seeds (a course volume: 0.18 s to read and resize)
         eval_ds = ItemDataset(cfg, pools.evaluation, kind, size, store)
-        for ratio in rs:
-            for seed in seeds(cfg, n_runs):
-                train = mix_ratio(pools.train, pools.synthetic, ratio, seed, bool(cfg.downstream.allow_repeats))
+        for seed in seeds(cfg, n_runs):
+            for arm, generator, ratio, train in training_sets(cfg, pools, ratios, seed):
                 check_no_leak(train, pools.heldout, ("test",) + tuple(cfg.downstream.eval_splits))
                 model = train_segmenter(cfg, training_view(cfg, ItemDataset(cfg, train, kind, size, store), seed),
                                         seed, steps_for(cfg, setting))
                 per_item = evaluate_segmenter(model, eval_ds)
                 means = pd.DataFrame(per_item)[list(METRICS)].mean(skipna=True).to_dict()
-                run_rows.append({"setting": setting, "ratio": ratio, "seed": seed, **means, **composition(train)})
-                item_rows += [{"setting": setting, "ratio": ratio, "seed": seed, **r} for r in per_item]
-    runs = pd.DataFrame(run_rows)
-    table = aggregate(runs, ["setting", "ratio"], METRICS)
-    res = SegResult(runs, pd.DataFrame(item_rows), table, used, round(time.perf_counter() - t0, 2))
+                key = {"setting": setting, "generator": generator, "arm": arm, "ratio": ratio, "seed": seed}
+                run_rows.append({**key, **means, **composition(train)})
+                item_rows += [{**key, **r} for r in per_item]
+    runs, items = pd.DataFrame(run_rows), pd.DataFrame(item_rows)
+    table = aggregate(runs, ["setting", "generator", "arm", "ratio"], METRICS)
+    res = SegResult(runs, items, table, used, round(time.perf_counter() - t0, 2))
     if out is not None:
         _save(cfg, res, Path(out), pools.real_root)
     return res

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from lungsynth.data import fingerprint
+from lungsynth.data.conditions import SOURCES
 from lungsynth.data.conditions import real_root as find_root
 from lungsynth.methods.base import MethodFace
 from lungsynth.sampling.registry import METHODS, get_method
@@ -127,7 +128,8 @@ def synthesize(cfg: Any, method: str | MethodFace, n: int | None = None, *, cond
     Args:
         method: a name in ``METHODS`` or an adapter.
         n: samples (default ``cfg.sampling.n_samples``); a later call with a larger n extends the dataset.
-        conditions: ``heldout`` (real test-split masks) or ``sampler`` (the method's condition sampler).
+        conditions: ``heldout`` (real test-split masks), ``sampler`` (the method's condition sampler) or
+            ``validation`` (the validation split's masks, a cohort no model trains on).
         out: dataset folder (default :func:`default_out`).
         checkpoint: the run directory (or checkpoint file's folder); default the method's trained run.
         train_missing: train the default run first when it has no final checkpoint.
@@ -145,8 +147,8 @@ def synthesize(cfg: Any, method: str | MethodFace, n: int | None = None, *, cond
     n = int(n if n is not None else cfg.sampling.n_samples)
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
-    if conditions not in ("heldout", "sampler"):
-        raise ValueError(f"--conditions must be heldout or sampler, got {conditions!r}")
+    if conditions not in SOURCES:
+        raise ValueError(f"--conditions must be one of {', '.join(SOURCES)}, got {conditions!r}")
     bs = int(batch_size or cfg.sampling.batch_size)
     if bs < 1:
         raise ValueError(f"batch size must be >= 1, got {bs}")
@@ -225,15 +227,16 @@ def synthesize(cfg: Any, method: str | MethodFace, n: int | None = None, *, cond
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """``lungsynth synth --method M --n N --conditions heldout|sampler --out D``."""
+    """``lungsynth synth --method M --n N --conditions heldout|sampler|validation --out D``."""
     from lungsynth.config import add_profile_argument
 
     p = sub.add_parser("synth", help="chapter 08: sample a method into a synthetic dataset (resumable)")
     p.add_argument("--method", required=True, choices=sorted(METHODS), help="which method")
     p.add_argument("--checkpoint", default=None, help="run directory (default: the method's trained run)")
     p.add_argument("--n", type=int, default=None, help="samples (default cfg.sampling.n_samples)")
-    p.add_argument("--conditions", choices=("heldout", "sampler"), default="heldout",
-                   help="heldout: real test-split masks; sampler: the method's condition sampler")
+    p.add_argument("--conditions", choices=SOURCES, default="heldout",
+                   help="heldout: real test-split masks; sampler: the method's condition sampler; validation: "
+                        "the validation split's masks (a cohort no model trains on)")
     p.add_argument("--out", default=None, help="dataset folder (default runs/<profile>/synthetic/<method>_<cond>)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)

@@ -82,6 +82,24 @@ def test_each_chapter_asks_its_papers_generator_by_default(tiny, real_root, tmp_
     assert asked[-1][0].options["subtype_counts"] == (0, 2, 2)
 
 
+def test_volumes_take_the_cohort_layouts_and_nodules_the_training_scans(tiny, real_root, monkeypatch):
+    """With a separate cohort (course, full) chapter 10's volumes are generated from the validation patients'
+    layouts, in a folder of their own; chapter 11's nodules are still inpainted into training scans."""
+    import lungsynth.sampling.synth as synth
+
+    asked = []
+    monkeypatch.setattr(synth, "synthesize", lambda cfg, method, n, **o: asked.append((o["conditions"], o["out"].name)))
+    cohort = get_config("smoke", {**tiny, "downstream.seg_condition_source": "validation"})
+    for unit in ("volume", "nodule"):
+        ensure_synthetic(cohort, n=1, unit=unit, real_root=real_root)
+    ensure_synthetic(get_config("smoke", tiny), n=1, unit="volume", real_root=real_root)
+    assert asked == [("validation", "downstream_lung_ddpm_validation"), ("sampler", "downstream_hr_ldm"),
+                     ("sampler", "downstream_lung_ddpm")]
+    with pytest.raises(ValueError, match="use validation"):
+        ensure_synthetic(get_config("smoke", {**tiny, "downstream.seg_condition_source": "heldout"}), n=1,
+                         real_root=real_root)
+
+
 def test_a_pool_generated_to_the_deficits_balances_the_classes():
     from lungsynth.sampling.registry import get_method
 

@@ -2,6 +2,7 @@
 
 import copy
 import importlib
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -125,3 +126,65 @@ def test_loss_is_the_nodule_dice_plus_cross_entropy():
     background = float(loss(lambda x: torch.tensor([3.0, -3.0]).view(1, 2, 1, 1, 1).expand(2, 2, 8, 8, 8), batch))
     perfect = float(loss(lambda x: 40 * onehot - 20, batch))
     assert background >= 1.0 and perfect < 1e-3
+
+
+@pytest.fixture(scope="module")
+def cohort_root(tmp_path_factory):
+    """8 training, 6 test and 3 validation patients (FAKE-014..016): the validation ones are the separate cohort."""
+    from synth_fakes import make_fake_prepared
+
+    return make_fake_prepared(tmp_path_factory.mktemp("ds_cohort"), n_train=8, n_test=6, n_val=3, size=16)
+
+
+def test_cohort_arms_train_on_the_validation_patients_only(tiny, cohort_root, tmp_path, monkeypatch):
+    """Lung-DDPM's Table I / III: the synthetic volumes are generated from the layouts of patients the segmenter
+    neither trains nor is tested on, and the "+ real" arm adds those same patients' real volumes."""
+    from synth_fakes import NoisyCopy, stamp_generator
+
+    from lungsynth.config import get_config
+    from lungsynth.downstream.common import ensure_synthetic
+    from lungsynth.downstream.data import heldout_patients, synthetic_items
+
+    cfg = get_config("smoke", {**tiny, "downstream.seg_condition_source": "validation",
+                               "downstream.synthetic_ratios": "0,0.5"})
+    gen = stamp_generator(tmp_path / "generator", cohort_root)
+    pool = ensure_synthetic(cfg, NoisyCopy("volume"), out=tmp_path / "syn", unit="volume", real_root=cohort_root,
+                            checkpoint=gen, model="model")
+    conditioned = set(synthetic_items(pool, "volume", cohort_root)["condition_patient"])
+    train, test = heldout_patients(cohort_root, ("train",)), heldout_patients(cohort_root, ("test",))
+    assert conditioned and conditioned <= heldout_patients(cohort_root, ("val",))
+    assert not conditioned & (train | test)
+
+    # a second generator's dataset on the same cohort: compared beside the first, never mixed into it
+    other = ensure_synthetic(cfg, NoisyCopy("volume", noise_hu=60.0), out=tmp_path / "syn2", unit="volume",
+                             real_root=cohort_root, checkpoint=gen, model="model")
+    drawn_from, real_train = [], SEG.train_segmenter
+
+    def recording_train(cfg_, dataset, seed=0, steps=None):
+        table = dataset.table
+        drawn_from.append(sorted(set(table.loc[table["synthetic"].astype(bool), "root"].map(lambda r: Path(r).name))))
+        return real_train(cfg_, dataset, seed, steps)
+
+    monkeypatch.setattr(SEG, "train_segmenter", recording_train)
+    res = run_segmentation(cfg, f"{pool},{other}", settings=("crop",), n_runs=1, real_root=cohort_root)
+    runs = res.runs.set_index(["arm", "generator", "ratio"])
+    assert sorted(runs.index) == [("+ real", "", 0.375), ("+ synthetic", "syn", 0.375), ("+ synthetic", "syn", 0.5),
+                                  ("+ synthetic", "syn2", 0.375), ("+ synthetic", "syn2", 0.5), ("real only", "", 0.0)]
+    assert runs.loc[("+ real", "", 0.375), ["n_real", "n_synthetic"]].tolist() == [8 + 3, 0]  # the cohort's crops
+    for g in ("syn", "syn2"):
+        assert runs.loc[("+ synthetic", g, 0.375), ["n_real", "n_synthetic"]].tolist() == [8, 3]  # as many synthetic
+        assert runs.loc[("+ synthetic", g, 0.5), "n_synthetic"] == 4
+    assert sorted(map(tuple, drawn_from)) == [(), (), ("syn",), ("syn",), ("syn2",), ("syn2",)]
+    assert len(res.table) == len(runs)  # one seed: one table row per arm
+
+    # a pool generated from the training patients' layouts is refused, naming them
+    layouts = tmp_path / "sampler"
+    ensure_synthetic(get_config("smoke", tiny), NoisyCopy("volume"), n=2, out=layouts, unit="volume",
+                     real_root=cohort_root, checkpoint=gen, model="model")
+    with pytest.raises(ValueError, match="conditioned on training patients FAKE-00"):
+        run_segmentation(cfg, str(layouts), settings=("crop",), n_runs=1, real_root=cohort_root)
+    # and the cohort may not be a split the evaluation scores
+    with pytest.raises(ValueError, match="eval_splits"):
+        run_segmentation(get_config("smoke", {**tiny, "downstream.seg_condition_source": "validation",
+                                              "downstream.eval_splits": "val,test"}),
+                         str(pool), settings=("crop",), n_runs=1, real_root=cohort_root)

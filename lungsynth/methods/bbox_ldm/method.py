@@ -47,7 +47,7 @@ class BboxLdmMethod(MethodFace):
 
     def conditions(self, cfg: Any, source: str, n: int, seed: int = 0, root: Path | str | None = None
                    ) -> list[Condition]:
-        if source == "heldout":
+        if source != "sampler":  # the anatomical sampler draws training slices; other sources are real splits
             return real_conditions(cfg, "slice", n, source=source, seed=seed, root=root)
         api = self.api()
         draw = api.draw_conditions(cfg, "anatomical", int(n), seed)
