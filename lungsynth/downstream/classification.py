@@ -16,6 +16,9 @@ Experiments (each over ``cfg.downstream.n_runs`` independent runs, seeds ``cfg.s
   balanced set (every layer but the classifier head), with the balanced-vs-imbalanced p-value
   (:func:`malignancy_table`).
 
+With several synthetic datasets each is compared on its own, never mixed with another: every synthetic arm above
+runs once per dataset, named ``"<arm> [<dataset folder>]"`` (:func:`arm_name`), beside one real arm.
+
 Each run holds out ``cfg.downstream.val_fraction`` of the real training patients (20%, the paper's 80/20 split;
 :func:`lungsynth.downstream.mixing.validation_split`) as a real-only validation set: every classifier keeps the
 weights of its lowest validation cross-entropy (early stopping); synthetic items only ever join the training part.
@@ -165,7 +168,9 @@ class ClsResult:
     ``malignancy_runs`` / ``malignancy_table`` (:func:`malignancy_table`: balanced vs imbalanced initialisation, and
     each against scratch);
     ``curves``: ``{(experiment, setting, seed): (y_true, proba)}`` for precision-recall curves;
-    ``composition``: training-set counts per setting; ``ratio_runs`` / ``ratio_table``: the ratio experiment.
+    ``composition``: training-set counts per setting; ``ratio_runs`` / ``ratio_table``: the ratio experiment
+    (``setting`` "real" at ratio 0, "+ synthetic" above it). With several synthetic datasets every synthetic arm is
+    named per dataset (:func:`arm_name`).
     """
 
     subtype_runs: Any
@@ -182,18 +187,34 @@ class ClsResult:
     ratio_table: Any = None
 
 
-def _with_pvalues(runs: Any, by: Sequence[str], setting_col: str, a: str, b: str, metrics: Sequence[str]) -> Any:
-    """Aggregate ``runs`` over seeds per (setting, *by*) and add ``p_<metric>`` (Mann-Whitney a vs b) per *by*."""
+def _with_pvalues(runs: Any, by: Sequence[str], setting_col: str, a: str | Sequence[str], b: str,
+                  metrics: Sequence[str]) -> Any:
+    """Aggregate ``runs`` over seeds per (setting, *by*) and add ``p_<metric>`` (Mann-Whitney) per *by*: a row of a
+    setting of ``a`` (one name or several, one per synthetic dataset) compares it with ``b``; the other rows carry
+    the p-value of the only ``a`` (NaN when there are several)."""
     from lungsynth.downstream.metrics import aggregate, mann_whitney_p
 
+    tests = [a] if isinstance(a, str) else list(a)
     table = aggregate(runs, [setting_col, *by], metrics)
     for m in metrics:
         ps = {}
         for key, g in runs.groupby(list(by), sort=False, dropna=False):
             key = key if isinstance(key, tuple) else (key,)
-            ps[key] = mann_whitney_p(g.loc[g[setting_col] == a, m], g.loc[g[setting_col] == b, m])
-        table[f"p_{m}"] = [ps.get(tuple(r[c] for c in by), float("nan")) for _, r in table.iterrows()]
+            for t in tests:
+                ps[(t, *key)] = mann_whitney_p(g.loc[g[setting_col] == t, m], g.loc[g[setting_col] == b, m])
+
+        def p_of(row: Any) -> float:
+            own = row[setting_col] if row[setting_col] in tests else (tests[0] if len(tests) == 1 else None)
+            return ps.get((own, *(row[c] for c in by)), float("nan"))
+
+        table[f"p_{m}"] = [p_of(r) for _, r in table.iterrows()]
     return table
+
+
+def arm_name(name: str, generator: str, generators: Sequence[str]) -> str:
+    """The name of a synthetic arm: ``name`` itself with one synthetic dataset, ``"name [generator]"`` with several
+    (each dataset is compared on its own, never mixed with another)."""
+    return name if len(generators) <= 1 else f"{name} [{generator}]"
 
 
 def malignancy_table(runs: Any, metrics: Sequence[str] = ("auroc", "auprc")) -> Any:
@@ -205,9 +226,10 @@ def malignancy_table(runs: Any, metrics: Sequence[str] = ("auroc", "auprc")) -> 
 
     runs = runs.assign(task="malignancy")
     inits = list(dict.fromkeys(runs["init"]))
-    a, b = ("subtype (balanced)", "subtype (real)") if "subtype (balanced)" in inits else (inits[-1], "scratch")
+    balanced = [i for i in inits if i.startswith("subtype (balanced")]
+    a, b = (balanced, "subtype (real)") if balanced else ([inits[-1]], "scratch")
     table = _with_pvalues(runs, ["task"], "init", a, b, metrics)
-    table["compares"] = f"{a} vs {b}"
+    table["compares"] = [f"{i if i in a else a[0]} vs {b}" if i in a or len(a) == 1 else "" for i in table["init"]]
     for m in metrics:
         scratch = runs.loc[runs["init"] == "scratch", m]
         table[f"p_{m}_vs_scratch"] = [float("nan") if i == "scratch" else
@@ -248,8 +270,8 @@ def run_classification(cfg: Any, synthetic: Any = None, *,
     """Run the chapter's experiments (see the module docstring) and return their tables.
 
     Args:
-        synthetic: synthetic dataset folders (``"D1,D2"`` or a list): volume datasets (HR-LDM inpainting, LAND
-            texture control, Lung-DDPM) or crop datasets; None runs the real-only rows.
+        synthetic: synthetic dataset folders (``"D1,D2"`` or a list), each its own arms: volume datasets (HR-LDM
+            inpainting, LAND texture control, Lung-DDPM) or crop datasets; None runs the real-only rows.
         experiments: any of ``subtype``, ``scarcity``, ``malignancy``, ``ratio``.
         ratios: synthetic ratios of the ``ratio`` experiment (default ``cfg.downstream.synthetic_ratios``).
         out: folder for the CSV tables and ``run.json``.
@@ -275,6 +297,9 @@ def run_classification(cfg: Any, synthetic: Any = None, *,
     eval_ds = ItemDataset(cfg, ev, "crop", size)
     y_eval = ev["subtype_id"].astype(int).to_numpy()
     allow = bool(cfg.downstream.allow_repeats)
+    syn = pools.synthetic  # each synthetic dataset its own arms (arm_name), never mixed with another
+    by_generator = {g: syn[syn["generator"] == g] for g in dict.fromkeys(syn["generator"])} if syn is not None else {}
+    names = list(by_generator)
 
     def subtype_ds(table: Any) -> Any:
         check_no_leak(table, pools.heldout, held)
@@ -291,8 +316,9 @@ def run_classification(cfg: Any, synthetic: Any = None, *,
     def settings_of(seed: int) -> dict[str, Any]:  # the synthetic items top up the run's training part only
         fit_part = real_split(seed)[0]
         out = {"real": fit_part}
-        if pools.synthetic is not None:
-            out["balanced"] = balance_classes(fit_part, pools.synthetic, "subtype_id", seed, (0, 1, 2), allow)[0]
+        for g, pool in by_generator.items():
+            out[arm_name("balanced", g, names)] = balance_classes(fit_part, pool, "subtype_id", seed, (0, 1, 2),
+                                                                 allow)[0]
         return out
 
     first = seeds(cfg, n_runs)[0]
@@ -311,16 +337,21 @@ def run_classification(cfg: Any, synthetic: Any = None, *,
                 sub_rows += [{"setting": name, "seed": seed, "best_step": model.best_step, **r}
                              for r in subtype_scores(y_eval, proba, ev["diameter_mm"].to_numpy())]
     sub_runs = pd.DataFrame(sub_rows)
-    sub_table = (_with_pvalues(sub_runs, ["size", "class"], "setting", "balanced", "real", ("auroc", "auprc"))
+    balanced = [arm_name("balanced", g, names) for g in names] or ["balanced"]
+    sub_table = (_with_pvalues(sub_runs, ["size", "class"], "setting", balanced, "real", ("auroc", "auprc"))
                  if len(sub_runs) else pd.DataFrame())
 
     sc_rows = []
     if "scarcity" in experiments:
-        modes = ("real",) + (("proportional", "full") if pools.synthetic is not None else ())
+        fractions = cfg.downstream.real_fractions
         for seed in seeds(cfg, cfg.downstream.scarcity_runs):
             fit_part, val_part = real_split(seed)
             val_ds = validation_ds(val_part)
-            cells = scarcity_sets(fit_part, pools.synthetic, cfg.downstream.real_fractions, seed, "subtype_id", modes)
+            cells = scarcity_sets(fit_part, None, fractions, seed, "subtype_id", ("real",))
+            for g, pool in by_generator.items():
+                cells.update({(f, arm_name(mode, g, names)): t for (f, mode), t in
+                              scarcity_sets(fit_part, pool, fractions, seed, "subtype_id", ("proportional", "full"))
+                              .items()})
             for (frac, mode), table in cells.items():
                 model = train_classifier(cfg, subtype_ds(table), 3, seed, validation=val_ds)
                 rows = one_vs_rest(y_eval, predict_proba(model, eval_ds), range(3), SUBTYPE_NAMES)
@@ -337,18 +368,19 @@ def run_classification(cfg: Any, synthetic: Any = None, *,
     ra_rows = []
     if "ratio" in experiments:
         rs = [float(r) for r in (ratios if ratios is not None else cfg.downstream.synthetic_ratios)]
-        if pools.synthetic is None:
-            rs = [0.0]
-        for r in rs:
+        arms = [("real", None, 0.0)] if 0.0 in rs or not by_generator else []
+        arms += [(arm_name("+ synthetic", g, names), pool, r) for g, pool in by_generator.items() for r in rs if r > 0]
+        for setting, pool, r in arms:
             for seed in seeds(cfg, n_runs):
                 fit_part, val_part = real_split(seed)
-                table = mix_ratio(fit_part, pools.synthetic, r, seed, allow)
+                table = mix_ratio(fit_part, pool, r, seed, allow)
                 model = train_classifier(cfg, subtype_ds(table), 3, seed, validation=validation_ds(val_part))
                 proba = predict_proba(model, eval_ds)
-                ra_rows += [{"ratio": r, "seed": seed, **row, **composition(table)}
+                ra_rows += [{"setting": setting, "ratio": r, "seed": seed, **row, **composition(table)}
                             for row in one_vs_rest(y_eval, proba, range(3), SUBTYPE_NAMES)]
     ra_runs = pd.DataFrame(ra_rows)
-    ra_table = aggregate(ra_runs, ["ratio", "class"], ("auroc", "auprc")) if len(ra_runs) else pd.DataFrame()
+    ra_table = (aggregate(ra_runs, ["setting", "ratio", "class"], ("auroc", "auprc")) if len(ra_runs)
+                else pd.DataFrame())
 
     mal_rows = []
     if "malignancy" in experiments:
@@ -371,7 +403,7 @@ def run_classification(cfg: Any, synthetic: Any = None, *,
             fit_part, val_part = validation_split(mtrain, val_fraction, seed, "malignant")
             mds, mval = malignancy_ds(fit_part), (malignancy_ds(val_part) if len(val_part) else None)
             arms = [("scratch", None)] + [(f"subtype ({name})", sub_models[(name, seed)])
-                                          for name in ("real", "balanced") if (name, seed) in sub_models]
+                                          for name in ["real", *balanced] if (name, seed) in sub_models]
             for init_name, init in arms:
                 model = train_classifier(cfg, mds, 2, seed, init=init, validation=mval)
                 proba = predict_proba(model, mev_ds)

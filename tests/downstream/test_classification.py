@@ -140,3 +140,45 @@ def test_only_nodules_of_the_size_range_are_read(cfg, real_root, synthetic_train
     assert sized_pools(pools, ())[0] is pools  # () reads every size
     with pytest.raises(ValueError, match="no evaluation nodule of 40-50 mm"):
         sized_pools(pools, (40.0, 50.0))
+
+
+def test_two_synthetic_datasets_are_compared_as_separate_arms(cfg, real_root, synthetic_train, tmp_path,
+                                                              monkeypatch):
+    """``SYNTHETIC = [A, B]``: each dataset balances, tops up and initialises its own arms (named ``... [A]``),
+    beside one real arm, each with its own p-value against real; no training set mixes the two."""
+    from synth_fakes import NoisyCopy, stamp_generator
+
+    import lungsynth.downstream.classification as C
+    from lungsynth.sampling.synth import synthesize
+
+    other = tmp_path / "other"
+    synthesize(cfg, NoisyCopy("volume", noise_hu=60.0), 8, conditions="sampler", out=other, progress=False,
+               checkpoint=stamp_generator(tmp_path / "gen", real_root), real_root=real_root, model="model")
+    seen, train = [], C.train_classifier
+
+    def spy(cfg_, dataset, n_classes, seed=0, init=None, steps=None, validation=None):
+        table = dataset.base.table
+        synthetic = table[table["synthetic"].astype(bool)]
+        seen.append(set(synthetic["generator"]) if len(synthetic) else set())
+        return train(cfg_, dataset, n_classes, seed, init, steps, validation)
+
+    monkeypatch.setattr(C, "train_classifier", spy)
+    res = C.run_classification(cfg, [synthetic_train, other], real_root=real_root, n_runs=2)
+    a, b = f"balanced [{synthetic_train.name}]", "balanced [other]"
+    assert set(res.subtype_table["setting"]) == {"real", a, b}
+    assert all(len(g) <= 1 for g in seen)  # no training set draws from both datasets
+    assert {frozenset(g) for g in seen} == {frozenset(), frozenset({synthetic_train.name}), frozenset({"other"})}
+    runs = res.subtype_runs[res.subtype_runs["size"] == "all"]
+    st = res.subtype_table[res.subtype_table["size"] == "all"]
+    for setting in (a, b):
+        for _, row in st[st["setting"] == setting].iterrows():
+            x, y = (runs.loc[(runs["setting"] == s) & (runs["class"] == row["class"]), "auroc"].to_numpy(float)
+                    for s in (setting, "real"))
+            same = np.all(np.concatenate([x, y]) == x[0])
+            assert row["p_auroc"] == pytest.approx(1.0 if same else mannwhitneyu(x, y, alternative="two-sided").pvalue)
+    assert st.loc[st["setting"] == "real", "p_auroc"].isna().all()  # two comparisons: none is the real row's
+    modes = set(res.scarcity_table["synthetic"])
+    assert {"real", f"full [{synthetic_train.name}]", "full [other]", "proportional [other]"} <= modes
+    mt = res.malignancy_table.set_index("init")
+    assert set(mt.index) == {"scratch", "subtype (real)", f"subtype ({a})", f"subtype ({b})"}
+    assert mt.loc[f"subtype ({b})", "compares"] == f"subtype ({b}) vs subtype (real)"
