@@ -487,6 +487,10 @@ class DownstreamConfig:
     # validation set; each classifier keeps the weights of its lowest validation cross-entropy, measured every
     # cls_val_every steps, and stops after cls_patience validations without a better one (0: runs all its steps)
     val_fraction: float = tiered(0.2, 0.2, 0.2)
+    # five-fold cross-validation (HR-LDM §5.3, "for model selection"): run k validates on fold k of one partition
+    # of the training patients (seed cfg.seed), so over five runs every patient validates once; off, each run draws
+    # its own split (seed cfg.seed + k). Course keeps its own splits: 2 runs would see 2 of the 5 folds
+    cls_cross_validation: bool = tiered(False, False, True)
     cls_val_every: int = tiered(5, 50, 250)
     cls_patience: int = tiered(0, 6, 10)
     scarcity_runs: int = tiered(1, 1, 5)

@@ -22,6 +22,8 @@ runs once per dataset, named ``"<arm> [<dataset folder>]"`` (:func:`arm_name`), 
 Each run holds out ``cfg.downstream.val_fraction`` of the real training patients (20%, the paper's 80/20 split;
 :func:`lungsynth.downstream.mixing.validation_split`) as a real-only validation set: every classifier keeps the
 weights of its lowest validation cross-entropy (early stopping); synthetic items only ever join the training part.
+With ``cfg.downstream.cls_cross_validation`` (``full``) run k validates on fold k of one partition instead: the
+paper's five-fold cross-validation for model selection (:func:`run_fold`).
 
 Nodules: those of ``cfg.downstream.cls_size_range_mm`` (6-30 mm, the paper's Sec. 5.1), real and synthetic, in
 training and evaluation (:func:`sized_pools`; the composition table counts what was left out).
@@ -211,6 +213,19 @@ def _with_pvalues(runs: Any, by: Sequence[str], setting_col: str, a: str | Seque
     return table
 
 
+def run_fold(cfg: Any, seed: int) -> tuple[int, int]:
+    """``(split seed, fold)`` of the run with ``seed``: with ``cfg.downstream.cls_cross_validation`` run k (seed
+    ``cfg.seed + k``) validates on fold k of one partition (five-fold cross-validation, HR-LDM §5.3); else each
+    run draws fold 0 of its own partition."""
+    if not cfg.downstream.cls_cross_validation or float(cfg.downstream.val_fraction) == 0:
+        return int(seed), 0
+    k, folds = int(seed) - int(cfg.seed), max(2, int(round(1.0 / float(cfg.downstream.val_fraction))))
+    if not 0 <= k < folds:
+        raise ValueError(f"run {k} (seed {seed}): cross-validation has {folds} folds (downstream.val_fraction "
+                         f"{cfg.downstream.val_fraction}); set downstream.n_runs <= {folds}")
+    return int(cfg.seed), k
+
+
 def arm_name(name: str, generator: str, generators: Sequence[str]) -> str:
     """The name of a synthetic arm: ``name`` itself with one synthetic dataset, ``"name [generator]"`` with several
     (each dataset is compared on its own, never mixed with another)."""
@@ -308,7 +323,8 @@ def run_classification(cfg: Any, synthetic: Any = None, *,
     val_fraction = float(cfg.downstream.val_fraction)
 
     def real_split(seed: int) -> tuple[Any, Any]:  # (train, validation) of the real patients, per run
-        return validation_split(pools.train, val_fraction, seed, "subtype_id")
+        split_seed, fold = run_fold(cfg, seed)
+        return validation_split(pools.train, val_fraction, split_seed, "subtype_id", fold=fold)
 
     def validation_ds(table: Any) -> Any:
         return subtype_ds(table) if len(table) else None
@@ -400,7 +416,8 @@ def run_classification(cfg: Any, synthetic: Any = None, *,
                              f"got train {sorted(set(ytr))}, evaluation {sorted(set(yev))}")
         mev_ds = ItemDataset(cfg, mev, "crop", size)
         for seed in seeds(cfg, n_runs):  # the paper's three arms (the balanced one only with a synthetic pool)
-            fit_part, val_part = validation_split(mtrain, val_fraction, seed, "malignant")
+            split_seed, fold = run_fold(cfg, seed)
+            fit_part, val_part = validation_split(mtrain, val_fraction, split_seed, "malignant", fold=fold)
             mds, mval = malignancy_ds(fit_part), (malignancy_ds(val_part) if len(val_part) else None)
             arms = [("scratch", None)] + [(f"subtype ({name})", sub_models[(name, seed)])
                                           for name in ["real", *balanced] if (name, seed) in sub_models]

@@ -94,12 +94,13 @@ def cohort_arms(real: Any, cohort: Any, synthetic: Any, seed: int = 0, allow_rep
 
 
 def validation_split(real: Any, fraction: float, seed: int = 0, stratify: str | None = None,
-                     group: str = "patient_id") -> tuple[Any, Any]:
+                     group: str = "patient_id", fold: int = 0) -> tuple[Any, Any]:
     """``(train, validation)`` of the real training items: about ``fraction`` of them held out for early stopping
     (HR-LDM §5.3's 80/20 train-validation split), whole patients at a time (two nodules of one patient never
     straddle it), balanced over the classes of ``stratify`` as far as patients allow (scikit-learn's
-    ``StratifiedGroupKFold``, the first of ``round(1 / fraction)`` folds). Synthetic items never enter it: the
-    validation set is real only, as in the paper. ``fraction`` 0 returns ``(real, empty)``.
+    ``StratifiedGroupKFold``: fold ``fold`` of ``round(1 / fraction)`` folds shuffled by ``seed``, so folds 0..k-1
+    of one seed tile the patients: five-fold cross-validation). Synthetic items never enter it: the validation set
+    is real only, as in the paper. ``fraction`` 0 returns ``(real, empty)``.
     """
     from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
@@ -108,6 +109,8 @@ def validation_split(real: Any, fraction: float, seed: int = 0, stratify: str | 
     if fraction == 0 or not len(real):
         return real, real.iloc[:0]
     folds = max(2, int(round(1.0 / fraction)))
+    if not 0 <= int(fold) < folds:
+        raise ValueError(f"fold {fold} of a {fraction:g} validation split: there are {folds} folds (0..{folds - 1})")
     groups = real[group].astype(str).to_numpy()
     if len(set(groups)) < folds:
         raise ValueError(f"a {fraction:g} validation split needs >= {folds} training patients, got "
@@ -118,10 +121,10 @@ def validation_split(real: Any, fraction: float, seed: int = 0, stratify: str | 
         labels = real[stratify].to_numpy()
         with warnings.catch_warnings():  # a class rarer than the folds: stratified as far as it goes, as documented
             warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
-            fit, val = next(splitter.split(index, labels, groups))
+            fit, val = list(splitter.split(index, labels, groups))[int(fold)]
     else:  # GroupKFold has no shuffle in every scikit-learn: shuffle the patients by relabelling them
         order = {g: k for k, g in enumerate(np.random.default_rng(seed).permutation(sorted(set(groups))))}
-        fit, val = next(GroupKFold(n_splits=folds).split(index, groups=[order[g] for g in groups]))
+        fit, val = list(GroupKFold(n_splits=folds).split(index, groups=[order[g] for g in groups]))[int(fold)]
     return real.iloc[np.sort(fit)], real.iloc[np.sort(val)]
 
 

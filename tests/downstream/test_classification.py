@@ -122,6 +122,32 @@ def test_early_stopping_validates_on_real_patients_that_no_classifier_trains_on(
     assert "validation (real)" in set(res.composition["setting"])
 
 
+def test_cross_validation_runs_validate_on_the_folds_of_one_partition(tiny, real_root, synthetic_train, monkeypatch):
+    """``cls_cross_validation`` (HR-LDM §5.3, on in `full`): run k validates on fold k of one partition of the
+    training patients, so the runs' validation patients never overlap; more runs than folds is refused."""
+    import lungsynth.downstream.classification as C
+    from lungsynth.config import get_config
+    from lungsynth.downstream.common import load_pools
+    from lungsynth.downstream.mixing import validation_split
+
+    seen, train = {}, C.train_classifier
+
+    def spy(cfg_, dataset, n_classes, seed=0, init=None, steps=None, validation=None):
+        seen.setdefault(seed, set(validation.base.table["patient_id"]))
+        return train(cfg_, dataset, n_classes, seed, init, steps, validation)
+
+    monkeypatch.setattr(C, "train_classifier", spy)
+    cv = get_config("smoke", {**tiny, "downstream.val_fraction": 0.25, "downstream.cls_cross_validation": True,
+                              "downstream.cls_steps": 2, "downstream.cls_val_every": 1})
+    C.run_classification(cv, [synthetic_train], experiments=("subtype",), real_root=real_root)
+    real = C.sized_pools(load_pools(cv, "nodule", [synthetic_train], real_root), cv.downstream.cls_size_range_mm)[0]
+    folds = [set(validation_split(real.train, 0.25, cv.seed, "subtype_id", fold=k)[1]["patient_id"]) for k in (0, 1)]
+    assert [seen[cv.seed], seen[cv.seed + 1]] == folds and not folds[0] & folds[1]
+    with pytest.raises(ValueError, match="set downstream.n_runs <= 4"):
+        C.run_fold(cv, cv.seed + 4)
+    assert C.run_fold(get_config("smoke", tiny), 7) == (7, 0)  # off: each run its own partition
+
+
 def test_only_nodules_of_the_size_range_are_read(cfg, real_root, synthetic_train):
     """HR-LDM reads the 6-30 mm nodules: real train, evaluation and synthetic rows outside the range are left out and
     counted; rows of unknown diameter stay."""

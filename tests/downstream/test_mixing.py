@@ -133,3 +133,17 @@ def test_validation_split_holds_out_whole_patients_of_every_class():
     assert len(X.validation_split(t, 0.0)[1]) == 0
     with pytest.raises(ValueError, match="needs >= 5 training patients, got 3"):
         X.validation_split(t.iloc[:6], 0.2)
+
+
+def test_the_folds_of_one_seed_tile_the_patients():
+    """Five-fold cross-validation: folds 0..4 of one seed validate every nodule exactly once, whole patients."""
+    t = _table(60, 0, [0] * 30 + [1] * 12 + [2] * 18)
+    t["patient_id"] = [f"P{i // 2}" for i in range(60)]
+    vals = [X.validation_split(t, 0.2, seed=3, stratify="subtype_id", fold=k)[1] for k in range(5)]
+    ids = [i for v in vals for i in v["item_id"]]
+    assert sorted(ids) == sorted(t["item_id"]) and len(ids) == len(set(ids))  # each item validated once
+    assert vals[0]["item_id"].tolist() == X.validation_split(t, 0.2, seed=3, stratify="subtype_id")[1]["item_id"].tolist()
+    unstratified = [set(X.validation_split(t, 0.2, seed=3, fold=k)[1]["patient_id"]) for k in range(5)]
+    assert set().union(*unstratified) == set(t["patient_id"]) and sum(map(len, unstratified)) == 30
+    with pytest.raises(ValueError, match="there are 5 folds"):
+        X.validation_split(t, 0.2, seed=3, fold=5)
