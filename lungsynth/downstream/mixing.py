@@ -245,7 +245,10 @@ def check_no_leak(train: Any, heldout: Iterable[str], heldout_splits: Sequence[s
         splits = sorted(set(syn_bad["condition_split"].astype(str))) if "condition_split" in syn_bad.columns else []
         msg.append(f"{len(syn_bad)} synthetic items conditioned on held-out patients {', '.join(pats) or '?'} "
                    f"(condition split {', '.join(splits) or '?'}; samples {samples})")
-    msg.append("fix: synthesize with --conditions sampler (training masks), not heldout")
+    if len(syn_bad):
+        msg.append("fix: synthesize with --conditions sampler (training masks), not heldout")
+    if real_leak:
+        msg.append("fix: train on the train split only; these patients are scored (test or downstream.eval_splits)")
     raise ValueError(f"test-patient leak in the {what}: " + "; ".join(msg))
 
 

@@ -73,8 +73,9 @@ def test_guard_catches_a_real_test_patient(real_root):
     held = heldout_patients(real_root)
     assert held == set(test["patient_id"]) and not held & set(train["patient_id"])
     X.check_no_leak(train, held)  # clean
-    with pytest.raises(ValueError, match="real items of held-out patients FAKE-009"):
+    with pytest.raises(ValueError, match="real items of held-out patients FAKE-009") as err:
         X.check_no_leak(pd.concat([train, test.iloc[[1]]]), held)
+    assert "train on the train split only" in str(err.value) and "--conditions" not in str(err.value)
 
 
 def test_guard_catches_a_leak_through_synthetic_provenance(cfg, real_root, synthetic_heldout, synthetic_train):
