@@ -295,6 +295,7 @@ def run_classification(cfg: Any, synthetic: Any = None, *,
 
     import pandas as pd
 
+    from lungsynth.downstream import mixing
     from lungsynth.downstream.common import finite_mean, load_pools, seeds
     from lungsynth.downstream.data import ItemDataset, LabelView
     from lungsynth.downstream.metrics import aggregate, one_vs_rest
@@ -312,8 +313,7 @@ def run_classification(cfg: Any, synthetic: Any = None, *,
     eval_ds = ItemDataset(cfg, ev, "crop", size)
     y_eval = ev["subtype_id"].astype(int).to_numpy()
     allow = bool(cfg.downstream.allow_repeats)
-    syn = pools.synthetic  # each synthetic dataset its own arms (arm_name), never mixed with another
-    by_generator = {g: syn[syn["generator"] == g] for g in dict.fromkeys(syn["generator"])} if syn is not None else {}
+    by_generator = mixing.by_generator(pools.synthetic)  # each synthetic dataset its own arms (arm_name), never mixed
     names = list(by_generator)
 
     def subtype_ds(table: Any) -> Any:

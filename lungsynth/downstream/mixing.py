@@ -80,6 +80,14 @@ def mix_ratio(real: Any, synthetic: Any, ratio: float, seed: int = 0, allow_repe
     return _concat([real, picked])
 
 
+def by_generator(synthetic: Any) -> dict[str, Any]:
+    """The synthetic pool split by dataset (``generator``, its folder), in first-seen order; ``{}`` for None: the
+    chapters compare datasets as separate arms, never mixed."""
+    if synthetic is None:
+        return {}
+    return {g: synthetic[synthetic["generator"] == g] for g in dict.fromkeys(synthetic["generator"])}
+
+
 def cohort_arms(real: Any, cohort: Any, synthetic: Any, seed: int = 0, allow_repeats: bool = False
                 ) -> dict[str, Any]:
     """``{"+ real": real + cohort, "+ synthetic": real + len(cohort) synthetic items}`` (see the module

@@ -142,19 +142,18 @@ def training_sets(cfg: Any, pools: Any, ratios: Sequence[float], seed: int) -> l
     each synthetic dataset of the pool on its own (``generator``: its folder name; "" for real-only arms), then with
     a cohort (``pools.cohort``) the ``+ real`` arm and each generator's ``+ synthetic`` arm at the cohort's ratio
     (its item count over the real train count)."""
-    from lungsynth.downstream.mixing import cohort_arms, mix_ratio
+    from lungsynth.downstream.mixing import by_generator, cohort_arms, mix_ratio
 
     repeats = bool(cfg.downstream.allow_repeats)
-    syn = pools.synthetic
-    by_generator = {g: syn[syn["generator"] == g] for g in dict.fromkeys(syn["generator"])} if syn is not None else {}
-    sets = [("real only", "", 0.0, pools.train)] if 0.0 in [float(r) for r in ratios] or not by_generator else []
+    pools_of = by_generator(pools.synthetic)
+    sets = [("real only", "", 0.0, pools.train)] if 0.0 in [float(r) for r in ratios] or not pools_of else []
     sets += [("+ synthetic", g, float(r), mix_ratio(pools.train, pool, r, seed, repeats))
-             for g, pool in by_generator.items() for r in ratios if float(r) > 0]
+             for g, pool in pools_of.items() for r in ratios if float(r) > 0]
     if pools.cohort is not None and len(pools.cohort):
         ratio = round(len(pools.cohort) / max(len(pools.train), 1), 3)
         sets.append(("+ real", "", ratio, cohort_arms(pools.train, pools.cohort, None)["+ real"]))
         sets += [("+ synthetic", g, ratio, cohort_arms(pools.train, pools.cohort, pool, seed, repeats)["+ synthetic"])
-                 for g, pool in by_generator.items()]
+                 for g, pool in pools_of.items()]
     return sets
 
 
