@@ -4,18 +4,22 @@ For each method in :data:`lungsynth.sampling.registry.METHODS` that has a traine
 ``train_missing``, after training it), :func:`evaluate_method`:
 
 1. samples :func:`sample_count` items (``cfg.evaluation.n_samples`` / ``n_samples_2d``, the papers' counts in
-   ``full``) with conditions from the real **test** split
-   (``lungsynth synth``; resumable, so a second evaluation reuses them), timing each sample;
+   ``full``) with conditions from the real **validation** split (:data:`BOARD_CONDITIONS`; ``lungsynth synth``;
+   resumable, so a second evaluation reuses them), timing each sample. No generator trained on those scans, and
+   none of them is in the test reference the samples are scored against: a method is never scored against the
+   scans it was conditioned on (LAND's masks) or inpainted into (HR-LDM's backgrounds, Lung-DDPM's anatomy
+   outside the lung), which would flatter it (:func:`refuse_reference_overlap` checks every row);
 2. loads the real reference in the method's unit (test split: volumes, slices, ROIs or crops; a real
    reference of another size is resampled to the synthetic one) and the training split. The held-out items are
    cut in two fixed halves: the reference half every row is compared with, and a comparison half that makes the
    **baseline rows** (:func:`baseline_evaluations`: real vs real, blurred real, shuffled-pixel noise, and the
    reconstructions of the chapter 02 autoencoder a latent method decodes through), so a reader sees where each
    method falls between the floor and the noise;
-3. computes FID / KID / MMD with bootstrap CIs on features of a named network (3D: ``cfg.evaluation
+3. computes FID / KID / MMD with half-sampling intervals on features of a named network (3D: ``cfg.evaluation
    .feature_network``; 2D: a slice net trained on the real training images by rotation prediction),
    MS-SSIM diversity (synthetic and real), masked MSE in the lung against the paired real volume
-   (volume methods: the scan whose masks conditioned the sample), HU-histogram JSD of nodule voxels by
+   (volume methods: the scan whose masks conditioned the sample; a paired measure, reported apart from the
+   distribution metrics), HU-histogram JSD of nodule voxels by
    subtype, Dice of the generated nodule against the condition mask, the memorisation audit's flag rate
    (feature space and voxel space), the classifier two-sample test (held-out accuracy of telling the synthetic
    features from the real ones, :mod:`lungsynth.eval.two_sample`; 0.5 = indistinguishable), time per sample and
@@ -48,6 +52,7 @@ from lungsynth.data import fingerprint
 from lungsynth.eval.features import hu_to_unit_range, unit_features
 
 SUBTYPE_NAMES = ("solid", "part-solid", "ground-glass")
+BOARD_CONDITIONS = "validation"  # the condition source of every row: held out from training, disjoint from the test
 COLUMNS = ("method", "variant", "unit", "source", "n_synthetic", "n_real", "network", "reference", "fid", "fid_ci",
            "kid", "kid_ci",
            "mmd", "mmd_ci", "c2st", "c2st_ci", "ms_ssim", "ms_ssim_real", "masked_mse", "jsd_solid", "jsd_part-solid",
@@ -126,6 +131,7 @@ def load_real(root: Path, unit: str, split: str) -> dict[str, Any]:
     packed = _pack(arrays, unit, [_subtype_of_row(r, root, unit) for r in rows], [str(r.get("nodule_id", r["scan_id"]))
                                                                               for r in rows])
     packed["spacing_mm"] = [float(r["spacing_mm"]) if r.get("spacing_mm") not in (None, "") else None for r in rows]
+    packed["scans"] = [str(r["scan_id"]) for r in rows]
     return packed
 
 
@@ -212,7 +218,11 @@ def train_slice_net(cfg: Any, train_hu: np.ndarray):
 
 
 def _ci(m: Any) -> str:
-    return f"[{m.ci_low:.4g}, {m.ci_high:.4g}]" if m.ci_low is not None else ""
+    """"[low, high]", "insufficient N" (too few samples per set for an interval) or "" (none asked for)."""
+    interval = m.interval()
+    if isinstance(interval, tuple):
+        return f"[{interval[0]:.4g}, {interval[1]:.4g}]"
+    return "insufficient N" if interval else ""
 
 
 def _jsd_by_subtype(syn: dict[str, Any], real: dict[str, Any]) -> dict[str, float | None]:
@@ -261,6 +271,8 @@ def _subset(d: dict[str, Any], idx: np.ndarray) -> dict[str, Any]:
         if d.get(k) is not None:
             out[k] = d[k][idx]
     out["ids"] = [d["ids"][i] for i in idx]
+    if d.get("scans") is not None:
+        out["scans"] = [d["scans"][i] for i in idx]
     if d.get("spacing_mm") is not None:
         out["spacing_mm"] = [d["spacing_mm"][i] for i in idx]
     return out
@@ -394,11 +406,25 @@ def write_reference(cfg: Any, root: Path | str, unit: str, real: dict[str, Any],
     return ref_id
 
 
+def refuse_reference_overlap(syn: dict[str, Any], ref: dict[str, Any], out: Path | str) -> None:
+    """ValueError when a synthetic item was conditioned on (or inpainted into) a scan of the real reference it is
+    about to be scored against, or of the comparison half the baselines are made from."""
+    conditioned = {str(r.get("condition_scan_id")) for r in syn["records"] if r.get("condition_scan_id")}
+    for part in ("real", "comparison"):
+        items = ref.get(part)
+        shared = sorted(conditioned & set(items.get("scans") or ())) if items else []
+        if shared:
+            raise ValueError(f"{out}: {len(shared)} synthetic item(s) were conditioned on scans of the {part} "
+                             f"reference they would be scored against ({', '.join(shared[:4])}); sample the board "
+                             f"with conditions={BOARD_CONDITIONS!r} into a fresh folder")
+
+
 def sample_count(cfg: Any, adapter: Any, root: Path | str) -> int:
     """How many items the board samples of a method: ``cfg.evaluation.n_samples`` (volumes, crops) or
     ``n_samples_2d`` (slices, ROIs); where that is 0 (``full``), the method's paper's count
-    (``MethodFace.paper_samples``), or one per held-out case when the paper evaluates on its held-out set."""
-    from lungsynth.data.conditions import view_rows
+    (``MethodFace.paper_samples``), or one per case of the board's condition split when the paper evaluates on its
+    held-out set."""
+    from lungsynth.data.conditions import SOURCE_SPLITS, view_rows
 
     e = cfg.evaluation
     n = int(e.n_samples_2d if adapter.unit in ("slice", "roi") else e.n_samples)
@@ -406,7 +432,7 @@ def sample_count(cfg: Any, adapter: Any, root: Path | str) -> int:
         return n
     if adapter.paper_samples:
         return int(adapter.paper_samples)
-    return len(view_rows(Path(root), adapter.unit, "test"))
+    return len(view_rows(Path(root), adapter.unit, SOURCE_SPLITS[BOARD_CONDITIONS]))
 
 
 def evaluate_method(cfg: Any, method: Any, *, n: int | None = None, real_root: Path | str | None = None,
@@ -424,7 +450,7 @@ def evaluate_method(cfg: Any, method: Any, *, n: int | None = None, real_root: P
     adapter = method if isinstance(method, MethodFace) else get_method(method)
     root = find_root(cfg, real_root)
     n = int(n or sample_count(cfg, adapter, root))
-    res = synthesize(cfg, adapter, n, conditions="heldout", out=out, checkpoint=checkpoint,
+    res = synthesize(cfg, adapter, n, conditions=BOARD_CONDITIONS, out=out, checkpoint=checkpoint,
                      train_missing=train_missing, real_root=root, progress=progress)
     # the generator never saw a test patient (its run's data stamp says whom it trained on)
     fingerprint.refuse_overlap(res.out, root, ("test",), what=f"{adapter.name} generator of {res.out}")
@@ -432,6 +458,7 @@ def evaluate_method(cfg: Any, method: Any, *, n: int | None = None, real_root: P
     unit = adapter.unit
     ref = real_reference(cfg, root, unit, syn["image"].shape[1:], references)
     check_matches_reference(syn, unit, ref["native"], res.out)
+    refuse_reference_overlap(syn, ref, res.out)
     scored = _score(cfg, unit, syn, ref)
     row = {"method": adapter.name, "variant": adapter.variant, **scored.row,
            "masked_mse": _paired_mse(cfg, syn, root), "s_per_sample": res.seconds_per_sample,
@@ -693,16 +720,18 @@ def _fmt(v: Any) -> str:
 
 def leaderboard_markdown(rows: Sequence[dict[str, Any]], profile: str = "") -> str:
     """The table as GitHub markdown (one row per method; ``-`` where a metric does not apply)."""
-    head = ["method", "unit", "n syn/real", "network", "reference", "FID [95% CI]", "KID [95% CI]", "MMD",
+    head = ["method", "unit", "n syn/real", "network", "reference", "FID [95% CI]", "KID [95% CI]", "MMD^2 (biased)",
             "real vs synthetic classifier [95% CI]", "MS-SSIM syn (real)",
             "masked MSE", "JSD solid / part-solid / GGO", "Dice", "memorised (feat / voxel)", "s/sample", "peak MB"]
     sources = sorted({str(r.get("source", "unknown source")) for r in rows})
     label = ", ".join(([profile] if profile else []) + sources)
     lines = [f"# Leaderboard{f' ({label})' if label else ''}", "",
-             "Every method sampled on the held-out (test) conditions and compared with the same real test set "
-             "of its unit; volume methods that make nodules appear again as unit *nodule*, crops around their "
+             "Every method sampled on conditions from the validation scans (never trained on, none of them in the "
+             "reference) and compared with the same real test set of its unit, so no row is scored against the "
+             "scans it was conditioned on or inpainted into; masked MSE is the paired measure against the "
+             "condition's own scan. Volume methods that make nodules appear again as unit *nodule*, crops around their "
              "generated nodules against crops around the real held-out nodules cut from volumes of the same grid. "
-             "Lower is better for FID/KID/MMD, masked MSE, JSD and memorised; MS-SSIM near the real "
+             "Lower is better for FID/KID/MMD^2, masked MSE, JSD and memorised; MS-SSIM near the real "
              "value is best (higher = less diverse). The classifier column is the held-out accuracy of a "
              "classifier telling synthetic from real features (0.5 = indistinguishable, 1 = told apart; '-' when "
              "a set has fewer than 10 samples). A reference id names the real cases and feature network a row is "

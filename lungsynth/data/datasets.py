@@ -347,7 +347,7 @@ class CropDataset(CachedDataset):
 
     Item: "ct" [1,C,C,C] in [0,1], "mask" [1,C,C,C], "hrmask" [3,C,C,C] (nodule, solid core,
     ground glass), "subtype_id" (0 solid, 1 part-solid, 2 ground-glass), "diameter_mm",
-    "malignancy" (median 1..5), "nodule_id", and on phantom data "healthy" [1,C,C,C] in [0,1] (the same cube
+    "malignancy" (median 1..5), "nodule_id", "scan_id", and on phantom data "healthy" [1,C,C,C] in [0,1] (the same cube
     of the scan without its nodules). ``size`` resamples (default cfg.data.crop_size).
     """
 
@@ -377,7 +377,7 @@ class CropDataset(CachedDataset):
             healthy = None if healthy is None else resize_volume(healthy, int(self.size), "image")
         item = {"ct": ct, "mask": mask, "hrmask": hr, "subtype_id": int(row["subtype_id"]),
                 "diameter_mm": float(row["diameter_mm"]), "malignancy": int(row["malignancy"]),
-                "nodule_id": row["nodule_id"]}
+                "nodule_id": row["nodule_id"], "scan_id": str(row["scan_id"])}
         if healthy is not None:
             item["healthy"] = healthy
         return item

@@ -1,9 +1,10 @@
 """Distribution distances between real and synthetic feature sets: FID, KID, MMD.
 
 Every metric takes two feature matrices (real [N1, D], fake [N2, D], e.g. from
-:mod:`lungsynth.eval.features`) and returns a :class:`MetricResult` with the value, a bootstrap
-confidence interval (percentile, rows of each set resampled with replacement), the sample counts and
-the feature network's name.
+:mod:`lungsynth.eval.features`) and returns a :class:`MetricResult` with the value, an
+confidence interval (:func:`half_sampling_interval`: half of each set's rows drawn without replacement, the
+interval corrected for the bias that the estimate shares with its half-samples; "insufficient N" below
+:data:`MIN_INTERVAL_N` rows per set), the sample counts and the feature network's name.
 
 - FID (Heusel et al. 2017): ``|mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr (S1 S2)^(1/2)``. :func:`fid`
   computes ``tr (S1 S2)^(1/2)`` exactly and always real: as the nuclear norm of the centred
@@ -14,7 +15,7 @@ the feature network's name.
   kept) for statistics given as (mu, Sigma). Both are biased upward for small N.
 - KID (Binkowski et al. 2018): unbiased MMD^2 with the polynomial kernel
   ``k(x, y) = (x.y / D + 1)^3``, averaged over subsets; about 0 (either sign) for equal distributions.
-- MMD: the biased (V-statistic) MMD^2 with a Gaussian (median-heuristic bandwidth) or polynomial
+- MMD (named ``mmd``; it is the squared distance): the biased (V-statistic) MMD^2 with a Gaussian (median-heuristic bandwidth) or polynomial
   kernel; always >= 0.
 
 Why these are written here and not taken from MONAI (which the course uses first):
@@ -64,8 +65,19 @@ class MetricResult:
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def interval(self, digits: int = 4) -> tuple[float, float] | str | None:
+        """(low, high) rounded to ``digits``; the "insufficient N" note when the sets were too small; None
+        when no interval was asked for."""
+        if self.ci_low is not None and self.ci_high is not None:
+            return (round(float(self.ci_low), digits), round(float(self.ci_high), digits))
+        note = str(self.extra.get("interval", ""))
+        return note if note.startswith("insufficient") else None
+
     def __str__(self) -> str:
-        ci = f" [{self.ci_low:.4g}, {self.ci_high:.4g}]" if self.ci_low is not None else ""
+        if self.ci_low is not None:
+            ci = f" [{self.ci_low:.4g}, {self.ci_high:.4g}]"
+        else:
+            ci = " [insufficient N]" if str(self.extra.get("interval", "")).startswith("insufficient") else ""
         net = f" ({self.network})" if self.network else ""
         return f"{self.metric} = {self.value:.4g}{ci} n={self.n_real}/{self.n_fake}{net}"
 
@@ -109,27 +121,46 @@ def check_features(real: Any, fake: Any, min_samples_warn: int | None = None,
     return r, f
 
 
-def _percentile_ci(values: np.ndarray, level: float) -> tuple[float, float]:
-    alpha = (1.0 - level) / 2.0
-    return float(np.quantile(values, alpha)), float(np.quantile(values, 1.0 - alpha))
+MIN_INTERVAL_N = 8  # per set: half-samples of 4; below it a metric reports "insufficient N", not an interval
 
 
-def bootstrap_ci(stat: Callable[[np.ndarray, np.ndarray], float], n_real: int, n_fake: int, n_boot: int,
-                 level: float = 0.95, seed: int = 0) -> tuple[float | None, float | None, np.ndarray]:
-    """Percentile bootstrap: ``stat(idx_real, idx_fake)`` on ``n_boot`` resamples with replacement.
+def half_sampling_interval(stat: Callable[[np.ndarray, np.ndarray], float], n_real: int, n_fake: int,
+                           estimate: float, n_rep: int, level: float = 0.95, seed: int = 0,
+                           floor: float | None = None) -> tuple[float | None, float | None, str]:
+    """A bias-aware interval from half-samples drawn without replacement (delete-n/2 jackknife).
 
-    Returns (low, high, replicate values); (None, None, []) when ``n_boot`` is 0.
+    ``stat(idx_real, idx_fake)`` is recomputed on ``n_rep`` pairs of half-samples (``n // 2`` distinct rows of
+    each set). For a statistic whose bias and variance both scale as 1/N (biased MMD^2 exactly, FID once N
+    exceeds the feature dimension, the unbiased KID for its variance) the half-sample's deviation from the full
+    estimate has the same bias and spread as the full estimate's deviation from the population value, so the
+    basic interval ``[estimate - q_hi, estimate - q_lo]`` (q: quantiles of the deviations) is corrected for the
+    bias that a with-replacement bootstrap doubles (duplicated rows shrink covariances and inflate FID and
+    MMD). The interval is widened to contain ``estimate`` and clipped at ``floor`` (0 for a distance).
+
+    Returns (low, high, note): (None, None, "") when ``n_rep`` is 0; (None, None, "insufficient N ...") when a
+    set has fewer than :data:`MIN_INTERVAL_N` rows. Coverage is measured by simulation in
+    ``tests/eval/test_distribution.py``.
     """
-    if n_boot <= 0:
-        return None, None, np.zeros(0)
+    if n_rep <= 0:
+        return None, None, ""
     if not 0.0 < level < 1.0:
         raise ValueError(f"confidence level must be in (0, 1), got {level}")
+    if min(n_real, n_fake) < MIN_INTERVAL_N:
+        return None, None, (f"insufficient N: an interval needs >= {MIN_INTERVAL_N} samples per set, "
+                            f"got {n_real} real / {n_fake} synthetic")
     rng = np.random.default_rng(seed)
-    vals = np.empty(int(n_boot))
-    for b in range(int(n_boot)):
-        vals[b] = stat(rng.integers(0, n_real, n_real), rng.integers(0, n_fake, n_fake))
-    low, high = _percentile_ci(vals, level)
-    return low, high, vals
+    half_real, half_fake = n_real // 2, n_fake // 2
+    deviations = np.empty(int(n_rep))
+    for b in range(int(n_rep)):
+        i = np.sort(rng.choice(n_real, half_real, replace=False))
+        j = np.sort(rng.choice(n_fake, half_fake, replace=False))
+        deviations[b] = stat(i, j) - estimate
+    alpha = (1.0 - level) / 2.0
+    q_lo, q_hi = np.quantile(deviations, [alpha, 1.0 - alpha])
+    low, high = min(estimate - q_hi, estimate), max(estimate - q_lo, estimate)
+    if floor is not None:
+        low = max(low, floor)
+    return float(low), float(high), "half-sampling basic interval"
 
 
 # --------------------------------------------------------------------------- FID
@@ -237,11 +268,11 @@ def fid_value(real: np.ndarray, fake: np.ndarray, method: str = "auto") -> float
 
 def fid(real: Any, fake: Any, *, bootstrap: int = 0, ci: float = 0.95, seed: int = 0,
         min_samples_warn: int | None = None, network: str | None = None, method: str = "auto") -> MetricResult:
-    """Frechet distance between feature sets real [N1, D] and fake [N2, D], with a bootstrap CI.
+    """Frechet distance between feature sets real [N1, D] and fake [N2, D], with a half-sampling interval.
 
     Args:
-        bootstrap: number of resamples (cfg.evaluation.bootstrap; 0 = no interval).
-        ci: interval level. seed: bootstrap RNG seed. network: the feature network's name (recorded).
+        bootstrap: number of half-sample replicates (cfg.evaluation.bootstrap; 0 = no interval).
+        ci: interval level. seed: half-sampling RNG seed. network: the feature network's name (recorded).
         method: see :func:`fid_value`.
     """
     x, y = check_features(real, fake, min_samples_warn, "fid")
@@ -257,10 +288,13 @@ def fid(real: Any, fake: Any, *, bootstrap: int = 0, ci: float = 0.95, seed: int
     else:
         def stat(i: np.ndarray, j: np.ndarray) -> float:
             return fid_value(x[i], y[j], "eig" if method == "auto" else method)
-    low, high, _ = bootstrap_ci(stat, len(x), len(y), bootstrap, ci, seed)
-    return MetricResult("fid", value, low, high, ci, len(x), len(y), int(bootstrap), network,
-                        {"method": "gram" if use_gram else method if method != "auto" else "eig",
-                         "dim": int(x.shape[1])})
+    low, high, note = half_sampling_interval(stat, len(x), len(y), value, bootstrap, ci, seed, floor=0.0)
+    extra = {"method": "gram" if use_gram else method if method != "auto" else "eig", "dim": int(x.shape[1]),
+             "interval": note}
+    if min(len(x), len(y)) <= x.shape[1]:
+        extra["bias"] = (f"N <= D ({min(len(x), len(y))} <= {x.shape[1]}): the bias no longer falls as 1/N, so the "
+                         f"population FID can lie below the interval; compare FIDs computed with the same N")
+    return MetricResult("fid", value, low, high, ci, len(x), len(y), int(bootstrap), network, extra)
 
 
 # --------------------------------------------------------------------------- kernels, KID, MMD
@@ -291,16 +325,12 @@ def gaussian_kernel(x: np.ndarray, y: np.ndarray, bandwidth: float) -> np.ndarra
     return np.exp(-_sq_dists(x, y) / (2.0 * bandwidth**2))
 
 
-def _mmd2_unbiased(kxx: np.ndarray, kyy: np.ndarray, kxy: np.ndarray, ix: np.ndarray | None = None,
-                   iy: np.ndarray | None = None) -> float:
-    """Unbiased MMD^2 (U-statistic). With source indices ``ix``/``iy`` (bootstrap resamples), pairs of
-    copies of the same sample are excluded as the diagonal is, which keeps the estimate unbiased."""
-    def within(k: np.ndarray, idx: np.ndarray | None) -> float:
+def _mmd2_unbiased(kxx: np.ndarray, kyy: np.ndarray, kxy: np.ndarray) -> float:
+    """Unbiased MMD^2 (U-statistic) of sets of any sizes >= 2: within-set means leave out the diagonal."""
+    def within(k: np.ndarray) -> float:
         n = k.shape[0]
-        keep = ~np.eye(n, dtype=bool) if idx is None else idx[:, None] != idx[None, :]
-        count = keep.sum()
-        return float(k[keep].sum() / count) if count else 0.0
-    return within(kxx, ix) + within(kyy, iy) - 2.0 * float(kxy.mean())
+        return float((k.sum() - np.trace(k)) / (n * (n - 1)))
+    return within(kxx) + within(kyy) - 2.0 * float(kxy.mean())
 
 
 def kid(real: Any, fake: Any, *, subsets: int = 100, subset_size: int = 1000, degree: int = 3,
@@ -308,44 +338,46 @@ def kid(real: Any, fake: Any, *, subsets: int = 100, subset_size: int = 1000, de
         min_samples_warn: int | None = None, network: str | None = None) -> MetricResult:
     """Kernel Inception Distance: unbiased MMD^2 with the polynomial kernel.
 
-    With at most ``subset_size`` samples per set the value is the U-statistic on all samples; with
-    more, the mean over ``subsets`` random subsets of ``subset_size`` (``extra["subset_std"]``). It is
-    unbiased, so it can be slightly negative for equal distributions. The CI resamples rows with
-    replacement and excludes pairs of copies of one sample.
+    When both sets have at most ``subset_size`` samples (their sizes may differ) the value is the U-statistic on
+    all of them; otherwise a set larger than ``subset_size`` is subsampled to it and the value is the mean over
+    ``subsets`` draws (``extra["subset_std"]``). It is unbiased, so it can be slightly negative for equal
+    distributions. The interval is :func:`half_sampling_interval` (half-samples have distinct rows only).
     """
     x, y = check_features(real, fake, min_samples_warn, "kid")
     kxx = polynomial_kernel(x, x, degree, gamma, coef0)
     kyy = polynomial_kernel(y, y, degree, gamma, coef0)
     kxy = polynomial_kernel(x, y, degree, gamma, coef0)
-    m = min(int(subset_size), len(x), len(y))
+    mx, my = min(int(subset_size), len(x)), min(int(subset_size), len(y))
     rng = np.random.default_rng(seed)
-    if m >= len(x) and m >= len(y):
+    if mx == len(x) and my == len(y):
         values = np.array([_mmd2_unbiased(kxx, kyy, kxy)])
     else:
         vals = []
         for _ in range(max(1, int(subsets))):
-            i = rng.choice(len(x), m, replace=False)
-            j = rng.choice(len(y), m, replace=False)
+            i = rng.choice(len(x), mx, replace=False)
+            j = rng.choice(len(y), my, replace=False)
             vals.append(_mmd2_unbiased(kxx[np.ix_(i, i)], kyy[np.ix_(j, j)], kxy[np.ix_(i, j)]))
         values = np.array(vals)
 
     def stat(i: np.ndarray, j: np.ndarray) -> float:
-        return _mmd2_unbiased(kxx[np.ix_(i, i)], kyy[np.ix_(j, j)], kxy[np.ix_(i, j)], i, j)
+        return _mmd2_unbiased(kxx[np.ix_(i, i)], kyy[np.ix_(j, j)], kxy[np.ix_(i, j)])
 
-    low, high, _ = bootstrap_ci(stat, len(x), len(y), bootstrap, ci, seed + 1)
-    return MetricResult("kid", float(values.mean()), low, high, ci, len(x), len(y), int(bootstrap), network,
-                        {"subset_size": m, "subsets": len(values), "subset_std": float(values.std()),
+    value = float(values.mean())
+    low, high, note = half_sampling_interval(stat, len(x), len(y), value, bootstrap, ci, seed + 1)
+    return MetricResult("kid", value, low, high, ci, len(x), len(y), int(bootstrap), network,
+                        {"subset_size": max(mx, my), "subsets": len(values), "subset_std": float(values.std()),
+                         "interval": note, "statistic": "unbiased MMD^2, polynomial kernel",
                          "kernel": f"poly(d={degree}, gamma={'1/D' if gamma is None else gamma}, c={coef0})"})
 
 
 def mmd(real: Any, fake: Any, *, kernel: str = "gaussian", bandwidth: float | None = None, degree: int = 3,
         gamma: float | None = None, coef0: float = 1.0, bootstrap: int = 0, ci: float = 0.95, seed: int = 0,
         min_samples_warn: int | None = None, network: str | None = None) -> MetricResult:
-    """Maximum mean discrepancy, the biased (V-statistic) MMD^2 — never negative.
+    """Maximum mean discrepancy, the biased (V-statistic) MMD^2 — never negative; biased upward by O(1/N).
 
     Args:
         kernel: ``gaussian`` (bandwidth: median heuristic on the pooled data when None, fixed for all
-            bootstrap resamples) or ``polynomial`` (degree, gamma = 1/D by default, coef0).
+            half-samples) or ``polynomial`` (degree, gamma = 1/D by default, coef0).
     """
     x, y = check_features(real, fake, min_samples_warn, "mmd")
     if kernel == "gaussian":
@@ -369,9 +401,9 @@ def mmd(real: Any, fake: Any, *, kernel: str = "gaussian", bandwidth: float | No
     def stat(i: np.ndarray, j: np.ndarray) -> float:
         return v_stat(kxx[np.ix_(i, i)], kyy[np.ix_(j, j)], kxy[np.ix_(i, j)])
 
-    low, high, _ = bootstrap_ci(stat, len(x), len(y), bootstrap, ci, seed + 2)
+    low, high, note = half_sampling_interval(stat, len(x), len(y), value, bootstrap, ci, seed + 2, floor=0.0)
     return MetricResult("mmd", value, low, high, ci, len(x), len(y), int(bootstrap), network,
-                        {"kernel": desc, "statistic": "biased MMD^2"})
+                        {"kernel": desc, "statistic": "biased MMD^2 (V-statistic)", "interval": note})
 
 
 # --------------------------------------------------------------------------- all at once

@@ -7,8 +7,8 @@ import pytest
 from by_hand import frechet_by_hand, gaussian_mmd2_by_hand, mmd2_by_hand
 
 from lungsynth.config import get_config
-from lungsynth.eval.distribution import (evaluate_distribution, fid, fid_value, frechet_distance, kid, mmd,
-                                         sqrtm_real)
+from lungsynth.eval.distribution import (MIN_INTERVAL_N, evaluate_distribution, fid, fid_value, frechet_distance,
+                                         kid, mmd, sqrtm_real)
 
 
 def _gauss(n, d=16, seed=0, shift=0.0, scale=1.0):
@@ -110,14 +110,15 @@ def test_mmd_by_hand(kernel):
     assert far.value > r.value
 
 
-def test_bootstrap_ci_is_reproducible_and_brackets_value():
+def test_interval_is_reproducible_and_brackets_value():
     x, y = _gauss(40, 8, 0), _gauss(40, 8, 1, shift=0.5)
     a = fid(x, y, bootstrap=50, seed=3, min_samples_warn=2, network="toy")
     b = fid(x, y, bootstrap=50, seed=3, min_samples_warn=2, network="toy")
     assert (a.ci_low, a.ci_high) == (b.ci_low, b.ci_high)
     assert a.ci_low < a.ci_high and a.network == "toy" and a.n_real == 40 and a.bootstrap == 50
-    k = kid(x, y, bootstrap=50, min_samples_warn=2)
-    assert k.ci_low < k.value < k.ci_high
+    for fn in (kid, mmd):
+        r = fn(x, y, bootstrap=50, min_samples_warn=2)
+        assert r.ci_low <= r.value <= r.ci_high and r.ci_low < r.ci_high
     assert "fid = " in str(a) and a.as_dict()["metric"] == "fid"
 
 
@@ -160,3 +161,67 @@ def test_fid_agrees_with_monai_where_monai_is_exact():
     assert fid(x, y, min_samples_warn=2).value == pytest.approx(want, rel=1e-6)
     assert frechet_distance(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False)) == \
         pytest.approx(want, rel=1e-6)
+
+
+def _mean_gaussian_kernel(mean: np.ndarray, var: float, bandwidth: float) -> float:
+    """E exp(-|z|^2 / 2h^2) for z ~ N(mean, var I): the closed form behind a population Gaussian MMD^2."""
+    total = bandwidth**2 + var
+    return float((bandwidth**2 / total) ** (len(mean) / 2) * np.exp(-(mean @ mean) / (2 * total)))
+
+
+def _population_values(d, shift, scale, bandwidth):
+    """Population FID (closed form), Gaussian MMD^2 (closed form) and KID (a 4000-sample U-statistic)."""
+    from lungsynth.eval.distribution import _mmd2_unbiased, polynomial_kernel
+
+    mu = np.full(d, shift)
+    zero = np.zeros(d)
+    big_x, big_y = _gauss(4000, d, 99), _gauss(4000, d, 98, shift=shift, scale=scale)
+    return {"fid": frechet_distance(zero, np.eye(d), mu, np.eye(d) * scale**2),
+            "mmd": _mean_gaussian_kernel(zero, 2.0, bandwidth) + _mean_gaussian_kernel(zero, 2 * scale**2, bandwidth)
+            - 2 * _mean_gaussian_kernel(mu, 1 + scale**2, bandwidth),
+            "kid": _mmd2_unbiased(polynomial_kernel(big_x, big_x), polynomial_kernel(big_y, big_y),
+                                  polynomial_kernel(big_x, big_y))}
+
+
+@pytest.mark.parametrize("metric", ["fid", "mmd", "kid"])
+def test_intervals_cover_the_population_value_and_contain_their_estimate(metric):
+    # 100 simulated draws of 40 real / 48 synthetic 8-d Gaussians: a nominal 95% interval must contain the
+    # population value at least 85 times and its own point estimate every time (a with-replacement bootstrap
+    # of FID contained neither: duplicated rows inflate the statistic)
+    d, shift, scale, bandwidth = 8, 0.3, 1.3, 4.0
+    population = _population_values(d, shift, scale, bandwidth)[metric]
+    fn = {"fid": fid, "kid": kid, "mmd": lambda x, y, **kw: mmd(x, y, bandwidth=bandwidth, **kw)}[metric]
+    covered = contains = 0
+    for draw in range(100):
+        x, y = _gauss(40, d, 1000 + draw), _gauss(48, d, 2000 + draw, shift=shift, scale=scale)
+        r = fn(x, y, bootstrap=100, seed=draw, min_samples_warn=2)
+        covered += r.ci_low <= population <= r.ci_high
+        contains += r.ci_low <= r.value <= r.ci_high
+    assert contains == 100
+    assert covered >= 85, f"{metric}: the 95% interval covered the population value {covered}/100 times"
+
+
+def test_too_few_samples_give_insufficient_n_not_an_interval():
+    # the 3D board's real test set has 2 scans: no interval, a note that says how many are needed
+    x, y = _gauss(2, 8, 0), _gauss(30, 8, 1)
+    for fn in (fid, kid, mmd):
+        r = fn(x, y, bootstrap=50, min_samples_warn=2)
+        assert r.ci_low is None and r.ci_high is None
+        assert r.extra["interval"].startswith(f"insufficient N: an interval needs >= {MIN_INTERVAL_N}")
+        assert "[insufficient N]" in str(r)
+    assert fid(_gauss(8, 4, 0), _gauss(8, 4, 1), bootstrap=20, min_samples_warn=2).ci_low is not None
+
+
+def test_kid_uses_all_samples_of_unequal_sets():
+    from lungsynth.eval.distribution import polynomial_kernel
+
+    x, y = _gauss(12, 8, 0), _gauss(30, 8, 1, shift=0.5)
+    r = kid(x, y, min_samples_warn=2)
+    assert r.extra["subsets"] == 1
+    kxx, kyy = polynomial_kernel(x, x), polynomial_kernel(y, y)
+    by_hand = ((kxx.sum() - np.trace(kxx)) / (12 * 11) + (kyy.sum() - np.trace(kyy)) / (30 * 29)
+               - 2 * polynomial_kernel(x, y).mean())
+    assert r.value == pytest.approx(by_hand, rel=1e-12)
+    # a set larger than subset_size is subsampled; the smaller one is used whole
+    big = kid(x, y, subset_size=20, subsets=5, min_samples_warn=2)
+    assert big.extra["subsets"] == 5 and big.extra["subset_size"] == 20

@@ -4,8 +4,10 @@ Each held-out nodule is regenerated where it was: its own mask, subtype and HU h
 and the background is the same cube of the scan's healthy twin (phantom data; real LIDC data regenerates in the
 scan itself). The generated region is pasted into the background as :func:`inpaint_volume` pastes it. Table 1
 as the paper: FID, KID and MMD on the axial, sagittal and coronal planes through the lesion and their average,
-real and generated crops of the same count with no duplicates, beside the per-subtype JSD of pooled lesion HU
-histograms. :func:`quality_gates` judges subtype fidelity, the regulariser, the background and placement.
+with real and generated crops from **disjoint scans** (:func:`disjoint_halves`: the nodules regenerated in one half
+of the held-out scans against the real nodules of the other, then the other way round, the two averaged), so a
+generated crop is never scored against the real crop of its own background; beside them the paired measures on
+the same nodules (per-subtype JSD of pooled lesion HU histograms inside the same masks, |delta HU| outside). :func:`quality_gates` judges subtype fidelity, the regulariser, the background and placement.
 """
 
 from __future__ import annotations
@@ -51,8 +53,9 @@ def generate_for_eval(model: HrLdm, items: Sequence[Mapping[str, Any]], n_per_su
     The background is the item's ``healthy`` cube when it has one (else its ``ct``); the conditions are its
     mask, subtype and real HU histogram; the generated latent region is pasted into the background.
     Returns arrays in HU [N, C, C, C]: ``real`` (the real nodule crop), ``fake``, ``background``, ``recon``
-    (the background through the autoencoder alone), ``mask``, ``region`` (bool), ``subtype`` [N], and
-    ``available`` (held-out nodules per subtype) and ``background_kind``.
+    (the background through the autoencoder alone), ``mask``, ``region`` (bool), ``subtype`` [N], ``scan_id`` [N]
+    (the scan each crop was cut from, "" when the item does not say), and ``available`` (held-out nodules per
+    subtype) and ``background_kind``.
     """
     cfg = model.cfg
     items = [it for it in items if float(torch.as_tensor(it["hrmask"])[0].sum()) > 0]
@@ -80,6 +83,7 @@ def generate_for_eval(model: HrLdm, items: Sequence[Mapping[str, Any]], n_per_su
         out["region"].append(region[:, 0].numpy())
         out["subtype"].append(y.numpy())
     gen: dict[str, Any] = {k: np.concatenate(v) for k, v in out.items()}
+    gen["scan_id"] = np.array([str(items[k].get("scan_id", "")) for k in picked])
     gen["available"] = available
     gen["background_kind"] = "healthy twin" if healthy else "the scan itself (real LIDC: no healthy twin)"
     return gen
@@ -114,26 +118,53 @@ def mean_paste(gen: Mapping[str, np.ndarray], mean_hu: Mapping[int, float]) -> n
     return np.where(gen["mask"], fill, gen["background"]).astype(np.float32)
 
 
+def disjoint_halves(scan_ids: Sequence[str], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the items in two halves of their scans (``eval.baselines.halves`` over the distinct scans, so all
+    of one scan's nodules fall on one side), each cut to the smaller half's count (equal N, no duplicates).
+    ValueError when the items come from fewer than 2 scans (or do not say which)."""
+    from lungsynth.eval.baselines import halves
+
+    ids = np.asarray([str(s) for s in scan_ids])
+    scans = sorted(set(ids.tolist()) - {""})
+    if len(scans) < 2 or "" in set(ids.tolist()):
+        raise ValueError(f"a disjoint real reference needs nodules from at least 2 known scans, got {len(scans)}; "
+                         f"prepare more held-out scans (cfg.data.n_scans)")
+    a, b = halves(len(scans), seed)
+    first, second = (np.flatnonzero(np.isin(ids, [scans[i] for i in part])) for part in (a, b))
+    k = min(len(first), len(second))
+    return first[:k], second[:k]
+
+
 def metrics_for(cfg: Any, gen: Mapping[str, Any], network: str | None = None) -> dict[str, Any]:
-    """Table 1's row: FID/KID/MMD per plane (axial, sagittal, coronal) and their average, the per-subtype
-    JSD of pooled lesion HU histograms, and the mean |delta HU| outside the nodule mask."""
+    """Table 1's row: FID/KID/MMD per plane (axial, sagittal, coronal) and their average, each the mean of the two
+    cross-fitted directions of :func:`disjoint_halves` (regenerated nodules of one half of the scans against the
+    real nodules of the other), and the paired measures: the per-subtype JSD (bits) of pooled lesion HU histograms
+    and the mean |delta HU| outside the nodule mask. Distribution metrics are NaN below 2 crops a half."""
     from lungsynth.eval.distribution import evaluate_distribution
     from lungsynth.eval.features import features_25d
 
     row: dict[str, Any] = {f"jsd_{k}": v for k, v in subtype_jsd(gen, cfg).items()}
     row["jsd_mean"] = float(np.nanmean([row[f"jsd_{k}"] for k in SUBTYPES]))
     net = network or ("astra" if cfg.evaluation.feature_network.startswith("astra") else "slicenet2d")
+    first, second = disjoint_halves(gen["scan_id"], int(cfg.seed))
     fr, name = features_25d(gen["real"], "hu", network=net)
     ff, _ = features_25d(gen["fake"], "hu", network=net)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # n < 50 is flagged in the row instead
-        per_plane = {p: evaluate_distribution(fr[p], ff[p], cfg, network=name) for p in PLANES}
     for metric in ("fid", "kid", "mmd"):
         for p in PLANES:
-            row[f"{metric}_{p}"] = float(per_plane[p][metric].value)
+            row[f"{metric}_{p}"] = float("nan")
+    if len(first) >= 2:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # n < 50 is flagged in the row instead
+            directions = [{p: evaluate_distribution(fr[p][real], ff[p][fake], cfg, network=name) for p in PLANES}
+                          for fake, real in ((first, second), (second, first))]
+        for metric in ("fid", "kid", "mmd"):
+            for p in PLANES:
+                row[f"{metric}_{p}"] = float(np.mean([d[p][metric].value for d in directions]))
+    for metric in ("fid", "kid", "mmd"):
         row[metric] = float(np.mean([row[f"{metric}_{p}"] for p in PLANES]))
     row["delta_hu_outside"] = float(np.abs(gen["fake"] - gen["background"])[~gen["mask"]].mean())
     row["n"] = int(len(gen["fake"]))
+    row["n_per_half"] = int(len(first))
     row["network"] = name
     return row
 

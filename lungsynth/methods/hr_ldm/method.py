@@ -16,7 +16,8 @@ class HrLdmMethod(MethodFace):
     data, else its CT) inside its lung.
 
     The written label map holds the inpainted nodule, after the scan's real nodules (1..k) when those are in the
-    background; its subtype is the condition's first nodule's (heldout), else drawn uniformly (sampler) or, with
+    background; its subtype is the condition's first nodule's (heldout, validation), else drawn uniformly (sampler)
+    or, with
     the option ``subtype_counts`` = (solid, part-solid, ground-glass), taken from a plan holding each subtype that
     many times in a fixed shuffled order (sample ``index`` reads entry ``index`` mod the plan's length), so that a
     pool can be generated to the size each class's balancing needs (chapter 11).
@@ -75,7 +76,7 @@ class HrLdmMethod(MethodFace):
         out = []
         plan = self.subtype_plan()
         for k, c in enumerate(conditions):
-            if c.nodules and c.source == "heldout":
+            if c.nodules and c.source in ("heldout", "validation"):  # real conditions carry their nodule's subtype
                 sub = int(c.nodules[0]["subtype_id"])
             else:
                 sub = int(plan[c.index % len(plan)]) if plan is not None else int(rng.integers(3))

@@ -197,8 +197,10 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-8) -> torch.
 
 
 def js_divergence_np(p: np.ndarray, q: np.ndarray) -> float:
-    """:func:`js_divergence` for two NumPy histograms [K] (metrics)."""
-    return float(js_divergence(torch.as_tensor(p, dtype=torch.float64), torch.as_tensor(q, dtype=torch.float64)))
+    """:func:`js_divergence` of two NumPy histograms [K] in **bits** (in [0, 1]), the unit of every JSD the course
+    reports (chapter 09's board included); the training loss stays in nats, a constant factor ln 2."""
+    nats = js_divergence(torch.as_tensor(p, dtype=torch.float64), torch.as_tensor(q, dtype=torch.float64))
+    return float(nats) / float(np.log(2.0))
 
 
 def feature_histograms(feat_pred: torch.Tensor, feat_true: torch.Tensor, weights: torch.Tensor,

@@ -120,11 +120,10 @@ def metrics(cfg: "Config", samples: "torch.Tensor", real: "torch.Tensor", layout
             "features": name, "fake_features": fake_f}
 
 
-def _interval(result: Any) -> tuple[float, float] | None:
-    """The bootstrap interval of a :class:`lungsynth.eval.distribution.MetricResult` (None without resamples)."""
-    if not result.bootstrap or result.ci_low is None or result.ci_high is None:
-        return None
-    return (round(float(result.ci_low), 4), round(float(result.ci_high), 4))
+def _interval(result: Any) -> tuple[float, float] | str | None:
+    """The interval of a :class:`lungsynth.eval.distribution.MetricResult`: (low, high), "insufficient N ..."
+    below the minimum sample count, None without replicates."""
+    return result.interval(4) if result.bootstrap else None
 
 
 def evaluate(cfg: "Config", rows: Sequence[str] | None = None, *, split: str | None = None, n: int | None = None,

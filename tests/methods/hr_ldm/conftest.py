@@ -30,7 +30,7 @@ def _crop(side: int, radius: float, hu_in: float, subtype: int, seed: int) -> di
     unit = np.clip((hu + 1000) / 1400, 0, 1).astype(np.float32)
     return {"ct": torch.from_numpy(unit)[None], "hrmask": torch.from_numpy(np.stack([nod, core, nod & ~core])).float(),
             "mask": torch.from_numpy(nod)[None].float(), "subtype_id": subtype, "diameter_mm": 2.0 * radius,
-            "nodule_id": f"n{seed}"}
+            "nodule_id": f"n{seed}", "scan_id": f"scan{seed // 2}"}
 
 
 @pytest.fixture(scope="package")

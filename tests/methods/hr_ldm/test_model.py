@@ -40,6 +40,12 @@ def test_jsd_zero_for_equal_positive_for_different():
     assert (d > 1e-3).all() and (d <= math.log(2) + 1e-6).all()
     one_hot_a, one_hot_b = torch.eye(40)[0], torch.eye(40)[5]
     assert float(hr_ldm.js_divergence(one_hot_a, one_hot_b)) == pytest.approx(math.log(2), abs=1e-4)
+    # reported JSDs are in bits, the unit of the board's (lungsynth.eval.fidelity.jensen_shannon)
+    from lungsynth.eval.fidelity import jensen_shannon
+
+    assert hr_ldm.js_divergence_np(one_hot_a.numpy(), one_hot_b.numpy()) == pytest.approx(1.0, abs=1e-4)
+    assert hr_ldm.js_divergence_np(p[0].numpy(), q[0].numpy()) == pytest.approx(
+        jensen_shannon(p[0].numpy(), q[0].numpy()), rel=1e-5)
 
 
 def test_hu_histogram_is_normalised_and_clips():

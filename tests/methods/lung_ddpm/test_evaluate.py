@@ -37,10 +37,9 @@ def test_metrics_row(toy_data):
     row = ld.metrics(cfg, noisy, ct, layout)
     assert set(row) >= {"fid", "fid_ci", "mmd", "mmd_ci", "masked_mse", "seam_ratio", "n", "features"}
     assert row["n"] == 3 and row["masked_mse"] > 0 and row["seam_ratio"] > 1
-    assert cfg.evaluation.bootstrap > 0  # the bootstrap intervals of the ablation table (paper Table IV)
-    for key in ("fid_ci", "mmd_ci"):
-        low, high = row[key]
-        assert low <= high and (low, high) != (row[key.split("_")[0]],) * 2
+    assert cfg.evaluation.bootstrap > 0  # the intervals of the ablation table (paper Table IV) ...
+    for key in ("fid_ci", "mmd_ci"):  # ... which 3 volumes are too few for
+        assert row[key].startswith("insufficient N: an interval needs >= 8")
     assert row["fake_features"].shape[0] == 3
     same = ld.metrics(cfg, ct, ct, layout)
     assert same["masked_mse"] == 0 and same["seam_ratio"] == pytest.approx(1.0) and same["fid"] == pytest.approx(0, abs=1e-6)
