@@ -606,9 +606,11 @@ def parse_overrides(items: list[str] | None) -> dict[str, str]:
 
 def profile_table(keys: tuple[str, ...] = ("data.size_3d", "data.spacing_3d_mm", "data.size_ddpm", "data.size_2d",
                                             "data.n_scans", "autoencoders.train_steps", "land.train_steps",
-                                            "land.ddim_steps", "lung_ddpm.train_steps")) -> list[dict[str, Any]]:
-    """Rows ``{"setting": key, "smoke": v, "course": v, "full": v}`` to compare the profiles."""
-    configs = {name: get_config(name) for name in PROFILES}
+                                            "land.ddim_steps", "lung_ddpm.train_steps"),
+                  overrides: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Rows ``{"setting": key, "smoke": v, "course": v, "full": v}`` to compare the profiles, each with
+    ``overrides`` applied (a notebook's ``OVERRIDES``)."""
+    configs = {name: get_config(name, overrides) for name in PROFILES}
     rows = []
     for key in keys:
         row: dict[str, Any] = {"setting": key}

@@ -24,6 +24,7 @@ FLOORS: dict[str, int] = {
     "lungsynth": 0, "lungsynth.config": 0, "lungsynth.paths": 0, "lungsynth.runtime": 0,
     "lungsynth.exports": 0, "lungsynth.viz": 0, "lungsynth.gates": 0,
     "lungsynth.engine": 1, "lungsynth.diffusion": 1, "lungsynth.data": 1, "lungsynth.widgets": 1,
+    "lungsynth.run_settings": 1,
     "lungsynth.eval": 2,
     "lungsynth.nn": 3,
     "lungsynth.autoencoders": 4,

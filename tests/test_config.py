@@ -57,6 +57,12 @@ def test_bad_override_value():
     assert parse_overrides(["a.b=1", "c.d = x"]) == {"a.b": "1", "c.d": "x"}
 
 
+def test_profile_table_applies_overrides():
+    rows = profile_table(("data.n_scans", "data.size_3d"), {"data.n_scans": 4})
+    assert [rows[0][p] for p in PROFILES] == [4] * len(PROFILES)
+    assert rows[1] == profile_table(("data.size_3d",))[0]
+
+
 def test_profile_table_rows():
     rows = profile_table(("data.size_3d",))
     assert rows == [{"setting": "data.size_3d", "smoke": 64, "course": 128, "full": 256}]

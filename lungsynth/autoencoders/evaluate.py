@@ -298,7 +298,7 @@ def _trained_run(kind: str, cfg: Any, root: Any, run: Any = None) -> tuple[Any, 
     from lungsynth.autoencoders.train import _final_with_scale, rebuild_command
     from lungsynth.data import fingerprint
 
-    run = Path(run) if run is not None else default_run_dir(kind, cfg.profile, create=False)
+    run = Path(run) if run is not None else default_run_dir(kind, cfg, create=False)
     if _final_with_scale(run) is None:
         return None, f"lungsynth autoencoder train --kind {kind} --profile {cfg.profile}"
     try:

@@ -52,7 +52,7 @@ def encode_dataset(kind: str, cfg: Any, split: str = "train", run_dir: Path | st
     """
     from lungsynth import runtime
 
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(kind, cfg.profile)
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(kind, cfg)
     ae = ae if ae is not None else load_autoencoder(kind, run_dir, cfg, device=runtime.device())
     device = next(ae.parameters()).device
     base = source_dataset(kind, cfg, split, root=root)
@@ -87,7 +87,7 @@ def ensure_latents(kind: str, cfg: Any, split: str = "train", run_dir: Path | st
                    ae: Any = None, root: Path | str | None = None) -> Path:
     """The latent cache of ``split``; (re-)encodes when missing, half-written, made by another checkpoint
     or from other prepared data (re-cut splits: the data stamp differs)."""
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(kind, cfg.profile)
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(kind, cfg)
     ae = ae if ae is not None else ensure_autoencoder(kind, cfg, run_dir, root=root)
     out = _cache_dir(run_dir, split)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -130,7 +130,7 @@ class LatentDataset(Dataset):
 
     def __init__(self, cfg: Any, kind: str, split: str = "train", keys: Sequence[str] = (),
                  run_dir: Path | str | None = None, sample: bool = True, root: Path | str | None = None) -> None:
-        self.run_dir = Path(run_dir) if run_dir is not None else default_run_dir(kind, cfg.profile)
+        self.run_dir = Path(run_dir) if run_dir is not None else default_run_dir(kind, cfg)
         self.dir = ensure_latents(kind, cfg, split, self.run_dir, root=root)
         self.meta = json.loads((self.dir / "index.json").read_text())
         self.scale_factor = float(self.meta["scale_factor"])

@@ -43,10 +43,16 @@ def check_kind(kind: str) -> None:
         raise ValueError(f"unknown autoencoder kind {kind!r}; valid kinds: {', '.join(KINDS)}")
 
 
-def default_run_dir(kind: str, profile: str, create: bool = True) -> Path:
-    """``runs/<profile>/02_<kind>`` (e.g. ``02_vae3d``)."""
+def default_run_dir(kind: str, cfg: Any, create: bool = True) -> Path:
+    """``runs/<profile>/02_<kind>`` (e.g. ``02_vae3d``) for a config, with ``@<overrides>`` when it overrides a
+    setting that trains ``kind`` (:func:`lungsynth.run_settings.run_name`); a profile name gives the profile's
+    own run."""
+    from lungsynth import run_settings
+
     check_kind(kind)
-    return paths.run_dir(profile, f"02_{kind}", create=create)
+    if isinstance(cfg, str):
+        return paths.run_dir(cfg, f"02_{kind}", create=create)
+    return paths.run_dir(cfg.profile, run_settings.run_name(cfg, f"02_{kind}", autoencoders=(kind,)), create=create)
 
 
 def autoencoder_spec(kind: str, cfg: Any) -> dict[str, Any]:

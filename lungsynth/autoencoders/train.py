@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from lungsynth import paths
+from lungsynth import paths, run_settings
 from lungsynth.data import fingerprint
 from lungsynth.data.patches import cube_slices, nodule_centre
 from lungsynth.data.datasets import training_stamp
@@ -386,6 +386,12 @@ def _final_with_scale(run_dir: Path) -> dict[str, Any] | None:
     return load_checkpoint(final)
 
 
+# settings a finished autoencoder follows without being refused: a larger budget resumes it, another 3D nodule
+# weight trains it again from scratch (ensure_autoencoder)
+RESUMABLE_SETTINGS = ("autoencoders.train_steps", "autoencoders.train_steps_mask", "autoencoders.train_steps_2d",
+                      "autoencoders.vae3d_nodule_weight")
+
+
 def rebuild_command(kind: str, cfg: Any) -> str:
     return f"lungsynth autoencoder train --kind {kind} --profile {cfg.profile} --fresh"
 
@@ -403,7 +409,7 @@ def train_autoencoder(kind: str, cfg: Any, run_dir: Path | str | None = None, *,
     from lungsynth import runtime
     from lungsynth.engine import Trainer, save_checkpoint
 
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(kind, cfg.profile)
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(kind, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     fresh = fingerprint.claim_run(run_dir, training_stamp(cfg, root), rebuild_command(kind, cfg), fresh=fresh)
     a = cfg.autoencoders
@@ -450,6 +456,7 @@ def train_autoencoder(kind: str, cfg: Any, run_dir: Path | str | None = None, *,
             save_checkpoint(ckpt, run_dir / "final.pt")
         rec["scale_factor"] = sf
         rec["data_root"] = str(root) if root is not None else str(paths.prepared_dir(cfg.profile))
+    run_settings.record(run_dir, run_settings.training_settings(cfg, autoencoders=(kind,)))
     return run_dir
 
 
@@ -476,7 +483,7 @@ def trained_autoencoder(kind: str, cfg: Any, run_dir: Path | str | None = None, 
     report what an autoencoder does (the leaderboard's ceiling rows), where :func:`ensure_autoencoder` would train."""
     from lungsynth import runtime
 
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(kind, cfg.profile, create=False)
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(kind, cfg, create=False)
     ckpt = _final_with_scale(run_dir)
     if ckpt is None or not _finished(kind, ckpt, cfg):
         return None
@@ -503,7 +510,7 @@ def ensure_autoencoder(kind: str, cfg: Any, run_dir: Path | str | None = None, *
 
     from lungsynth import runtime
 
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(kind, cfg.profile)
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(kind, cfg)
     device = device if device is not None else runtime.device()
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     # a second process (another chapter, a notebook beside the course) waits for the first one's training,
@@ -513,6 +520,9 @@ def ensure_autoencoder(kind: str, cfg: Any, run_dir: Path | str | None = None, *
         fresh = False
         if ckpt is not None and fingerprint.check_run(run_dir, training_stamp(cfg, root), rebuild_command(kind, cfg)):
             ae = load_autoencoder(kind, run_dir / "final.pt", cfg)  # refuses another architecture
+            # a longer budget resumes and another nodule weight retrains (below); any other change is refused
+            run_settings.check_recorded(run_dir, run_settings.training_settings(cfg, autoencoders=(kind,)),
+                                        rebuild_command(kind, cfg), ignore=RESUMABLE_SETTINGS)
             stored = ckpt.get("config") or {}
             fresh = not same_loss(kind, stored, cfg)  # resuming would continue another objective's weights
             if _finished(kind, ckpt, cfg):

@@ -168,6 +168,11 @@ def test_ensure_reuses_and_refuses(trained, tiny_root):
     other = get_config("smoke", {**DATA, **BUDGET, "autoencoders.vae2d_channels": "8,8,8"})
     with pytest.raises(ValueError, match="channels"):
         ensure_autoencoder("vae2d", other, run, device="cpu", root=tiny_root)
+    # the run recorded its training settings: another loss weight is refused with the command, never reused
+    loss = get_config("smoke", {**DATA, **BUDGET, "autoencoders.kl_weight": 1e-3})
+    with pytest.raises(ValueError, match=r"kl_weight: 1e-06 -> 0.001.*--kind vae2d --profile smoke --fresh"):
+        ensure_autoencoder("vae2d", loss, run, device="cpu", root=tiny_root)
+    assert (run / "final.pt").stat().st_mtime_ns == before
 
 
 def test_trained_autoencoder_reads_a_finished_current_run_and_never_trains(trained, tiny_root, tmp_path):

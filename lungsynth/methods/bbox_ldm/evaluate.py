@@ -476,7 +476,7 @@ def quality_gates(cfg: Any) -> list[Gate]:
         trained[run.name] = (run, model)
     if not trained:
         return rows
-    vq = ae_run_dir("vqvae2d", cfg.profile, create=False) / FINAL_NAME
+    vq = ae_run_dir("vqvae2d", cfg, create=False) / FINAL_NAME
     key = {"gates": GATES_VERSION, "weights": {name: file_digest(run / FINAL_NAME) for name, (run, _) in trained.items()},
            "autoencoder": file_digest(vq) if vq.is_file() else None,
            "data": fingerprint.load(prepared_root(cfg))["id"], "n": int(cfg.bbox_ldm.n_gate_samples),

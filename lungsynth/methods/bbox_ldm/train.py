@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from lungsynth import paths
+from lungsynth import paths, run_settings
 from lungsynth.data import fingerprint
 from lungsynth.data.datasets import training_stamp
 from lungsynth.engine import FINAL_NAME, TrainTask, Trainer
@@ -45,9 +45,17 @@ def run_name(config: int, lung: bool = False, mask_context: str = "flat") -> str
     return f"04_bbox_ldm_config{check_config(config)}" + ("_lung" if lung else "") + ("_pooled" if pooled else "")
 
 
+def autoencoders_of(cfg: Any) -> tuple[str, ...]:
+    """Chapter 02's VQ-VAE, whose settings shape a run too, unless a local diffusers VQModel replaces it."""
+    return () if cfg.bbox_ldm.pretrained_vq else ("vqvae2d",)
+
+
 def default_run_dir(cfg, config: int, create: bool = True, lung: bool = False) -> Path:
-    """``runs/<profile>/`` + :func:`run_name` (with ``cfg.bbox_ldm.mask_context``)."""
-    return paths.run_dir(cfg.profile, run_name(config, lung, cfg.bbox_ldm.mask_context), create=create)
+    """``runs/<profile>/`` + :func:`run_name` (with ``cfg.bbox_ldm.mask_context``), with ``@<overrides>`` when
+    ``cfg`` overrides a training setting (:func:`lungsynth.run_settings.run_name`)."""
+    name = run_settings.run_name(cfg, run_name(config, lung, cfg.bbox_ldm.mask_context), "bbox_ldm",
+                                 autoencoders_of(cfg), encoded=("bbox_ldm.mask_context",))
+    return paths.run_dir(cfg.profile, name, create=create)
 
 
 # --------------------------------------------------------------------------- data
@@ -236,6 +244,7 @@ def train(cfg, config: int, run_dir: Path | str | None = None, *, max_steps: int
         rec["last_losses"] = result.last_losses
         rec["n_train_slices"] = len(dataset)
         rec["autoencoder"] = autoencoder_name(ae) or "chapter 02 vqvae2d"
+    run_settings.record(run_dir, run_settings.training_settings(cfg, "bbox_ldm", autoencoders_of(cfg)))
     return run_dir
 
 
@@ -250,4 +259,7 @@ def ensure_trained(cfg, config: int, run_dir: Path | str | None = None, progress
     if (not final.is_file() or int(load_checkpoint(final).get("step", 0)) < int(cfg.bbox_ldm.train_steps)
             or not fingerprint.check_run(run_dir, training_stamp(cfg), rebuild_command(cfg, config, lung))):
         train(cfg, config, run_dir, progress=progress, lung=lung)
+    else:  # a longer budget resumes above; any other change is refused
+        run_settings.check_recorded(run_dir, run_settings.training_settings(cfg, "bbox_ldm", autoencoders_of(cfg)),
+                                    rebuild_command(cfg, config, lung), ignore=("bbox_ldm.train_steps",))
     return run_dir

@@ -371,7 +371,7 @@ def quality_gates(cfg: Any) -> list[Any]:
         return [not_trained(CHAPTER, "HR-LDM", f"{rebuild_command(cfg, True)}  ({str(exc).splitlines()[0][:120]})")]
     key = {"gates": GATES_VERSION, "data": fingerprint.load(prepared_root(cfg))["id"],
            "weights": {name: file_digest(m.run_dir / FINAL_NAME) for name, m in models.items()},
-           "autoencoder": file_digest(ae_run_dir("vae3d", cfg.profile, create=False) / FINAL_NAME),
+           "autoencoder": file_digest(ae_run_dir("vae3d", cfg, create=False) / FINAL_NAME),
            "n": int(cfg.hr_ldm.eval_per_subtype), "trials": int(cfg.hr_ldm.n_placement_trials),
            "steps": int(cfg.hr_ldm.ddim_steps)}
     return cached(paths.runs_dir(cfg.profile) / GATES_FILE, key, lambda: measure_gates(cfg, models))

@@ -36,9 +36,7 @@ class HrLdmMethod(MethodFace):
         self._library: Any = None
 
     def run_dir(self, cfg: Any) -> Path:
-        from lungsynth import paths
-
-        return paths.run_dir(cfg.profile, self.api().run_name(self.hist_loss), create=False)
+        return self.api().default_run_dir(cfg, self.hist_loss, create=False)
 
     def ensure_trained(self, cfg: Any) -> Path:
         return self.api().ensure_trained(cfg, self.hist_loss)

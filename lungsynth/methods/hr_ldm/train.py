@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lungsynth import run_settings
 from lungsynth.data import fingerprint
 from lungsynth.data.datasets import training_stamp
 from lungsynth.engine import TrainTask
@@ -30,10 +31,16 @@ def run_name(hist_loss: bool) -> str:
     return "05_hr_ldm_hist" if hist_loss else "05_hr_ldm_nohist"
 
 
-def default_run_dir(cfg: Any, hist_loss: bool = True) -> Path:
+AUTOENCODERS = ("vae3d",)  # the chapter 02 kinds a run is trained through: their settings shape it too
+
+
+def default_run_dir(cfg: Any, hist_loss: bool = True, create: bool = True) -> Path:
+    """``runs/<profile>/`` + :func:`run_name`, with ``@<overrides>`` when ``cfg`` overrides a training setting
+    (:func:`lungsynth.run_settings.run_name`)."""
     from lungsynth import paths
 
-    return paths.run_dir(cfg.profile, run_name(hist_loss))
+    return paths.run_dir(cfg.profile, run_settings.run_name(cfg, run_name(hist_loss), "hr_ldm", AUTOENCODERS),
+                         create=create)
 
 
 def frozen_vae(cfg: Any, vae: Any = None) -> Any:
@@ -219,6 +226,7 @@ def train(cfg: Any, hist_loss: bool = True, run_dir: Path | str | None = None, *
             result = trainer.fit(task, cache)
         rec["steps"] = result.steps
         rec["last_losses"] = result.last_losses
+    run_settings.record(run_dir, run_settings.training_settings(cfg, "hr_ldm", AUTOENCODERS))
     return run_dir
 
 
@@ -229,5 +237,7 @@ def ensure_trained(cfg: Any, hist_loss: bool = True, *, vae: Any = None,
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg, hist_loss)
     stamp = training_stamp(cfg) if crops is None else None
     if (run_dir / "final.pt").is_file() and fingerprint.check_run(run_dir, stamp, rebuild_command(cfg, hist_loss)):
+        run_settings.check_recorded(run_dir, run_settings.training_settings(cfg, "hr_ldm", AUTOENCODERS),
+                                    rebuild_command(cfg, hist_loss))
         return run_dir
     return train(cfg, hist_loss, run_dir, vae=vae, crops=crops, progress=progress)

@@ -187,13 +187,29 @@ def evaluate(cfg: Any, variants: Sequence[str] = VARIANTS, *, n_samples: int | N
                 row["sampling_peak_increase_mb"] = round(mem["sampling_mb"], 1)
             rows.append(row)
     real_div = ms_ssim_diversity(real.numpy())["mean"] if len(real) >= 2 else float("nan")
-    rows.append({"variant": "real (held-out)", "condition": "-", "conditions": "-", "n_samples": int(len(real_feats)),
-                 "fid": 0.0, "ms_ssim": round(real_div, 4), "features": net_name})
+    rows.append({"variant": "real (held-out)", "condition": "-", "conditions": "-", "ms_ssim": round(real_div, 4),
+                 "features": net_name, **_real_floor(real_feats, net_name, seed)})
     source = data_source(cfg)  # every table says which data its numbers come from
     rows = [{**r, "source": source} for r in rows]
     if write:
         write_json_atomic(paths.runs_dir(cfg.profile) / "03_land_table1.json", rows)
     return rows
+
+
+def _real_floor(real_feats: Any, net_name: str, seed: int) -> dict[str, Any]:
+    """The real row's FID and KID: one half of the held-out volumes against the other (what a perfect generator
+    would score at that N), measured, never set; ``None`` below 4 volumes (halves of 2)."""
+    from lungsynth.eval.baselines import halves
+    from lungsynth.eval.distribution import fid, kid
+
+    feats = np.asarray(real_feats)
+    if len(feats) < 4:
+        return {"n_samples": int(len(feats)), "fid": None, "kid": None}
+    a, b = halves(len(feats), seed)
+    f = fid(feats[b], feats[a], network=net_name, min_samples_warn=0)
+    k = kid(feats[b], feats[a], subset_size=len(feats), network=net_name, min_samples_warn=0)
+    return {"n_samples": int(len(a)), "fid": round(float(f.value), 3), "kid": round(float(k.value), 5),
+            "conditions": f"half against half ({len(a)} / {len(b)})"}
 
 
 # --------------------------------------------------------------------------- quality gates
@@ -507,7 +523,7 @@ def quality_gates(cfg: Any) -> list[Gate]:
         trained[variant] = run
     if not trained:
         return rows
-    autoencoders = {k: ae_run_dir(k, cfg.profile, create=False) / "final.pt" for k in ("vae3d", "maskvae")}
+    autoencoders = {k: ae_run_dir(k, cfg, create=False) / "final.pt" for k in ("vae3d", "maskvae")}
     key = {"gates": GATES_VERSION, "weights": {v: file_digest(r / "final.pt") for v, r in trained.items()},
            "autoencoders": {k: file_digest(p) for k, p in autoencoders.items() if p.is_file()},
            "data": fingerprint.load(prepared_root(cfg))["id"], "n": int(cfg.land.n_gate_samples),

@@ -8,6 +8,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from lungsynth import run_settings
 from lungsynth.data import fingerprint
 from lungsynth.data.datasets import training_stamp
 from lungsynth.engine import TrainTask
@@ -16,11 +17,18 @@ from lungsynth.methods.land.model import (CONDITIONS, KIND, LandDenoiser, check_
                                           uses_mask_vae)
 
 
+def autoencoders_of(variant: str) -> tuple[str, ...]:
+    """The chapter 02 kinds a ``variant`` trains through (their settings shape its run too)."""
+    return ("vae3d", "maskvae") if uses_mask_vae(variant) else ("vae3d",)
+
+
 def default_run_dir(cfg: Any, variant: str, create: bool = True) -> Path:
-    """``runs/<profile>/03_land_<variant>``."""
+    """``runs/<profile>/03_land_<variant>``, with ``@<overrides>`` when ``cfg`` overrides a training setting
+    (:func:`lungsynth.run_settings.run_name`)."""
     from lungsynth import paths
 
-    return paths.run_dir(cfg.profile, f"03_land_{check_variant(variant)}", create=create)
+    name = run_settings.run_name(cfg, f"03_land_{check_variant(variant)}", "land", autoencoders_of(variant))
+    return paths.run_dir(cfg.profile, name, create=create)
 
 
 # --------------------------------------------------------------------------- data
@@ -192,6 +200,7 @@ def train(cfg: Any, variant: str, run_dir: Path | str | None = None, *, skip: st
         rec["last_losses"] = result.last_losses
         rec["vae_scale_factor"] = float(vae.scale_factor)
         rec["autoencoder_weights"] = autoencoder_digests(cfg, variant)
+    run_settings.record(run_dir, run_settings.training_settings(cfg, "land", autoencoders_of(variant)))
     return run_dir
 
 
@@ -255,5 +264,8 @@ def ensure_trained(cfg: Any, variant: str, run_dir: Path | str | None = None, *,
     or has fewer steps than ``cfg.land.train_steps``."""
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg, variant)
     if _is_done(run_dir, cfg, variant):
+        # a longer budget resumes (_is_done is False then); any other change is refused
+        run_settings.check_recorded(run_dir, run_settings.training_settings(cfg, "land", autoencoders_of(variant)),
+                                    rebuild_command(cfg, variant), ignore=("land.train_steps",))
         return run_dir
     return train(cfg, variant, run_dir, progress=progress)

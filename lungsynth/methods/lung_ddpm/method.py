@@ -21,9 +21,7 @@ class LungDdpmMethod(MethodFace):
     description = "pixel-space 3D DDPM with anatomically aware sampling"
 
     def run_dir(self, cfg: Any) -> Path:
-        from lungsynth import paths
-
-        return paths.run_dir(cfg.profile, self.api().RUN_NAMES[self.variant], create=False)
+        return self.api().default_run_dir(cfg, self.variant, create=False)
 
     def quality_gates(self, cfg: Any) -> list[Any]:
         from lungsynth.methods.lung_ddpm.evaluate import quality_gates

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+from lungsynth import run_settings
 from lungsynth.data import fingerprint
 from lungsynth.data.datasets import training_stamp
 from lungsynth.engine import TrainTask
@@ -72,10 +73,13 @@ class LungDdpmTask(TrainTask):
         return model_config(self.cfg, self.variant)
 
 
-def default_run_dir(cfg: "Config", variant: str = "layout") -> Path:
+def default_run_dir(cfg: "Config", variant: str = "layout", create: bool = True) -> Path:
+    """``runs/<profile>/`` + :data:`RUN_NAMES` of ``variant``, with ``@<overrides>`` when ``cfg`` overrides a
+    training setting (:func:`lungsynth.run_settings.run_name`)."""
     from lungsynth.paths import run_dir
 
-    return run_dir(cfg.profile, RUN_NAMES[check_variant(variant)])
+    return run_dir(cfg.profile, run_settings.run_name(cfg, RUN_NAMES[check_variant(variant)], "lung_ddpm"),
+                   create=create)
 
 
 def make_trainer(cfg: "Config", run_dir: Path | str | None, **kwargs: Any):
@@ -137,6 +141,7 @@ def train(cfg: "Config", variant: str = "layout", run_dir: Path | str | None = N
         record["stopped_by"] = result.stopped_by
         record["last_losses"] = result.last_losses
         record["variant"] = variant
+    run_settings.record(run, run_settings.training_settings(cfg, "lung_ddpm"))
     return run
 
 
@@ -155,6 +160,8 @@ def ensure_trained(cfg: "Config", variant: str = "layout", run_dir: Path | str |
     if is_trained(run) and fingerprint.check_run(run, stamp, rebuild_command(cfg, variant)):
         stale = config_mismatch(run, cfg, variant)
         if stale is None:
+            run_settings.check_recorded(run, run_settings.training_settings(cfg, "lung_ddpm"),
+                                        rebuild_command(cfg, variant))
             return run
         import warnings
 

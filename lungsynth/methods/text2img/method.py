@@ -17,9 +17,7 @@ class Text2ImgMethod(MethodFace):
     description = "text-to-image LDM of nodule ROIs"
 
     def run_dir(self, cfg: Any) -> Path:
-        from lungsynth import paths
-
-        return paths.run_dir(cfg.profile, "07_text2img", create=False)
+        return self.api().default_run_dir(cfg, create=False)
 
     def autoencoder_kind(self, cfg: Any) -> str | None:
         """Chapter 02's 2D VAE for a run trained in the course; None for a fine-tuned local Stable Diffusion (its own

@@ -285,8 +285,20 @@ def pipeline_summary(folder: str | Path) -> dict[str, Any]:
 KIND = "text2img"
 
 
-def default_run_dir(cfg: Config, pretrained: str | Path | None = None) -> Path:
-    return paths.run_dir(cfg.profile, "07_text2img" + ("_sd" if pretrained else ""))
+def autoencoders_of(pretrained: str | Path | None) -> tuple[str, ...]:
+    """Chapter 02's 2D VAE for a run trained in the course (its settings shape the run too); none for a local
+    Stable Diffusion, which brings its own."""
+    return () if pretrained else ("vae2d",)
+
+
+def default_run_dir(cfg: Config, pretrained: str | Path | None = None, create: bool = True) -> Path:
+    """``runs/<profile>/07_text2img`` (``_sd`` fine-tuning a local Stable Diffusion), with ``@<overrides>`` when
+    ``cfg`` overrides a training setting (:func:`lungsynth.run_settings.run_name`)."""
+    from lungsynth import run_settings
+
+    name = run_settings.run_name(cfg, "07_text2img" + ("_sd" if pretrained else ""), "text2img",
+                                 autoencoders_of(pretrained))
+    return paths.run_dir(cfg.profile, name, create=create)
 
 
 def selected_checkpoint(run_dir: Path) -> Path:

@@ -19,12 +19,13 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from lungsynth import run_settings
 from lungsynth.config import Config
 from lungsynth.data import fingerprint
 from lungsynth.data.datasets import training_stamp
 from lungsynth.engine import TrainTask, Trainer
-from lungsynth.methods.text2img.model import (KIND, Text2ImgModel, build_model, default_run_dir, diffusion_loss,
-                                              model_config, pipeline_summary, selected_checkpoint)
+from lungsynth.methods.text2img.model import (KIND, Text2ImgModel, autoencoders_of, build_model, default_run_dir,
+                                              diffusion_loss, model_config, pipeline_summary, selected_checkpoint)
 from lungsynth.methods.text2img.sample import generate, load
 from lungsynth.runtime import RunRecord
 
@@ -172,6 +173,7 @@ def train(cfg: Config, pretrained: str | Path | None = None, run_dir: Path | Non
         result = trainer.fit(Text2ImgTask(model, c.prompt_dropout, validation=validation), data)
         record["train"] = {"steps": result.steps, "last_losses": result.last_losses, "seconds": result.seconds}
         record["selected"] = selected_checkpoint_info(run_dir)
+    run_settings.record(run_dir, run_settings.training_settings(cfg, "text2img", autoencoders_of(pretrained)))
     return run_dir
 
 
@@ -200,4 +202,7 @@ def ensure_trained(cfg: Config, pretrained: str | Path | None = None) -> Text2Im
     if (not is_trained(run_dir, cfg.text2img.train_steps)
             or not fingerprint.check_run(run_dir, training_stamp(cfg), rebuild_command(cfg, pretrained))):
         train(cfg, pretrained, run_dir)
+    else:  # a longer budget continues above; any other change is refused
+        wanted = run_settings.training_settings(cfg, "text2img", autoencoders_of(pretrained))
+        run_settings.check_recorded(run_dir, wanted, rebuild_command(cfg, pretrained), ignore=("text2img.train_steps",))
     return load(cfg, run_dir, pretrained)

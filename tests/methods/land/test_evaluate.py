@@ -65,9 +65,12 @@ def test_evaluate_never_holds_more_than_one_chunk(monkeypatch, tmp_path):
         rows = land_eval.evaluate(cfg, ("none", "mask"), n_samples=7, memory=False, network="fake")
         assert max(calls["sample"]) <= chunk
         assert max(calls["features"]) <= chunk and max(held.reads) <= chunk
-        # none once, mask on held-out and on unseen conditions, then the 5 real volumes
+        # none once, mask on held-out and on unseen conditions, then the 5 real volumes, half against half: the
+        # real row's FID is measured, never written as 0
         assert [(r["variant"], r["conditions"], r["n_samples"]) for r in rows] == [
-            ("none", "-", 7), ("mask", "held-out", 7), ("mask", "unseen", 7), ("real (held-out)", "-", 5)]
+            ("none", "-", 7), ("mask", "held-out", 7), ("mask", "unseen", 7),
+            ("real (held-out)", "half against half (3 / 2)", 3)]
+        assert rows[-1]["fid"] is not None and rows[-1]["kid"] is not None
         assert sum(calls["sample"]) == 3 * 7
         given = [c for c in calls["conds"] if c is not None]  # mask: held-out chunks, then unseen ones
         half = len(given) // 2
