@@ -219,7 +219,8 @@ def test_every_row_names_a_reference_written_once(setup, tmp_path):
 
 def test_baseline_rows_bracket_the_board(setup):
     """Real vs real is another half of one distribution: KID near 0 (3 against 3 volumes: too few for an interval,
-    which the row says); the shuffled noise is far from the reference; every baseline is compared with the same reference half as the method."""
+    which the row says); the shuffled noise is far from the reference; every baseline is compared with the same
+    reference half as the method."""
     from lungsynth.leaderboard import baseline_sets
 
     cfg, root, runs = setup

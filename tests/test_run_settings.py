@@ -16,7 +16,8 @@ NOTEBOOKS = PACKAGE_DIR.parent / "notebooks"
 # the runs a section's settings train, as (section, autoencoder kinds), and their default run folders
 TRAINED_BY = {"autoencoders": [(None, (k,)) for k in run_settings.AUTOENCODER_KEYS],
               "land": [("land", ("vae3d", "maskvae"))], "bbox_ldm": [("bbox_ldm", ("vqvae2d",))],
-              "hr_ldm": [("hr_ldm", ("vae3d",))], "lung_ddpm": [("lung_ddpm", ())], "text2img": [("text2img", ("vae2d",))]}
+              "hr_ldm": [("hr_ldm", ("vae3d",))], "lung_ddpm": [("lung_ddpm", ())],
+              "text2img": [("text2img", ("vae2d",))]}
 
 
 def try_this_overrides() -> list[tuple[str, str, object]]:
@@ -98,7 +99,8 @@ def test_a_finished_run_with_other_recorded_settings_is_refused(tmp_path):
     wanted = run_settings.training_settings(cfg, "hr_ldm", ("vae3d",))
     run_settings.check_recorded(tmp_path, wanted, "cmd")  # no record: a run from before records, reused
     run_settings.record(tmp_path, {**wanted, "hr_ldm.hist_weight": 3.0})
-    with pytest.raises(run_settings.SettingsChanged, match=r"hr_ldm.hist_weight: 3.0 -> 10.0.*Train it again with: cmd"):
+    with pytest.raises(run_settings.SettingsChanged,
+                       match=r"hr_ldm.hist_weight: 3.0 -> 10.0.*Train it again with: cmd"):
         run_settings.check_recorded(tmp_path, wanted, "cmd")
     run_settings.record(tmp_path, {**wanted, "hr_ldm.train_steps": 5})
     run_settings.check_recorded(tmp_path, wanted, "cmd", ignore=("hr_ldm.train_steps",))  # a budget that resumes

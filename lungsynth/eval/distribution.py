@@ -1,7 +1,7 @@
 """Distribution distances between real and synthetic feature sets: FID, KID, MMD.
 
 Every metric takes two feature matrices (real [N1, D], fake [N2, D], e.g. from
-:mod:`lungsynth.eval.features`) and returns a :class:`MetricResult` with the value, an
+:mod:`lungsynth.eval.features`) and returns a :class:`MetricResult` with the value, a
 confidence interval (:func:`half_sampling_interval`: half of each set's rows drawn without replacement, the
 interval corrected for the bias that the estimate shares with its half-samples; "insufficient N" below
 :data:`MIN_INTERVAL_N` rows per set), the sample counts and the feature network's name.
@@ -15,7 +15,8 @@ interval corrected for the bias that the estimate shares with its half-samples; 
   kept) for statistics given as (mu, Sigma). Both are biased upward for small N.
 - KID (Binkowski et al. 2018): unbiased MMD^2 with the polynomial kernel
   ``k(x, y) = (x.y / D + 1)^3``, averaged over subsets; about 0 (either sign) for equal distributions.
-- MMD (named ``mmd``; it is the squared distance): the biased (V-statistic) MMD^2 with a Gaussian (median-heuristic bandwidth) or polynomial
+- MMD (named ``mmd``; it is the squared distance): the biased (V-statistic) MMD^2 with a Gaussian
+  (median-heuristic bandwidth) or polynomial
   kernel; always >= 0.
 
 Why these are written here and not taken from MONAI (which the course uses first):

@@ -7,7 +7,7 @@ are the reference:
 
 - flag rule: s is flagged when ``d(s) < q_p``, the p-th percentile (default 5th) of the held-out
   distances. The threshold is itself estimated from the held-out set, so the share flagged by chance
-  is not p: with 20 held-out samples it scatters widely around it, with 2 it is about a third;
+  is not p: at the 5th percentile it is about 9 % with 20 held-out samples and a third with 2;
 - test: a permutation test of the flag count (``p_value``). A generator that does not memorise makes
   samples exchangeable with held-out real data, so the labels "synthetic" / "held-out" are shuffled over
   the pooled distances ``permutations`` times, the threshold and count recomputed each time, and

@@ -7,7 +7,8 @@ as the paper: FID, KID and MMD on the axial, sagittal and coronal planes through
 with real and generated crops from **disjoint scans** (:func:`disjoint_halves`: the nodules regenerated in one half
 of the held-out scans against the real nodules of the other, then the other way round, the two averaged), so a
 generated crop is never scored against the real crop of its own background; beside them the paired measures on
-the same nodules (per-subtype JSD of pooled lesion HU histograms inside the same masks, |delta HU| outside). :func:`quality_gates` judges subtype fidelity, the regulariser, the background and placement.
+the same nodules (per-subtype JSD of pooled lesion HU histograms inside the same masks, |delta HU| outside).
+:func:`quality_gates` judges subtype fidelity, the regulariser, the background and placement.
 """
 
 from __future__ import annotations
