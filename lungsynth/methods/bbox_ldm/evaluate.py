@@ -141,8 +141,9 @@ def fid_2d(real: torch.Tensor, fake: torch.Tensor, net, hu_clip: Sequence[float]
            seed: int = 0) -> dict[str, Any]:
     """FID and KID between two sets of [N, 1, H, W] slices (or crops) in the evaluation chapter's 2D features.
 
-    Returns ``{"fid", "ci_low", "ci_high", "kid", "kid_ci", "network"}`` (the intervals only with ``bootstrap``
-    > 0; KID is unbiased at small N, so it is the one to read at the course's sizes).
+    Returns ``{"fid", "fid_ci", "kid", "kid_ci", "network"}``: an interval is (low, high), "insufficient N: ..."
+    below 8 items a set, or None without ``bootstrap`` (KID is unbiased at small N, so it is the one to read at the
+    course's sizes).
     """
     import warnings
 
@@ -157,8 +158,8 @@ def fid_2d(real: torch.Tensor, fake: torch.Tensor, net, hu_clip: Sequence[float]
         res = fid(fr, ff, bootstrap=int(bootstrap), seed=seed, network=name)
         k = kid(fr, ff, subset_size=max(len(fr), len(ff)), bootstrap=int(bootstrap), seed=seed, network=name,
                 min_samples_warn=0)
-    return {"fid": float(res.value), "ci_low": res.ci_low, "ci_high": res.ci_high, "kid": float(k.value),
-            "kid_ci": (k.ci_low, k.ci_high), "network": name}
+    return {"fid": float(res.value), "fid_ci": res.interval(), "kid": float(k.value), "kid_ci": k.interval(5),
+            "network": name}
 
 
 def evaluate(cfg, configs: Sequence[int] = CONFIGS, *, split: str = "val", repeats: int = 1, seed: int = 0,
@@ -202,8 +203,8 @@ def evaluate(cfg, configs: Sequence[int] = CONFIGS, *, split: str = "val", repea
         local = fid_2d(crops(real["images"], real["boxes"]), crops(fake, draw.boxes), net, real["hu_clip"], nb, seed)
         samples[key] = fake
         rows.append({"config": key, "conditioning": conditioning, "fid_slice": whole["fid"],
-                     "fid_slice_ci": (whole["ci_low"], whole["ci_high"]), "fid_crop": local["fid"],
-                     "fid_crop_ci": (local["ci_low"], local["ci_high"]), "kid_slice": whole["kid"],
+                     "fid_slice_ci": whole["fid_ci"], "fid_crop": local["fid"],
+                     "fid_crop_ci": local["fid_ci"], "kid_slice": whole["kid"],
                      "kid_slice_ci": whole["kid_ci"], "kid_crop": local["kid"], "kid_crop_ci": local["kid_ci"],
                      "n_real": len(real["images"]), "n_fake": len(fake), "network": whole["network"],
                      "seconds": round(seconds, 2), "source": data_source(cfg)})  # every table names its data

@@ -221,7 +221,7 @@ def guidance_sweep(cfg: Config, model, scales: Sequence[float] | None = None, n:
         k = kid(real_features, fake_features, subset_size=min(len(real), n), network=net_name, min_samples_warn=0)
         recovery = attribute_recovery(tools["classifier"], images, prompts, bootstrap=0)
         rows.append({"guidance": scale, "split": split, "run": run, "n": n, "n_real": len(real), "source": data_source(cfg), "fid": f.value,
-                     "fid_ci": (f.ci_low, f.ci_high), "kid": k.value, "ms_ssim": ms_ssim_diversity(images)["mean"],
+                     "fid_ci": f.interval(), "kid": k.value, "ms_ssim": ms_ssim_diversity(images)["mean"],
                      **_recovery_columns(recovery), **pretrained_metrics(cfg, images, prompts, references),
                      "seconds_per_sample": seconds, "feature_network": net_name,
                      "images": images[:4], "prompts": prompts[:4]})

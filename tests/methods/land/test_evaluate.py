@@ -71,6 +71,7 @@ def test_evaluate_never_holds_more_than_one_chunk(monkeypatch, tmp_path):
             ("none", "-", 7), ("mask", "held-out", 7), ("mask", "unseen", 7),
             ("real (held-out)", "half against half (3 / 2)", 3)]
         assert rows[-1]["fid"] is not None and rows[-1]["kid"] is not None
+        assert rows[1]["kid_ci"].startswith("insufficient N")  # 5 real volumes: no interval, and it says so
         assert sum(calls["sample"]) == 3 * 7
         given = [c for c in calls["conds"] if c is not None]  # mask: held-out chunks, then unseen ones
         half = len(given) // 2
