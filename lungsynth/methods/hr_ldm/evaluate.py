@@ -150,18 +150,16 @@ def metrics_for(cfg: Any, gen: Mapping[str, Any], network: str | None = None) ->
     first, second = disjoint_halves(gen["scan_id"], int(cfg.seed))
     fr, name = features_25d(gen["real"], "hu", network=net)
     ff, _ = features_25d(gen["fake"], "hu", network=net)
-    for metric in ("fid", "kid", "mmd"):
-        for p in PLANES:
-            row[f"{metric}_{p}"] = float("nan")
+    directions = []  # (generated half, real half) both ways round; none below 2 crops a half
     if len(first) >= 2:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # n < 50 is flagged in the row instead
             directions = [{p: evaluate_distribution(fr[p][real], ff[p][fake], cfg, network=name) for p in PLANES}
                           for fake, real in ((first, second), (second, first))]
-        for metric in ("fid", "kid", "mmd"):
-            for p in PLANES:
-                row[f"{metric}_{p}"] = float(np.mean([d[p][metric].value for d in directions]))
     for metric in ("fid", "kid", "mmd"):
+        for p in PLANES:
+            row[f"{metric}_{p}"] = float(np.mean([d[p][metric].value for d in directions])) if directions else \
+                float("nan")
         row[metric] = float(np.mean([row[f"{metric}_{p}"] for p in PLANES]))
     row["delta_hu_outside"] = float(np.abs(gen["fake"] - gen["background"])[~gen["mask"]].mean())
     row["n"] = int(len(gen["fake"]))
