@@ -540,6 +540,38 @@ def _section(cls: type, profile: str) -> Any:
     return cls(**values)
 
 
+_PRECISIONS = ("auto", "bf16", "fp32")  # lungsynth.runtime.PRECISIONS
+_LR_SCHEDULES = ("constant", "cosine", "polynomial")  # lungsynth.engine.SCHEDULES
+_NOISE_SCHEDULES = ("linear", "scaled_linear", "cosine", "sigmoid")  # lungsynth.diffusion.schedules.SCHEDULES
+_PREDICTIONS = ("epsilon", "eps", "noise", "v_prediction", "v", "velocity", "sample", "x0", "x_0")
+#: the values each closed-set string setting accepts, so that an override the code cannot use fails when it is
+#: applied, naming them (tests/test_config.py checks each against the constant of the code that reads it).
+#: String settings not here take open names: MONAI network names, feature networks, folders.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "engine.precision": _PRECISIONS, "lung_ddpm.precision": _PRECISIONS,
+    "autoencoders.lr_schedule": _LR_SCHEDULES, "bbox_ldm.lr_schedule": _LR_SCHEDULES,
+    "lung_ddpm.lr_schedule": _LR_SCHEDULES,
+    "land.schedule": _NOISE_SCHEDULES, "lung_ddpm.schedule": _NOISE_SCHEDULES,
+    "bbox_ldm.prediction": _PREDICTIONS, "lung_ddpm.prediction": _PREDICTIONS,
+    "text2img.prediction_type": ("epsilon", "v_prediction"),
+    "land.skip": ("additive", "concat"), "land.loss_weighting": ("min-snr", "uniform"),
+    "land.sampler": ("ddim", "ddpm"), "hr_ldm.sampler": ("ddpm", "ddim"), "lung_ddpm.sampler": ("ddpm", "ddim"),
+    "text2img.sampler": ("ddim", "pndm"),
+    "bbox_ldm.mask_context": ("flat", "pooled"),
+    "hr_ldm.hist_timestep_weighting": ("none", "alpha_bar"),
+    "lung_ddpm.layout_encoding": ("onehot", "scaled"), "lung_ddpm.loss": ("l1", "l2", "mse", "huber"),
+    "lung_ddpm.eval_split": ("val", "test"),
+    "downstream.seg_condition_source": ("sampler", "validation"),
+}
+
+
+def _check_choice(key: str, value: Any) -> Any:
+    allowed = CHOICES.get(key)
+    if allowed is not None and value not in allowed:
+        raise ValueError(f"override {key}={value!r}: not a value the code can use; allowed: {', '.join(allowed)}")
+    return value
+
+
 def _coerce(value: Any, current: Any, key: str) -> Any:
     """Cast an override to the type of the current value (papermill/CLI pass strings and lists)."""
     if current is None or value is None:
@@ -580,7 +612,7 @@ def apply_overrides(cfg: Config, overrides: Mapping[str, Any] | None) -> Config:
         if not dataclasses.is_dataclass(target) or name not in {f.name for f in fields(target)} or name == "profile":
             valid = ", ".join(f.name for f in fields(target)) if dataclasses.is_dataclass(target) else ""
             raise KeyError(f"unknown config key {key!r}; valid keys here: {valid}")
-        setattr(target, name, _coerce(value, getattr(target, name), key))
+        setattr(target, name, _check_choice(key, _coerce(value, getattr(target, name), key)))
     return cfg
 
 

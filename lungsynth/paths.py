@@ -6,6 +6,7 @@ else the repository checkout (when lungsynth is installed from one), else
 
     <home>/data/generated/phantom_dicom/        the embedded default DICOM (all profiles)
     <home>/data/generated/<profile>/prepared/   prepared NIfTI + manifest + splits
+    <home>/data/generated/<profile>/prepared@spacing_3d_mm=3.0/   one prepared with overridden settings
     <home>/runs/<profile>/<run>/                one folder per run: checkpoints, logs, run.json
 
 The shipped tables (``data/*.csv``) live in the repository's ``data/`` folder.
@@ -13,9 +14,12 @@ The shipped tables (``data/*.csv``) live in the repository's ``data/`` folder.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 from pathlib import Path
+from typing import Any, Mapping
 
 HOME_ENV = "LUNGSYNTH_HOME"
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -70,6 +74,26 @@ def phantom_dicom_dir() -> Path:
 def prepared_dir(profile: str) -> Path:
     """The prepared dataset of ``profile`` (NIfTI volumes, manifest, splits)."""
     return generated_dir() / profile / "prepared"
+
+
+def variant_name(base: str, changed: Mapping[str, Any]) -> str:
+    """``base`` when nothing ``changed``, else ``base@key=value+...`` with the last part of each dotted key
+    (``05_hr_ldm_hist@train_steps=400``), a hash of the changes when that grows past 60 characters.
+
+    The folder of something built with overridden settings sits beside the profile's and never over it."""
+    if not changed:
+        return base
+
+    def short(key: str, value: Any) -> str:
+        text = ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+        return f"{key.split('.')[-1]}={text}"
+
+    suffix = "+".join(short(k, changed[k]) for k in sorted(changed))
+    safe = "".join(ch if ch.isalnum() or ch in "=+,.-_" else "_" for ch in suffix)
+    if len(safe) > 60:
+        digest = hashlib.sha1(json.dumps(dict(changed), sort_keys=True, default=str).encode()).hexdigest()[:10]
+        safe = f"{safe[:40]}-{digest}"
+    return f"{base}@{safe}"
 
 
 def runs_dir(profile: str) -> Path:

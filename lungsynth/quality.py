@@ -135,10 +135,11 @@ def quality(cfg: Any, only: Sequence[str] | None = None, out_dir: Path | str | N
             progress: bool = True) -> tuple[list[Gate], dict[str, Path]]:
     """Run the gates and write the report (default ``runs/<profile>/``); returns (gates, files)."""
     from lungsynth import paths
+    from lungsynth.data.datasets import prepared_folder
     from lungsynth.data.fingerprint import source_label
 
     gates = run_quality(cfg, only, progress)
-    source = source_label(paths.prepared_dir(cfg.profile))
+    source = source_label(prepared_folder(cfg))
     chapters = [str(c).zfill(2) for c in only] if only else course_chapters()
     files = write_report(gates, out_dir or paths.runs_dir(cfg.profile), cfg.profile, source, chapters)
     return gates, files

@@ -19,11 +19,11 @@ Data are not here: which scans a run was trained on is its data stamp (:mod:`lun
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from lungsynth import paths
 from lungsynth.config import get_config
 
 SETTINGS_FILE = "settings.json"
@@ -101,25 +101,13 @@ def changed_settings(cfg: Any, section: str | None = None, autoencoders: Sequenc
     return {k: v for k, v in training_settings(cfg, section, autoencoders).items() if base.get(k) != v}
 
 
-def _short(key: str, value: Any) -> str:
-    text = ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
-    return f"{key.split('.')[-1]}={text}"
-
-
 def run_name(cfg: Any, base: str, section: str | None = None, autoencoders: Sequence[str] = (),
              encoded: Iterable[str] = ()) -> str:
     """``base`` when the training settings are the profile's; else ``base@key=value+...`` (a hash when long).
     ``encoded``: settings ``base`` already names (a variant's suffix), left out of the appendix."""
     skip = set(encoded)
     diff = {k: v for k, v in changed_settings(cfg, section, autoencoders).items() if k not in skip}
-    if not diff:
-        return base
-    suffix = "+".join(_short(k, diff[k]) for k in sorted(diff))
-    safe = "".join(ch if ch.isalnum() or ch in "=+,.-_" else "_" for ch in suffix)
-    if len(safe) > 60:
-        digest = hashlib.sha1(json.dumps(diff, sort_keys=True).encode()).hexdigest()[:10]
-        safe = f"{safe[:40]}-{digest}"
-    return f"{base}@{safe}"
+    return paths.variant_name(base, diff)
 
 
 def record(run_dir: Path | str, settings: Mapping[str, Any]) -> Path:

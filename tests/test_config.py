@@ -1,6 +1,6 @@
 import pytest
 
-from lungsynth.config import PROFILES, get_config, parse_overrides, profile_table, resolve_profile
+from lungsynth.config import CHOICES, PROFILES, get_config, parse_overrides, profile_table, resolve_profile
 
 
 def test_profiles_pick_their_tier():
@@ -55,6 +55,50 @@ def test_bad_override_value():
     with pytest.raises(ValueError, match="section.key=value"):
         parse_overrides(["land.train_steps"])
     assert parse_overrides(["a.b=1", "c.d = x"]) == {"a.b": "1", "c.d": "x"}
+
+
+def test_an_override_value_the_code_cannot_use_names_the_allowed_ones():
+    with pytest.raises(ValueError, match=r"lung_ddpm.layout_encoding='ordinal'.*allowed: onehot, scaled"):
+        get_config("smoke", {"lung_ddpm.layout_encoding": "ordinal"})
+    with pytest.raises(ValueError, match=r"allowed: ddim, pndm"):
+        get_config("smoke", {"text2img.sampler": "euler"})
+    assert get_config("smoke", {"land.sampler": "ddpm"}).land.sampler == "ddpm"
+
+
+def test_every_profile_value_is_an_allowed_choice():
+    for profile in PROFILES:
+        cfg = get_config(profile)
+        for key, allowed in CHOICES.items():
+            section, name = key.split(".")
+            assert getattr(getattr(cfg, section), name) in allowed, (profile, key)
+
+
+def test_the_choices_are_the_values_the_code_reads():
+    """Each closed set agrees with the constant of the code that uses the setting (drift fails here)."""
+    from lungsynth import engine, runtime
+    from lungsynth.diffusion import objectives, schedules
+    from lungsynth.methods.bbox_ldm.model import MASK_CONTEXTS
+    from lungsynth.methods.land.model import LOSS_WEIGHTINGS, SAMPLERS as LAND_SAMPLERS
+    from lungsynth.methods.lung_ddpm.model import ENCODINGS
+    from lungsynth.methods.lung_ddpm.sample import SAMPLERS as DDPM_SAMPLERS
+    from lungsynth.methods.text2img.model import PREDICTION_TYPES
+    from lungsynth.nn.unets import SKIPS
+
+    same = lambda key, values: set(CHOICES[key]) == set(values)  # noqa: E731
+    assert same("engine.precision", runtime.PRECISIONS) and same("lung_ddpm.precision", runtime.PRECISIONS)
+    assert all(same(f"{s}.lr_schedule", engine.SCHEDULES) for s in ("autoencoders", "bbox_ldm", "lung_ddpm"))
+    assert same("land.schedule", schedules.SCHEDULES) and same("lung_ddpm.schedule", schedules.SCHEDULES)
+    assert same("bbox_ldm.prediction", schedules.PREDICTION_TYPES)
+    assert same("lung_ddpm.prediction", schedules.PREDICTION_TYPES)
+    assert same("text2img.prediction_type", PREDICTION_TYPES) and same("land.skip", SKIPS)
+    assert same("land.loss_weighting", LOSS_WEIGHTINGS) and same("land.sampler", LAND_SAMPLERS)
+    assert same("hr_ldm.sampler", schedules.SCHEDULER_KINDS) and same("lung_ddpm.sampler", DDPM_SAMPLERS)
+    assert same("bbox_ldm.mask_context", MASK_CONTEXTS) and same("lung_ddpm.layout_encoding", ENCODINGS)
+    import torch
+
+    x = torch.ones(2)
+    for kind in CHOICES["lung_ddpm.loss"]:  # every loss the setting allows is one the objective computes
+        objectives.elementwise_loss(x, x, kind)
 
 
 def test_profile_table_applies_overrides():

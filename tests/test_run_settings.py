@@ -10,7 +10,8 @@ import pytest
 
 from lungsynth import run_settings
 from lungsynth.config import get_config
-from lungsynth.paths import PACKAGE_DIR
+from lungsynth.data.datasets import prepared_folder, preparation_settings
+from lungsynth.paths import PACKAGE_DIR, prepared_dir
 
 NOTEBOOKS = PACKAGE_DIR.parent / "notebooks"
 # the runs a section's settings train, as (section, autoencoder kinds), and their default run folders
@@ -77,12 +78,14 @@ def test_every_try_this_override_is_valid_and_reaches_the_run_it_names():
     suggestions = try_this_overrides()
     keys = {k for _, k, _ in suggestions}
     # the prompts the issue found silently ignored or raising are among those checked
-    assert {"hr_ldm.train_steps", "hr_ldm.hist_weight", "lung_ddpm.train_steps", "autoencoders.perceptual_network",
+    assert {"data.spacing_3d_mm", "hr_ldm.train_steps", "hr_ldm.hist_weight", "lung_ddpm.train_steps", "autoencoders.perceptual_network",
             "autoencoders.vq_num_embeddings", "lung_ddpm.layout_encoding", "bbox_ldm.hu_clip"} <= keys
     for chapter, key, value in suggestions:
         section, name = key.split(".")
         for profile in ("smoke", "course"):
             cfg = get_config(profile, {key: value})  # a valid key and a value the config accepts
+            if key in preparation_settings(cfg):  # chapter 01's voxel size: its own prepared folder
+                assert prepared_folder(cfg) != prepared_dir(profile), f"{chapter}: {key} re-prepares the shared data"
             if section not in TRAINED_BY:
                 continue  # data (stamped), evaluation and downstream settings: not a trained generator's
             changed = [run_settings.changed_settings(cfg, s, kinds) for s, kinds in TRAINED_BY[section]]

@@ -368,12 +368,12 @@ def quality_gates(cfg: Any, root: Any = None, run_dirs: dict[str, Any] | None = 
     """Chapter 02's gates on the held-out test split; an untrained kind is listed with its train command.
     ``run_dirs``: {kind: run dir} instead of the profile's ``runs/<profile>/02_<kind>``. Each kind's rows are
     stored beside its run (``gates.json``) and reused while its weights, the data and the gates are unchanged."""
-    from lungsynth import paths
     from lungsynth.autoencoders.model import KINDS
     from lungsynth.data import fingerprint
+    from lungsynth.data.datasets import prepared_folder
     from lungsynth.gates import cached, file_digest, not_trained
 
-    root = Path(root if root is not None else paths.prepared_dir(cfg.profile))
+    root = Path(root if root is not None else prepared_folder(cfg))
     rows: list[Any] = []
     for kind in KINDS:
         run, command = _trained_run(kind, cfg, root, (run_dirs or {}).get(kind))

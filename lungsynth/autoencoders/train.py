@@ -17,10 +17,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from lungsynth import paths, run_settings
+from lungsynth import run_settings
 from lungsynth.data import fingerprint
 from lungsynth.data.patches import cube_slices, nodule_centre
-from lungsynth.data.datasets import training_stamp
+from lungsynth.data.datasets import prepared_folder, training_stamp
 from lungsynth.engine import TrainTask
 from lungsynth.autoencoders.model import (LUNG_COND, TRAINING_VIEWS, build_autoencoder, check_kind,
                                           codebook_stats, default_run_dir, load_autoencoder)
@@ -455,7 +455,7 @@ def train_autoencoder(kind: str, cfg: Any, run_dir: Path | str | None = None, *,
             ckpt["config"] = {**dict(ckpt["config"]), "scale_factor": sf}
             save_checkpoint(ckpt, run_dir / "final.pt")
         rec["scale_factor"] = sf
-        rec["data_root"] = str(root) if root is not None else str(paths.prepared_dir(cfg.profile))
+        rec["data_root"] = str(root) if root is not None else str(prepared_folder(cfg))
     run_settings.record(run_dir, run_settings.training_settings(cfg, autoencoders=(kind,)))
     return run_dir
 

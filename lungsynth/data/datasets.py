@@ -1,7 +1,7 @@
 """torch Datasets over a prepared dataset (the contract in notes/DATA_API.md), and ``ensure_prepared``.
 
 Every dataset takes ``(cfg, split)`` and optionally ``root`` (a prepared folder P; default
-``lungsynth.paths.prepared_dir(cfg.profile)``, built on first use by :func:`ensure_prepared`).
+:func:`prepared_folder` of ``cfg``, built on first use by :func:`ensure_prepared`).
 ``split`` is "train", "val", "test" or "all". Arrays are (D, H, W) = (superior -> inferior,
 anterior -> posterior, right -> left), as saved by :mod:`lungsynth.data.preprocess`.
 """
@@ -24,6 +24,32 @@ _ENSURED: set[tuple] = set()  # prepared datasets already checked in this proces
 # --------------------------------------------------------------------------- building
 
 
+def preparation_settings(cfg: Any) -> dict[str, Any]:
+    """``{"data.<key>": value}`` of the settings every prepared scan depends on besides its DICOM (voxel size,
+    view sizes: :func:`lungsynth.data.preprocess.prepare_settings`). The scan count and the splits are not here:
+    more scans are added to the same folder (a real download prepared there sets ``data.n_scans`` to its count),
+    other split settings re-cut its splits; both change its data fingerprint, which trained runs check."""
+    from lungsynth.data.preprocess import prepare_settings
+
+    return {f"data.{k}": v for k, v in prepare_settings(cfg).items() if k not in ("version", "slice_view")}
+
+
+def prepared_folder(cfg: Any) -> Path:
+    """The prepared folder of ``cfg``: ``paths.prepared_dir(cfg.profile)`` when its preparation settings are the
+    profile's, else a folder beside it named by the overrides (``prepared@spacing_3d_mm=3.0``), so that a "Try
+    this" in chapter 01 never prepares the dataset every trained run of the profile was built from again."""
+    shared = paths.prepared_dir(cfg.profile)
+    return shared.with_name(paths.variant_name(shared.name, preparation_overrides(cfg)))
+
+
+def preparation_overrides(cfg: Any) -> dict[str, Any]:
+    """The :func:`preparation_settings` of ``cfg`` that differ from its profile's."""
+    from lungsynth.config import get_config
+
+    base = preparation_settings(get_config(cfg.profile))
+    return {k: v for k, v in preparation_settings(cfg).items() if base.get(k) != v}
+
+
 def _records_complete(P: Path, scan_keys: Sequence[str], cfg: Any) -> bool:
     from lungsynth.data.manifest import read_record
     from lungsynth.data.preprocess import _record_ok
@@ -44,7 +70,7 @@ def ensure_prepared(cfg: Any, verbose: bool = True) -> Path:
 
     Idempotent and cheap when everything is in place: ``cfg.data.n_scans`` default scans
     (:func:`lungsynth.data.phantom.default_scan_ids`) rendered into
-    ``paths.phantom_dicom_dir()`` and prepared into ``paths.prepared_dir(cfg.profile)``.
+    ``paths.phantom_dicom_dir()`` and prepared into :func:`prepared_folder` of ``cfg``.
     A run record (``prepare_run.json``) is written beside the data when it is built.
 
     A file lock (``<P>.lock``) lets one process prepare while a second waits, then reuses its
@@ -56,7 +82,7 @@ def ensure_prepared(cfg: Any, verbose: bool = True) -> Path:
     from lungsynth.data.lidc import get_scan, scan_key
     from lungsynth.data.manifest import manifest_current, write_manifest
 
-    P = paths.prepared_dir(cfg.profile)
+    P = prepared_folder(cfg)
     memo = (str(P), int(cfg.data.n_scans), repr(cfg.data))
     if memo in _ENSURED and (P / "scans.csv").is_file():
         return P
@@ -76,6 +102,7 @@ def ensure_prepared(cfg: Any, verbose: bool = True) -> Path:
                 write_manifest(P, cfg)
         else:
             _refuse_phantom_into_dicom(P, ids, keys, cfg)
+            _refuse_phantom_beside_dicom(P, cfg)
             _build_default(P, ids, keys, cfg, verbose)
     _ENSURED.add(memo)
     return P
@@ -83,18 +110,37 @@ def ensure_prepared(cfg: Any, verbose: bool = True) -> Path:
 
 def _refuse_phantom_into_dicom(P: Path, ids: Sequence[Any], keys: Sequence[str], cfg: Any) -> None:
     """Raise when P holds scans prepared from real DICOM: phantom and LIDC-IDRI never mix silently."""
-    if not (P / "scans.csv").is_file():
-        return
-    scans = load_scans(P)
-    real = scans[scans["source"].astype(str) != "phantom"] if "source" in scans.columns else scans.iloc[:0]
-    if real.empty:
+    n_real = _real_scans(P)
+    if not n_real:
         return
     missing = [str(i) for i, k in zip(ids, keys) if not _records_complete(P, [k], cfg)]
     raise ValueError(
-        f"{P} holds {len(real)} scans prepared from LIDC-IDRI DICOM, and the profile's default scans "
+        f"{P} holds {n_real} scans prepared from LIDC-IDRI DICOM, and the profile's default scans "
         f"{', '.join(missing)} are missing or were prepared with other settings; phantom scans are never "
         f"added to a real dataset. Prepare them from your download: `lungsynth data prepare --dicom-root ROOT "
         f"--out {P} --scans {','.join(missing)} --profile {cfg.profile}`, or set data.n_scans to the scans you have.")
+
+
+def _real_scans(P: Path) -> int:
+    """How many scans of the prepared folder P came from LIDC-IDRI DICOM (0 when P holds none)."""
+    if not (P / "scans.csv").is_file():
+        return 0
+    scans = load_scans(P)
+    return int((scans["source"].astype(str) != "phantom").sum()) if "source" in scans.columns else 0
+
+
+def _refuse_phantom_beside_dicom(P: Path, cfg: Any) -> None:
+    """Raise when overridden settings would prepare phantom scans beside a profile folder that holds LIDC-IDRI
+    scans: the chapter would silently show phantom data where the learner prepared real data."""
+    shared = paths.prepared_dir(cfg.profile)
+    if P == shared or not _real_scans(shared):
+        return
+    sets = " ".join(f"--set {k}={v}" for k, v in preparation_overrides(cfg).items())
+    raise ValueError(
+        f"{shared} holds scans prepared from LIDC-IDRI DICOM, and the data overrides ({sets}) need their own "
+        f"prepared folder {P}; phantom scans are never prepared in its place. Prepare your download there: "
+        f"`lungsynth data prepare --dicom-root ROOT --out {P} --profile {cfg.profile} {sets}`, or drop the "
+        "data overrides.")
 
 
 def _build_default(P: Path, ids: Sequence[Any], keys: Sequence[str], cfg: Any, verbose: bool) -> None:
@@ -122,7 +168,7 @@ def _prepared(where: Any) -> Path:
         return Path(where)
     if isinstance(where, str):
         return paths.prepared_dir(where)
-    return paths.prepared_dir(where.profile)  # a Config
+    return prepared_folder(where)  # a Config
 
 
 def load_scans(where: Any) -> "Any":
@@ -159,7 +205,7 @@ def _root(cfg: Any, root: Path | str | None) -> Path:
 
 
 def prepared_root(cfg: Any, root: Path | str | None = None) -> Path:
-    """``root`` when given, else the profile's prepared folder (built on first use)."""
+    """``root`` when given, else :func:`prepared_folder` of ``cfg`` (built on first use)."""
     return _root(cfg, root)
 
 

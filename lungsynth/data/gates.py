@@ -76,11 +76,10 @@ def in_lung_gate(scans: Any) -> Gate:
 
 def quality_gates(cfg: Any, root: Path | str | None = None) -> list[Gate]:
     """Chapter 01's gates on the prepared folder ``root`` (default the profile's; never prepares it)."""
-    from lungsynth import paths
-    from lungsynth.data.datasets import load_nodules, load_scans
+    from lungsynth.data.datasets import load_nodules, load_scans, prepared_folder
     from lungsynth.gates import not_trained
 
-    P = Path(root) if root is not None else paths.prepared_dir(cfg.profile)
+    P = Path(root) if root is not None else prepared_folder(cfg)
     if not (P / "scans.csv").is_file():
         return [not_trained(CHAPTER, "prepared data", f"lungsynth data default --profile {cfg.profile}")]
     return visibility_gates(cfg, load_nodules(P)) + [in_lung_gate(load_scans(P))]

@@ -52,9 +52,10 @@ def _results(folder: Path, root: Path, table: str, chapter: str, name: str, comm
 
 def _where(cfg: Any, run: str, folder: Path | str | None, root: Path | str | None) -> tuple[Path, Path]:
     from lungsynth import paths
+    from lungsynth.data.datasets import prepared_folder
 
     return (Path(folder) if folder is not None else paths.run_dir(cfg.profile, run, create=False),
-            Path(root) if root is not None else paths.prepared_dir(cfg.profile))
+            Path(root) if root is not None else prepared_folder(cfg))
 
 
 def segmentation_gates(cfg: Any, folder: Path | str | None = None, root: Path | str | None = None) -> list[Gate]:

@@ -57,6 +57,11 @@ def test_ensure_prepared_recuts_splits_and_redoes_stale_records(tmp_path, monkey
     assert len(json.loads((P / "splits.json").read_text())["train"]) == 2
     records = sorted((P / "records").glob("*.json"))
     stamps = {r: r.stat().st_mtime_ns for r in records}
+
+    # other voxel sizes (chapter 01's "Try this") are prepared into a folder of their own, P is left as it was
+    other = datasets.ensure_prepared(get_config("smoke", {**base, "data.spacing_3d_mm": 10.0}), verbose=False)
+    assert other.parent == P.parent and other != P and (other / "scans.csv").is_file()
+    assert {r: r.stat().st_mtime_ns for r in records} == stamps
     first = fingerprint.load(P)
     assert first["source"] == "phantom" and first["splits"] == json.loads((P / "splits.json").read_text())
 
@@ -129,9 +134,46 @@ def test_two_processes_preparing_at_once_leave_one_dataset(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outs
     # exactly one process rendered and prepared; the other waited on the lock and reused its output
     assert sorted(out.count("prepare LIDC-IDRI") for out in outs) == [0, 2], outs
-    P = tmp_path / "data" / "generated" / "smoke" / "prepared"
+    # the overridden settings were prepared beside the profile's folder, which nobody touched
+    (P,) = [p for p in (tmp_path / "data" / "generated" / "smoke").glob("prepared@*") if p.is_dir()]
+    assert not (P.parent / "prepared").exists()
     scans = pd.read_csv(P / "scans.csv")
     assert len(scans) == 2 and scans["scan_id"].is_unique
     assert len(list((P / "records").glob("*.json"))) == 2
     run = json.loads((P / "prepare_run.json").read_text())
     assert run["status"] == "ok" and len(run["results"]["scans"]) == 2
+
+
+def test_prepared_folder_is_the_profiles_unless_preparation_settings_differ(monkeypatch, tmp_path):
+    from lungsynth import paths
+    from lungsynth.config import get_config
+    from lungsynth.data.datasets import prepared_folder
+
+    monkeypatch.setenv("LUNGSYNTH_HOME", str(tmp_path))
+    shared = paths.prepared_dir("smoke")
+    assert prepared_folder(get_config("smoke")) == shared
+    # the scan count, splits, windows and training settings do not make another dataset
+    assert prepared_folder(get_config("smoke", {"data.n_scans": 4, "data.split_seed": 3, "data.hu_max": 600.0,
+                                                "land.train_steps": 3})) == shared
+    assert prepared_folder(get_config("smoke", {"data.spacing_3d_mm": 3.0})) == \
+        shared.with_name("prepared@spacing_3d_mm=3.0")
+    assert prepared_folder(get_config("smoke", {"data.n_scans": 4, "data.crop_size": 16, "data.size_3d": 32})) == \
+        shared.with_name("prepared@crop_size=16+size_3d=32")
+
+
+def test_data_overrides_never_prepare_phantom_beside_a_real_dataset(monkeypatch, tmp_path):
+    import pandas as pd
+
+    from lungsynth import paths
+    from lungsynth.config import get_config
+    from lungsynth.data import datasets
+
+    monkeypatch.setenv("LUNGSYNTH_HOME", str(tmp_path))
+    monkeypatch.setattr(datasets, "_ENSURED", set())
+    shared = paths.prepared_dir("smoke")
+    shared.mkdir(parents=True)
+    pd.DataFrame({"scan_id": ["LIDC-IDRI-0078"], "source": ["dicom"]}).to_csv(shared / "scans.csv", index=False)
+    with pytest.raises(ValueError, match=r"LIDC-IDRI DICOM.*--set data.spacing_3d_mm=3.0") as err:
+        datasets.ensure_prepared(get_config("smoke", {"data.spacing_3d_mm": 3.0}), verbose=False)
+    assert "lungsynth data prepare --dicom-root ROOT --out" in str(err.value)
+    assert not datasets.prepared_folder(get_config("smoke", {"data.spacing_3d_mm": 3.0})).exists()

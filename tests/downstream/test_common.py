@@ -95,9 +95,12 @@ def test_volumes_take_the_cohort_layouts_and_nodules_the_training_scans(tiny, re
     ensure_synthetic(get_config("smoke", tiny), n=1, unit="volume", real_root=real_root)
     assert asked == [("validation", "downstream_lung_ddpm_validation"), ("sampler", "downstream_hr_ldm"),
                      ("sampler", "downstream_lung_ddpm")]
+    with pytest.raises(ValueError, match="allowed: sampler, validation"):  # refused when the override is applied
+        get_config("smoke", {**tiny, "downstream.seg_condition_source": "heldout"})
+    bad = get_config("smoke", tiny)
+    bad.downstream.seg_condition_source = "heldout"  # set past the config's check
     with pytest.raises(ValueError, match="use validation"):
-        ensure_synthetic(get_config("smoke", {**tiny, "downstream.seg_condition_source": "heldout"}), n=1,
-                         real_root=real_root)
+        ensure_synthetic(bad, n=1, real_root=real_root)
 
 
 def test_a_pool_generated_to_the_deficits_balances_the_classes():

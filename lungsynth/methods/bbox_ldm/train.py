@@ -21,7 +21,7 @@ import torch
 
 from lungsynth import paths, run_settings
 from lungsynth.data import fingerprint
-from lungsynth.data.datasets import training_stamp
+from lungsynth.data.datasets import prepared_folder, training_stamp
 from lungsynth.engine import FINAL_NAME, TrainTask, Trainer
 from lungsynth.methods.bbox_ldm.model import (LUNG_CONFIG, ConditionEncoder, autoencoder, autoencoder_name, box_masks,
                                               boxes_from_masks, build_unet, check_config, check_mask_context, encode,
@@ -80,7 +80,7 @@ def load_split(cfg, split: str) -> dict[str, Any]:
     "spacings" [N] (mm per pixel), "nodule_ids", "hu_clip"}``.
     """
     clip = tuple(float(v) for v in cfg.bbox_ldm.hu_clip)
-    key = (str(paths.prepared_dir(cfg.profile)), split, clip, cfg.data.size_2d, cfg.data.n_scans)
+    key = (str(prepared_folder(cfg)), split, clip, cfg.data.size_2d, cfg.data.n_scans)
     if key not in _SPLITS:
         ds = slice_dataset(cfg, split)
         if len(ds) == 0:

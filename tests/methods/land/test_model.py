@@ -52,8 +52,12 @@ def test_uniform_weighting_is_the_plain_v_mse():
     cfg = tiny_cfg()
     assert land.loss_gamma(cfg) is None and cfg.land.loss_weighting == "uniform"
     assert land.loss_gamma(tiny_cfg(**{"land.loss_weighting": "min-snr"})) == 5.0
+    with pytest.raises(ValueError, match="allowed: min-snr, uniform"):
+        tiny_cfg(**{"land.loss_weighting": "snr"})
+    bad = tiny_cfg()
+    bad.land.loss_weighting = "snr"  # set past the config's check
     with pytest.raises(ValueError, match="loss_weighting must be one of"):
-        land.loss_gamma(tiny_cfg(**{"land.loss_weighting": "snr"}))
+        land.loss_gamma(bad)
     sched = land.make_scheduler(land.denoiser_spec(cfg, "none", 4))
     ab = sched.alphas_cumprod.double()
     t = torch.tensor([10, 900])

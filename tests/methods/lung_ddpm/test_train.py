@@ -190,3 +190,26 @@ def test_one_config_trains_to_the_same_weights(toy_data, tmp_path):
     second = ld.train(cfg, "layout", tmp_path / "b", dataset=toy_data, progress=False)
     a, b = (torch.load(r / "final.pt", map_location="cpu", weights_only=True)["modules"]["unet"] for r in (first, second))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_chapter_06_try_this_layout_encoding_trains_a_model_with_its_one_channel_layout(toy_data, tmp_path,
+                                                                                          monkeypatch):
+    """Chapter 06's "Try this" (``lung_ddpm.layout_encoding = "scaled"``) on a one-step budget: a run of its own
+    whose U-Net reads one layout channel (not the three of one-hot), recorded in its settings, beside the one-hot
+    run, which is left as it was."""
+    from lungsynth import run_settings
+
+    monkeypatch.setenv("LUNGSYNTH_HOME", str(tmp_path))
+    onehot = ld.ensure_trained(tiny_cfg(**{"lung_ddpm.train_steps": 1}), "layout", dataset=toy_data)
+    before = (onehot / "final.pt").stat().st_mtime_ns
+    scaled = ld.ensure_trained(tiny_cfg(**{"lung_ddpm.train_steps": 1, "lung_ddpm.layout_encoding": "scaled"}),
+                               "layout", dataset=toy_data)
+    assert scaled != onehot and scaled.parent == onehot.parent
+    assert run_settings.recorded(scaled)["lung_ddpm.layout_encoding"] == "scaled"
+
+    def input_channels(run):
+        weights = torch.load(run / "final.pt", map_location="cpu", weights_only=True)["modules"]["unet"]
+        return next(w.shape[1] for w in weights.values() if w.ndim == 5)  # the first 3D convolution's input
+
+    assert (input_channels(onehot), input_channels(scaled)) == (1 + 3, 1 + 1)  # x_t + the layout's channels
+    assert (onehot / "final.pt").stat().st_mtime_ns == before
