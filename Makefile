@@ -36,5 +36,6 @@ course: $(STAMP)
 	esac
 	$(BIN)/lungsynth course all --profile $(PROFILE)
 
+# the 30 slowest tests and notebook cells are listed at the end: where to look when it nears 20 minutes
 test: $(STAMP)
-	$(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-cell-timeout=1500 -p no:cacheprovider
+	$(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-cell-timeout=1500 -p no:cacheprovider --durations=30
