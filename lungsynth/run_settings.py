@@ -4,9 +4,10 @@ A trained run (an autoencoder, a method's model) is reused by every chapter that
 changes how it is trained must not reuse the profile's run: ``OVERRIDES = {"hr_ldm.train_steps": 400}`` in a
 "Try this" has to train a model with 400 steps, and ``{"hr_ldm.ddim_steps": 50}`` must not (it only samples).
 
-- :func:`training_settings` are the settings a run of a kind is trained with: its method's config section (or,
-  for an autoencoder, the keys of its kind and the shared ones) minus :data:`NOT_TRAINING`, the keys read only
-  when sampling or evaluating, plus the autoencoder a latent method decodes through and :data:`ALSO_SHAPED_BY`.
+- :func:`training_settings` are the settings a run of a kind is trained with: the seed, the training loop's
+  :data:`ENGINE_KEYS`, its method's config section (or, for an autoencoder, the keys of its kind and the shared
+  ones) minus :data:`NOT_TRAINING`, the keys read only when sampling or evaluating, plus the autoencoder a latent
+  method decodes through and :data:`ALSO_SHAPED_BY`.
 - :func:`run_name` is the profile's folder name when none of them differs from the profile's value, else the
   name with the differences appended (``05_hr_ldm_hist@train_steps=400``): an overridden run trains beside the
   profile's, never over it, and is reused by the next call with the same overrides.
@@ -53,6 +54,19 @@ AUTOENCODER_KEYS: dict[str, frozenset[str]] = {
 ALSO_SHAPED_BY: dict[str, tuple[str, ...]] = {"vqvae2d": ("bbox_ldm.hu_clip",)}
 
 
+# the training loop's settings that shape every trained run (checkpoint and log intervals, workers do not)
+ENGINE_KEYS: tuple[str, ...] = ("mixed_precision", "precision", "grad_clip", "grad_accum")
+
+
+def _engine_defaults() -> dict[str, Any]:
+    """``{"engine.<key>": default}``: what a run recorded before engine settings were recorded was trained with
+    (the engine's defaults are the same in every profile)."""
+    from lungsynth.config import EngineConfig
+
+    engine = EngineConfig()
+    return {f"engine.{k}": _plain(getattr(engine, k)) for k in ENGINE_KEYS}
+
+
 class SettingsChanged(ValueError):
     """A finished run was trained with other settings than the config asks for."""
 
@@ -82,10 +96,11 @@ def autoencoder_settings(cfg: Any, kind: str) -> dict[str, Any]:
 
 
 def training_settings(cfg: Any, section: str | None = None, autoencoders: Sequence[str] = ()) -> dict[str, Any]:
-    """The settings a run is trained with, as ``{"section.key": value}``: the seed, the method ``section``'s keys
-    except :data:`NOT_TRAINING`, and those of the chapter 02 ``autoencoders`` (kinds) it trains on or decodes
-    through."""
+    """The settings a run is trained with, as ``{"section.key": value}``: the seed, the training loop's
+    :data:`ENGINE_KEYS`, the method ``section``'s keys except :data:`NOT_TRAINING`, and those of the chapter 02
+    ``autoencoders`` (kinds) it trains on or decodes through."""
     out: dict[str, Any] = {"seed": int(cfg.seed)}
+    out.update({f"engine.{k}": _plain(getattr(cfg.engine, k)) for k in ENGINE_KEYS})
     if section is not None:
         values = getattr(cfg, section)
         skip = NOT_TRAINING.get(section, frozenset())
@@ -134,10 +149,12 @@ def check_recorded(run_dir: Path | str, wanted: Mapping[str, Any], command: str,
                    ignore: Iterable[str] = ()) -> None:
     """Before reusing a finished run: :class:`SettingsChanged` when its recorded settings differ from ``wanted``
     (keys in ``ignore`` aside), naming the differences and the commands that train it again; a run with no
-    record (made before runs recorded settings) is reused as the profile's."""
+    record (made before runs recorded settings) is reused as the profile's, and a record without the engine's
+    settings (made before they were recorded) counts as trained with the engine's defaults."""
     stored = recorded(run_dir)
     if stored is None:
         return
+    stored = {**_engine_defaults(), **stored}
     skip = set(ignore)
     diff = differences({k: v for k, v in stored.items() if k not in skip},
                        {k: v for k, v in wanted.items() if k not in skip})

@@ -109,3 +109,32 @@ def test_a_finished_run_with_other_recorded_settings_is_refused(tmp_path):
     run_settings.check_recorded(tmp_path, wanted, "cmd", ignore=("hr_ldm.train_steps",))  # a budget that resumes
     run_settings.record(tmp_path, wanted)
     run_settings.check_recorded(tmp_path, wanted, "cmd")
+
+
+def test_the_training_loops_settings_shape_a_run_and_old_records_count_as_its_defaults(tmp_path):
+    clipped = get_config("smoke", {"engine.grad_clip": 0.5})
+    assert run_settings.run_name(clipped, "06_lung_ddpm_layout", "lung_ddpm") == "06_lung_ddpm_layout@grad_clip=0.5"
+    logged = get_config("smoke", {"engine.checkpoint_every": 3, "engine.log_every": 1})  # not training settings
+    assert run_settings.run_name(logged, "06_lung_ddpm_layout", "lung_ddpm") == "06_lung_ddpm_layout"
+    wanted = run_settings.training_settings(get_config("smoke"), "lung_ddpm")
+    old = {k: v for k, v in wanted.items() if not k.startswith("engine.")}  # recorded before engine keys were
+    run_settings.record(tmp_path, old)
+    run_settings.check_recorded(tmp_path, wanted, "cmd")  # the engine's defaults: reused
+    with pytest.raises(run_settings.SettingsChanged, match=r"engine.grad_clip: 1.0 -> 0.5"):
+        run_settings.check_recorded(tmp_path, run_settings.training_settings(clipped, "lung_ddpm"), "cmd")
+
+
+def test_architecture_and_target_try_this_overrides_change_the_model_they_name():
+    """Chapter 03's skips and chapter 04's target, applied as the chapters suggest, build another model."""
+    from lungsynth.methods.bbox_ldm.train import BboxLdmTask
+    from lungsynth.methods.land.model import LandDenoiser, denoiser_spec
+
+    def land_parameters(overrides):
+        net = LandDenoiser(denoiser_spec(get_config("smoke", overrides), "mask"))
+        return sum(p.numel() for p in net.parameters())
+
+    assert land_parameters({"land.skip": "concat"}) > land_parameters({})  # concatenated skips widen the decoder
+    base = BboxLdmTask(get_config("smoke"), 3, 4)
+    paper = BboxLdmTask(get_config("smoke", {"bbox_ldm.prediction": "epsilon"}), 3, 4)
+    assert (base.prediction, paper.prediction) == ("v_prediction", "epsilon")
+    assert paper.scheduler.prediction_type == "epsilon"
