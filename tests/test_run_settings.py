@@ -125,7 +125,9 @@ def test_the_training_loops_settings_shape_a_run_and_old_records_count_as_its_de
 
 
 def test_architecture_and_target_try_this_overrides_change_the_model_they_name():
-    """Chapter 03's skips and chapter 04's target, applied as the chapters suggest, build another model."""
+    """Chapter 02's codebook, chapter 03's skips and chapter 04's target, applied as the chapters suggest, build
+    another model."""
+    from lungsynth.autoencoders.model import autoencoder_spec
     from lungsynth.methods.bbox_ldm.train import BboxLdmTask
     from lungsynth.methods.land.model import LandDenoiser, denoiser_spec
 
@@ -133,6 +135,8 @@ def test_architecture_and_target_try_this_overrides_change_the_model_they_name()
         net = LandDenoiser(denoiser_spec(get_config("smoke", overrides), "mask"))
         return sum(p.numel() for p in net.parameters())
 
+    codebook = autoencoder_spec("vqvae2d", get_config("smoke", {"autoencoders.vq_num_embeddings": 256}))
+    assert codebook["num_embeddings"] == 256 != autoencoder_spec("vqvae2d", get_config("smoke"))["num_embeddings"]
     assert land_parameters({"land.skip": "concat"}) > land_parameters({})  # concatenated skips widen the decoder
     base = BboxLdmTask(get_config("smoke"), 3, 4)
     paper = BboxLdmTask(get_config("smoke", {"bbox_ldm.prediction": "epsilon"}), 3, 4)
