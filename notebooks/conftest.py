@@ -1,6 +1,6 @@
 """pytest setup for the chapter notebooks (``make test`` runs them with nbval after the library's tests).
 
-Keeps what every executed cell printed, one JSON file per chapter under ``$LUNGSYNTH_HOME/notebook_outputs``,
+Keeps what every executed cell printed, one JSON Lines file per chapter under ``$LUNGSYNTH_HOME/notebook_outputs``,
 so that tests/test_notebook_outputs.py can check the numbers the chapters show (that every printed interval
 contains its estimate, that no table row is a constant). Not needed to run a chapter; learners can ignore it.
 """
@@ -34,9 +34,8 @@ def pytest_runtest_teardown(item, nextitem) -> None:
     if outputs is None or not home:
         return
     chapter = Path(str(item.fspath)).stem
-    path = Path(home) / OUTPUTS_FOLDER / f"{chapter}.json"
+    path = Path(home) / OUTPUTS_FOLDER / f"{chapter}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    cells = json.loads(path.read_text()) if chapter in _started and path.is_file() else []
+    with path.open("a" if chapter in _started else "w") as f:  # one line a cell
+        f.write(json.dumps({"cell": int(getattr(item, "cell_num", -1)), **_texts(outputs)}) + "\n")
     _started.add(chapter)
-    cells.append({"cell": int(getattr(item, "cell_num", len(cells))), **_texts(outputs)})
-    path.write_text(json.dumps(cells))

@@ -113,7 +113,7 @@ def table_faults(html: str) -> list[str]:
 
 def executed_chapters() -> dict[str, list[dict]]:
     folder = Path(os.environ.get("LUNGSYNTH_HOME", "")) / "notebook_outputs"
-    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+    return {p.stem: [json.loads(line) for line in p.read_text().splitlines()] for p in sorted(folder.glob("*.jsonl"))}
 
 
 # --------------------------------------------------------------------------- the checkers themselves
