@@ -307,8 +307,6 @@ def environment_report() -> dict[str, Any]:
 @contextlib.contextmanager
 def measure() -> Iterator[dict]:
     """Wall time and peak memory (CUDA peak allocated, or the process's peak RSS on CPU)."""
-    import resource
-
     out: dict = {}
     cuda = torch.cuda.is_available()
     if cuda:
@@ -322,8 +320,43 @@ def measure() -> Iterator[dict]:
             torch.cuda.synchronize()
             out["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
         else:
-            out["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            out["peak_mb"] = peak_rss_mb()
         out["seconds"] = time.perf_counter() - t0
+
+
+def _proc_status_kb(field: str) -> float | None:
+    """A ``kB`` field of ``/proc/self/status`` (Linux), else None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return float(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak resident memory, in MB.
+
+    Linux: ``VmHWM`` (the high-water mark of this process's memory map), not ``ru_maxrss``: a child inherits
+    that from its parent (a fork copies the parent's pages into its count and exec keeps the figure), so a
+    process started by a 2 GB notebook kernel read >= 2 GB before it allocated anything. Elsewhere
+    ``ru_maxrss`` (bytes on macOS, kB on Linux).
+    """
+    import resource
+
+    hwm = _proc_status_kb("VmHWM")
+    if hwm is not None:
+        return hwm / 1024
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if platform.system() == "Darwin" else rss / 1024
+
+
+def current_rss_mb() -> float:
+    """This process's resident memory now, in MB (Linux; elsewhere its peak, :func:`peak_rss_mb`)."""
+    rss = _proc_status_kb("VmRSS")
+    return peak_rss_mb() if rss is None else rss / 1024
 
 
 # --------------------------------------------------------------------------- benchmark processes
@@ -355,6 +388,57 @@ def run_child(target: str, spec: dict[str, Any], *, precision: str | None = None
         raise RuntimeError(f"benchmark process {target} ({what}, precision "
                            f"{precision or 'inherited'}) failed with code {proc.returncode}:\n{proc.stderr[-2000:]}")
     return json.loads(tagged[-1][len(CHILD_TAG):])
+
+
+def run_forked(target: str, specs: Sequence[dict[str, Any]], *, timeout: float | None = None) -> list[dict[str, Any]]:
+    """``module:function`` called on each spec, each in a process of its own, from one fresh Python process.
+
+    The fresh process imports ``module`` once (torch and MONAI take ~15 s on 2 cores) and forks one process per
+    spec, so each call starts from the same imports-only memory that :func:`run_child` would give it: per-call
+    peak memory is measured as in a fresh process, for one import instead of ``len(specs)``. ``timeout``: seconds
+    a call may take (None: no limit); a call over it is killed and raises.
+    """
+    return run_child("lungsynth.runtime:_forked_calls", {"target": target, "specs": list(specs), "timeout": timeout})
+
+
+def _forked_calls(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Runs in :func:`run_forked`'s fresh process. It must fork before torch runs its first parallel operation:
+    a child forked after that hangs in its own first one (the OpenMP pool of the Linux wheels does not survive
+    a fork), so each call waits at most ``timeout`` and a hung one is killed and reported."""
+    import importlib
+    import select
+    import signal
+    import traceback
+
+    module, func = spec["target"].split(":")
+    fn = getattr(importlib.import_module(module), func)
+    results = []
+    for call in spec["specs"]:
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the forked call: its result, or its traceback, goes back through the pipe
+            os.close(read_end)
+            try:
+                payload = json.dumps({"result": fn(call)})
+            except BaseException:  # noqa: BLE001 (reported to the parent, which raises)
+                payload = json.dumps({"error": traceback.format_exc()})
+            with os.fdopen(write_end, "w") as out:
+                out.write(payload)
+            os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end) as inp:
+            ready, _, _ = select.select([inp], [], [], spec.get("timeout"))
+            if not ready:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise RuntimeError(f"forked call {spec['target']} gave nothing in {spec['timeout']} s (a parallel "
+                                   f"torch operation before the fork hangs the child)")
+            answer = json.loads(inp.read() or '{"error": "the forked call exited without an answer"}')
+        os.waitpid(pid, 0)
+        if "error" in answer:
+            raise RuntimeError(f"forked call {spec['target']} failed:\n{answer['error']}")
+        results.append(answer["result"])
+    return results
 
 
 def compare_precisions(target: str, specs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

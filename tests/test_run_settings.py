@@ -142,3 +142,109 @@ def test_architecture_and_target_try_this_overrides_change_the_model_they_name()
     paper = BboxLdmTask(get_config("smoke", {"bbox_ldm.prediction": "epsilon"}), 3, 4)
     assert (base.prediction, paper.prediction) == ("v_prediction", "epsilon")
     assert paper.scheduler.prediction_type == "epsilon"
+
+
+@pytest.fixture()
+def one_thread():
+    """Tiny networks: one thread is as fast as two, and does not spin against other work on a shared machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_chapter_05_try_this_overrides_change_the_loss_and_the_inpainting(tmp_path, one_thread):
+    """hist_weight weighs the histogram term of the loss a one-step training run logs; anchor_noise_background and
+    clip_latent change what inpainting with that run does (background re-noised between steps, x0-hat unclipped)."""
+    import csv
+
+    import torch
+
+    from lungsynth.autoencoders import build_autoencoder
+    from lungsynth.methods import hr_ldm
+
+    tiny = {"data.crop_size": 16, "hr_ldm.unet_channels": (16, 16), "hr_ldm.attention_levels": (False, True),
+            "hr_ldm.num_res_blocks": 1, "hr_ldm.context_dim": 16, "hr_ldm.hist_hidden": 16, "hr_ldm.train_steps": 1,
+            "hr_ldm.batch_size": 2, "hr_ldm.n_cache": 0, "autoencoders.vae3d_channels": (8, 16, 16),
+            "engine.checkpoint_every": 0, "engine.log_every": 1, "hr_ldm.hist_timestep_weighting": "none"}
+    r = (torch.stack(torch.meshgrid(*[torch.arange(16.0) - 7.5] * 3, indexing="ij")) ** 2).sum(0).sqrt()
+    nodule = (r <= 3).float()
+    crops = [{"ct": (0.1 + 0.5 * nodule)[None], "hrmask": torch.stack([nodule, nodule, 0 * nodule]), "subtype_id": i}
+             for i in range(2)]
+    torch.manual_seed(0)
+    vae = build_autoencoder("vae3d", get_config("smoke", tiny))
+    for weight in (1.0, 100.0):  # eq. 9: loss = L_eps + lambda_hist * L_hist, as the run's task computed it
+        run = hr_ldm.train(get_config("smoke", {**tiny, "hr_ldm.hist_weight": weight}), True, tmp_path / str(weight),
+                           vae=vae, crops=crops, progress=False)
+        row = {k: float(v) for k, v in next(csv.DictReader((run / "metrics.csv").open())).items()}
+        assert row["loss_hist"] > 0 and row["loss"] == pytest.approx(row["loss_eps"] + weight * row["loss_hist"],
+                                                                     rel=1e-5)
+
+    def inpaint(overrides):
+        model = hr_ldm.load(get_config("smoke", {**tiny, **overrides}), run, vae=vae, device="cpu")
+        z_bg = vae.encode_latent(crops[0]["ct"][None], sample=False)
+        cond = hr_ldm.mask_to_latent(crops[0]["hrmask"][None], vae.downsample)
+        _, steps = hr_ldm.inpaint_latent(model, z_bg, cond, 0, torch.full((hr_ldm.HIST_BINS,), 1 / hr_ldm.HIST_BINS),
+                                         steps=4, intermediates_every=1)
+        outside = (cond[:, :1] == 0).expand_as(z_bg)
+        pasted = [torch.equal(s["sample"][outside], z_bg[outside]) for s in steps]
+        return pasted, max(float(s["pred_x0"].abs().max()) for s in steps)
+
+    pasted, largest = inpaint({})  # smoke: the clean background pasted, x0-hat clipped to [-3, 3]
+    assert all(pasted) and largest <= 3.0
+    pasted, _ = inpaint({"hr_ldm.anchor_noise_background": True})  # q(z_bg, t-1): noised until the last step
+    assert not any(pasted[:-1]) and pasted[-1]
+    assert inpaint({"hr_ldm.clip_latent": 0.0})[1] > 3.0
+
+
+def test_sampler_try_this_overrides_change_the_sampler_they_name(monkeypatch, one_thread):
+    """Chapter 06's step count and DDIM reach Lung-DDPM's reverse process; chapter 07's PNDM sampler reaches the
+    method's generation and its v-prediction the scheduler the text-to-image model is built with."""
+    import torch
+
+    from lungsynth.autoencoders import build_autoencoder
+    from lungsynth.data.conditions import Condition
+    from lungsynth.data.preprocess import unit_to_hu
+    from lungsynth.data.prompts import PROMPT_ATTRIBUTES
+    from lungsynth.methods import lung_ddpm, text2img
+    from lungsynth.methods.text2img import model as t2i_model
+    from lungsynth.methods.text2img.method import Text2ImgMethod
+
+    tiny = {"data.size_ddpm": 4, "lung_ddpm.unet_channels": (4,), "lung_ddpm.attention_at": (),
+            "lung_ddpm.num_res_blocks": 1}
+    layout = torch.zeros(1, 1, 4, 4, 4)
+    layout[..., 1:3, 1:3, 1:3] = 1
+    layout[..., 2, 2, 2] = 2
+
+    def ddpm_sample(overrides, **kw):  # the model as lung_ddpm.load builds it, with untrained weights
+        cfg = get_config("smoke", {**tiny, **overrides})
+        torch.manual_seed(0)
+        model = lung_ddpm.LungDDPM(lung_ddpm.build_unet(cfg).eval(), lung_ddpm.build_scheduler(cfg), cfg)
+        return model.sample(layout, aas=False, generator=torch.Generator().manual_seed(0), device="cpu", **kw)
+
+    stats = {}
+    ddpm_sample({"lung_ddpm.sample_steps": 250}, stats=stats)
+    assert stats["steps"] == stats["nfe"] == 250
+    ddim = ddpm_sample({"lung_ddpm.sampler": "ddim"}, num_inference_steps=3)
+    assert torch.equal(ddim, ddpm_sample({}, num_inference_steps=3, sampler="ddim"))
+    assert not torch.equal(ddim, ddpm_sample({}, num_inference_steps=3))  # the smoke default: DDPM
+
+    # chapter 02's KL-VAE, untrained, instead of training one: the codec is not what this test is about
+    monkeypatch.setattr(t2i_model, "course_codec",
+                        lambda cfg: t2i_model.LatentCodec(build_autoencoder("vae2d", cfg), 1.0))
+    small = {"data.roi_size": 16, "text2img.unet_channels": (32, 32)}
+    model = text2img.build_model(get_config("smoke", {**small, "text2img.prediction_type": "v_prediction"}))
+    assert model.scheduler.config.prediction_type == "v_prediction"
+    assert text2img.sample_scheduler("pndm", model.scheduler).config.prediction_type == "v_prediction"
+    assert text2img.build_model(get_config("smoke", small)).scheduler.config.prediction_type == "epsilon"
+    condition = Condition(0, "heldout", "slice", nodules=[{k: 3.0 for k in PROMPT_ATTRIBUTES}])
+    face = Text2ImgMethod().with_options(steps=2)
+    pndm_cfg = get_config("smoke", {**small, "text2img.sampler": "pndm"})
+    pndm = face.generate(pndm_cfg, model, [condition], seed=0)[0]
+    by_hand = unit_to_hu(text2img.generate(model, [pndm["info"]["prompt"]], 5.0, 2, "pndm", seed=0),
+                         pndm_cfg.data.hu_min, pndm_cfg.data.hu_max)
+    assert torch.equal(torch.from_numpy(pndm["arrays"]["image"]), by_hand[0, 0])
+    ddim_image = face.generate(get_config("smoke", small), model, [condition], seed=0)[0]["arrays"]["image"]
+    assert not (ddim_image == pndm["arrays"]["image"]).all()  # the smoke default: DDIM

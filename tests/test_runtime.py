@@ -1,4 +1,6 @@
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -176,3 +178,33 @@ def test_run_child_runs_a_function_in_a_fresh_process_with_the_precision():
         runtime.run_child("builtins:dict", {}, precision="fp16")
     with pytest.raises(RuntimeError, match="failed with code"):
         runtime.run_child("builtins:dict", "not a mapping")
+
+
+@pytest.fixture
+def child_probes(monkeypatch):
+    """Children started by run_child / run_forked can import tests/child_probes.py."""
+    here = str(Path(__file__).parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
+    return "child_probes"
+
+
+def test_a_child_reports_its_own_peak_memory_not_its_parents(child_probes):
+    ballast = np.ones(2**30 // 8)  # 1 GiB resident in this process while the child runs
+    child = runtime.run_child(f"{child_probes}:peak_after_allocating", {"mb": 0})
+    assert ballast[-1] == 1.0
+    # the trap peak_rss_mb avoids: ru_maxrss of a child starts at its parent's resident size
+    assert child["ru_maxrss_mb"] >= 1024
+    assert child["peak_mb"] < 700  # Python, numpy and torch imported: a few hundred MB
+
+
+def test_forked_calls_start_from_the_same_imports_and_keep_their_order(child_probes):
+    big, small = runtime.run_forked(f"{child_probes}:peak_after_allocating", [{"mb": 400}, {"mb": 0}])
+    assert big["peak_mb"] >= small["peak_mb"] + 350  # the second call does not inherit the first one's peak
+    assert small["peak_mb"] < 700
+
+
+def test_a_failing_or_hung_forked_call_raises(child_probes):
+    with pytest.raises(RuntimeError, match="fails on purpose"):
+        runtime.run_forked(f"{child_probes}:fail_on_purpose", ["x"])
+    with pytest.raises(RuntimeError, match="gave nothing in 2 s"):
+        runtime.run_forked("time:sleep", [60], timeout=2)

@@ -4,17 +4,15 @@ sliding-window decoding, each decode in a fresh process (peak RSS never goes dow
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
-from lungsynth.runtime import compare_precisions, run_child
+from lungsynth.runtime import compare_precisions, current_rss_mb, peak_rss_mb, run_child
 
 CHILD = "lungsynth.autoencoders.bench:_child"
 
 
 def _decode_probe(kind: str, size: int, mode: str, roi: int, profile: str | None) -> dict:
     """Run in a fresh process: decode a latent of a ``size`` volume whole or by sliding window."""
-    import resource
     import time
 
     import torch
@@ -27,7 +25,7 @@ def _decode_probe(kind: str, size: int, mode: str, roi: int, profile: str | None
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ae = build_autoencoder(kind, cfg).eval().to(dev)
     z = torch.randn(1, *ae.latent_shape(size), device=dev)
-    rss_before = _rss_mb()
+    rss_before = current_rss_mb()
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -42,7 +40,7 @@ def _decode_probe(kind: str, size: int, mode: str, roi: int, profile: str | None
         peak = torch.cuda.max_memory_allocated() / 2**20
         return {"mode": mode, "seconds": seconds, "peak_mb": peak, "above_start_mb": peak - base,
                 "device": "cuda", "shape": list(out.shape)}
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     return {"mode": mode, "seconds": seconds, "peak_mb": peak, "above_start_mb": peak - rss_before, "device": "cpu",
             "shape": list(out.shape)}
 
@@ -63,18 +61,6 @@ def _child(spec: dict[str, Any]) -> dict:
     images = torch.rand(batch, 1, patch, patch, patch, generator=torch.Generator().manual_seed(0))
     return probe_steps(AutoencoderTask("vae3d", cfg), {"image": images}, 1 + int(spec["repeats"]),
                        lr=float(cfg.autoencoders.lr))
-
-
-def _rss_mb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return float(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def bench_vae(args: argparse.Namespace) -> int:

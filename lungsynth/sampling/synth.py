@@ -13,8 +13,6 @@ other folder is refused.
 from __future__ import annotations
 
 import argparse
-import platform
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ from lungsynth.data import fingerprint
 from lungsynth.data.conditions import SOURCES
 from lungsynth.data.conditions import real_root as find_root
 from lungsynth.methods.base import MethodFace
+from lungsynth.runtime import peak_rss_mb
 from lungsynth.sampling.registry import METHODS, get_method
 from lungsynth.sampling.writer import SyntheticWriter
 
@@ -72,8 +71,7 @@ def _peak_mb() -> float:
 
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if platform.system() == "Darwin" else rss / 1024
+    return peak_rss_mb()
 
 
 def _meta_diff(out: Path, meta: dict[str, Any]) -> list[str]:

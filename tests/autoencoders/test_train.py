@@ -32,6 +32,16 @@ STEPS_3D = {"vae3d": 120, "maskvae": 150}
 STEPS_2D = {"vqvae2d": 450}
 
 
+def _budget(kind: str) -> dict:
+    """The fixture's overrides for ``kind`` (each kind's own step budget)."""
+    steps = {"vae3d": ("autoencoders.train_steps", STEPS_3D.get("vae3d")),
+             "maskvae": ("autoencoders.train_steps_mask", STEPS_3D.get("maskvae")),
+             "vqvae2d": ("autoencoders.train_steps_2d", STEPS_2D.get("vqvae2d")),
+             "vae2d": ("autoencoders.train_steps_2d", STEPS_2D.get("vae2d"))}
+    key, n = steps[kind]
+    return {**DATA, **BUDGET, **({key: n} if n else {})}
+
+
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> Path:
     from lungsynth.data.phantom import make_phantom
@@ -50,12 +60,7 @@ def trained(tiny_root, tmp_path_factory) -> dict:
     runs = {}
     base = tmp_path_factory.mktemp("ae_runs")
     for kind in KINDS:
-        over = {**DATA, **BUDGET}
-        if kind in STEPS_3D:
-            over["autoencoders.train_steps"] = STEPS_3D[kind]
-        if kind in STEPS_2D:
-            over["autoencoders.train_steps_2d"] = STEPS_2D[kind]
-        cfg = get_config("smoke", over)
+        cfg = get_config("smoke", _budget(kind))
         run = train_autoencoder(kind, cfg, base / kind, progress=False, root=tiny_root)
         runs[kind] = (cfg, run)
     return runs
@@ -256,7 +261,7 @@ def test_cli_encode_and_bad_input(trained, capsys):
     with pytest.raises(SystemExit):
         main(["autoencoder", "train", "--kind", "vae9d"])
     cfg, run = trained["maskvae"]
-    sets = [f"--set={k}={v}" for k, v in {**DATA, **BUDGET, "autoencoders.train_steps": STEPS_3D["maskvae"]}.items()]
+    sets = [f"--set={k}={v}" for k, v in _budget("maskvae").items()]
     rc = main(["autoencoder", "encode", "--kind", "maskvae", "--run-dir", str(run), "--split", "val",
                "--data-root", str(_root_of(run)), *sets])
     assert rc == 0

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from lungsynth.methods.land.model import LandDenoiser, denoiser_spec, land_loss, make_scheduler
-from lungsynth.runtime import compare_precisions, run_child
+from lungsynth.runtime import compare_precisions, peak_rss_mb, run_child
 
 
 def _run_child(fn: str, spec: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
@@ -23,8 +23,6 @@ def _run_child(fn: str, spec: dict[str, Any], timeout: float = 900) -> dict[str,
 
 def _bench_child(spec: dict[str, Any]) -> dict[str, Any]:
     """One benchmark configuration in a fresh process: a train step, a denoiser call, or a whole sample."""
-    import resource
-
     from lungsynth.diffusion.samplers import sample as reverse
     from lungsynth.engine import SimpleTask, probe_steps
     from lungsynth.runtime import autocast, device
@@ -41,10 +39,10 @@ def _bench_child(spec: dict[str, Any]) -> dict[str, Any]:
 
     if what == "train_step":  # a short run: optimiser steps on one batch, the loss of each
         task = SimpleTask(den, lambda m, b: land_loss(m, sched, b["z"], b["grid"], 5.0), kind="land-bench")
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        base = peak_rss_mb()
         r = probe_steps(task, {"z": z, "grid": grid}, 1 + reps, device=dev)
         peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                else peak_rss_mb())
         return {**r, "peak_mb": peak, "delta_mb": peak if cuda else max(peak - base, 0.0),
                 "params": sum(p.numel() for p in den.parameters())}
 
@@ -59,7 +57,7 @@ def _bench_child(spec: dict[str, Any]) -> dict[str, Any]:
         if cuda:
             torch.cuda.synchronize()
 
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # imports + model + inputs
+    base = peak_rss_mb()  # imports + model + inputs
     once()  # warm-up
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -69,7 +67,7 @@ def _bench_child(spec: dict[str, Any]) -> dict[str, Any]:
         once()
         times.append(time.perf_counter() - t0)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+            else peak_rss_mb())
     # CPU: peak RSS minus the RSS before the first call = what the computation itself added
     return {"seconds": float(np.median(times)), "peak_mb": peak, "delta_mb": peak if cuda else max(peak - base, 0.0),
             "params": sum(p.numel() for p in den.parameters())}
@@ -115,8 +113,6 @@ def bench_land(args: argparse.Namespace) -> int:
 
 def _evaluate_child(spec: dict[str, Any]) -> dict[str, Any]:
     """Runs in a fresh process: Table 1 of one variant at ``n`` samples (held-out conditions, nothing written)."""
-    import resource
-
     from lungsynth.config import get_config, parse_overrides
     from lungsynth.methods.land.evaluate import evaluate
 
@@ -124,7 +120,7 @@ def _evaluate_child(spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     evaluate(cfg, (spec["variant"],), n_samples=int(spec["n"]), memory=False, condition_sets=("held-out",),
              write=False)
-    return {"seconds": time.perf_counter() - t0, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"seconds": time.perf_counter() - t0, "peak_mb": peak_rss_mb()}
 
 
 EVALUATE_SAMPLE_COUNTS = (2, 8)

@@ -154,6 +154,7 @@ def evaluate(cfg: Any, variants: Sequence[str] = VARIANTS, *, n_samples: int | N
     spans = [range(i, min(n, i + chunk)) for i in range(0, n, chunk)]
     real_feats, net_name, real = _streamed_features(
         (held.chunk(range(i, min(len(held), i + chunk)), "ct") for i in range(0, len(held), chunk)), network)
+    memories = peak_sampling_memory(cfg, variants, sampler=sampler, steps=2, overrides=overrides) if memory else {}
     rows = []
     for variant in variants:
         run_dir = default_run_dir(cfg, variant)
@@ -180,7 +181,7 @@ def evaluate(cfg: Any, variants: Sequence[str] = VARIANTS, *, n_samples: int | N
                    "kid_ci": k.interval(5),  # (low, high), or "insufficient N: ..." below 8 volumes a set
                    "ms_ssim": round(div["mean"], 4), "sample_s_per_volume": round(secs, 2), "features": net_name}
             if memory and conditions == condition_sets[0]:
-                mem = peak_sampling_memory(cfg, variant, run_dir, sampler=sampler, steps=2, overrides=overrides)
+                mem = memories[variant]
                 row["peak_mb"] = round(mem["peak_mb"], 1)
                 # CPU: how far sampling raised the peak RSS above the loaded model (0 = it stayed below
                 # the import/load peak); CUDA: max allocated while sampling

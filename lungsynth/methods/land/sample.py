@@ -14,7 +14,7 @@ import torch
 from lungsynth.methods.land.model import (CONDITIONS, KIND, SAMPLERS, LandDenoiser, check_condition, check_variant,
                                           condition_grid, make_scheduler, uses_mask_vae)
 from lungsynth.methods.land.train import default_run_dir, ensure_trained, heldout_conditions, rebuild_command
-from lungsynth.runtime import run_child
+from lungsynth.runtime import run_forked
 
 
 # --------------------------------------------------------------------------- load
@@ -211,27 +211,28 @@ def texture_sweep(model: LandModel, cond: torch.Tensor, textures: Sequence[int] 
 
 
 def _memory_child(spec: dict[str, Any]) -> dict[str, Any]:
-    """Runs in a fresh process (peak RSS is per process): load a variant and sample once."""
-    import resource
-
+    """Runs in a process of its own (peak memory is per process): load a variant and sample once."""
     from lungsynth.config import get_config
+    from lungsynth.runtime import peak_rss_mb
 
     cfg = get_config(spec["profile"], spec.get("overrides") or {})
     model = load(cfg, spec["variant"], spec.get("run_dir"), train_if_missing=False)
     cond = heldout_conditions(cfg, "test", 1) if spec["variant"] != "none" else None
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = peak_rss_mb()
     out = sample(model, cond, 1, sampler=spec.get("sampler"), steps=spec.get("steps"), seed=0)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return {"peak_mb": peak, "loaded_mb": before, "sampling_mb": max(peak - before, 0.0), "seconds": out["seconds"]}
+    peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else peak_rss_mb()
+    return {"variant": spec["variant"], "peak_mb": peak, "loaded_mb": before, "sampling_mb": max(peak - before, 0.0),
+            "seconds": out["seconds"]}
 
 
-def peak_sampling_memory(cfg: Any, variant: str, run_dir: Path | str | None = None, *, sampler: str | None = None,
-                         steps: int | None = None, overrides: dict | None = None) -> dict[str, float]:
-    """Peak memory of loading ``variant`` and sampling one volume, in a fresh process:
-    ``{"peak_mb", "loaded_mb", "seconds"}`` (CUDA: max allocated; CPU: peak RSS, model load included)."""
-    spec = {"profile": cfg.profile, "overrides": overrides or {}, "variant": variant,
-            "run_dir": str(run_dir) if run_dir else None, "sampler": sampler, "steps": steps}
-    return run_child("lungsynth.methods.land.sample:_memory_child", spec)
+def peak_sampling_memory(cfg: Any, variants: Sequence[str], *, sampler: str | None = None, steps: int | None = None,
+                         overrides: dict | None = None) -> dict[str, dict[str, float]]:
+    """Peak memory of loading each variant's trained run and sampling one volume, each in a process of its own
+    that starts from the same imports (one import for all, :func:`lungsynth.runtime.run_forked`):
+    ``variant -> {"peak_mb", "loaded_mb", "sampling_mb", "seconds"}`` (CUDA: max allocated; CPU: the process's
+    peak RSS, imports and model load included)."""
+    specs = [{"profile": cfg.profile, "overrides": overrides or {}, "variant": v,
+              "run_dir": str(default_run_dir(cfg, v)), "sampler": sampler, "steps": steps} for v in variants]
+    return {r["variant"]: r for r in run_forked("lungsynth.methods.land.sample:_memory_child", specs, timeout=1800)}

@@ -11,9 +11,9 @@ CHILD = "lungsynth.methods.lung_ddpm.bench:_bench_child"
 
 def _bench_child(spec: dict[str, Any]) -> dict[str, Any]:
     """One configuration in a fresh process: a train step, or one sample with / without AAS."""
-    import resource
-
     import torch
+
+    from lungsynth.runtime import peak_rss_mb
 
     from lungsynth.config import get_config
     from lungsynth.engine import probe_steps
@@ -39,7 +39,7 @@ def _bench_child(spec: dict[str, Any]) -> dict[str, Any]:
 
     def peak_mb() -> float:
         return (torch.cuda.max_memory_allocated() / 2**20 if cuda
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                else peak_rss_mb())
 
     if spec["what"] == "train_step":  # a short run: optimiser steps on one batch (a training cube), the loss of each
         side = int(spec.get("train_size", s))
