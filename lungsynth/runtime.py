@@ -402,43 +402,48 @@ def run_forked(target: str, specs: Sequence[dict[str, Any]], *, timeout: float |
 
 
 def _forked_calls(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    """Runs in :func:`run_forked`'s fresh process. It must fork before torch runs its first parallel operation:
-    a child forked after that hangs in its own first one (the OpenMP pool of the Linux wheels does not survive
-    a fork), so each call waits at most ``timeout`` and a hung one is killed and reported."""
+    """Runs in :func:`run_forked`'s fresh process: imports the target once, then one forked call per spec."""
     import importlib
+
+    module, func = spec["target"].split(":")
+    fn = getattr(importlib.import_module(module), func)
+    return [_forked_call(fn, call, spec["target"], spec.get("timeout")) for call in spec["specs"]]
+
+
+def _forked_call(fn: Any, call: Any, target: str, timeout: float | None) -> Any:
+    """``fn(call)`` in a forked process; its JSON result (or its traceback, raised here) comes back through a pipe.
+
+    The fork must come before torch runs its first parallel operation: a child forked after that hangs in its own
+    first one (the OpenMP pool of the Linux wheels does not survive a fork), so the call waits at most ``timeout``
+    and a hung child is killed and reported.
+    """
     import select
     import signal
     import traceback
 
-    module, func = spec["target"].split(":")
-    fn = getattr(importlib.import_module(module), func)
-    results = []
-    for call in spec["specs"]:
-        read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the forked call: its result, or its traceback, goes back through the pipe
-            os.close(read_end)
-            try:
-                payload = json.dumps({"result": fn(call)})
-            except BaseException:  # noqa: BLE001 (reported to the parent, which raises)
-                payload = json.dumps({"error": traceback.format_exc()})
-            with os.fdopen(write_end, "w") as out:
-                out.write(payload)
-            os._exit(0)
-        os.close(write_end)
-        with os.fdopen(read_end) as inp:
-            ready, _, _ = select.select([inp], [], [], spec.get("timeout"))
-            if not ready:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                raise RuntimeError(f"forked call {spec['target']} gave nothing in {spec['timeout']} s (a parallel "
-                                   f"torch operation before the fork hangs the child)")
-            answer = json.loads(inp.read() or '{"error": "the forked call exited without an answer"}')
-        os.waitpid(pid, 0)
-        if "error" in answer:
-            raise RuntimeError(f"forked call {spec['target']} failed:\n{answer['error']}")
-        results.append(answer["result"])
-    return results
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        os.close(read_end)
+        try:
+            payload = json.dumps({"result": fn(call)})
+        except BaseException:  # noqa: BLE001 (reported to the parent, which raises)
+            payload = json.dumps({"error": traceback.format_exc()})
+        with os.fdopen(write_end, "w") as out:
+            out.write(payload)
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as inp:
+        if not select.select([inp], [], [], timeout)[0]:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise RuntimeError(f"forked call {target} gave nothing in {timeout} s (a parallel torch operation "
+                               f"before the fork hangs the child)")
+        answer = json.loads(inp.read() or '{"error": "the forked call exited without an answer"}')
+    os.waitpid(pid, 0)
+    if "error" in answer:
+        raise RuntimeError(f"forked call {target} failed:\n{answer['error']}")
+    return answer["result"]
 
 
 def compare_precisions(target: str, specs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
