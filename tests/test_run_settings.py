@@ -248,3 +248,188 @@ def test_sampler_try_this_overrides_change_the_sampler_they_name(monkeypatch, on
     assert torch.equal(torch.from_numpy(pndm["arrays"]["image"]), by_hand[0, 0])
     ddim_image = face.generate(get_config("smoke", small), model, [condition], seed=0)[0]["arrays"]["image"]
     assert not (ddim_image == pndm["arrays"]["image"]).all()  # the smoke default: DDIM
+
+
+def test_chapter_06_training_try_this_overrides_change_the_loss_and_the_training_items(tmp_path, monkeypatch,
+                                                                                        one_thread):
+    """The paper's epsilon target with L1 is the loss one training step of Lung-DDPM's task takes; nodule_weight 0
+    makes it eq. 7's uniform mean; train_patch 0 gives training_dataset whole size_ddpm volumes, not cubes."""
+    import torch
+    from synth_fakes import make_fake_prepared
+
+    from lungsynth.data import datasets
+    from lungsynth.diffusion.schedules import alpha_bar_at
+    from lungsynth.methods.lung_ddpm.train import LungDdpmTask, training_dataset
+
+    tiny = {"data.size_ddpm": 4, "lung_ddpm.unet_channels": (4,), "lung_ddpm.attention_at": (),
+            "lung_ddpm.num_res_blocks": 1}
+    ct = torch.rand(2, 1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    x0 = ct * 2.0 - 1.0  # the DDPM's [-1, 1]
+    layout = torch.zeros(2, 1, 4, 4, 4)
+    layout[..., 1:3, 1:3, 1:3] = 1
+    layout[..., 2, 2, 2] = 2
+
+    def step(overrides):
+        """(scheduler's prediction type, loss of one training step, the U-Net's output, the targets of the step's
+        noise and timesteps)."""
+        task = LungDdpmTask(get_config("smoke", {**tiny, **overrides}))
+        seen = {}
+        task.unet.register_forward_hook(lambda net, args, out: seen.update(x_t=args[0][:, :1], t=args[1], out=out))
+        loss = task.training_step({"ct": ct, "layout": layout}, 0)["loss"].item()
+        ab = alpha_bar_at(task.scheduler, seen["t"]).reshape(-1, 1, 1, 1, 1)
+        eps = (seen["x_t"] - ab.sqrt() * x0) / (1 - ab).sqrt()  # x_t = sqrt(ab) x0 + sqrt(1 - ab) eps
+        targets = {"epsilon": eps, "v_prediction": ab.sqrt() * eps - (1 - ab).sqrt() * x0}
+        return task.scheduler.prediction_type, loss, seen["out"].detach(), targets
+
+    def mean(err, weight):  # weighted mean per volume, then over the batch
+        return float(((err * weight).flatten(1).sum(1) / weight.flatten(1).sum(1)).mean())
+
+    weights = 1 + get_config("smoke").lung_ddpm.nodule_weight * (layout == 2).float()  # smoke: nodules weigh 21
+    prediction, loss, out, target = step({})  # smoke: L2 on v
+    assert prediction == "v_prediction" and loss == pytest.approx(mean((out - target[prediction]) ** 2, weights),
+                                                                  rel=1e-4)
+    prediction, loss, out, target = step({"lung_ddpm.prediction": "epsilon", "lung_ddpm.loss": "l1"})
+    assert prediction == "epsilon" and loss == pytest.approx(mean((out - target["epsilon"]).abs(), weights), rel=1e-4)
+    _, loss, out, target = step({"lung_ddpm.nodule_weight": 0})
+    err = (out - target["v_prediction"]) ** 2
+    assert loss == pytest.approx(mean(err, torch.ones_like(err)), rel=1e-4)
+    assert loss != pytest.approx(mean(err, weights), rel=1e-3)
+
+    # train_patch: course cuts cubes (smoke trains on whole volumes already); a prepared-format folder of 16^3 scans
+    # stands in for the rendered phantoms
+    root = make_fake_prepared(tmp_path / "prepared", n_train=2, n_test=1)
+    monkeypatch.setattr(datasets, "ensure_prepared", lambda cfg, verbose=True: root)
+    course = get_config("course")
+    cube, whole = course.lung_ddpm.train_patch, course.data.size_ddpm
+    assert 0 < cube < whole
+    assert training_dataset(course)[0]["ct"].shape == (1, cube, cube, cube)
+    assert training_dataset(get_config("course", {"lung_ddpm.train_patch": 0}))[0]["ct"].shape == (1,) + (whole,) * 3
+
+
+def test_chapter_02_perceptual_network_try_this_adds_the_perceptual_term(one_thread):
+    """With the packaged Astra encoder the autoencoder task builds a perceptual loss and its generator loss holds
+    it, weighted by perceptual_weight; smoke's task has none."""
+    import torch
+
+    from lungsynth.autoencoders.train import AutoencoderTask
+    from lungsynth.nn.losses import AstraPerceptualLoss
+
+    x = torch.rand(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+
+    def step(overrides):
+        torch.manual_seed(0)  # the same autoencoder weights either way
+        task = AutoencoderTask("vae3d", get_config("smoke", overrides))
+        task.setup(torch.device("cpu"))  # as Trainer.fit does before the first step
+        torch.manual_seed(1)  # and the same posterior sample
+        return task, task.training_step({"image": x}, 0)
+
+    plain, plain_logs = step({})
+    assert plain.perceptual is None and "perceptual" not in plain_logs
+    astra, logs = step({"autoencoders.perceptual_network": "astra"})
+    assert isinstance(astra.perceptual, AstraPerceptualLoss) and float(logs["perceptual"]) > 0
+    assert logs["loss_generator"].item() - plain_logs["loss_generator"].item() == pytest.approx(
+        astra.perceptual_weight * float(logs["perceptual"]), rel=1e-4)
+
+
+class _TrainerBuilt(Exception):
+    """Raised in place of Trainer.fit: the method built its trainer from the config, and nothing trains."""
+
+
+def trainer_built_by(monkeypatch, train, *args, **kwargs):
+    """The engine Trainer that ``train(*args, **kwargs)`` builds, stopped where its fit would begin."""
+    from lungsynth.engine import Trainer
+
+    built = []
+
+    def instead_of_fit(trainer, task, data, val_data=None):
+        built.append(trainer)
+        raise _TrainerBuilt
+
+    monkeypatch.setattr(Trainer, "fit", instead_of_fit)
+    with pytest.raises(_TrainerBuilt):
+        train(*args, **kwargs)
+    return built[0]
+
+
+def test_train_longer_try_this_overrides_set_the_trainers_budget(tmp_path, monkeypatch, one_thread):
+    """Chapters 02-06's "train longer": the step budget each method's training gives its engine Trainer is the
+    override (the autoencoders: train_budget, which train_autoencoder gives its Trainer; Lung-DDPM: make_trainer;
+    LAND, the bbox LDM and HR-LDM build theirs inside train(), run here up to the trainer's fit)."""
+    import importlib
+
+    import numpy as np
+    import torch
+
+    from lungsynth.autoencoders import build_autoencoder
+    from lungsynth.autoencoders.train import train_budget
+    from lungsynth.methods import bbox_ldm, hr_ldm, land
+    from lungsynth.methods.lung_ddpm.train import make_trainer
+
+    assert train_budget("vae3d", get_config("smoke", {"autoencoders.train_steps": 600}))[0] == 600
+    assert train_budget("vae3d", get_config("smoke"))[0] != 600
+    assert make_trainer(get_config("smoke", {"lung_ddpm.train_steps": 6000}), None).max_steps == 6000
+
+    # LAND reads chapter 02's vae3d and its latent cache of the prepared data first: an untrained vae3d, no items
+    land_train = importlib.import_module("lungsynth.methods.land.train")  # land.train is the function
+    monkeypatch.setattr(land_train, "training_stamp", lambda cfg: None)
+    monkeypatch.setattr(land_train, "build_dataset", lambda *args: [])
+    monkeypatch.setattr("lungsynth.autoencoders.ensure_autoencoder",
+                        lambda kind, cfg, progress=None: build_autoencoder(kind, cfg))
+    trainer = trainer_built_by(monkeypatch, land.train, get_config("smoke", {"land.train_steps": 500}), "mask",
+                               tmp_path / "land")
+    assert trainer.max_steps == 500
+
+    # the bbox LDM and HR-LDM take in-memory data and an autoencoder
+    small = get_config("smoke", {"data.size_2d": 32, "bbox_ldm.unet_channels": (16, 16, 32),
+                                 "autoencoders.vqvae2d_channels": (8, 8), "bbox_ldm.train_steps": 1600})
+    lungs = np.zeros((2, 32, 32), bool)
+    lungs[:, 8:24, 4:28] = True
+    slices = {"images": torch.rand(2, 1, 32, 32), "boxes": np.array([[10, 10, 4]] * 2), "lungs": lungs,
+              "attributes": np.full((2, 5), 3)}
+    trainer = trainer_built_by(monkeypatch, bbox_ldm.train, small, 1, tmp_path / "bbox", data=slices,
+                               ae=build_autoencoder("vqvae2d", small).eval(), progress=False)
+    assert trainer.max_steps == 1600
+
+    small = get_config("smoke", {"data.crop_size": 16, "hr_ldm.unet_channels": (16, 16), "hr_ldm.num_res_blocks": 1,
+                                 "hr_ldm.attention_levels": (False, True), "hr_ldm.context_dim": 16,
+                                 "hr_ldm.hist_hidden": 16, "hr_ldm.n_cache": 0,
+                                 "autoencoders.vae3d_channels": (8, 16, 16), "hr_ldm.train_steps": 400})
+    nodule = torch.zeros(16, 16, 16)
+    nodule[6:10, 6:10, 6:10] = 1
+    crops = [{"ct": (0.1 + 0.5 * nodule)[None], "hrmask": torch.stack([nodule, nodule, 0 * nodule]), "subtype_id": 0}]
+    trainer = trainer_built_by(monkeypatch, hr_ldm.train, small, True, tmp_path / "hr",
+                               vae=build_autoencoder("vae3d", small), crops=crops, progress=False)
+    assert trainer.max_steps == 400
+
+
+def test_evaluation_downstream_and_profile_try_this_overrides_change_what_is_planned(tmp_path):
+    """Chapter 09's sample counts are what the leaderboard asks of each method (by unit), chapters 10-11's runs and
+    steps what their experiments plan, and chapter 00's n_scans what profile_table shows in every profile."""
+    import importlib
+
+    from lungsynth.config import profile_table
+    from lungsynth.downstream.classification import run_fold
+    from lungsynth.downstream.common import seeds
+    from lungsynth.downstream.segmentation import steps_for
+    from lungsynth.leaderboard import sample_count
+    from lungsynth.sampling.registry import FACES
+
+    faces = [getattr(importlib.import_module(module), name)() for module, name in FACES]
+    board = get_config("smoke", {"evaluation.n_samples": 64, "evaluation.n_samples_2d": 512})
+    asked = {face.name: sample_count(board, face, tmp_path) for face in faces}
+    assert asked == {"land": 64, "bbox_ldm": 512, "hr_ldm": 64, "lung_ddpm": 64, "text2img": 512}
+    assert all(sample_count(get_config("smoke"), face, tmp_path) < asked[face.name] for face in faces)
+
+    for profile in ("smoke", "course"):
+        seg = get_config(profile, {"downstream.seg_steps": 100, "downstream.n_runs": 3})
+        assert seeds(seg) == [0, 1, 2] != seeds(get_config(profile))
+        assert [steps_for(seg, s) for s in seg.downstream.seg_settings] == [100] * len(seg.downstream.seg_settings)
+        cls = get_config(profile, {"downstream.n_runs": 5})
+        assert len({run_fold(cls, seed) for seed in seeds(cls)}) == 5  # five runs, each its own validation split
+
+    rows = {r["setting"]: r for r in profile_table(overrides={"data.n_scans": 4})}
+    assert rows["data.n_scans"] == {"setting": "data.n_scans", "smoke": 4, "course": 4, "full": 4}
+    profiles = {r["setting"]: r for r in profile_table()}
+    assert profiles["data.n_scans"]["smoke"] != 4
+    assert {k: r for k, r in rows.items() if k != "data.n_scans"} == \
+        {k: r for k, r in profiles.items() if k != "data.n_scans"}

@@ -216,7 +216,8 @@ def _real_floor(real_feats: Any, net_name: str, seed: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- quality gates
 
 CHAPTER = "03"
-GATES_VERSION = 3  # 2: the vae3d ceiling of the nodule gate; 3: the noise baseline shuffles the lungs too
+GATES_VERSION = 4  # 2: the vae3d ceiling of the nodule gate; 3: the noise baseline shuffles the lungs too;
+# 4: the intensity rows give the real mean HU in their detail, not as a baseline
 GATES_FILE = "03_land_gates.json"
 # thresholds (fixed here; never loosened to pass): the reading of "anatomy follows the mask"
 MIN_LUNG_DICE = 0.8  # the classical mask of a real volume meets its own condition lung at ~0.9+
