@@ -146,7 +146,7 @@ class AutoencoderConfig:
     # VQ-VAE passes both gates (0.57x, perplexity 35% of K; 12.2 min at 0.37 s/step) and the KL-VAE is at
     # 0.608x against the gate's 0.6x (7.1 min at 0.21 s/step); 2500 adds the margin (about 24 min for both).
     # Smoke: 400 (each ~50 s on 2 cores), a quick look: at 700 the two took 191 s of chapter 02's 296 s of
-    # training, and the smoke train L1 at step 400 was 1.2x (KL-VAE) and 1.3x (VQ-VAE) its value at 700
+    # training, and in those runs the train L1 at step 400 was 1.2x (KL-VAE) and 1.3x (VQ-VAE) its value at 700
     train_steps_2d: int = tiered(400, 2500, 100_000)
     batch_size_2d: int = tiered(16, 16, 32)  # 2D KL-VAE (nodule ROIs)
     vq_batch_size: int = tiered(8, 16, 32)  # 2D VQ-VAE (64^2 slices in smoke)
@@ -343,8 +343,8 @@ class LungDdpmConfig:
     # 0.43 against 0.15 raw (chapter 06)
     sample_ema: bool = tiered(False, False, True)
     # smoke: 20 steps of 2 whole 32^3 volumes (the 40 volumes of 40 steps of 1, in 25 s against 62 s): for a batch
-    # of 1 at these widths torch's CPU conv3d takes its native path, not oneDNN (1.52 s a step for 1 volume,
-    # 1.26 s for 2, measured in fp32 on 2 cores). Course and full keep the paper's batch of 1
+    # of 1 at these widths torch's CPU conv3d takes its native path, not oneDNN (1.56 s a step for 1 volume,
+    # 1.25 s for 2, measured in fp32 on 2 cores). Course and full keep the paper's batch of 1
     train_steps: int = tiered(20, 3000, 100_000)
     batch_size: int = tiered(2, 1, 1)
     # the reference trains with batch 1 and 2 accumulated micro-batches, in fp32, unclipped
