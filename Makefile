@@ -38,4 +38,4 @@ course: $(STAMP)
 
 # the 30 slowest tests and notebook cells are listed at the end: where to look when it nears 20 minutes
 test: $(STAMP)
-	$(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-cell-timeout=1500 -p no:cacheprovider --durations=30
+	$(BIN)/python -m pytest -n 2 tests notebooks --nbval-lax --nbval-cell-timeout=1500 -p no:cacheprovider --durations=30

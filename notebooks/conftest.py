@@ -1,7 +1,7 @@
 """pytest setup for the chapter notebooks (``make test`` runs them with nbval after the library's tests).
 
 Keeps what every executed cell printed, one JSON Lines file per chapter under ``$LUNGSYNTH_HOME/notebook_outputs``,
-so that tests/test_notebook_outputs.py can check the numbers the chapters show (that every printed interval
+so that notebooks/test_notebook_outputs.py can check the numbers the chapters show (that every printed interval
 contains its estimate, that no table row is a constant). Not needed to run a chapter; learners can ignore it.
 """
 

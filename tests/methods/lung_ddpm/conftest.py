@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # lung_ddpm_toys, imported by name
 
@@ -23,7 +22,6 @@ def toy_data():
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, toy_data):
     """Both variants trained for 4 steps on the toy volumes (shared by the tests below)."""
-    torch.set_num_threads(2)
     cfg = tiny_cfg()
     runs = {}
     for variant in ld.VARIANTS:
