@@ -390,21 +390,28 @@ def run_child(target: str, spec: dict[str, Any], *, precision: str | None = None
     return json.loads(tagged[-1][len(CHILD_TAG):])
 
 
-def run_forked(target: str, specs: Sequence[dict[str, Any]], *, timeout: float | None = None) -> list[dict[str, Any]]:
+def run_forked(target: str, specs: Sequence[dict[str, Any]], *, timeout: float | None = None,
+               preload: Sequence[str] = ()) -> list[dict[str, Any]]:
     """``module:function`` called on each spec, each in a process of its own, from one fresh Python process.
 
-    The fresh process imports ``module`` once (torch and MONAI take ~15 s on 2 cores) and forks one process per
-    spec, so each call starts from the same imports-only memory that :func:`run_child` would give it: per-call
-    peak memory is measured as in a fresh process, for one import instead of ``len(specs)``. ``timeout``: seconds
-    a call may take (None: no limit); a call over it is killed and raises.
+    The fresh process imports ``module`` and the ``preload`` modules once (MONAI alone takes ~13 s on this
+    machine, and lungsynth imports it only where a network is built, so a target that builds one names it in
+    ``preload``) and forks one process per spec, so each call starts from the same imports-only memory that
+    :func:`run_child` would give it: per-call peak memory is measured as in a fresh process, for one import
+    instead of ``len(specs)``. ``timeout``: seconds a call may take (None: no limit); a call over it is killed
+    and raises.
     """
-    return run_child("lungsynth.runtime:_forked_calls", {"target": target, "specs": list(specs), "timeout": timeout})
+    return run_child("lungsynth.runtime:_forked_calls",
+                     {"target": target, "specs": list(specs), "timeout": timeout, "preload": list(preload)})
 
 
 def _forked_calls(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    """Runs in :func:`run_forked`'s fresh process: imports the target once, then one forked call per spec."""
+    """Runs in :func:`run_forked`'s fresh process: imports the target and the preloads once, then one forked
+    call per spec."""
     import importlib
 
+    for name in spec.get("preload", ()):
+        importlib.import_module(name)
     module, func = spec["target"].split(":")
     fn = getattr(importlib.import_module(module), func)
     return [_forked_call(fn, call, spec["target"], spec.get("timeout")) for call in spec["specs"]]

@@ -19,3 +19,10 @@ def peak_after_allocating(spec: dict[str, Any]) -> dict[str, float]:
 
 def fail_on_purpose(spec: Any) -> None:
     raise ValueError(f"this probe fails on purpose ({spec})")
+
+
+def imported_before_the_call(spec: dict[str, Any]) -> bool:
+    """Whether module ``spec["module"]`` was already imported when this call began."""
+    import sys
+
+    return spec["module"] in sys.modules

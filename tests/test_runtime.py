@@ -203,6 +203,13 @@ def test_forked_calls_start_from_the_same_imports_and_keep_their_order(child_pro
     assert small["peak_mb"] < 700
 
 
+def test_forked_calls_start_with_the_preloaded_modules_imported(child_probes):
+    """LAND's memory table preloads MONAI this way: one import before the forks instead of one per variant."""
+    probe, spec = f"{child_probes}:imported_before_the_call", {"module": "colorsys"}  # imported by nothing here
+    assert runtime.run_forked(probe, [spec, spec], preload=["colorsys"]) == [True, True]
+    assert runtime.run_forked(probe, [spec]) == [False]
+
+
 def test_a_failing_or_hung_forked_call_raises(child_probes):
     with pytest.raises(RuntimeError, match="fails on purpose"):
         runtime.run_forked(f"{child_probes}:fail_on_purpose", ["x"])

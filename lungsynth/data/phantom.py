@@ -153,6 +153,12 @@ def _segment_distance(px, py, pz, a, b):
     return np.sqrt((px - a[0] - t * ab[0]) ** 2 + (py - a[1] - t * ab[1]) ** 2 + (pz - a[2] - t * ab[2]) ** 2)
 
 
+def _cross(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``np.cross`` of two 3-vectors, the same products in the same order (so the same bits), without its
+    general-axis bookkeeping: the vessel trees call it ~80 000 times per dataset (8 s of 11 as ``np.cross``)."""
+    return np.array([a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]])
+
+
 def _vessel_tree(rng: np.random.Generator, hilum: np.ndarray, side: float, half_fov: float,
                  depth: int = 7) -> list[tuple[np.ndarray, np.ndarray, float]]:
     """Segments (start, end, radius) in mm of a randomly branching tree rooted at the hilum."""
@@ -170,10 +176,10 @@ def _vessel_tree(rng: np.random.Generator, hilum: np.ndarray, side: float, half_
         if lvl >= depth or r < 0.6:
             continue
         for sign in (-1.0, 1.0):
-            axis = np.cross(d, rng.normal(0, 1, 3))
+            axis = _cross(d, rng.normal(0, 1, 3))
             axis /= np.linalg.norm(axis) + 1e-9
             ang = sign * rng.uniform(0.35, 0.7)
-            nd = d * math.cos(ang) + np.cross(axis, d) * math.sin(ang)
+            nd = d * math.cos(ang) + _cross(axis, d) * math.sin(ang)
             stack.append((q, nd / np.linalg.norm(nd), length * rng.uniform(0.65, 0.8),
                           r * rng.uniform(0.68, 0.8), lvl + 1))
     return segs
@@ -469,7 +475,10 @@ def render_scan_and_twin(scan: Any, seed: int = 0, noise_hu: float = 20.0, rende
 
 def stored_values(vol: np.ndarray) -> np.ndarray:
     """HU -> the DICOM's stored integers (HU + 1024, clipped to 12 bits), as :func:`write_dicom_series` writes."""
-    return np.clip(np.rint(vol + 1024.0), 0, 4095).astype(np.int16)
+    out = np.add(vol, 1024.0, dtype=np.result_type(vol.dtype, np.float32))  # one temporary, rounded in place
+    np.rint(out, out=out)
+    np.clip(out, 0, 4095, out=out)
+    return out.astype(np.int16)
 
 
 def twin_path(out_root: Path | str, key: str) -> Path:
