@@ -1,4 +1,4 @@
-"""pytest setup for the chapter notebooks (``make test`` runs them with nbval after the library's tests).
+"""pytest setup for the chapter notebooks (``make test`` runs them with nbval beside the library's tests).
 
 Keeps what every executed cell printed, one JSON Lines file per chapter under ``$LUNGSYNTH_HOME/notebook_outputs``,
 so that notebooks/test_notebook_outputs.py can check the numbers the chapters show (that every printed interval

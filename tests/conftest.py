@@ -90,4 +90,3 @@ def pytest_sessionfinish(session, exitstatus):
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if _OWN_HOME and os.environ.get("LUNGSYNTH_KEEP_TEST_HOME") == "1":
         terminalreporter.write_line(f"test home kept: LUNGSYNTH_HOME={_OWN_HOME}")
-
