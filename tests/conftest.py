@@ -25,7 +25,8 @@ if "LUNGSYNTH_HOME" not in os.environ:
     _OWN_HOME = os.environ["LUNGSYNTH_HOME"] = tempfile.mkdtemp(prefix="lungsynth-test-home-")
 if _WORKER:
     # `make test` runs two workers, the library's tests and the notebooks side by side: each works in its own
-    # folder of the session's home, so neither sees what the other trained (as when they ran one after the other).
+    # folder of the session's home, so neither sees what the other trained (as when they ran one after the other);
+    # the chapters, whichever worker runs them, share a folder of their own (notebooks/conftest.py).
     # The session's process made the home and removes it, folders included.
     os.environ["LUNGSYNTH_HOME"] = str(Path(os.environ["LUNGSYNTH_HOME"]) / _WORKER)
     Path(os.environ["LUNGSYNTH_HOME"]).mkdir(parents=True, exist_ok=True)
@@ -34,7 +35,7 @@ if _WORKER and not _THREADS_SET_BY_USER:
     # One torch thread per worker while both run: two workers at one thread each finish the same tests in about
     # half the time of one worker at two (the small convolutions of the smoke sizes gain little from a second
     # thread, and two threads a worker would fight over two cores). Set before torch is imported; each notebook's
-    # kernel reads it when it starts, and gets both cores once the library's tests are done (notebooks/conftest.py).
+    # kernel reads it when it starts, and gets both cores once the other worker is done (notebooks/conftest.py).
     os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
     os.environ["LUNGSYNTH_TEST_THREADS"] = "shared"  # the workers share the cores (not a user's OMP_NUM_THREADS)
 os.environ.setdefault("LUNGSYNTH_PROFILE", "smoke")
@@ -57,29 +58,14 @@ def test_home() -> str:
 def pytest_collection_modifyitems(session, config, items):
     """Tests marked ``after_notebooks`` run last, after the nbval notebooks of the same session (``make test``
     runs ``pytest tests notebooks``), so they can check what the notebooks trained in this LUNGSYNTH_HOME.
-    They live in notebooks/, which one worker of ``make test`` runs whole and in order (below)."""
+    They live in notebooks/, whose conftest.py places them, under ``make test``, in the worker that runs the
+    chapters in order, after them."""
     last = [item for item in items if item.get_closest_marker("after_notebooks")]
     misplaced = [item.nodeid for item in last if not item.nodeid.startswith(f"{NOTEBOOKS}/")]
     if misplaced:
         raise pytest.UsageError(f"tests marked after_notebooks must live in {NOTEBOOKS}/ (make test runs that folder "
                                 f"in one worker, after the notebooks); move {', '.join(misplaced)}")
     items[:] = [item for item in items if item not in last] + last
-
-
-def pytest_xdist_make_scheduler(config, log):
-    """``make test`` (``pytest -n 2``): one worker runs everything under notebooks/ (the chapters in order, then
-    the tests of what they trained), the other the library's tests, side by side.
-
-    Written here because the chapters must share one worker and one order, and pytest-xdist's own grouping
-    (``--dist loadgroup``) does not take effect under pytest 9 (it renames a node id attribute pytest 9 no
-    longer reads); this is its scope scheduler with two scopes."""
-    from xdist.scheduler import LoadScopeScheduling
-
-    class NotebooksBesideLibrary(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            return NOTEBOOKS if nodeid.startswith(f"{NOTEBOOKS}/") else "library"
-
-    return NotebooksBesideLibrary(config, log)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -92,3 +92,30 @@ CONTRADICTED = {
 def test_prose_the_output_contradicted_stays_gone(chapter):
     prose = " ".join(_text(c) for c in _cells(chapter) if c["cell_type"] == "markdown").lower()
     assert not [s for s in CONTRADICTED[chapter.number] if s in prose]
+
+
+def _notebooks_conftest():
+    """notebooks/conftest.py, which places the chapters under ``make test`` (two workers)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("notebooks_placement", paths.notebooks_dir() / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_make_test_runs_a_chapter_only_after_the_chapters_it_waits_for_and_none_waits_in_a_circle():
+    placement = _notebooks_conftest()
+    stems = {c.path.stem: int(c.number) for c in CHAPTERS}
+    waits = {**placement.BESIDE_THE_LIBRARY, **placement.NEEDS_FROM_BESIDE}
+    for chapter, needed in waits.items():
+        assert chapter in stems and set(needed) <= set(stems), (chapter, needed)
+        # each worker runs its chapters in number order, so waiting only on lower numbers cannot deadlock
+        assert all(stems[n] < stems[chapter] for n in needed), (chapter, needed)
+    for chapter, needed in placement.NEEDS_FROM_BESIDE.items():
+        assert chapter not in placement.BESIDE_THE_LIBRARY and set(needed) <= set(placement.BESIDE_THE_LIBRARY)
+    # the chapters' worker gets the chapters not beside the library, in order, and the tests of what they trained
+    scope = placement.worker_scope
+    assert scope("notebooks/03_land.ipynb::Cell 4") == scope("notebooks/test_quality_report.py::test_x") == "notebooks"
+    assert {scope(f"notebooks/{stem}.ipynb::Cell 1") for stem in placement.BESIDE_THE_LIBRARY} == {"library"}
+    assert scope("tests/test_paths.py::test_home_override") == "library"
