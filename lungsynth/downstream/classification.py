@@ -171,7 +171,8 @@ class ClsResult:
     each against scratch);
     ``curves``: ``{(experiment, setting, seed): (y_true, proba)}`` for precision-recall curves;
     ``composition``: training-set counts per setting; ``ratio_runs`` / ``ratio_table``: the ratio experiment
-    (``setting`` "real" at ratio 0, "+ synthetic" above it). With several synthetic datasets every synthetic arm is
+    (``setting`` "real" at ratio 0, "+ synthetic" above it); ``trainings_reused``: trainings an earlier run had
+    finished. With several synthetic datasets every synthetic arm is
     named per dataset (:func:`arm_name`).
     """
 
@@ -187,6 +188,7 @@ class ClsResult:
     seconds: float = 0.0
     ratio_runs: Any = None
     ratio_table: Any = None
+    trainings_reused: int = 0  # trainings read back from an earlier, killed run of the same settings
 
 
 def _with_pvalues(runs: Any, by: Sequence[str], setting_col: str, a: str | Sequence[str], b: str,
@@ -281,7 +283,7 @@ def sized_pools(pools: Any, size_range_mm: Sequence[float]) -> tuple[Any, dict[s
 def run_classification(cfg: Any, synthetic: Any = None, *,
                        experiments: Sequence[str] = ("subtype", "scarcity", "malignancy"),
                        n_runs: int | None = None, ratios: Sequence[float] | None = None, real_root: Path | str | None = None,
-                       out: Path | str | None = None) -> ClsResult:
+                       out: Path | str | None = None, progress: bool | None = None) -> ClsResult:
     """Run the chapter's experiments (see the module docstring) and return their tables.
 
     Args:
@@ -289,14 +291,16 @@ def run_classification(cfg: Any, synthetic: Any = None, *,
             inpainting, LAND texture control, Lung-DDPM) or crop datasets; None runs the real-only rows.
         experiments: any of ``subtype``, ``scarcity``, ``malignancy``, ``ratio``.
         ratios: synthetic ratios of the ``ratio`` experiment (default ``cfg.downstream.synthetic_ratios``).
-        out: folder for the CSV tables and ``run.json``.
+        out: folder for the CSV tables and ``run.json``; its ``trainings`` folder keeps each finished training, so
+            a killed run resumes with them (:class:`lungsynth.downstream.common.Trainings`).
+        progress: a bar over the trainings (None: where stderr is a terminal or a notebook).
     """
     import time
 
     import pandas as pd
 
     from lungsynth.downstream import mixing
-    from lungsynth.downstream.common import finite_mean, load_pools, seeds
+    from lungsynth.downstream.common import Trainings, finite_mean, load_pools, seeds
     from lungsynth.downstream.data import ItemDataset, LabelView
     from lungsynth.downstream.metrics import aggregate, one_vs_rest
     from lungsynth.downstream.mixing import (balance_classes, check_no_leak, composition, mix_ratio, scarcity_sets,
@@ -315,6 +319,30 @@ def run_classification(cfg: Any, synthetic: Any = None, *,
     allow = bool(cfg.downstream.allow_repeats)
     by_generator = mixing.by_generator(pools.synthetic)  # each synthetic dataset its own arms (arm_name), never mixed
     names = list(by_generator)
+    trainings = Trainings(cfg, out, pools.real_root, "chapter 11 trainings", progress)
+
+    def classify(label: str, table: Any, val_table: Any, dataset: Any, val_ds: Any, scored: Any, scored_table: Any,
+                 seed: int, n_classes: int, init: Any = None) -> tuple[Any, np.ndarray]:
+        """A classifier trained on ``table`` and its probabilities on ``scored``; read back when an earlier,
+        killed run of the same settings had finished it."""
+        import torch
+
+        key = trainings.key(label, n_classes, seed, table, val_table, scored_table,
+                            getattr(init, "training_key", "scratch"))
+        kept = trainings.get(key)
+        if kept is None:
+            model = train_classifier(cfg, dataset, n_classes, seed, init=init, validation=val_ds)
+            proba = predict_proba(model, scored)
+            trainings.put(key, state=model.state_dict(), best_step=int(model.best_step),
+                          proba=torch.from_numpy(np.ascontiguousarray(proba)))
+        else:
+            model = build_classifier(cfg, n_classes, seed)
+            model.load_state_dict(kept["state"])
+            model.best_step, proba = int(kept["best_step"]), kept["proba"].numpy()
+            model.eval()
+        model.training_key = key
+        trainings.done()
+        return model, proba
 
     def subtype_ds(table: Any) -> Any:
         check_no_leak(table, pools.heldout, held)
@@ -343,12 +371,13 @@ def run_classification(cfg: Any, synthetic: Any = None, *,
                                      **left_out}.items()]
     sub_rows, curves, sub_models = [], {}, {}
     if "subtype" in experiments or "malignancy" in experiments:
+        trainings.plan(len(seeds(cfg, n_runs)) * (1 + len(names)))
         for seed in seeds(cfg, n_runs):
-            val_ds = validation_ds(real_split(seed)[1])
+            val_part = real_split(seed)[1]
+            val_ds = validation_ds(val_part)
             for name, table in settings_of(seed).items():
-                model = train_classifier(cfg, subtype_ds(table), 3, seed, validation=val_ds)
+                model, proba = classify("subtype_id", table, val_part, subtype_ds(table), val_ds, eval_ds, ev, seed, 3)
                 sub_models[(name, seed)] = model
-                proba = predict_proba(model, eval_ds)
                 curves[("subtype", name, seed)] = (y_eval, proba)
                 sub_rows += [{"setting": name, "seed": seed, "best_step": model.best_step, **r}
                              for r in subtype_scores(y_eval, proba, ev["diameter_mm"].to_numpy())]
@@ -368,9 +397,10 @@ def run_classification(cfg: Any, synthetic: Any = None, *,
                 cells.update({(f, arm_name(mode, g, names)): t for (f, mode), t in
                               scarcity_sets(fit_part, pool, fractions, seed, "subtype_id", ("proportional", "full"))
                               .items()})
+            trainings.plan(len(cells))
             for (frac, mode), table in cells.items():
-                model = train_classifier(cfg, subtype_ds(table), 3, seed, validation=val_ds)
-                rows = one_vs_rest(y_eval, predict_proba(model, eval_ds), range(3), SUBTYPE_NAMES)
+                _, proba = classify("subtype_id", table, val_part, subtype_ds(table), val_ds, eval_ds, ev, seed, 3)
+                rows = one_vs_rest(y_eval, proba, range(3), SUBTYPE_NAMES)
                 sc_rows.append({"real_fraction": frac, "synthetic": mode, "seed": seed,
                                 "macro_auroc": finite_mean([r["auroc"] for r in rows]),
                                 "macro_auprc": finite_mean([r["auprc"] for r in rows]),
@@ -386,12 +416,13 @@ def run_classification(cfg: Any, synthetic: Any = None, *,
         rs = [float(r) for r in (ratios if ratios is not None else cfg.downstream.synthetic_ratios)]
         arms = [("real", None, 0.0)] if 0.0 in rs or not by_generator else []
         arms += [(arm_name("+ synthetic", g, names), pool, r) for g, pool in by_generator.items() for r in rs if r > 0]
+        trainings.plan(len(arms) * len(seeds(cfg, n_runs)))
         for setting, pool, r in arms:
             for seed in seeds(cfg, n_runs):
                 fit_part, val_part = real_split(seed)
                 table = mix_ratio(fit_part, pool, r, seed, allow)
-                model = train_classifier(cfg, subtype_ds(table), 3, seed, validation=validation_ds(val_part))
-                proba = predict_proba(model, eval_ds)
+                _, proba = classify("subtype_id", table, val_part, subtype_ds(table), validation_ds(val_part), eval_ds,
+                                    ev, seed, 3)
                 ra_rows += [{"setting": setting, "ratio": r, "seed": seed, **row, **composition(table)}
                             for row in one_vs_rest(y_eval, proba, range(3), SUBTYPE_NAMES)]
     ra_runs = pd.DataFrame(ra_rows)
@@ -421,9 +452,9 @@ def run_classification(cfg: Any, synthetic: Any = None, *,
             mds, mval = malignancy_ds(fit_part), (malignancy_ds(val_part) if len(val_part) else None)
             arms = [("scratch", None)] + [(f"subtype ({name})", sub_models[(name, seed)])
                                           for name in ["real", *balanced] if (name, seed) in sub_models]
+            trainings.plan(len(arms))
             for init_name, init in arms:
-                model = train_classifier(cfg, mds, 2, seed, init=init, validation=mval)
-                proba = predict_proba(model, mev_ds)
+                model, proba = classify("malignant", fit_part, val_part, mds, mval, mev_ds, mev, seed, 2, init)
                 curves[("malignancy", init_name, seed)] = (np.asarray(yev), proba)
                 r = one_vs_rest(yev, proba, [1], MALIGNANCY_NAMES)[0]
                 mal_rows.append({"init": init_name, "seed": seed, "auroc": r["auroc"], "auprc": r["auprc"],
@@ -433,8 +464,10 @@ def run_classification(cfg: Any, synthetic: Any = None, *,
     mal_table = pd.DataFrame()
     if len(mal_runs):
         mal_table = malignancy_table(mal_runs)
+    trainings.close()
     res = ClsResult(sub_runs, sub_table, sc_runs, sc_table, mal_runs, mal_table, curves, pd.DataFrame(comp_rows),
-                    [str(p) for p in pools.synthetic_paths], round(time.perf_counter() - t0, 2), ra_runs, ra_table)
+                    [str(p) for p in pools.synthetic_paths], round(time.perf_counter() - t0, 2), ra_runs, ra_table,
+                    trainings_reused=trainings.reused)
     if out is not None:
         _save(cfg, res, Path(out), pools.real_root)
     return res

@@ -265,3 +265,66 @@ def save_result(cfg: Any, out: Path, command: str, tables: dict[str, Any], real_
             df.to_csv(out / f"{name}.csv", index=False)
         for key, value in record.items():
             rec[key] = value
+
+
+class Trainings:
+    """The finished trainings of one downstream run, kept under ``<out>/trainings``: a killed run resumes with the
+    trainings it had finished (each minutes long in ``course``), and a bar counts them.
+
+    A training is named by a digest of everything it depends on (:meth:`key`: its experiment, seed, the training
+    and validation tables, its starting weights, the whole profile and the real data's fingerprint), so a changed
+    setting or table trains again. A file holds tensors and numbers only and is read without unpickling
+    (``weights_only``); ``out=None`` keeps nothing.
+    """
+
+    def __init__(self, cfg: Any, out: Path | str | None, real_root: Path | str, desc: str,
+                 progress: bool | None = None) -> None:
+        import dataclasses
+        import json
+
+        from tqdm.auto import tqdm
+
+        self.folder = Path(out) / "trainings" if out is not None else None
+        self._context = json.dumps([dataclasses.asdict(cfg), fingerprint.read(real_root)], sort_keys=True, default=str)
+        self.bar = tqdm(total=0, desc=desc, unit="training", disable=None if progress is None else not progress)
+        self.reused = 0
+
+    def plan(self, n: int) -> None:
+        """``n`` more trainings to come (the bar's total)."""
+        self.bar.total += int(n)
+        self.bar.refresh()
+
+    def key(self, *parts: Any) -> str:
+        """The digest of ``parts`` (tables by their records, anything else by its ``str``) and the context."""
+        import hashlib
+        import json
+
+        def plain(p: Any) -> Any:
+            return p.to_json(orient="records") if hasattr(p, "to_json") else str(p)
+
+        text = json.dumps([plain(p) for p in parts] + [self._context])
+        return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """The stored training ``key``, or None (not finished, or no folder)."""
+        import torch
+
+        path = self.folder / f"{key}.pt" if self.folder is not None else None
+        if path is None or not path.exists():
+            return None
+        self.reused += 1
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    def put(self, key: str, **payload: Any) -> None:
+        """Store the finished training ``key`` (tensors, numbers, strings, and dicts or lists of them)."""
+        from lungsynth.engine import save_checkpoint
+
+        if self.folder is not None:
+            save_checkpoint(payload, self.folder / f"{key}.pt")
+
+    def done(self) -> None:
+        """One training finished or read back."""
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -163,7 +163,7 @@ class SegResult:
 
     ``runs``: one row per (setting, generator, arm, ratio, seed) with the means over evaluation items and the
     training composition; ``items``: one row per evaluated item; ``table``: mean and std over seeds per (setting,
-    generator, arm, ratio).
+    generator, arm, ratio); ``trainings_reused``: trainings an earlier, killed run of the same settings had finished.
     """
 
     runs: Any
@@ -171,26 +171,31 @@ class SegResult:
     table: Any
     synthetic: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    trainings_reused: int = 0
 
 
 def run_segmentation(cfg: Any, synthetic: Any = None, *, settings: Sequence[str] | None = None,
                      ratios: Sequence[float] | None = None, n_runs: int | None = None,
-                     real_root: Path | str | None = None, out: Path | str | None = None) -> SegResult:
+                     real_root: Path | str | None = None, out: Path | str | None = None,
+                     progress: bool | None = None) -> SegResult:
     """Train and evaluate AttentionUnets for every setting x ratio x seed.
 
     Args:
         synthetic: synthetic dataset folders (``"D1,D2"`` or a list), each its own arms; None: real only.
         settings: ``"volume"`` and / or ``"crop"`` (default ``cfg.downstream.seg_settings``).
         ratios: default ``cfg.downstream.synthetic_ratios`` (only 0 without synthetic data).
-        out: folder for ``seg_runs.csv``, ``seg_items.csv``, ``seg_table.csv`` and ``run.json``.
+        out: folder for ``seg_runs.csv``, ``seg_items.csv``, ``seg_table.csv`` and ``run.json``; its ``trainings``
+            folder keeps each finished training's scores, so a killed run resumes with them.
+        progress: a bar over the trainings (None: where stderr is a terminal or a notebook).
     Raises:
         ValueError: a bad synthetic dataset, a test-patient leak, a ratio the pool cannot fill.
     """
+    import json
     import time
 
     import pandas as pd
 
-    from lungsynth.downstream.common import cohort_split, load_pools, seeds
+    from lungsynth.downstream.common import Trainings, cohort_split, load_pools, seeds
     from lungsynth.downstream.data import ItemDataset
     from lungsynth.downstream.metrics import aggregate
     from lungsynth.downstream.mixing import check_no_leak, composition
@@ -199,6 +204,7 @@ def run_segmentation(cfg: Any, synthetic: Any = None, *, settings: Sequence[str]
     ratios = [float(r) for r in (ratios if ratios is not None else cfg.downstream.synthetic_ratios)]
     cohort = cohort_split(cfg)
     run_rows, item_rows, used = [], [], []
+    trainings = None
     for setting in (settings if settings is not None else cfg.downstream.seg_settings):
         size = input_size(cfg, setting)
         pools = load_pools(cfg, "volume" if setting == "volume" else "nodule", synthetic, real_root, cohort=cohort)
@@ -206,19 +212,32 @@ def run_segmentation(cfg: Any, synthetic: Any = None, *, settings: Sequence[str]
         kind = "volume" if setting == "volume" else "crop"
         store: dict = {}  # each item loaded once for all ratios and seeds (a course volume: 0.18 s to read and resize)
         eval_ds = ItemDataset(cfg, pools.evaluation, kind, size, store)
+        trainings = trainings or Trainings(cfg, out, pools.real_root, "chapter 10 trainings", progress)
         for seed in seeds(cfg, n_runs):
-            for arm, generator, ratio, train in training_sets(cfg, pools, ratios, seed):
+            arms = list(training_sets(cfg, pools, ratios, seed))
+            trainings.plan(len(arms))
+            for arm, generator, ratio, train in arms:
                 check_no_leak(train, pools.heldout, ("test",) + tuple(cfg.downstream.eval_splits))
-                model = train_segmenter(cfg, training_view(cfg, ItemDataset(cfg, train, kind, size, store), seed),
-                                        seed, steps_for(cfg, setting))
-                per_item = evaluate_segmenter(model, eval_ds)
+                done = trainings.key(setting, seed, train, pools.evaluation)
+                kept = trainings.get(done)
+                if kept is None:
+                    model = train_segmenter(cfg, training_view(cfg, ItemDataset(cfg, train, kind, size, store), seed),
+                                            seed, steps_for(cfg, setting))
+                    per_item = evaluate_segmenter(model, eval_ds)
+                    trainings.put(done, items=json.dumps(per_item, default=float))
+                else:
+                    per_item = json.loads(kept["items"])
+                trainings.done()
                 means = pd.DataFrame(per_item)[list(METRICS)].mean(skipna=True).to_dict()
                 key = {"setting": setting, "generator": generator, "arm": arm, "ratio": ratio, "seed": seed}
                 run_rows.append({**key, **means, **composition(train)})
                 item_rows += [{**key, **r} for r in per_item]
+    if trainings is not None:
+        trainings.close()
     runs, items = pd.DataFrame(run_rows), pd.DataFrame(item_rows)
     table = aggregate(runs, ["setting", "generator", "arm", "ratio"], METRICS)
-    res = SegResult(runs, items, table, used, round(time.perf_counter() - t0, 2))
+    res = SegResult(runs, items, table, used, round(time.perf_counter() - t0, 2),
+                    trainings.reused if trainings is not None else 0)
     if out is not None:
         _save(cfg, res, Path(out), pools.real_root)
     return res

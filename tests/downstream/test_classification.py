@@ -208,3 +208,41 @@ def test_two_synthetic_datasets_are_compared_as_separate_arms(cfg, real_root, sy
     mt = res.malignancy_table.set_index("init")
     assert set(mt.index) == {"scratch", "subtype (real)", f"subtype ({a})", f"subtype ({b})"}
     assert mt.loc[f"subtype ({b})", "compares"] == f"subtype ({b}) vs subtype (real)"
+
+
+def test_a_killed_run_resumes_with_the_trainings_it_had_finished(cfg, tiny, real_root, synthetic_train, tmp_path,
+                                                                  monkeypatch):
+    """Each finished training is kept under ``<out>/trainings``: after a kill mid-run the same command trains only
+    what was left and reports the numbers of an uninterrupted run; a changed setting trains again."""
+    import lungsynth.downstream.classification as C
+    from lungsynth.config import get_config
+
+    trained = []
+    train = C.train_classifier
+
+    def counting(*args, **kwargs):
+        if len(trained) == kill_after:
+            raise KeyboardInterrupt  # the run is killed here
+        trained.append(args[2])  # n_classes
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(C, "train_classifier", counting)
+    exps = ("subtype", "malignancy")
+    kill_after = 3  # of 2 seeds x (real, balanced) subtype and 2 x 3 malignancy trainings
+    with pytest.raises(KeyboardInterrupt):
+        C.run_classification(cfg, [synthetic_train], experiments=exps, real_root=real_root, out=tmp_path / "cls")
+    kill_after = -1
+    trained.clear()
+    resumed = C.run_classification(cfg, [synthetic_train], experiments=exps, real_root=real_root,
+                                   out=tmp_path / "cls")
+    assert resumed.trainings_reused == 3 and len(trained) == 10 - 3
+    whole = C.run_classification(cfg, [synthetic_train], experiments=exps, real_root=real_root, out=None)
+    for name in ("subtype_runs", "malignancy_runs"):
+        pd.testing.assert_frame_equal(getattr(resumed, name), getattr(whole, name))
+    trained.clear()
+    again = C.run_classification(cfg, [synthetic_train], experiments=exps, real_root=real_root, out=tmp_path / "cls")
+    assert not trained and again.trainings_reused == 10
+    longer = get_config("smoke", {**tiny, "downstream.cls_steps": int(cfg.downstream.cls_steps) + 1})
+    C.run_classification(longer, [synthetic_train], experiments=("subtype",), real_root=real_root,
+                         out=tmp_path / "cls")
+    assert len(trained) == 4  # another step budget: every training again

@@ -188,3 +188,29 @@ def test_cohort_arms_train_on_the_validation_patients_only(tiny, cohort_root, tm
         run_segmentation(get_config("smoke", {**tiny, "downstream.seg_condition_source": "validation",
                                               "downstream.eval_splits": "val,test"}),
                          str(pool), settings=("crop",), n_runs=1, real_root=cohort_root)
+
+
+def test_a_rerun_reads_back_the_finished_trainings_and_reports_the_same(cfg, real_root, synthetic_train, tmp_path,
+                                                                        monkeypatch):
+    """A killed run resumes: the trainings finished before the kill are read back from ``<out>/trainings``, the
+    rest trained, and the tables are those of an uninterrupted run."""
+    trained = []
+    train = SEG.train_segmenter
+
+    def counting(*args, **kwargs):
+        if len(trained) == kill_after:
+            raise KeyboardInterrupt
+        trained.append(1)
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(SEG, "train_segmenter", counting)
+    kwargs = dict(ratios=(0.0, 0.5), n_runs=1, real_root=real_root, settings=("crop",))
+    kill_after = 1
+    with pytest.raises(KeyboardInterrupt):
+        run_segmentation(cfg, str(synthetic_train), out=tmp_path / "seg", **kwargs)
+    kill_after = -1
+    resumed = run_segmentation(cfg, str(synthetic_train), out=tmp_path / "seg", **kwargs)
+    assert resumed.trainings_reused == 1 and len(trained) == 2  # one before the kill, one after
+    whole = run_segmentation(cfg, str(synthetic_train), out=None, **kwargs)
+    pd.testing.assert_frame_equal(resumed.items, whole.items)
+    pd.testing.assert_frame_equal(resumed.runs, whole.runs)
