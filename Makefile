@@ -37,7 +37,8 @@ course: $(STAMP)
 	$(BIN)/lungsynth course all --profile $(PROFILE)
 
 # the 30 slowest tests and notebook cells are listed at the end: where to look when it nears 20 minutes.
-# -n 2: two workers side by side, the library's tests in one and the chapters in order in the other
-# (tests/conftest.py, notes/TESTING.md); plain `pytest tests notebooks` runs them one after the other.
+# -n 2: two workers side by side, the library's tests and then the chapters that need only early ones in one, the
+# other chapters in order in the other (notebooks/conftest.py, notes/TESTING.md); plain `pytest tests notebooks`
+# runs them one after the other.
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 tests notebooks --nbval-lax --nbval-cell-timeout=1500 -p no:cacheprovider --durations=30
