@@ -43,6 +43,7 @@ _SHARED_THREADS = os.environ.get("LUNGSYNTH_TEST_THREADS") == "shared"  # set by
 _WORKER_HOME = os.environ.get("LUNGSYNTH_HOME")  # the worker's own folder (tests/conftest.py), restored after a chapter
 _collected: set[str] = set()  # the chapters this session runs
 _kernels_started: set[Path] = set()
+_waits_failed: dict[Path, str] = {}  # chapter -> why its wait for other chapters failed
 
 
 def _session_home() -> Path | None:
@@ -134,12 +135,18 @@ def pytest_runtest_setup(item) -> None:
     home.mkdir(exist_ok=True)
     os.environ["LUNGSYNTH_HOME"] = str(home)
     first_cell = item.path.suffix == ".ipynb" and item.path not in _kernels_started
+    _kernels_started.add(item.path)
+    if item.path in _waits_failed:  # its chapter's wait failed: the later cells fail at once, not after another wait
+        pytest.fail(_waits_failed[item.path], pytrace=False)
     if first_cell or item.get_closest_marker("after_notebooks"):
-        _wait_for(item, _run_folder(item.config))
-    if first_cell:
-        _kernels_started.add(item.path)
-        if _SHARED_THREADS:
-            os.environ["OMP_NUM_THREADS"] = str(_threads_free(item.config))
+        try:
+            _wait_for(item, _run_folder(item.config))
+        except pytest.fail.Exception as failed:
+            if first_cell:
+                _waits_failed[item.path] = str(failed)
+            raise
+    if first_cell and _SHARED_THREADS:
+        os.environ["OMP_NUM_THREADS"] = str(_threads_free(item.config))
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:

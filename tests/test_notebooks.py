@@ -119,3 +119,28 @@ def test_make_test_runs_a_chapter_only_after_the_chapters_it_waits_for_and_none_
     assert scope("notebooks/03_land.ipynb::Cell 4") == scope("notebooks/test_quality_report.py::test_x") == "notebooks"
     assert {scope(f"notebooks/{stem}.ipynb::Cell 1") for stem in placement.BESIDE_THE_LIBRARY} == {"library"}
     assert scope("tests/test_paths.py::test_home_override") == "library"
+
+
+def test_a_chapter_whose_wait_failed_fails_its_later_cells_at_once(tmp_path, monkeypatch):
+    """When the chapters a notebook needs never finish, its first cell fails after the wait and every later cell
+    fails at once with the same reason, rather than waiting again for each cell."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    placement = _notebooks_conftest()
+    monkeypatch.setattr(placement, "WAIT_LIMIT_S", 0)
+    monkeypatch.setattr(placement, "notebooks_home", lambda: tmp_path / "notebooks")
+    monkeypatch.setattr(placement, "_run_folder", lambda config: tmp_path)
+    monkeypatch.setenv("LUNGSYNTH_HOME", str(tmp_path))
+    chapter, needed = next(iter(placement.BESIDE_THE_LIBRARY.items()))
+    placement._collected.update({chapter, *needed})
+    waits = []
+    real_wait = placement._wait_for
+    monkeypatch.setattr(placement, "_wait_for", lambda item, done: (waits.append(item), real_wait(item, done)))
+    cell = SimpleNamespace(path=Path(f"notebooks/{chapter}.ipynb"), nodeid=f"notebooks/{chapter}.ipynb::Cell 0",
+                           config=None, get_closest_marker=lambda name: None)
+    with pytest.raises(pytest.fail.Exception, match="waited"):
+        placement.pytest_runtest_setup(cell)
+    with pytest.raises(pytest.fail.Exception, match="waited"):
+        placement.pytest_runtest_setup(cell)
+    assert len(waits) == 1
