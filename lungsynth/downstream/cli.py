@@ -1,4 +1,7 @@
-"""``lungsynth downstream seg|cls --profile P --synthetic D1,D2 --ratio R``."""
+"""``lungsynth downstream seg|cls --profile P --synthetic D1,D2 --ratio R``.
+
+The bar over the trainings is drawn even when stderr is not a terminal (a log under ``nohup``), where it is the
+only sign of progress in runs of an hour or more."""
 
 from __future__ import annotations
 
@@ -54,7 +57,7 @@ def _main(args: argparse.Namespace) -> int:
         out = args.out or paths.run_dir(cfg.profile, "10_downstream_seg")
         settings = SETTINGS if args.setting == "both" else (args.setting,)
         res = run_segmentation(cfg, args.synthetic, settings=settings, ratios=_ratios(args.ratio), n_runs=args.runs,
-                               real_root=args.real_root, out=out)
+                               real_root=args.real_root, out=out, progress=True)
         print(mean_pm_std(res.table, METRICS).to_string(index=False))
     else:
         from lungsynth.downstream.classification import run_classification
@@ -64,7 +67,7 @@ def _main(args: argparse.Namespace) -> int:
         if args.ratio is not None and "ratio" not in exps:
             exps.append("ratio")
         res = run_classification(cfg, args.synthetic, experiments=exps, n_runs=args.runs, ratios=_ratios(args.ratio),
-                                 real_root=args.real_root, out=out)
+                                 real_root=args.real_root, out=out, progress=True)
         for name in ("subtype_table", "scarcity_table", "malignancy_table", "ratio_table"):
             t = getattr(res, name)
             if len(t):
