@@ -144,3 +144,26 @@ def test_a_chapter_whose_wait_failed_fails_its_later_cells_at_once(tmp_path, mon
     with pytest.raises(pytest.fail.Exception, match="waited"):
         placement.pytest_runtest_setup(cell)
     assert len(waits) == 1
+
+
+def _item(nodeid: str, after_notebooks: bool):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(nodeid=nodeid, get_closest_marker=lambda name: (name == "after_notebooks" and
+                                                                           after_notebooks) or None)
+
+
+def test_tests_of_what_the_chapters_trained_run_last_and_only_from_the_notebooks_folder(request):
+    """tests/conftest.py moves ``after_notebooks`` tests to the end, and refuses one outside ``notebooks/`` (the
+    worker that runs the chapters would never run it after them)."""
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent / "conftest.py"
+    (tests_conftest,) = [p for p in request.config.pluginmanager.get_plugins()
+                         if Path(getattr(p, "__file__", "") or "").resolve() == here]
+    later = _item("notebooks/test_quality_report.py::test_report", True)
+    items = [later, _item("tests/test_paths.py::test_home", False), _item("notebooks/03_land.ipynb::Cell 0", False)]
+    tests_conftest.pytest_collection_modifyitems(None, None, items)
+    assert items[-1] is later and len(items) == 3
+    with pytest.raises(pytest.UsageError, match="move tests/test_x.py::test_y"):
+        tests_conftest.pytest_collection_modifyitems(None, None, [_item("tests/test_x.py::test_y", True)])

