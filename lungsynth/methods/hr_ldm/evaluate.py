@@ -252,7 +252,7 @@ def placement_trials(model: HrLdm, cfg: Any, n: int, seed: int = 0, steps: int |
         res = inpaint_volume(model, ct, lung, int(rng.integers(3)), spacing_mm=spacing, library=library,
                              subpleural=k in rim, exclude=label > 0, seed=seed + k, steps=steps)
         c = tuple(res.centre)
-        margin = (res.diameter_mm / 2 + float(cfg.hr_ldm.lung_erosion_mm)) / spacing
+        margin = (res.extent_mm / 2 + float(cfg.hr_ldm.lung_erosion_mm)) / spacing  # as placement drew it
         depth = float(ndimage.distance_transform_edt(lung)[c])
         changed = np.abs(res.ct_hu - ct)
         trials.append({"in_lung": bool(lung[c]), "in_rim": bool(lung[c] and depth <= margin),

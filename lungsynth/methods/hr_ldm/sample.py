@@ -353,7 +353,7 @@ class InpaintResult:
     region: np.ndarray  # [D, H, W] uint8, where the volume changed (the generated latent region)
     centre: tuple[int, int, int]
     subtype: int
-    diameter_mm: float
+    diameter_mm: float  # the real nodule's recorded diameter when its shape came from a library, else extent_mm
     target_histogram: np.ndarray  # [bins]
     generated_histogram: np.ndarray  # [bins], HU histogram of the generated nodule (crop grid)
     crop_before: np.ndarray  # [C, C, C] HU at 1 mm
@@ -362,6 +362,7 @@ class InpaintResult:
     delta_hu_outside: float  # mean |decoded - input| outside the nodule in the crop (HU)
     subpleural: bool = False  # centred in the sub-pleural rim (else in the eroded lung)
     intermediates: list[dict[str, Any]] | None = None
+    extent_mm: float = 0.0  # the shape's largest bounding-box side, what placement keeps inside the lung
 
 
 CENTRE_TRIES = 20  # centres drawn before a nodule that never fits the lung is an error
@@ -416,14 +417,19 @@ def inpaint_volume(model: HrLdm, ct_hu: np.ndarray, lung: np.ndarray, subtype: i
             raise ValueError("pass histogram= or a NoduleLibrary (NoduleLibrary.from_prepared(cfg))")
         histogram = library.target_histogram(y, rng)
     target = validate_histogram(histogram, cfg.hr_ldm.hist_bins)[0]
+    recorded = None  # a library shape keeps its real nodule's recorded diameter, as real rows report theirs
     if shape is None:
         if library is None:
             raise ValueError("pass shape= (a [3, a, b, c] nodule mask at 1 mm) or a NoduleLibrary")
-        shape = library.masks[library.draw_shape(rng, size_range_mm, y)]
+        drawn_shape = library.draw_shape(rng, size_range_mm, y)
+        shape, recorded = library.masks[drawn_shape], float(library.diameters_mm[drawn_shape])
     shape = np.asarray(shape)
     if shape.ndim != 4 or shape.shape[0] != 3 or not (shape[0] > 0).any():
         raise ValueError(f"shape must be a non-empty 3-channel nodule mask [3, a, b, c]; got {shape.shape}")
-    diameter = float(max(shape.shape[1:]) * model.crop_spacing_mm)
+    extent = float(max(shape.shape[1:]) * model.crop_spacing_mm)  # what placement keeps inside the lung
+    # the reported diameter: a shape given by hand has only its extent, but the extent of a 6 mm LIDC nodule's mask
+    # can be 5 voxels, which a 6-30 mm filter downstream drops (measured: 32 of 237 course nodules, before)
+    diameter = recorded if recorded is not None else extent
     side = model.side
     win = max(1, int(round(side * model.crop_spacing_mm / float(spacing_mm))))  # crop side in volume voxels
     drawn = centre is None
@@ -432,7 +438,7 @@ def inpaint_volume(model: HrLdm, ct_hu: np.ndarray, lung: np.ndarray, subtype: i
     for attempt in range(CENTRE_TRIES if drawn else 1):
         try:
             if drawn:
-                centre = sample_centre(lu, diameter / 2, spacing_mm, rng, cfg.hr_ldm.lung_erosion_mm, subpleural, ex)
+                centre = sample_centre(lu, extent / 2, spacing_mm, rng, cfg.hr_ldm.lung_erosion_mm, subpleural, ex)
             centre = tuple(int(c) for c in centre)
             if any(not 0 <= c < s for c, s in zip(centre, ct_hu.shape)):
                 raise ValueError(f"centre {centre} lies outside the volume {ct_hu.shape}")
@@ -479,7 +485,8 @@ def inpaint_volume(model: HrLdm, ct_hu: np.ndarray, lung: np.ndarray, subtype: i
                          subtype=y, diameter_mm=diameter, target_histogram=target.numpy().astype(np.float64),
                          generated_histogram=gen_hist, crop_before=before_hu[0, 0].numpy(),
                          crop_after=after_hu[0, 0].numpy(), crop_mask=crop_mask[0], delta_hu_outside=delta,
-                         subpleural=bool(subpleural), intermediates=out["intermediates"])
+                         subpleural=bool(subpleural), intermediates=out["intermediates"],
+                         extent_mm=extent)
 
 
 def _volume_grid(region_crop: np.ndarray, crop_mask: np.ndarray, win: int, side: int) -> np.ndarray:

@@ -26,6 +26,11 @@ def test_train_with_and_without_regulariser_then_inpaint(cfg, vae, runs, crops, 
     ct, lung = volume
     res = hr_ldm.inpaint_volume(model, ct, lung, 2, spacing_mm=1.0, library=library, seed=3, intermediates_every=1)
     assert res.ct_hu.shape == ct.shape and res.subtype == 2
+    # the row reports the real nodule's recorded diameter (as real rows do), not its mask's extent: this 7 mm
+    # ball's mask spans 6 voxels (a 6 mm LIDC nodule's can span 5, which a 6-30 mm filter would drop)
+    (shape,) = np.flatnonzero(library.subtypes == 2)
+    assert res.diameter_mm == library.diameters_mm[shape] == 7.0
+    assert res.extent_mm == max(library.masks[shape].shape[1:]) * model.crop_spacing_mm == 6.0
     assert np.array_equal(res.ct_hu[res.region == 0], ct[res.region == 0])  # the paste: only the region changes
     assert not np.array_equal(res.ct_hu[res.region > 0], ct[res.region > 0])
     assert res.nodule_mask.any() and lung[res.nodule_mask > 0].all()
