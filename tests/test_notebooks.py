@@ -2,6 +2,8 @@
 
 import json
 import re
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -121,12 +123,16 @@ def test_make_test_runs_a_chapter_only_after_the_chapters_it_waits_for_and_none_
     assert scope("tests/test_paths.py::test_home_override") == "library"
 
 
+def _item(nodeid: str, after_notebooks: bool = False):
+    """A collected test or notebook cell, as the placement hooks read it."""
+
+    return SimpleNamespace(nodeid=nodeid, path=Path(nodeid.split("::")[0]), config=None,
+                           get_closest_marker=lambda name: (name == "after_notebooks" and after_notebooks) or None)
+
+
 def test_a_chapter_whose_wait_failed_fails_its_later_cells_at_once(tmp_path, monkeypatch):
     """When the chapters a notebook needs never finish, its first cell fails after the wait and every later cell
     fails at once with the same reason, rather than waiting again for each cell."""
-    from pathlib import Path
-    from types import SimpleNamespace
-
     placement = _notebooks_conftest()
     monkeypatch.setattr(placement, "WAIT_LIMIT_S", 0)
     monkeypatch.setattr(placement, "notebooks_home", lambda: tmp_path / "notebooks")
@@ -137,8 +143,7 @@ def test_a_chapter_whose_wait_failed_fails_its_later_cells_at_once(tmp_path, mon
     waits = []
     real_wait = placement._wait_for
     monkeypatch.setattr(placement, "_wait_for", lambda item, done: (waits.append(item), real_wait(item, done)))
-    cell = SimpleNamespace(path=Path(f"notebooks/{chapter}.ipynb"), nodeid=f"notebooks/{chapter}.ipynb::Cell 0",
-                           config=None, get_closest_marker=lambda name: None)
+    cell = _item(f"notebooks/{chapter}.ipynb::Cell 0")
     with pytest.raises(pytest.fail.Exception, match="waited"):
         placement.pytest_runtest_setup(cell)
     with pytest.raises(pytest.fail.Exception, match="waited"):
@@ -146,18 +151,9 @@ def test_a_chapter_whose_wait_failed_fails_its_later_cells_at_once(tmp_path, mon
     assert len(waits) == 1
 
 
-def _item(nodeid: str, after_notebooks: bool):
-    from types import SimpleNamespace
-
-    return SimpleNamespace(nodeid=nodeid, get_closest_marker=lambda name: (name == "after_notebooks" and
-                                                                           after_notebooks) or None)
-
-
 def test_tests_of_what_the_chapters_trained_run_last_and_only_from_the_notebooks_folder(request):
     """tests/conftest.py moves ``after_notebooks`` tests to the end, and refuses one outside ``notebooks/`` (the
     worker that runs the chapters would never run it after them)."""
-    from pathlib import Path
-
     here = Path(__file__).resolve().parent / "conftest.py"
     (tests_conftest,) = [p for p in request.config.pluginmanager.get_plugins()
                          if Path(getattr(p, "__file__", "") or "").resolve() == here]
