@@ -206,6 +206,49 @@ def jsonable(obj: Any) -> Any:
     return repr(obj)
 
 
+# A data worker holds one scan's native volumes (a 512 x 512 x 300 scan, its twin and their resampling: ~1.5 GB).
+DATA_WORKERS_CAP = 4
+
+
+def data_workers(requested: int | None = None) -> int:
+    """Processes for per-scan data work (rendering, preparing): ``requested``, or the cores this process may use,
+    at most :data:`DATA_WORKERS_CAP` (memory)."""
+    if requested is not None:
+        if int(requested) < 1:
+            raise ValueError(f"workers must be at least 1, got {requested}")
+        return int(requested)
+    return max(1, min(len(os.sched_getaffinity(0)), DATA_WORKERS_CAP))
+
+
+def _single_threaded_worker() -> None:
+    """A data worker's initializer: one thread for torch and OpenMP, since the workers already fill the cores."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
+
+def map_in_processes(fn: Any, items: Sequence[Any], workers: int) -> Iterator[Any]:
+    """``fn(item)`` for each of ``items``, yielded in their order, from ``workers`` processes (1: in this one).
+
+    ``fn`` must be a module-level function and the items picklable. The processes are spawned, not forked: a
+    process forked after torch ran its OpenMP pool hangs (:func:`_forked_call`). A worker's exception is raised
+    here, and closing the iterator early (an error, Ctrl-C) cancels what has not started.
+    """
+    items = list(items)
+    if workers <= 1 or len(items) <= 1:
+        yield from map(fn, items)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(min(workers, len(items)), mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_single_threaded_worker)
+    try:
+        yield from pool.map(fn, items)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Write JSON to a temporary file and rename it into place (never a half-written file)."""
     path = Path(path)

@@ -26,3 +26,12 @@ def imported_before_the_call(spec: dict[str, Any]) -> bool:
     import sys
 
     return spec["module"] in sys.modules
+
+
+def square_in_worker(x: int) -> dict[str, int]:
+    """``x * x`` with the process id and the threads torch would use there."""
+    import os
+
+    import torch
+
+    return {"square": x * x, "pid": os.getpid(), "threads": torch.get_num_threads()}

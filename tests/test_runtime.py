@@ -215,3 +215,20 @@ def test_a_failing_or_hung_forked_call_raises(child_probes):
         runtime.run_forked(f"{child_probes}:fail_on_purpose", ["x"])
     with pytest.raises(RuntimeError, match="gave nothing in 2 s"):
         runtime.run_forked("time:sleep", [60], timeout=2)
+
+
+def test_data_workers_keep_the_order_use_one_thread_each_and_raise_a_workers_error(child_probes):
+    import importlib
+
+    probes = importlib.import_module(child_probes)
+    out = list(runtime.map_in_processes(probes.square_in_worker, [3, 1, 4, 1, 5], workers=2))
+    assert [o["square"] for o in out] == [9, 1, 16, 1, 25]
+    assert os.getpid() not in {o["pid"] for o in out} and len({o["pid"] for o in out}) <= 2
+    assert {o["threads"] for o in out} == {1}  # two workers on two cores: one thread each
+    inline = list(runtime.map_in_processes(probes.square_in_worker, [2], workers=2))  # one item: no process
+    assert inline[0]["pid"] == os.getpid()
+    with pytest.raises(ValueError, match="fails on purpose"):
+        list(runtime.map_in_processes(probes.fail_on_purpose, ["a", "b"], workers=2))
+    with pytest.raises(ValueError, match="at least 1"):
+        runtime.data_workers(0)
+    assert 1 <= runtime.data_workers() <= runtime.DATA_WORKERS_CAP

@@ -23,6 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ph.add_argument("--noise-hu", type=float, default=20.0)
     ph.add_argument("--render-matrix", type=int, default=128)
     ph.add_argument("--force", action="store_true", help="re-render series that exist")
+    ph.add_argument("--workers", type=int, default=None, help="scans rendered side by side (default: one per core, "
+                                                              "at most 4)")
     ph.set_defaults(func=cmd_phantom)
 
     pr = verbs.add_parser("prepare", help="DICOM -> isotropic NIfTI, masks, views, manifest, splits")
@@ -32,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="comma-separated patient ids / scan ids, e.g. LIDC-IDRI-0078,s698 (default: all under the root)")
     pr.add_argument("--force", action="store_true", help="redo scans already prepared")
     pr.add_argument("--lung-mask", default="classical", choices=("classical", "auto", "lungmask"))
+    pr.add_argument("--workers", type=int, default=None, help="scans prepared side by side (default: one per core, "
+                                                              "at most 4)")
     add_profile_argument(pr)
     pr.set_defaults(func=cmd_prepare)
 
@@ -71,7 +75,7 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     scans = int(args.scans) if args.scans.strip().isdigit() else _scan_list(args.scans)
     t0 = time.perf_counter()
     infos = make_phantom(args.out, scans, seed=args.seed, noise_hu=args.noise_hu,
-                         render_matrix=args.render_matrix, force=args.force)
+                         render_matrix=args.render_matrix, force=args.force, workers=args.workers)
     print(f"{len(infos)} phantom scans in {args.out} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
@@ -82,7 +86,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     cfg = _config(args)
     t0 = time.perf_counter()
     out = prepare(args.dicom_root, args.out, cfg, scans=_scan_list(args.scans), force=args.force,
-                  lung_method=args.lung_mask)
+                  lung_method=args.lung_mask, workers=args.workers)
     print(f"prepared dataset in {out} ({time.perf_counter() - t0:.1f} s)")
     return 0
 

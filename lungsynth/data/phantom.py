@@ -563,43 +563,58 @@ def is_rendered(scan: Any, out_root: Path | str) -> bool:
             and twin_path(out_root, scan_key(scan)).is_file())
 
 
+def _render_and_write(job: dict[str, Any]) -> dict[str, Any]:
+    """One scan of :func:`make_phantom` (run in a data worker): render it and its twin, write both; its info."""
+    scan = get_scan(job["scan"])
+    t0 = time.perf_counter()
+    vol, healthy, info = render_scan_and_twin(scan, seed=job["seed"], noise_hu=job["noise_hu"],
+                                              render_matrix=job["render_matrix"])
+    t1 = time.perf_counter()
+    write_dicom_series(vol, scan, job["out_root"], seed=job["seed"])
+    write_twin(vol, healthy, scan, job["out_root"], job["seed"])
+    info["version"] = PHANTOM_VERSION
+    info["seconds_render"] = round(t1 - t0, 2)
+    info["seconds_write"] = round(time.perf_counter() - t1, 2)
+    return info
+
+
 def make_phantom(out_root: Path | str, scans: Sequence[str | int] | int = 12, seed: int = 0,
                  noise_hu: float = 20.0, render_matrix: int = 128, force: bool = False,
-                 verbose: bool = True) -> list[dict[str, Any]]:
+                 verbose: bool = True, workers: int | None = None) -> list[dict[str, Any]]:
     """Render and write phantom DICOM for ``scans`` (ids, patient ids, or a count for the default).
 
-    Already rendered series are kept (``force`` redoes them). Writes ``out_root/phantom.json``.
+    Already rendered series are kept (``force`` redoes them). Writes ``out_root/phantom.json`` after each scan,
+    so a killed run keeps what it rendered. ``workers`` processes render side by side (None: one per core,
+    :func:`lungsynth.runtime.data_workers`); a scan's pixels depend on (seed, scan) only, never on the worker.
     Returns one info dict per scan.
     """
+    from lungsynth.runtime import data_workers, map_in_processes
+
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
     ids = default_scan_ids(scans) if isinstance(scans, (int, np.integer)) else list(scans)
     record_path = out_root / "phantom.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {"version": PHANTOM_VERSION, "scans": {}}
-    infos = []
+    infos: dict[str, dict[str, Any]] = {}
+    keys, jobs = [], []
     for sid in ids:
         scan = get_scan(sid)
         key = scan_key(scan)
+        keys.append(key)
         old = record["scans"].get(key, {})
         same = (old.get("seed"), old.get("noise_hu"), old.get("render_matrix"), old.get("version")) == \
             (int(seed), noise_hu, render_matrix, PHANTOM_VERSION)
         if not force and same and is_rendered(scan, out_root):
-            infos.append(old)
-            continue
-        t0 = time.perf_counter()
-        vol, healthy, info = render_scan_and_twin(scan, seed=seed, noise_hu=noise_hu, render_matrix=render_matrix)
-        t1 = time.perf_counter()
-        write_dicom_series(vol, scan, out_root, seed=seed)
-        write_twin(vol, healthy, scan, out_root, seed)
-        info["version"] = PHANTOM_VERSION
-        info["seconds_render"] = round(t1 - t0, 2)
-        info["seconds_write"] = round(time.perf_counter() - t1, 2)
-        record["scans"][key] = info
+            infos[key] = old
+        else:
+            jobs.append({"scan": key, "out_root": str(out_root), "seed": int(seed), "noise_hu": noise_hu,
+                         "render_matrix": render_matrix})
+    for job, info in zip(jobs, map_in_processes(_render_and_write, jobs, data_workers(workers))):
+        infos[job["scan"]] = record["scans"][job["scan"]] = info
         tmp = record_path.with_name("phantom.json.tmp")
         tmp.write_text(json.dumps(record, indent=1))
         os.replace(tmp, record_path)
-        infos.append(info)
         if verbose:
-            print(f"phantom {key}: {info['n_slices']} slices, {len(info['nodules'])} nodules, "
+            print(f"phantom {job['scan']}: {info['n_slices']} slices, {len(info['nodules'])} nodules, "
                   f"render {info['seconds_render']} s, write {info['seconds_write']} s", flush=True)
-    return infos
+    return [infos[key] for key in keys]

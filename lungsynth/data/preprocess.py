@@ -688,17 +688,33 @@ def _record_ok(out_dir: Path, rec: dict[str, Any], cfg: Any) -> bool:
     return all((out_dir / rec["scan"][k]).is_file() for k in ("ct", "lung", "label", "cond", "hrmask"))
 
 
+def _prepare_one(job: dict[str, Any]) -> dict[str, Any]:
+    """One scan of :func:`prepare` (run in a data worker): its record, ``skipped`` when it has no DICOM."""
+    from lungsynth.data.lidc import get_scan, use_dicom_root
+
+    with use_dicom_root(job["dicom_root"]):
+        scan = get_scan(job["scan"])
+        try:
+            return prepare_scan(scan, Path(job["out_dir"]), job["cfg"], job["lung_method"])
+        except FileNotFoundError as exc:
+            return {"status": "skipped", "scan": {"scan_id": job["scan"], "patient_id": scan.patient_id},
+                    "reason": str(exc)}
+
+
 def prepare(dicom_root: Path | str, out_dir: Path | str, cfg: Any, scans: Sequence[str | int] | None = None,
-            force: bool = False, lung_method: str = "classical", verbose: bool = True) -> Path:
+            force: bool = False, lung_method: str = "classical", verbose: bool = True,
+            workers: int | None = None) -> Path:
     """Prepare every scan with DICOM under ``dicom_root`` (or ``scans``) into ``out_dir``.
 
     Resumable: scans whose record exists with the same settings are skipped (``force`` redoes
-    them). A scan without DICOM is recorded as skipped with the reason. Writes the manifest
+    them), and each scan's record is written as it finishes. A scan without DICOM is recorded as skipped with
+    the reason. ``workers`` processes prepare scans side by side (None: one per core,
+    :func:`lungsynth.runtime.data_workers`); a scan's outputs never depend on the worker. Writes the manifest
     (scans.csv, nodules.csv, skipped.csv, splits.json) at the end. Returns ``out_dir``.
     """
     from lungsynth.data.lidc import get_scan, scan_key, use_dicom_root
     from lungsynth.data.manifest import read_record, write_manifest
-    from lungsynth.runtime import write_json_atomic
+    from lungsynth.runtime import data_workers, map_in_processes, write_json_atomic
 
     dicom_root, out_dir = Path(dicom_root).resolve(), Path(out_dir).resolve()
     if out_dir == dicom_root or dicom_root in out_dir.parents:
@@ -706,22 +722,20 @@ def prepare(dicom_root: Path | str, out_dir: Path | str, cfg: Any, scans: Sequen
                          "choose an output folder elsewhere")
     with use_dicom_root(dicom_root):
         todo = scans_under_root(dicom_root) if scans is None else [get_scan(s) for s in scans]
-        (out_dir / "records").mkdir(parents=True, exist_ok=True)
-        for scan in todo:
-            key = scan_key(scan)
-            rec_path = out_dir / "records" / f"{key}.json"
-            old = read_record(rec_path) if rec_path.is_file() else None
-            if not force and old is not None and _record_ok(out_dir, old, cfg):
-                continue
-            try:
-                rec = prepare_scan(scan, out_dir, cfg, lung_method)
-            except FileNotFoundError as exc:
-                rec = {"status": "skipped", "scan": {"scan_id": key, "patient_id": scan.patient_id},
-                       "reason": str(exc)}
-            write_json_atomic(rec_path, rec)
-            if verbose:
-                msg = (f"{rec['scan']['n_nodules']} nodules, {rec['seconds']['total']} s" if rec["status"] == "done"
-                       else f"skipped: {rec['reason']}")
-                print(f"prepare {key}: {msg}", flush=True)
+    (out_dir / "records").mkdir(parents=True, exist_ok=True)
+    jobs = []
+    for scan in todo:
+        key = scan_key(scan)
+        rec_path = out_dir / "records" / f"{key}.json"
+        old = read_record(rec_path) if rec_path.is_file() else None
+        if force or old is None or not _record_ok(out_dir, old, cfg):
+            jobs.append({"scan": key, "dicom_root": str(dicom_root), "out_dir": str(out_dir), "cfg": cfg,
+                         "lung_method": lung_method})
+    for job, rec in zip(jobs, map_in_processes(_prepare_one, jobs, data_workers(workers))):
+        write_json_atomic(out_dir / "records" / f"{job['scan']}.json", rec)
+        if verbose:
+            msg = (f"{rec['scan']['n_nodules']} nodules, {rec['seconds']['total']} s" if rec["status"] == "done"
+                   else f"skipped: {rec['reason']}")
+            print(f"prepare {job['scan']}: {msg}", flush=True)
     write_manifest(out_dir, cfg)
     return out_dir

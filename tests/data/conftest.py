@@ -1,4 +1,5 @@
-"""One small phantom (2 scans) rendered and prepared once per test session."""
+"""One small phantom (2 scans) rendered and prepared once per test session, by two data workers (a test checks
+that one process writes the same)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def phantom_root(tmp_path_factory) -> Path:
     from lungsynth.data.phantom import make_phantom
 
     root = tmp_path_factory.mktemp("phantom_dicom")
-    make_phantom(root, list(SCANS), seed=0, noise_hu=20.0, render_matrix=64, verbose=False)
+    make_phantom(root, list(SCANS), seed=0, noise_hu=20.0, render_matrix=64, verbose=False, workers=2)
     return root
 
 
@@ -41,7 +42,7 @@ def prepared(phantom_root, small_cfg, tmp_path_factory):
 
     before = tree_digest(phantom_root)
     out = tmp_path_factory.mktemp("prepared")
-    prepare(phantom_root, out, small_cfg, verbose=False)
+    prepare(phantom_root, out, small_cfg, verbose=False, workers=2)
     return out, before
 
 

@@ -46,3 +46,23 @@ def test_render_is_deterministic_per_seed():
     assert np.array_equal(a, b)
     assert info["seed"] == 3 and info["render_matrix"] == 32
     assert a.shape == (65, 512, 512) and len(info["nodules"]) == 2
+
+
+def _without_seconds(record: dict) -> dict:
+    return {k: {f: v for f, v in info.items() if not f.startswith("seconds")} for k, info in record["scans"].items()}
+
+
+def test_one_process_renders_what_two_data_workers_rendered(phantom_root, phantom_scans, tmp_path, digest):
+    """The session phantom was rendered by two workers side by side; one process writes the same files."""
+    import json
+
+    from lungsynth.data.phantom import make_phantom
+
+    infos = make_phantom(tmp_path, list(phantom_scans), seed=0, noise_hu=20.0, render_matrix=64, verbose=False,
+                         workers=1)
+    assert [i["pylidc_scan_id"] for i in infos] == list(phantom_scans)  # in the order asked
+    ours = {k: v for k, v in digest(tmp_path).items() if k != "phantom.json"}
+    theirs = {k: v for k, v in digest(phantom_root).items() if k in ours or k.endswith((".dcm", ".npz"))}
+    assert ours == theirs and any(k.endswith(".dcm") for k in ours)
+    assert _without_seconds(json.loads((tmp_path / "phantom.json").read_text())) == \
+        _without_seconds(json.loads((phantom_root / "phantom.json").read_text()))

@@ -272,3 +272,14 @@ def test_a_roi_is_twice_the_nodule_diameter_whatever_its_size(diameter_mm):
     roi = roi_view(ct, nod, 64)
     across = (roi[32] > -400).sum()
     assert across == pytest.approx(32, abs=2)
+
+
+def test_one_process_prepares_what_two_data_workers_prepared(prepared, phantom_root, small_cfg, tmp_path, digest):
+    """The session's prepared folder came from two workers side by side; one process writes the same arrays and
+    the same manifest."""
+    P, _ = prepared
+    prepare(phantom_root, tmp_path, small_cfg, verbose=False, workers=1)
+    arrays = {k: v for k, v in digest(tmp_path).items() if k.endswith((".nii.gz", ".npz"))}
+    assert arrays and arrays == {k: v for k, v in digest(P).items() if k.endswith((".nii.gz", ".npz"))}
+    for table in ("scans.csv", "nodules.csv", "splits.json"):
+        assert (tmp_path / table).read_text() == (P / table).read_text(), table
