@@ -465,9 +465,10 @@ class DownstreamConfig:
     seg_condition_source: str = tiered("sampler", "validation", "validation")
     n_synthetic: int = tiered(4, 16, 1000)  # samples the chapters synthesize when no dataset is given
     seg_channels: tuple[int, ...] = tiered((8, 16, 32), (8, 16, 32, 64), (32, 64, 128, 256, 512))
-    # course: 300 steps take the real-only crop Dice from 0.07 (150 steps) to 0.44; the volume setting learns
-    # almost nothing in the course budget (Dice 0.01 after 600 patch steps, 5 minutes), so it runs 150 as a
-    # demonstration of the pipeline
+    # course: 300 steps take the real-only crop Dice from 0.07 (150 steps) to 0.44 (LAND's 2 mm crops); at
+    # Lung-DDPM's 2.7 mm (one seed, 2026-12-07) 0.29 at 300 steps, 0.37 at 600 (7.5 min a training; chapter 10);
+    # the volume setting learns almost nothing in the course budget (Dice 0.01 after 600 patch steps, 5 minutes),
+    # so it runs 150 as a demonstration of the pipeline
     seg_steps: int = tiered(10, 300, 20_000)
     # which settings chapter 10 runs. Course: crops only, since the volume setting learned nothing in its budget
     # (whole 96^3 volumes, 48^3 patches, 2 seeds x 3 ratios: Dice 0.003 after 150 steps, 7.5 of the chapter's 17

@@ -272,8 +272,9 @@ class Trainings:
     trainings it had finished (each minutes long in ``course``), and a bar counts them.
 
     A training is named by a digest of everything it depends on (:meth:`key`: its experiment, seed, the training
-    and validation tables, its starting weights, the whole profile and the real data's fingerprint), so a changed
-    setting or table trains again. A file holds tensors and numbers only and is read without unpickling
+    and validation tables, its starting weights, the whole profile, the real data's fingerprint and
+    :data:`lungsynth.data.patches.CROP_VERSION`), so a changed setting, table or crop trains again. A file holds
+    tensors and numbers only and is read without unpickling
     (``weights_only``); ``out=None`` keeps nothing.
     """
 
@@ -285,7 +286,10 @@ class Trainings:
         from tqdm.auto import tqdm
 
         self.folder = Path(out) / "trainings" if out is not None else None
-        self._context = json.dumps([dataclasses.asdict(cfg), fingerprint.read(real_root)], sort_keys=True, default=str)
+        from lungsynth.data.patches import CROP_VERSION
+
+        self._context = json.dumps([dataclasses.asdict(cfg), fingerprint.read(real_root), CROP_VERSION], sort_keys=True,
+                                   default=str)
         self.bar = tqdm(total=0, desc=desc, unit="training", disable=None if progress is None else not progress)
         self.reused = 0
 

@@ -3,7 +3,8 @@
 Whether synthetic data helps is reported as measured (with p-values), never gated. What is gated is the
 experiment's power to answer: a real-only model at chance cannot be helped or hurt measurably.
 
-- chapter 10: the real-only crop segmenter's Dice on the held-out test patients, mean over seeds >= 0.5;
+- chapter 10: the real-only crop segmenter's Dice on the held-out test patients, mean over seeds >= 0.5; beside it
+  the same Dice by nodule diameter, and which strata are too small;
 - chapter 11: the real-only subtype classifier's macro AUROC on the held-out test nodules, mean over seeds
   >= 0.8; beside it, which (size, subtype) strata hold too few test nodules to report an AUROC.
 
@@ -71,10 +72,40 @@ def segmentation_gates(cfg: Any, folder: Path | str | None = None, root: Path | 
     items = _results(*where, "seg_items", "10", name, command)[0]
     real = runs[(runs["setting"] == "crop") & (runs["ratio"] == 0.0)]
     scored = items[(items["setting"] == "crop") & (items["ratio"] == 0.0)] if items is not None else runs.iloc[:0]
+    if "empty_target" in scored:  # a nodule with no voxel left on the crops' grid has no Dice
+        scored = scored[~scored["empty_target"].astype(bool)]
     n_items = int((scored["seed"] == scored["seed"].min()).sum()) if len(scored) else 0
     dice = float(real["dice"].mean()) if len(real) else None
-    return [judge("10", name, dice, n=n_items, n_needed=MIN_TEST_ITEMS, at_least=MIN_SEG_DICE,
-                  detail=f"{len(real)} seeds; whether synthetic crops help is in the chapter's table, not a gate")]
+    gate = judge("10", name, dice, n=n_items, n_needed=MIN_TEST_ITEMS, at_least=MIN_SEG_DICE,
+                 detail=f"{len(real)} seeds; whether synthetic crops help is in the chapter's table, not a gate")
+    return [gate, dice_by_size(scored, where[1])]
+
+
+# the size strata of chapter 10's crop Dice (mm): below the 6 mm every view keeps visible, then HR-LDM's three
+SEG_SIZE_EDGES_MM = (0.0, 6.0, 10.0, 20.0, 30.0, float("inf"))
+
+
+def dice_by_size(scored: Any, root: Path) -> Gate:
+    """The real-only crop Dice by nodule diameter (``root``'s nodules.csv), mean over seeds and nodules, as an info
+    row: where a low mean comes from, and which strata hold fewer than :data:`MIN_STRATUM_POSITIVES` nodules."""
+    import pandas as pd
+
+    name = "real-only crop segmenter: Dice by nodule diameter"
+    sizes = pd.read_csv(Path(root) / "nodules.csv", usecols=["nodule_id", "diameter_mm"])
+    rows = scored.merge(sizes, left_on="item_id", right_on="nodule_id", how="inner")
+    edges = SEG_SIZE_EDGES_MM
+    labels = [f"<{edges[1]:g}"] + [f"{a:g}-{b:g}" for a, b in zip(edges[1:-2], edges[2:-1])] + [f">{edges[-2]:g}"]
+    rows["stratum"] = pd.cut(rows["diameter_mm"], list(edges), labels=labels, right=False)
+    first = rows[rows["seed"] == rows["seed"].min()] if len(rows) else rows
+    parts = []
+    for label in labels:
+        n = int((first["stratum"] == label).sum())
+        mean = rows.loc[rows["stratum"] == label, "dice"].mean()
+        few = ", too few" if n < MIN_STRATUM_POSITIVES else ""
+        parts.append(f"{label} mm: " + (f"{mean:.2f}" if n else "-") + f" ({n}{few})")
+    sized = rows[(rows["diameter_mm"] >= edges[1]) & (rows["diameter_mm"] < edges[-2])]
+    return info("10", name, float(sized["dice"].mean()) if len(sized) else None, n=len(first),
+                detail=f"value: the {edges[1]:g}-{edges[-2]:g} mm nodules; " + "; ".join(parts))
 
 
 def classification_gates(cfg: Any, folder: Path | str | None = None, root: Path | str | None = None) -> list[Gate]:

@@ -70,3 +70,22 @@ def test_coarsen_removes_detail_finer_than_the_new_grid():
     assert set(np.unique(lab)) <= {0, 1} and lab[4, 4, 4] == 1 and lab[0, 4, 4] == 0
     flat, _ = coarsen(np.full((16, 16, 16), -700.0, np.float32), label, 1.0, 2.0)
     assert np.allclose(flat, -700.0)
+
+
+@pytest.mark.parametrize("radius_mm", [2.5, 5.0])
+def test_a_small_nodule_coarsened_and_cut_back_to_1mm_keeps_its_volume_and_shape(radius_mm):
+    """Chapter 10 cuts every crop from volumes at the synthetic ones' 2.7 mm, where a 5-10 mm nodule spans 2-4
+    voxels. Cut back at 1 mm its mask must stay a ball of about its volume, not the coarse voxels' cubes (with
+    nearest neighbours a 5 mm ball came back at 2.3x its volume, Dice 0.58)."""
+    n, to_mm, rng = 40, 256 / 96, np.random.default_rng(0)
+    t = np.arange(24) - 11.5
+    truth = np.sum(np.stack(np.meshgrid(t, t, t, indexing="ij")) ** 2, axis=0) <= radius_mm**2
+    ratios, dices = [], []
+    for _ in range(8):  # placements off the coarse grid
+        centre = rng.uniform(19.0, 20.0, 3)
+        ball = np.sum(np.stack(np.meshgrid(*(np.arange(n) - c for c in centre), indexing="ij")) ** 2, 0) <= radius_mm**2
+        ct, lab = coarsen(np.where(ball, 40.0, -850.0).astype(np.float32), ball.astype(np.uint8), 1.0, to_mm)
+        _, mask = cut_crop(ct, lab, tuple(c / to_mm for c in centre), to_mm, 24)
+        ratios.append(mask.sum() / truth.sum())
+        dices.append(2 * (mask.astype(bool) & truth).sum() / (mask.sum() + truth.sum()))
+    assert 0.7 < np.mean(ratios) < 1.8 and np.mean(dices) > 0.68, (np.mean(ratios), np.mean(dices))

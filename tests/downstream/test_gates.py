@@ -4,17 +4,18 @@ and treat a result made from other data as missing."""
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
 from lungsynth.data import fingerprint
 from lungsynth.downstream.common import save_result
 from lungsynth.downstream.gates import MIN_MACRO_AUROC, classification_gates, segmentation_gates
 
 
-def _seg_result(cfg, folder, real_root, real_dice: float, n_items: int = 24):
+def _seg_result(cfg, folder, real_root, real_dice: float, n_items: int = 24, n_empty: int = 0):
     runs = pd.DataFrame([{"setting": "crop", "ratio": r, "seed": s, "dice": d}
                          for s in (0, 1) for r, d in ((0.0, real_dice), (1.0, 0.9))])
-    items = pd.DataFrame([{"setting": "crop", "ratio": 0.0, "seed": s, "item_id": f"n{i}", "dice": real_dice}
-                          for s in (0, 1) for i in range(n_items)])
+    items = pd.DataFrame([{"setting": "crop", "ratio": 0.0, "seed": s, "item_id": f"n{i}", "dice": real_dice,
+                           "empty_target": i < n_empty} for s in (0, 1) for i in range(n_items)])
     save_result(cfg, folder, "test", {"seg_runs": runs, "seg_items": items}, real_root=real_root)
 
 
@@ -28,6 +29,9 @@ def test_segmentation_gate_judges_the_real_only_crop_dice(cfg, real_root, tmp_pa
     assert segmentation_gates(cfg, folder, real_root)[0].status == "fail"
     _seg_result(cfg, folder, real_root, 0.9, n_items=6)
     assert segmentation_gates(cfg, folder, real_root)[0].status == "insufficient N"
+    _seg_result(cfg, folder, real_root, 0.9, n_items=24, n_empty=10)  # nodules with no voxel on the grid: no Dice
+    gate = segmentation_gates(cfg, folder, real_root)[0]
+    assert (gate.status, gate.n) == ("insufficient N", 14)
 
 
 def _cls_result(cfg, folder, real_root, auroc: dict[int, float], n_pos_small: int = 2):
@@ -60,3 +64,17 @@ def test_a_result_from_other_data_counts_as_missing(cfg, real_root, tmp_path):
     fingerprint.write_stamp(folder, {**stamp, "id": "another-dataset"})
     gate = classification_gates(cfg, folder, real_root)[0]
     assert gate.status == "not trained" and "other data" in gate.detail and "`lungsynth downstream cls" in gate.detail
+
+
+def test_the_crop_dice_by_size_says_where_a_mean_comes_from_and_which_strata_are_too_small(tmp_path):
+    from lungsynth.downstream.gates import dice_by_size
+
+    sizes = {"a": 4.0, "b": 7.0, "c": 8.0, "d": 9.0, "e": 9.5, "f": 9.9, "g": 25.0}
+    pd.DataFrame({"nodule_id": list(sizes), "diameter_mm": list(sizes.values())}).to_csv(tmp_path / "nodules.csv")
+    dice = {"a": 0.0, "b": 0.2, "c": 0.2, "d": 0.2, "e": 0.2, "f": 0.2, "g": 0.8}
+    items = pd.DataFrame([{"seed": s, "item_id": k, "dice": d} for s in (0, 1) for k, d in dice.items()])
+    row = dice_by_size(items, tmp_path)
+    assert row.status == "info" and row.n == 7
+    assert row.value == pytest.approx((5 * 0.2 + 0.8) / 6)  # 6-30 mm only: the 4 mm nodule is not in it
+    assert "<6 mm: 0.00 (1, too few)" in row.detail and "6-10 mm: 0.20 (5)" in row.detail
+    assert "20-30 mm: 0.80 (1, too few)" in row.detail and ">30 mm: - (0, too few)" in row.detail

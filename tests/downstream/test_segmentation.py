@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from lungsynth.downstream.segmentation import build_segmenter, input_size, run_segmentation
 
@@ -214,3 +215,34 @@ def test_a_rerun_reads_back_the_finished_trainings_and_reports_the_same(cfg, rea
     whole = run_segmentation(cfg, str(synthetic_train), out=None, **kwargs)
     pd.testing.assert_frame_equal(resumed.items, whole.items)
     pd.testing.assert_frame_equal(resumed.runs, whole.runs)
+
+
+class _Items:
+    """Items of one kind with given targets, and an all-zero image."""
+
+    def __init__(self, kind, targets):
+        self.kind, self.targets = kind, targets
+        self.table = pd.DataFrame({"item_id": [f"n{i}" for i in range(len(targets))]})
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return {"image": torch.zeros(1, 8, 8, 8), "target": torch.from_numpy(self.targets[i][None].astype(np.float32))}
+
+
+def test_a_crop_whose_nodule_left_no_voxel_has_no_dice():
+    """A 3 mm nodule at 2.7 mm can vanish from its crop's mask: scoring it 1 (empty prediction) or 0 would be
+    arbitrary, so its Dice is NaN and the means skip it; a whole volume without nodules keeps Dice 1."""
+    from lungsynth.downstream.segmentation import evaluate_segmenter
+
+    model = torch.nn.Conv3d(1, 2, 1)
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.copy_(torch.tensor([1.0, -1.0]))  # predicts background everywhere
+    empty, nodule = np.zeros((8, 8, 8), bool), np.zeros((8, 8, 8), bool)
+    nodule[3:5, 3:5, 3:5] = True
+    crops = evaluate_segmenter(model, _Items("crop", [empty, nodule]))
+    assert [r["empty_target"] for r in crops] == [True, False]
+    assert np.isnan(crops[0]["dice"]) and crops[1]["dice"] == 0.0
+    assert evaluate_segmenter(model, _Items("volume", [empty]))[0]["dice"] == 1.0
