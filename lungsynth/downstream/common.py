@@ -190,10 +190,10 @@ def ensure_synthetic(cfg: Any, method: Any = None, n: int | None = None, out: Pa
     ``downstream_<method>_validation``; ``sampler``: training layouts).
 
     ``n`` volumes when given; else at least ``cfg.downstream.n_synthetic`` and, unless
-    ``cfg.downstream.allow_repeats``, enough ``unit`` items for the largest synthetic ratio
-    (:func:`synthetic_needed`). For ``unit="nodule"`` the volume count that holds enough nodule rows is not
-    known before sampling: the dataset is extended (resuming, never redone) by the deficit over the measured
-    rows per volume, at most ``max_rounds`` times. The default nodule pool is HR-LDM's, generated to what
+    ``cfg.downstream.allow_repeats``, enough items for the largest synthetic ratio (:func:`pool_needs`: for
+    chapter 10 volumes and / or their nodules, as its ``seg_settings`` ask). The volume count that holds enough
+    nodule rows is not known before sampling: the dataset is extended (resuming, never redone) by the deficit over
+    the measured rows per volume, at most ``max_rounds`` times. The default nodule pool is HR-LDM's, generated to what
     balancing the real 6-30 mm training nodules (:func:`sized_train`) needs of each subtype
     (:func:`balancing_deficits`; one inpainted nodule per volume, from the 6-30 mm shapes of
     ``hr_ldm.size_range_mm``) rather than to the largest ratio.
@@ -227,17 +227,32 @@ def ensure_synthetic(cfg: Any, method: Any = None, n: int | None = None, out: Pa
     if n is not None:
         synthesize(cfg, method, int(n), **options)
         return out
-    # a pool may be smaller than the largest ratio draws only where items may repeat (smoke)
-    needed = 0 if cfg.downstream.allow_repeats else planned or synthetic_needed(cfg, unit, root)
-    volumes = max(int(cfg.downstream.n_synthetic), needed if unit == "volume" or planned else 1)  # HR-LDM: 1 a volume
+    needs = pool_needs(cfg, unit, root, planned)
+    volumes = max(int(cfg.downstream.n_synthetic), needs.get("volume", 0), planned or (1 if unit == "nodule" else 0))
     for _ in range(max_rounds):
         synthesize(cfg, method, volumes, **options)
-        have = len(synthetic_items(out, unit, root))
-        if have >= needed:
+        have = {u: len(synthetic_items(out, u, root)) for u in needs}
+        short = {u: n - have[u] for u, n in needs.items() if have[u] < n}
+        if not short:
             break
-        per_volume = max(have, 1) / volumes
-        volumes += int(np.ceil((needed - have) / per_volume))
+        volumes += max(int(np.ceil(d / (max(have[u], 1) / volumes))) for u, d in short.items())
     return out
+
+
+def pool_needs(cfg: Any, unit: str, real_root: Path, planned: int | None = None) -> dict[str, int]:
+    """The items, by unit, a synthetic pool of ``unit`` must hold for the chapter's largest ratio: chapter 10's
+    volumes for its ``volume`` setting and their nodules for its ``crop`` setting (a synthetic volume from the
+    validation cohort holds ~3 nodules against ~4 in a training scan: course, 188 in 60 volumes for 251 real),
+    chapter 11's nodules, or HR-LDM's ``planned`` count. Empty where items may repeat (smoke)."""
+    if cfg.downstream.allow_repeats:
+        return {}
+    if planned:
+        return {"nodule": int(planned)}
+    if unit == "nodule":
+        return {"nodule": synthetic_needed(cfg, "nodule", real_root)}
+    settings = set(cfg.downstream.seg_settings)
+    return {u: synthetic_needed(cfg, u, real_root) for u, setting in (("volume", "volume"), ("nodule", "crop"))
+            if setting in settings}
 
 
 def seeds(cfg: Any, n: int | None = None) -> list[int]:

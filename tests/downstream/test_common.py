@@ -118,3 +118,17 @@ def test_a_pool_generated_to_the_deficits_balances_the_classes():
     assert "subtype_counts" not in get_method("hr_ldm").options  # the registered face is unchanged
     with pytest.raises(ValueError, match="three counts"):
         get_method("hr_ldm").with_options(subtype_counts=(0, 0, 0)).subtype_plan()
+
+
+def test_a_volume_pool_for_the_crop_setting_holds_enough_nodules(tiny, real_root, tmp_path, monkeypatch):
+    """Chapter 10's crops draw ratio x the real training *nodules* from the synthetic volumes, which can hold fewer
+    nodules each than a training scan (course: 188 in 60 validation-layout volumes against 251 needed)."""
+    import lungsynth.downstream.common as common
+
+    monkeypatch.setattr(common, "synthetic_needed", lambda cfg, unit, root: {"volume": 3, "nodule": 6}[unit])
+    crops = get_config("smoke", {**tiny, "downstream.seg_settings": "crop", "downstream.n_synthetic": 1})
+    out = _ensure(crops, real_root, tmp_path / "crops", "volume")
+    assert len(synthetic_items(out, "nodule", real_root)) >= 6  # one nodule a volume here: six volumes
+    whole = get_config("smoke", {**tiny, "downstream.seg_settings": "volume", "downstream.n_synthetic": 1})
+    out = _ensure(whole, real_root, tmp_path / "whole", "volume")
+    assert len(synthetic_items(out, "volume", real_root)) == 3  # the volume setting needs volumes only
