@@ -451,7 +451,10 @@ class DownstreamConfig:
 
     # synthetic count = ratio x real count; smoke runs a subset to stay within its time budget
     # course budget, measured on 2 cores in fp32: chapter 10 17 min (3 ratios x 2 runs per setting; the volume
-    # setting 7.5 min, the crops 9.8), chapter 11 4.7 min (150-step classifiers)
+    # setting 7.5 min, the crops 9.8), chapter 11 4.7 min (150-step classifiers). Since chapter 10 takes Lung-DDPM's
+    # volumes from the validation layouts (2026-12-07, AMD EPYC): 84 volumes for the crops' 251 nodules at 31 s
+    # each (43 min), then 2 seeds x 5 arms of 300 steps at 4-5 min a training: ~90 min for the chapter alone, the
+    # course's whole goal; issue 16 has to choose what gives way
     synthetic_ratios: tuple[float, ...] = tiered((0.0, 0.5, 1.0), (0.0, 0.5, 1.0), (0.0, 0.25, 0.5, 0.75, 1.0))
     real_fractions: tuple[float, ...] = tiered((1.0, 0.2, 0.0), (1.0, 0.2, 0.0), (1.0, 0.5, 0.2, 0.1, 0.0))
     lr: float = tiered(1e-3, 1e-3, 1e-4)
