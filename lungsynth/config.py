@@ -261,9 +261,10 @@ class BboxLdmConfig:
 class HrLdmConfig:
     """Chapter 05: HR-LDM, histogram-regularised latent inpainting."""
 
-    # course budget, chapter 05: HR-LDM and its no-histogram ablation, 250 steps each (batch 4 of 12^3 latents),
-    # 8 nodules per subtype evaluated. Measured 2026-12-05 on 2 cores in fp32: 2.05 s a step with the histogram
-    # term (the truncated decoder), 1.45 s without, so 17 minutes of training, and 4.4 minutes of gates
+    # course budget, chapter 05: HR-LDM and its no-histogram ablation, 1200 steps each (batch 4 of 12^3 latents),
+    # 8 nodules per subtype evaluated. Measured 2026-12-07 on 2 AMD EPYC cores in fp32: 0.59 s a step with the
+    # histogram term (the truncated decoder), 0.43 without, so ~20 minutes of training, and 1.3 minutes of gates
+    # (2026-12-05 said 2.05 / 1.45 s a step, measured beside other work)
     unet_channels: tuple[int, ...] = tiered((16, 32, 32), (32, 64, 64), (128, 256, 512))
     num_train_timesteps: int = 1000
     beta_start: float = 0.0015
@@ -271,10 +272,23 @@ class HrLdmConfig:
     hist_bins: int = 40
     hist_range_hu: tuple[float, float] = (-1000.0, 400.0)
     hist_weight: float = 10.0
+    # what the U-Net regresses under eq. 5's masked L1: "epsilon" (the paper's) or "v_prediction". Smoke and
+    # course: v. Measured (course, 1200 steps, held-out nodules in their healthy twins): with epsilon the z0
+    # estimate at t >= 800 is off by 2-7 (latent std ~1), 25 DDIM steps drew solid nodules at -710 HU (real -90),
+    # -271 unclipped; with v the estimate stays within 0.43 at every t and every sampler gave -390
+    prediction: str = tiered("v_prediction", "v_prediction", "epsilon")
+    # the latents outside the lesion M in training: "scan" (the paper's: the scan's own) or "twin" (phantom data:
+    # the healthy twin's, the background synthesis inpaints into). Smoke and course: twin. Measured (course, v,
+    # 1200 steps): trained on the scan's latents, whose neighbours of M still carry the nodule, the model read it
+    # there (one-step z0 estimates at t = 50: part-solid -482 HU beside the real context, -687 beside the healthy
+    # one) and drew part-solid nodules at -781 into healthy twins; trained on the twin's, -684 (solid -390 -> -226)
+    train_context: str = tiered("twin", "twin", "scan")
     # "none" is the paper's eq. 8; "alpha_bar" weights the histogram term by alpha_bar_t, without which
     # eps is not learned in short runs (hr_ldm_losses explains why); full keeps the paper's form
     hist_timestep_weighting: str = tiered("alpha_bar", "alpha_bar", "none")
-    train_steps: int = tiered(200, 250, 100_000)
+    # course: 1200 steps. With the earlier recipe (epsilon, scan context) 250 steps stopped at an eq. 5 loss of 1.3,
+    # still falling (0.8 at 1200); chapter 05 has the gates at 250 and at 1200
+    train_steps: int = tiered(200, 1200, 100_000)
     batch_size: int = tiered(2, 4, 1)  # full: the paper's batch of 1
     lr: float = tiered(1e-3, 1e-3, 1e-5)  # full: the paper's 1e-5 (Adam, polynomial decay)
     ddim_steps: int = tiered(10, 25, 1000)
@@ -563,6 +577,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "lung_ddpm.lr_schedule": _LR_SCHEDULES,
     "land.schedule": _NOISE_SCHEDULES, "lung_ddpm.schedule": _NOISE_SCHEDULES,
     "bbox_ldm.prediction": _PREDICTIONS, "lung_ddpm.prediction": _PREDICTIONS,
+    "hr_ldm.prediction": _PREDICTIONS, "hr_ldm.train_context": ("twin", "scan"),
     "text2img.prediction_type": ("epsilon", "v_prediction"),
     "land.skip": ("additive", "concat"), "land.loss_weighting": ("min-snr", "uniform"),
     "land.sampler": ("ddim", "ddpm"), "hr_ldm.sampler": ("ddpm", "ddim"), "lung_ddpm.sampler": ("ddpm", "ddim"),

@@ -81,6 +81,7 @@ def test_the_choices_are_the_values_the_code_reads():
     from lungsynth.methods.land.model import LOSS_WEIGHTINGS, SAMPLERS as LAND_SAMPLERS
     from lungsynth.methods.lung_ddpm.model import ENCODINGS
     from lungsynth.methods.lung_ddpm.sample import SAMPLERS as DDPM_SAMPLERS
+    from lungsynth.methods.hr_ldm.train import TRAIN_CONTEXTS
     from lungsynth.methods.text2img.model import PREDICTION_TYPES
     from lungsynth.nn.unets import SKIPS
 
@@ -89,7 +90,8 @@ def test_the_choices_are_the_values_the_code_reads():
     assert all(same(f"{s}.lr_schedule", engine.SCHEDULES) for s in ("autoencoders", "bbox_ldm", "lung_ddpm"))
     assert same("land.schedule", schedules.SCHEDULES) and same("lung_ddpm.schedule", schedules.SCHEDULES)
     assert same("bbox_ldm.prediction", schedules.PREDICTION_TYPES)
-    assert same("lung_ddpm.prediction", schedules.PREDICTION_TYPES)
+    assert same("lung_ddpm.prediction", schedules.PREDICTION_TYPES) and same("hr_ldm.prediction", schedules.PREDICTION_TYPES)
+    assert same("hr_ldm.train_context", TRAIN_CONTEXTS)
     assert same("text2img.prediction_type", PREDICTION_TYPES) and same("land.skip", SKIPS)
     assert same("land.loss_weighting", LOSS_WEIGHTINGS) and same("land.sampler", LAND_SAMPLERS)
     assert same("hr_ldm.sampler", schedules.SCHEDULER_KINDS) and same("lung_ddpm.sampler", DDPM_SAMPLERS)

@@ -65,7 +65,7 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "sample": ("SIZE_BINS_MM", "HrLdm", "InpaintResult", "NoduleLibrary", "load", "candidate_centres", "sample_centre",
                "place_mask", "latent_region", "inpaint_crops", "inpaint_latent", "inpaint_volume"),
     "evaluate": ("evaluate", "eval_items", "generate_for_eval", "metrics_for", "disjoint_halves", "pick_per_subtype",
-                 "median_hu", "subtype_jsd", "mean_paste", "placement_trials", "quality_gates"),
+                 "median_hu", "subtype_jsd", "ring_change", "mean_paste", "placement_trials", "quality_gates"),
     "plots": ("plot_soft_histogram", "plot_inpaint_steps", "plot_subtype_size_grid", "plot_histograms",
               "subtype_size_grid"),
 })

@@ -293,12 +293,14 @@ class HrLdmNet(nn.Module):
 
 
 def net_spec(cfg: Any, latent_channels: int) -> dict[str, Any]:
-    """What shapes the weights (stored as the checkpoint config)."""
+    """What shapes the weights and what they regress (stored as the checkpoint config)."""
+    from lungsynth.diffusion.schedules import canonical_prediction_type
+
     h = cfg.hr_ldm
     return {"latent_channels": int(latent_channels), "unet_channels": list(h.unet_channels),
             "num_res_blocks": int(h.num_res_blocks), "attention_levels": [bool(a) for a in h.attention_levels],
             "context_dim": int(h.context_dim), "hist_hidden": int(h.hist_hidden), "hist_bins": int(h.hist_bins),
-            "hist_layers": int(h.hist_layers)}
+            "hist_layers": int(h.hist_layers), "prediction": canonical_prediction_type(h.prediction)}
 
 
 def crop_side(cfg: Any, vae_factor: int = 4) -> int:
@@ -308,18 +310,20 @@ def crop_side(cfg: Any, vae_factor: int = 4) -> int:
     return int(-(-int(cfg.data.crop_size) // m) * m)
 
 
-def make_schedulers(cfg: Any):
-    """(training scheduler, sampling scheduler): scaled-linear betas ``beta_start..beta_end``, T steps,
-    epsilon prediction; sampling uses ``cfg.hr_ldm.sampler`` (ddpm | ddim)."""
+def make_schedulers(cfg: Any, prediction: str | None = None):
+    """(training scheduler, sampling scheduler): scaled-linear betas ``beta_start..beta_end``, T steps, the
+    prediction type ``prediction`` (default ``cfg.hr_ldm.prediction``; a checkpoint passes what it was trained
+    on); sampling uses ``cfg.hr_ldm.sampler`` (ddpm | ddim)."""
     from lungsynth.diffusion.schedules import make_scheduler
 
     h = cfg.hr_ldm
+    pred = prediction or h.prediction
     kw = dict(beta_start=h.beta_start, beta_end=h.beta_end)
-    train = make_scheduler("ddpm", h.num_train_timesteps, "scaled_linear", "epsilon", **kw)
+    train = make_scheduler("ddpm", h.num_train_timesteps, "scaled_linear", pred, **kw)
     if h.sampler not in ("ddpm", "ddim"):
         raise ValueError(f"hr_ldm.sampler must be 'ddpm' or 'ddim', got {h.sampler!r}")
     clip = float(h.clip_latent)
-    sample = make_scheduler(h.sampler, h.num_train_timesteps, "scaled_linear", "epsilon", clip_sample=clip > 0,
+    sample = make_scheduler(h.sampler, h.num_train_timesteps, "scaled_linear", pred, clip_sample=clip > 0,
                             clip_sample_range=(-clip, clip), **kw)
     return train, sample
 
@@ -414,7 +418,7 @@ def hr_ldm_losses(net: HrLdmNet, scheduler, batch: Mapping[str, torch.Tensor], t
     """
     if hist_timestep_weighting not in ("none", "alpha_bar"):
         raise ValueError(f"hist_timestep_weighting must be 'none' or 'alpha_bar', got {hist_timestep_weighting!r}")
-    from lungsynth.diffusion.objectives import add_noise_masked, x0_from_eps
+    from lungsynth.diffusion.objectives import add_noise_masked, predicted_x0, target_for
     from lungsynth.diffusion.schedules import alpha_bar_at, sample_timesteps
 
     z0, m = batch["z0"], batch["mask"]
@@ -422,15 +426,16 @@ def hr_ldm_losses(net: HrLdmNet, scheduler, batch: Mapping[str, torch.Tensor], t
     t = timesteps if timesteps is not None else sample_timesteps(B, scheduler.num_train_timesteps, device=z0.device)
     eps = noise if noise is not None else torch.randn_like(z0)
     zt = add_noise_masked(scheduler, z0, eps, t, m)  # eq. 1 and 4: noise only inside the lesion
-    eps_hat = net(torch.cat([zt, batch["cond"]], dim=1), t, batch["hist"], batch["subtype"])
-    loss_eps = inpaint_l1(eps_hat, eps, m)  # eq. 5
+    out_hat = net(torch.cat([zt, batch["cond"]], dim=1), t, batch["hist"], batch["subtype"])
+    # eq. 5: the L1 on eps as printed; with the v target (scheduler.prediction_type) the same masked L1 on v
+    loss_eps = inpaint_l1(out_hat, target_for(scheduler, z0, eps, t), m)
     out: dict[str, torch.Tensor] = {"loss_eps": loss_eps}
     loss = loss_eps
     if trunc is not None and hist_weight > 0:
         ab = alpha_bar_at(scheduler, t, like=z0)
         # eq. 6 inside the lesion; outside it z~_t is the clean z_0 itself (eq. 4), which eq. 6 would distort
         # by -sqrt(1 - ab) eps_hat / sqrt(ab): the truncated decoder's receptive field sees the true background
-        z0_hat = m * x0_from_eps(zt.float(), eps_hat.float(), ab) + (1.0 - m) * z0
+        z0_hat = m * predicted_x0(scheduler.prediction_type, out_hat.float(), zt.float(), ab) + (1.0 - m) * z0
         f_pred = trunc(z0_hat / trunc.scale_factor)
         with torch.no_grad():
             f_true = trunc(z0 / trunc.scale_factor)

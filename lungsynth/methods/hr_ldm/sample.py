@@ -79,7 +79,7 @@ def load(cfg: Any, run_dir: Path | str | None = None, hist_loss: bool = True, *,
     net.load_state_dict(ckpt["modules"]["net"])
     dev = torch.device(device) if device is not None else default_device()
     vae = frozen_vae(cfg, vae).to(dev)
-    _, sample_sched = make_schedulers(cfg)
+    _, sample_sched = make_schedulers(cfg, spec.get("prediction", "epsilon"))  # older checkpoints: epsilon
     return HrLdm(net.to(dev).eval().requires_grad_(False), vae, sample_sched, cfg,
                  hist_loss=bool(spec.get("hist_loss", hist_loss)), run_dir=run_dir)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -69,6 +70,9 @@ def train_crops(cfg: Any, split: str = "train", sized: bool = True) -> Any:
     return torch.utils.data.Subset(ds, keep)
 
 
+TRAIN_CONTEXTS = ("twin", "scan")  # the latents outside M in training: the healthy twin's, or the scan's own
+
+
 class LatentCache(torch.utils.data.Dataset):
     """Nodule crops encoded once by the frozen VAE (it never changes, so encoding every step is waste).
 
@@ -89,6 +93,10 @@ class LatentCache(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return self.items[i]
 
+    def twin_share(self) -> float:
+        """The share of items whose latents outside M are their healthy twin's."""
+        return float(np.mean([bool(it.get("twin_context", False)) for it in self.items]))
+
     def subtype_counts(self) -> list[int]:
         counts = [0, 0, 0]
         for it in self.items:
@@ -108,7 +116,18 @@ def _check_crop_item(item: Mapping[str, Any], side: int) -> None:
 @torch.no_grad()
 def build_latent_cache(cfg: Any, crops: Iterable[Mapping[str, Any]], vae: nn.Module,
                        trunc: TruncatedDecoder, limit: int = 0, batch: int = 8) -> LatentCache:
-    """Encode crop items (``CropDataset`` items: ct [1,C,C,C] in [0,1], hrmask [3,C,C,C], subtype_id)."""
+    """Encode crop items (``CropDataset`` items: ct [1,C,C,C] in [0,1], hrmask [3,C,C,C], subtype_id, and on
+    phantom data ``healthy``, the same cube of the scan's healthy twin).
+
+    With ``cfg.hr_ldm.train_context == "twin"`` an item with a healthy twin stores as ``z0`` the composite
+    ``M z0(ct) + (1 - M) z0(healthy)``: the lesion's latents in the background synthesis inpaints into. Outside
+    M the scan's own latents still carry the nodule (the encoder's receptive field reaches past M), and a model
+    trained on them reads the nodule from there and draws lung into a healthy background (chapter 05 measures
+    it). ``"scan"`` (the paper's) keeps the scan's latents; items without a twin (real LIDC) always do.
+    """
+    if cfg.hr_ldm.train_context not in TRAIN_CONTEXTS:
+        raise ValueError(f"hr_ldm.train_context must be one of {TRAIN_CONTEXTS}, got {cfg.hr_ldm.train_context!r}")
+    twin = cfg.hr_ldm.train_context == "twin"
     side = crop_side(cfg, vae.downsample)
     dev = next(vae.parameters()).device
     items: list[dict[str, torch.Tensor]] = []
@@ -119,6 +138,12 @@ def build_latent_cache(cfg: Any, crops: Iterable[Mapping[str, Any]], vae: nn.Mod
         hr = torch.stack([torch.as_tensor(p["hrmask"]).float() for p in pending]).to(dev)
         z0 = vae.encode_latent(ct, sample=False)
         cond = mask_to_latent(hr, vae.downsample)
+        has_twin = [twin and p.get("healthy") is not None for p in pending]
+        if any(has_twin):
+            bg = torch.stack([torch.as_tensor(p["healthy"] if t else p["ct"]).float()
+                              for p, t in zip(pending, has_twin)]).to(dev)
+            inside = (cond[:, :1] > 0) | ~torch.tensor(has_twin, device=dev).reshape(-1, 1, 1, 1, 1)
+            z0 = torch.where(inside, z0, vae.encode_latent(bg, sample=False))
         feat_shape = trunc(z0[:1] / vae.scale_factor).shape[2:]
         fw = F.adaptive_avg_pool3d(hr[:, :1], feat_shape)
         hu = unit_to_hu(ct, cfg)
@@ -127,7 +152,8 @@ def build_latent_cache(cfg: Any, crops: Iterable[Mapping[str, Any]], vae: nn.Mod
                           "feat_weight": fw[j].cpu(),
                           "hist": torch.from_numpy(hu_histogram(hu[j, 0], hr[j, 0], cfg.hr_ldm.hist_bins,
                                                                 tuple(cfg.hr_ldm.hist_range_hu))).float(),
-                          "subtype": validate_subtype(int(p["subtype_id"]))[0]})
+                          "subtype": validate_subtype(int(p["subtype_id"]))[0],
+                          "twin_context": torch.tensor(has_twin[j])})
         pending.clear()
 
     for item in crops:
@@ -213,6 +239,7 @@ def train(cfg: Any, hist_loss: bool = True, run_dir: Path | str | None = None, *
                                        limit=h.n_cache)
         rec["n_train_crops"] = len(cache)
         rec["subtype_counts"] = dict(zip(SUBTYPES, cache.subtype_counts()))
+        rec["twin_context_share"] = cache.twin_share()
         rec["vae"] = str(getattr(vae, "checkpoint_path", "in-memory"))
         train_sched, _ = make_schedulers(cfg)
         seed_everything(cfg.seed)  # the initial weights (the engine seeds the rest)

@@ -54,6 +54,11 @@ def test_regeneration_pastes_into_the_healthy_twin(cfg, vae, runs, crops):
     assert not np.array_equal(gen["fake"][gen["mask"]], gen["background"][gen["mask"]])
     assert np.allclose(gen["background"][gen["mask"]], -850.0, atol=0.5)  # the twin, not the real nodule
     assert gen["mask"].sum() > 0 and (gen["region"] | ~gen["mask"]).all()  # the nodule lies in the region
+    assert hr_ldm.ring_change(gen, "background") == (0.0, 3)
+    own, n = hr_ldm.ring_change(gen, "real")  # the fixture's twin differs from its crop inside the mask only
+    assert n == 3 and own == 0.0
+    shifted = {**gen, "real": gen["real"] + 10.0}
+    assert hr_ldm.ring_change(shifted, "real")[0] == pytest.approx(10.0)
     paste = hr_ldm.mean_paste(gen, {0: 0.0, 1: -300.0, 2: -600.0})
     for k, y in enumerate(gen["subtype"]):
         assert np.all(paste[k][gen["mask"][k]] == (0.0, -300.0, -600.0)[y])

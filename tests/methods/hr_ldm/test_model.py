@@ -104,6 +104,9 @@ def test_histogram_term_reaches_the_denoiser(cfg, vae, crops):
 def test_alpha_bar_weighting_scales_the_histogram_term(cfg, vae, crops):
     """hist_timestep_weighting="alpha_bar": the histogram term of each sample is multiplied by
     alpha_bar_t (tiny at large t), the logged loss_hist stays the unweighted JSD; unknown modes fail."""
+    from lungsynth.config import apply_overrides
+
+    cfg = apply_overrides(cfg, {"hr_ldm.prediction": "epsilon"})  # eq. 6 as printed
     trunc = hr_ldm.TruncatedDecoder(vae)
     cache = hr_ldm.build_latent_cache(cfg, crops, vae, trunc)
     torch.manual_seed(0)
@@ -186,3 +189,32 @@ def test_histogram_mlp_has_the_one_hidden_layer_of_eq3():
     assert len(hr_ldm.HistogramEncoder(40, 8, 6, hidden_layers=2).mlp) == 5  # the named option
     with pytest.raises(ValueError, match="at least one hidden layer"):
         hr_ldm.HistogramEncoder(40, 8, 6, hidden_layers=0)
+
+
+def test_v_prediction_regresses_v_and_reads_z0_from_it(cfg, vae, crops):
+    """hr_ldm.prediction = v_prediction: eq. 5's masked L1 compares the output with v (not eps), and the
+    histogram term decodes the z0 that v implies; the net spec records what it regresses."""
+    from lungsynth.config import apply_overrides
+    from lungsynth.diffusion.objectives import add_noise_masked, v_target
+
+    vcfg = apply_overrides(cfg, {"hr_ldm.prediction": "v"})
+    assert hr_ldm.net_spec(vcfg, vae.latent_channels)["prediction"] == "v_prediction"
+    ecfg = apply_overrides(cfg, {"hr_ldm.prediction": "epsilon"})
+    assert hr_ldm.net_spec(ecfg, vae.latent_channels)["prediction"] == "epsilon"
+    trunc = hr_ldm.TruncatedDecoder(vae)
+    cache = hr_ldm.build_latent_cache(cfg, crops, vae, trunc)
+    batch = torch.utils.data.default_collate([cache[0], cache[1]])
+    torch.manual_seed(0)
+    net = hr_ldm.HrLdmNet(hr_ldm.net_spec(vcfg, vae.latent_channels))
+    sched, sample_sched = hr_ldm.make_schedulers(vcfg)
+    assert sched.prediction_type == sample_sched.prediction_type == "v_prediction"
+    t, noise = torch.tensor([100, 700]), torch.randn_like(batch["z0"])
+    out = hr_ldm.hr_ldm_losses(net, sched, batch, None, 0.0, timesteps=t, noise=noise)
+    with torch.no_grad():
+        zt = add_noise_masked(sched, batch["z0"], noise, t, batch["mask"])
+        pred = net(torch.cat([zt, batch["cond"]], dim=1), t, batch["hist"], batch["subtype"])
+        ab = sched.alphas_cumprod[t].reshape(2, 1, 1, 1, 1)
+        want_v = hr_ldm.inpaint_l1(pred, v_target(batch["z0"], noise, ab), batch["mask"])
+        want_eps = hr_ldm.inpaint_l1(pred, noise, batch["mask"])
+    assert float(out["loss_eps"]) == pytest.approx(float(want_v), rel=1e-5)
+    assert abs(float(out["loss_eps"]) - float(want_eps)) > 1e-3

@@ -124,3 +124,46 @@ def test_face_never_overwrites_a_nodule_and_prefers_the_healthy_twin(cfg, cfg_1m
     changed = twin["arrays"]["ct"] != healthy
     assert changed.any() and (twin["arrays"]["label"][changed] <= 1).all()
     assert twin["info"]["background"] == "healthy twin"
+
+
+def test_a_checkpoint_samples_with_the_prediction_it_was_trained_on(cfg, vae, crops, tmp_path):
+    """A v-trained run loaded under a config that says epsilon still samples with v (the spec decides)."""
+    from lungsynth.config import apply_overrides
+
+    run = hr_ldm.train(apply_overrides(cfg, {"hr_ldm.prediction": "v_prediction"}), False, tmp_path / "v", vae=vae,
+                       crops=crops, progress=False)
+    eps_cfg = apply_overrides(cfg, {"hr_ldm.prediction": "epsilon"})
+    assert hr_ldm.load(eps_cfg, run, False, vae=vae).scheduler.prediction_type == "v_prediction"
+
+
+def test_twin_context_keeps_the_lesion_latents_and_takes_the_background_from_the_twin(cfg, vae, crops):
+    """train_context="twin": inside M the cached z0 is the scan's latent, outside it the healthy twin's (an item
+    without a twin keeps its own); "scan" keeps the scan's latents everywhere; an unknown value is an error."""
+    from lungsynth.config import apply_overrides
+
+    trunc = hr_ldm.TruncatedDecoder(vae)
+    twins = []
+    for i, c in enumerate(crops):
+        healthy = torch.where(c["mask"] > 0, torch.full_like(c["ct"], 0.1), c["ct"])  # the nodule painted lung
+        twins.append({**c, "healthy": healthy} if i != 1 else dict(c))
+    scan = hr_ldm.build_latent_cache(apply_overrides(cfg, {"hr_ldm.train_context": "scan"}), twins, vae, trunc)
+    twin = hr_ldm.build_latent_cache(apply_overrides(cfg, {"hr_ldm.train_context": "twin"}), twins, vae, trunc)
+    assert scan.twin_share() == 0.0 and twin.twin_share() == pytest.approx(5 / 6)
+    with torch.no_grad():
+        z_healthy = vae.encode_latent(twins[0]["healthy"][None], sample=False)[0]
+    a, b = scan[0], twin[0]
+    inside = a["mask"].bool().expand_as(a["z0"])
+    assert torch.equal(a["z0"][inside], b["z0"][inside])
+    assert torch.allclose(b["z0"][~inside], z_healthy[~inside], atol=1e-5)
+    assert not torch.allclose(a["z0"][~inside], b["z0"][~inside], atol=1e-4)
+    assert torch.equal(scan[1]["z0"], twin[1]["z0"])  # no twin: its own latents
+    with pytest.raises(ValueError, match="train_context"):
+        hr_ldm.build_latent_cache(_bad_context(cfg), twins, vae, trunc)
+
+
+def _bad_context(cfg):
+    import copy
+
+    bad = copy.deepcopy(cfg)
+    bad.hr_ldm.train_context = "nearby"
+    return bad
