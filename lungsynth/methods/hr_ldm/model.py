@@ -386,26 +386,29 @@ def hu_to_unit(x: torch.Tensor | np.ndarray, cfg: Any) -> torch.Tensor | np.ndar
 INPAINT_DELTA = 1e-6  # eq. 5's smoothing constant
 
 
-def inpaint_l1(eps_hat: torch.Tensor, eps: torch.Tensor, mask: torch.Tensor, delta: float = INPAINT_DELTA
-               ) -> torch.Tensor:
+def inpaint_l1(eps_hat: torch.Tensor, eps: torch.Tensor, mask: torch.Tensor, delta: float = INPAINT_DELTA,
+               weight: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. 5 per sample, averaged over the batch: ``sum |M (eps - eps_hat)|_1 / (sum M + delta)``.
 
     Shapes: ``eps_hat``, ``eps`` [B, c, *S]; ``mask`` [B, 1, *S] (the lesion M on the latent grid). The
     channel choice: ``|.|_1`` is the L1 norm over the c latent channels of each latent voxel and ``sum M``
     counts latent voxels, so the loss is per lesion voxel (c times a per-element mean; lambda_hist = 10
-    weighs the histogram term against this scale).
+    weighs the histogram term against this scale). ``weight`` [B, 1, *S] (optional, a departure): each latent
+    voxel counts ``weight`` times in both sums, so the loss stays a weighted mean per lesion voxel.
     """
     if mask.shape[1] != 1 or mask.shape[0] != eps.shape[0] or mask.shape[2:] != eps.shape[2:]:
         raise ValueError(f"eq. 5 takes a one-channel mask [B, 1, *S] matching eps {tuple(eps.shape)}, "
                          f"got {tuple(mask.shape)}")
-    err = (mask * (eps.float() - eps_hat.float())).abs().flatten(1).sum(dim=1)
-    return (err / (mask.float().flatten(1).sum(dim=1) + delta)).mean()
+    w = mask.float() if weight is None else mask.float() * weight.float()
+    err = (w * (eps.float() - eps_hat.float())).abs().flatten(1).sum(dim=1)
+    return (err / (w.flatten(1).sum(dim=1) + delta)).mean()
 
 
 
 def hr_ldm_losses(net: HrLdmNet, scheduler, batch: Mapping[str, torch.Tensor], trunc: TruncatedDecoder | None,
                   hist_weight: float, hist_bins: int = 40, timesteps: torch.Tensor | None = None,
-                  noise: torch.Tensor | None = None, hist_timestep_weighting: str = "none") -> dict[str, torch.Tensor]:
+                  noise: torch.Tensor | None = None, hist_timestep_weighting: str = "none",
+                  nodule_weight: float = 1.0) -> dict[str, torch.Tensor]:
     """Eq. 4-9 for one batch of the latent cache; ``trunc=None`` or ``hist_weight=0`` is the
     MAISI-DDPM baseline (no histogram term). Returns ``loss``, ``loss_eps`` and (when on) ``loss_hist``
     (the unweighted mean JSD).
@@ -428,7 +431,9 @@ def hr_ldm_losses(net: HrLdmNet, scheduler, batch: Mapping[str, torch.Tensor], t
     zt = add_noise_masked(scheduler, z0, eps, t, m)  # eq. 1 and 4: noise only inside the lesion
     out_hat = net(torch.cat([zt, batch["cond"]], dim=1), t, batch["hist"], batch["subtype"])
     # eq. 5: the L1 on eps as printed; with the v target (scheduler.prediction_type) the same masked L1 on v
-    loss_eps = inpaint_l1(out_hat, target_for(scheduler, z0, eps, t), m)
+    # nodule_weight != 1 (a departure): each latent voxel weighs 1 + (w - 1) x the nodule's share of it
+    weight = None if nodule_weight == 1.0 else 1.0 + (nodule_weight - 1.0) * batch["nodule_share"]
+    loss_eps = inpaint_l1(out_hat, target_for(scheduler, z0, eps, t), m, weight=weight)
     out: dict[str, torch.Tensor] = {"loss_eps": loss_eps}
     loss = loss_eps
     if trunc is not None and hist_weight > 0:

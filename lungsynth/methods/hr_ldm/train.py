@@ -146,10 +146,11 @@ def build_latent_cache(cfg: Any, crops: Iterable[Mapping[str, Any]], vae: nn.Mod
             z0 = torch.where(inside, z0, vae.encode_latent(bg, sample=False))
         feat_shape = trunc(z0[:1] / vae.scale_factor).shape[2:]
         fw = F.adaptive_avg_pool3d(hr[:, :1], feat_shape)
+        share = F.avg_pool3d(hr[:, :1], vae.downsample)  # the nodule's share of each latent voxel
         hu = unit_to_hu(ct, cfg)
         for j, p in enumerate(pending):
             items.append({"z0": z0[j].cpu(), "mask": (cond[j, :1] > 0).float().cpu(), "cond": cond[j].cpu(),
-                          "feat_weight": fw[j].cpu(),
+                          "feat_weight": fw[j].cpu(), "nodule_share": share[j].cpu(),
                           "hist": torch.from_numpy(hu_histogram(hu[j, 0], hr[j, 0], cfg.hr_ldm.hist_bins,
                                                                 tuple(cfg.hr_ldm.hist_range_hu))).float(),
                           "subtype": validate_subtype(int(p["subtype_id"]))[0],
@@ -179,8 +180,9 @@ class HrLdmTask(TrainTask):
     kind = KIND
 
     def __init__(self, net: HrLdmNet, scheduler, trunc: TruncatedDecoder | None, hist_weight: float,
-                 hist_bins: int = 40, hist_timestep_weighting: str = "none") -> None:
+                 hist_bins: int = 40, hist_timestep_weighting: str = "none", nodule_weight: float = 1.0) -> None:
         self.net = net
+        self.nodule_weight = float(nodule_weight)
         self.hist_timestep_weighting = hist_timestep_weighting
         self.scheduler = scheduler
         self.trunc = trunc
@@ -199,7 +201,7 @@ class HrLdmTask(TrainTask):
 
     def training_step(self, batch: Mapping[str, torch.Tensor], step: int) -> dict[str, Any]:
         return hr_ldm_losses(self.net, self.scheduler, batch, self.trunc, self.hist_weight, self.hist_bins,
-                             hist_timestep_weighting=self.hist_timestep_weighting)
+                             hist_timestep_weighting=self.hist_timestep_weighting, nodule_weight=self.nodule_weight)
 
 
 # --------------------------------------------------------------------------- train / ensure_trained
@@ -245,7 +247,7 @@ def train(cfg: Any, hist_loss: bool = True, run_dir: Path | str | None = None, *
         seed_everything(cfg.seed)  # the initial weights (the engine seeds the rest)
         net = HrLdmNet(net_spec(cfg, vae.latent_channels))
         task = HrLdmTask(net, train_sched, trunc if hist_loss else None, h.hist_weight, h.hist_bins,
-                         h.hist_timestep_weighting)
+                         h.hist_timestep_weighting, h.nodule_weight)
         trainer = Trainer.from_config(cfg.engine, run_dir, max_steps=h.train_steps, batch_size=h.batch_size,
                                       lr=h.lr, schedule="polynomial", poly_power=h.lr_power, seed=cfg.seed,
                                       progress=progress, fresh=fresh)

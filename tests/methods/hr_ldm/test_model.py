@@ -169,6 +169,13 @@ def test_eq5_inpaint_loss_by_hand():
     assert float(hr_ldm.inpaint_l1(eps_hat, eps, mask)) == pytest.approx((4 / (2 + 1e-6) + 1 / (1 + 1e-6)) / 2)
     with pytest.raises(ValueError, match="one-channel mask"):
         hr_ldm.inpaint_l1(eps_hat, eps, mask.expand(2, 2, 1, 1, 3))
+    # weighted (hr_ldm.nodule_weight): sample 0's voxels cost 4 and 2; voxel 0 counting 3x -> (3 x 4 + 2) / 4,
+    # unweighted (4 + 2) / 2; a weight on sample 1's only lesion voxel cancels in its own mean
+    eps_hat2 = eps_hat.clone()
+    eps_hat2[0, :, 0, 0, 0] = torch.tensor([4.0, 0.0])
+    skew = torch.tensor([[[[[3.0, 1.0, 1.0]]]], [[[[1.0, 1.0, 4.0]]]]])
+    assert float(hr_ldm.inpaint_l1(eps_hat2, eps, mask, delta=0.0, weight=skew)) == pytest.approx(((3 * 4 + 2) / 4 + 1) / 2)
+    assert float(hr_ldm.inpaint_l1(eps_hat2, eps, mask, delta=0.0)) == pytest.approx(((4 + 2) / 2 + 1) / 2)
 
 
 def test_eq7_eq8_soft_histogram_and_jsd_by_hand():
@@ -218,3 +225,25 @@ def test_v_prediction_regresses_v_and_reads_z0_from_it(cfg, vae, crops):
         want_eps = hr_ldm.inpaint_l1(pred, noise, batch["mask"])
     assert float(out["loss_eps"]) == pytest.approx(float(want_v), rel=1e-5)
     assert abs(float(out["loss_eps"]) - float(want_eps)) > 1e-3
+
+
+def test_nodule_weight_reaches_eq5_through_the_cached_nodule_share(cfg, vae, crops):
+    """The cache holds each latent voxel's nodule share (in [0, 1], 1 somewhere inside the nodule, 0 far off);
+    nodule_weight = 1 is eq. 5 as printed, another weight changes the loss."""
+    trunc = hr_ldm.TruncatedDecoder(vae)
+    cache = hr_ldm.build_latent_cache(cfg, crops, vae, trunc)
+    share = cache[0]["nodule_share"]
+    assert share.shape == cache[0]["mask"].shape and float(share.min()) == 0.0 and 0.0 < float(share.max()) <= 1.0
+    assert bool(((share > 0) <= (cache[0]["mask"] > 0)).all())  # a share only where M is
+    torch.manual_seed(0)
+    net = hr_ldm.HrLdmNet(hr_ldm.net_spec(cfg, vae.latent_channels))
+    sched, _ = hr_ldm.make_schedulers(cfg)
+    batch = torch.utils.data.default_collate([cache[0], cache[1]])
+    t, noise = torch.tensor([100, 600]), torch.randn_like(batch["z0"])
+    # the fixture's centred spheres share their latent voxels evenly (a uniform weight cancels): uneven shares
+    batch["nodule_share"] = batch["mask"] * torch.rand(batch["mask"].shape, generator=torch.Generator().manual_seed(0))
+    plain = hr_ldm.hr_ldm_losses(net, sched, batch, None, 0.0, timesteps=t, noise=noise)
+    one = hr_ldm.hr_ldm_losses(net, sched, batch, None, 0.0, timesteps=t, noise=noise, nodule_weight=1.0)
+    twenty = hr_ldm.hr_ldm_losses(net, sched, batch, None, 0.0, timesteps=t, noise=noise, nodule_weight=20.0)
+    assert torch.equal(plain["loss_eps"], one["loss_eps"])
+    assert abs(float(twenty["loss_eps"]) - float(plain["loss_eps"])) > 1e-4
