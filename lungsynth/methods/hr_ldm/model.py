@@ -411,7 +411,8 @@ def hr_ldm_losses(net: HrLdmNet, scheduler, batch: Mapping[str, torch.Tensor], t
                   nodule_weight: float = 1.0) -> dict[str, torch.Tensor]:
     """Eq. 4-9 for one batch of the latent cache; ``trunc=None`` or ``hist_weight=0`` is the
     MAISI-DDPM baseline (no histogram term). Returns ``loss``, ``loss_eps`` and (when on) ``loss_hist``
-    (the unweighted mean JSD).
+    (the unweighted mean JSD). ``nodule_weight`` (1: eq. 5 as printed) weighs each latent voxel of eq. 5 by
+    ``1 + (w - 1) x batch["nodule_share"]``.
 
     ``hist_timestep_weighting``: "none" is eq. 9 as printed; "alpha_bar" multiplies each sample's
     JSD by alpha_bar_t. z0_hat (eq. 6) divides by sqrt(alpha_bar_t), so at large t the histogram

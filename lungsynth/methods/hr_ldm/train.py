@@ -78,8 +78,9 @@ class LatentCache(torch.utils.data.Dataset):
 
     Items: ``z0`` [c, l, l, l] (posterior mean x scale factor), ``mask`` [1, l, l, l] (binary nodule
     channel, the M of eq. 4), ``cond`` [3, l, l, l] (max-pooled hrmask), ``feat_weight`` [1, *Sf]
-    (the nodule's share of each truncated-decoder feature voxel, for eq. 7), ``hist`` [bins] (HU
-    histogram of the crop's nodule), ``subtype`` (long).
+    (the nodule's share of each truncated-decoder feature voxel, for eq. 7), ``nodule_share`` [1, l, l, l] (its
+    share of each latent voxel, for ``hr_ldm.nodule_weight``), ``hist`` [bins] (HU histogram of the crop's
+    nodule), ``subtype`` (long), ``twin_context`` (bool: z0 outside M is the healthy twin's).
     """
 
     def __init__(self, items: list[dict[str, torch.Tensor]]) -> None:
