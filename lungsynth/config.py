@@ -262,9 +262,9 @@ class HrLdmConfig:
     """Chapter 05: HR-LDM, histogram-regularised latent inpainting."""
 
     # course budget, chapter 05: HR-LDM and its no-histogram ablation, 1200 steps each (batch 4 of 12^3 latents),
-    # 8 nodules per subtype evaluated. Measured 2026-12-07 on 2 AMD EPYC cores in fp32: 0.59 s a step with the
-    # histogram term (the truncated decoder), 0.43 without, so ~20 minutes of training, and 1.3 minutes of gates
-    # (2026-12-05 said 2.05 / 1.45 s a step, measured beside other work)
+    # 8 nodules per subtype evaluated. Measured 2026-12-07 on 2 AMD EPYC cores in fp32, alone on the machine:
+    # 0.48 s a step with the histogram term (the truncated decoder), 0.31 without, 17 minutes for both runs with
+    # their latent caches, and 1.3 minutes of gates (an earlier 0.59 / 0.43 s was measured beside other work)
     unet_channels: tuple[int, ...] = tiered((16, 32, 32), (32, 64, 64), (128, 256, 512))
     num_train_timesteps: int = 1000
     beta_start: float = 0.0015
@@ -286,9 +286,8 @@ class HrLdmConfig:
     # eq. 5 with each latent voxel weighted 1 + (w - 1) x the nodule's share of it (1: eq. 5 as printed). Measured
     # once (course, v, twin, 1200 steps, the histogram run only): w = 20 drew solid / part-solid / ground-glass at
     # -124 / -621 / -727 HU (real -90 / -524 / -673; unweighted -226 / -684 / -739), JSD 0.071 / 0.157 / 0.233
-    # against 0.134 / 0.214 / 0.231, the pasted ring 118 HU against 97. Not yet the course's default: its ablation
-    # and gates are not retrained with it
-    nodule_weight: float = 1.0
+    # against 0.134 / 0.214 / 0.231, the pasted ring 118 HU against 97. Smoke and course: 20; full: eq. 5 as printed
+    nodule_weight: float = tiered(20.0, 20.0, 1.0)
     # "none" is the paper's eq. 8; "alpha_bar" weights the histogram term by alpha_bar_t, without which
     # eps is not learned in short runs (hr_ldm_losses explains why); full keeps the paper's form. With the v
     # target that reason goes, and "none" was measured again (course, v, twin, 1200 steps, 8 nodules a subtype):

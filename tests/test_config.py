@@ -14,13 +14,15 @@ def test_profiles_pick_their_tier():
 def test_full_hr_ldm_is_the_papers_settings():
     """HR-LDM Sec. 5: lr 1e-5, batch 1, Adam with polynomial decay, a 1000-step scaled-linear DDPM from 0.0015 to
     0.0195, lambda_hist 10, 40 bins over [-1000, 400] HU, eq. 3's one hidden layer, 1000-step DDPM sampling with
-    the background re-anchored at its noise level, eq. 8 unweighted, 6-30 mm nodules."""
+    the background re-anchored at its noise level, eq. 8 unweighted, eq. 5 as printed, 6-30 mm nodules."""
     h = get_config("full").hr_ldm
     assert (h.lr, h.batch_size, h.lr_power) == (1e-5, 1, 1.0)
     assert (h.num_train_timesteps, h.beta_start, h.beta_end) == (1000, 0.0015, 0.0195)
     assert (h.hist_weight, h.hist_bins, tuple(h.hist_range_hu), h.hist_layers) == (10.0, 40, (-1000.0, 400.0), 1)
     assert (h.sampler, h.ddim_steps, h.anchor_noise_background, h.clip_latent) == ("ddpm", 1000, True, 0.0)
     assert h.hist_timestep_weighting == "none" and tuple(h.size_range_mm) == (6.0, 30.0)
+    # eq. 5 as printed: the epsilon target, the scan's own latents around the lesion, every lesion voxel alike
+    assert (h.prediction, h.train_context, h.nodule_weight) == ("epsilon", "scan", 1.0)
 
 
 def test_profile_from_environment(monkeypatch):

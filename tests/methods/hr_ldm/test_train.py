@@ -89,6 +89,16 @@ def test_one_config_trains_to_the_same_weights(cfg, vae, crops, tmp_path):
     assert all(torch.equal(a[m][k], b[m][k]) for m in a for k in a[m])
 
 
+def test_the_configured_nodule_weight_reaches_training(cfg, vae, crops, tmp_path):
+    """hr_ldm.nodule_weight trains through to the weights: eq. 5 as printed (1) and weighted (20) end apart."""
+    from lungsynth.config import apply_overrides
+
+    runs = {w: hr_ldm.train(apply_overrides(cfg, {"hr_ldm.nodule_weight": w}), False, tmp_path / str(w), vae=vae,
+                            crops=crops, progress=False) for w in (1.0, 20.0)}
+    a, b = (torch.load(r / "final.pt", map_location="cpu", weights_only=True)["modules"] for r in runs.values())
+    assert any(not torch.equal(a[m][k], b[m][k]) for m in a for k in a[m])
+
+
 def test_face_never_overwrites_a_nodule_and_prefers_the_healthy_twin(cfg, cfg_1mm, vae, runs, crops, volume):
     """Real-LIDC path: the scan's nodule keeps its label and voxels, the new one gets the next label beside it.
     Phantom path: the healthy twin is the background and the label map holds only the new nodule."""
