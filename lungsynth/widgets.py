@@ -30,29 +30,75 @@ def _png(image: np.ndarray, masks: Mapping[str, np.ndarray], window: tuple[float
     return buf.getvalue()
 
 
-def slice_browser(volume: Any, masks: Mapping[str, Any] | None = None, axis: int = 0,
-                  window: tuple[float, float] | None = None, size: float = 4.0, index: int | None = None) -> Any:
-    """A slider over the slices of ``volume`` [D, H, W] along ``axis`` with mask contours.
+PNG_DPI = 80  # _png's resolution: a view of ``size`` inches is size x 80 pixels wide
+NODULE_WORDS = ("nodul", "lesion", "label")  # mask names a view opens on when no ``focus`` is given
 
-    A second slider moves through the axes (0 axial, 1 coronal, 2 sagittal). Returns the widget
-    (display it as a cell's last expression), or a static figure without ipywidgets.
+
+def checked_masks(shape: tuple[int, ...], masks: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
+    """Each mask as a boolean array of ``shape``; a mask of another shape, or with values other than 0 and 1, is
+    an error naming both shapes or the values found."""
+    from lungsynth.viz import to_numpy
+
+    out: dict[str, np.ndarray] = {}
+    for name, mask in (masks or {}).items():
+        arr = to_numpy(mask)
+        if arr.shape != tuple(shape):
+            raise ValueError(f"mask {name!r} has shape {arr.shape} but the volume has {tuple(shape)}: "
+                             "pass masks on the volume's grid")
+        values = np.unique(arr)
+        if not np.isin(values, (0, 1)).all():
+            shown = ", ".join(f"{v:g}" for v in values[:6]) + (", ..." if len(values) > 6 else "")
+            raise ValueError(f"mask {name!r} is not binary (values {shown}): pass e.g. label > 0 or label == k")
+        out[name] = arr.astype(bool)
+    return out
+
+
+def focus_mask(masks: Mapping[str, Any], focus: str | None = None) -> str | None:
+    """The mask a view opens on: ``focus`` if given, else the first whose name says nodule / lesion / label,
+    else the first mask (None without masks)."""
+    if focus is not None:
+        if focus not in masks:
+            raise KeyError(f"focus {focus!r} is not one of the masks {sorted(masks)}")
+        return focus
+    named = [k for k in masks if any(word in k.lower() for word in NODULE_WORDS)]
+    return (named or list(masks) or [None])[0]
+
+
+def busiest_slice(mask: np.ndarray, axis: int) -> int | None:
+    """The index along ``axis`` of the slice with the most mask voxels (None for an empty mask)."""
+    counts = mask.sum(axis=tuple(a for a in range(mask.ndim) if a != axis))
+    return int(np.argmax(counts)) if counts.any() else None
+
+
+def slice_browser(volume: Any, masks: Mapping[str, Any] | None = None, axis: int = 0,
+                  window: tuple[float, float] | None = None, size: float = 4.0, index: int | None = None,
+                  focus: str | None = None, width: int | None = None) -> Any:
+    """A slider over the slices of ``volume`` [D, H, W] along ``axis`` with mask contours ([D, H, W], binary).
+
+    It opens on ``index``, else on the slice with the most voxels of the ``focus`` mask (default: the mask named
+    like a nodule, see ``focus_mask``), else in the middle; changing the axis keeps that rule. The image is shown
+    at ``width`` pixels (default its natural ``size`` x 80), so the slider and the whole image fit on a screen.
+    A second control moves through the axes (0 axial, 1 coronal, 2 sagittal). Returns the widget (display it as a
+    cell's last expression), or a static figure without ipywidgets.
     """
     from lungsynth.viz import show_slices, to_numpy
 
     vol = to_numpy(volume)
-    ms = {k: to_numpy(v) for k, v in (masks or {}).items()}
+    ms = checked_masks(vol.shape, masks)
     try:
         import ipywidgets as w
     except ImportError:
         return show_slices(vol, ms, axis=axis, window=window)
-    start = vol.shape[axis] // 2 if index is None else int(index)
-    if index is None and ms:
-        ref = next(iter(ms.values()))
-        if ref.any():
-            start = int(np.argwhere(ref > 0.5)[:, axis].mean().round())
-    view = w.Image(format="png")
-    pos = w.IntSlider(value=start, min=0, max=vol.shape[axis] - 1, description="slice",
-                      continuous_update=False)
+    key = focus_mask(ms, focus)
+
+    def opening(a: int) -> int:
+        best = busiest_slice(ms[key], a) if key is not None else None
+        return vol.shape[a] // 2 if best is None else best
+
+    px = int(width or round(size * PNG_DPI))
+    view = w.Image(format="png", layout=w.Layout(width=f"{px}px", height="auto"))
+    pos = w.IntSlider(value=opening(axis) if index is None else int(index), min=0, max=vol.shape[axis] - 1,
+                      description="slice", continuous_update=False, layout=w.Layout(width=f"{max(px, 300)}px"))
     ax_pick = w.ToggleButtons(options=[("axial", 0), ("coronal", 1), ("sagittal", 2)], value=axis)
 
     def draw(*_: Any) -> None:
@@ -62,27 +108,61 @@ def slice_browser(volume: Any, masks: Mapping[str, Any] | None = None, axis: int
 
     def on_axis(change: Any) -> None:
         pos.max = vol.shape[change["new"]] - 1
-        pos.value = vol.shape[change["new"]] // 2
+        pos.value = opening(change["new"])
         draw()
 
     pos.observe(draw, names="value")
     ax_pick.observe(on_axis, names="value")
     draw()
-    return w.VBox([ax_pick, pos, view])
+    return w.VBox([ax_pick, pos, view], layout=w.Layout(width="fit-content"))
+
+
+def largest_component_fraction(mask_path: Any) -> list[float] | None:
+    """The centre of the largest connected component of a NIfTI mask as NiiVue's crosshair position: fractions
+    (0-1) of the volume along its RAS-oriented axes (NiiVue reorients every volume to RAS). None if empty."""
+    import nibabel as nib
+    from scipy import ndimage
+
+    img = nib.load(str(mask_path))
+    mask = np.asarray(img.dataobj) > 0
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return None
+    largest = 1 + int(np.argmax(ndimage.sum_labels(mask, labels, range(1, n + 1))))
+    centre = np.array(ndimage.center_of_mass(labels == largest))
+    frac = [0.5, 0.5, 0.5]
+    for axis, (ras_axis, flip) in enumerate(nib.orientations.io_orientation(img.affine)):
+        f = (centre[axis] + 0.5) / mask.shape[axis]
+        frac[int(ras_axis)] = float(f if flip > 0 else 1.0 - f)
+    return frac
 
 
 def niivue_view(ct_path: Any, mask_paths: Mapping[str, Any] | None = None, window: tuple[float, float] = (-1000, 400),
-                height: int = 400) -> Any:
-    """An ipyniivue 3D/multiplanar view of a NIfTI CT with optional mask overlays (offline)."""
+                height: int = 480, focus: str | None = None) -> Any:
+    """An ipyniivue view of a NIfTI CT with mask overlays (NIfTI paths; offline: ipyniivue bundles NiiVue).
+
+    Three planes and the 3D render in one canvas of ``height`` pixels, the crosshair on the largest component of
+    the ``focus`` mask (default: the mask named like a nodule, see ``focus_mask``) and drawn in green with a gap
+    there, so the overlays (red, green, ...) stay visible.
+    """
     import ipyniivue
 
-    nv = ipyniivue.NiiVue(height=height) if "height" in ipyniivue.NiiVue.class_trait_names() else ipyniivue.NiiVue()
+    nv = ipyniivue.NiiVue(height=height)
+    nv.opts.slice_type = ipyniivue.SliceType.MULTIPLANAR
+    nv.opts.multiplanar_show_render = ipyniivue.ShowRender.ALWAYS
+    # a green crosshair with a gap: the default red one, drawn through the nodule, hides a red overlay a few voxels wide
+    nv.opts.crosshair_color = (0.0, 1.0, 0.0, 1.0)
+    nv.opts.crosshair_gap = 8.0
     vols = [{"path": str(ct_path), "colormap": "gray", "cal_min": window[0], "cal_max": window[1]}]
-    cmaps = ["green", "red", "blue", "warm"]
+    cmaps = ["red", "green", "blue", "warm"]
     for n, (name, p) in enumerate((mask_paths or {}).items()):
-        vols.append({"path": str(p), "colormap": cmaps[n % len(cmaps)], "opacity": 0.5, "cal_min": 0.5,
-                     "cal_max": 1.5})
+        # saturated from 0.5 up: NiiVue interpolates overlays, and a nodule 2-3 voxels across is otherwise a dim dot
+        vols.append({"path": str(p), "colormap": cmaps[n % len(cmaps)], "opacity": 1.0, "cal_min": 0.1,
+                     "cal_max": 0.5})
     nv.load_volumes(vols)
+    key = focus_mask(dict(mask_paths or {}), focus)
+    if key is not None and (frac := largest_component_fraction(mask_paths[key])) is not None:
+        nv.scene.crosshair_pos = frac
     return nv
 
 

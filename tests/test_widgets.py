@@ -76,3 +76,65 @@ def test_rating_widget_records_the_sliders():
     slider.value = 2
     button.click()
     assert quiz.ratings == [{"realism": 4}, {"realism": 2}] and button.disabled
+
+
+def _volume_with_a_nodule():
+    vol = np.full((20, 16, 16), -800.0, dtype=np.float32)
+    lung = np.zeros(vol.shape, bool)
+    lung[2:18, 2:14, 2:14] = True
+    nodule = np.zeros(vol.shape, bool)
+    nodule[13:16, 5:8, 9:11] = True  # most voxels on axial 13-15, coronal 5-7, sagittal 9-10
+    nodule[14, 6, 9] = True
+    vol[nodule] = 50.0
+    return vol, lung, nodule
+
+
+def test_slice_browser_opens_on_the_nodule_and_keeps_its_natural_width():
+    from lungsynth.widgets import slice_browser
+
+    vol, lung, nodule = _volume_with_a_nodule()
+    nodule[14, 4, 9] = True  # axial 14 now holds the most nodule voxels
+    box = slice_browser(vol, {"lung": lung, "nodules": nodule}, size=4.0)  # the lung first, as chapter 01 passes it
+    pick, slider, image = box.children
+    assert slider.value == 14 and image.layout.width == "320px"
+    first = image.value
+    slider.value = 3
+    assert image.value != first  # moving the slider redraws
+    pick.value = 2  # sagittal: the busiest sagittal slice of the nodule
+    assert slider.value == int(np.argmax(nodule.sum(axis=(0, 1)))) and slider.max == 15
+    assert slice_browser(vol, {"lung": lung}, width=500).children[2].layout.width == "500px"
+    assert slice_browser(vol, {"lung": lung, "nodules": nodule}, focus="lung").children[1].value == \
+        int(np.argmax(lung.sum(axis=(1, 2))))
+
+
+def test_view_masks_of_another_shape_or_not_binary_are_errors():
+    from lungsynth.widgets import slice_browser
+
+    vol, lung, _ = _volume_with_a_nodule()
+    with pytest.raises(ValueError, match=r"shape \(20, 16, 15\) but the volume has \(20, 16, 16\)"):
+        slice_browser(vol, {"lung": lung[..., :15]})
+    with pytest.raises(ValueError, match="not binary \\(values 0, 1, 2\\)"):
+        slice_browser(vol, {"label": lung.astype(np.int16) * 2 - (lung & (np.indices(lung.shape)[0] > 9))})
+    with pytest.raises(KeyError, match="not one of the masks"):
+        slice_browser(vol, {"lung": lung}, focus="nodules")
+
+
+def test_niivue_view_shows_the_render_and_centres_on_the_largest_nodule(tmp_path):
+    import ipyniivue
+
+    from lungsynth.data.preprocess import save_nifti
+    from lungsynth.widgets import niivue_view
+
+    vol, _, nodule = _volume_with_a_nodule()
+    small = np.zeros_like(nodule)
+    small[3, 12, 3] = True  # a one-voxel component that must not win
+    s = 2.0  # the project's affine: voxel (d, h, w) -> RAS mm with every axis flipped and d -> z
+    affine = np.array([[0, 0, -s, 0], [0, -s, 0, 0], [-s, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
+    save_nifti(tmp_path / "ct.nii.gz", vol, affine)
+    save_nifti(tmp_path / "label.nii.gz", (nodule | small).astype(np.uint8), affine)
+    nv = niivue_view(tmp_path / "ct.nii.gz", {"nodules": tmp_path / "label.nii.gz"})
+    assert nv.opts.multiplanar_show_render == ipyniivue.ShowRender.ALWAYS
+    assert nv.opts.slice_type == ipyniivue.SliceType.MULTIPLANAR and len(nv.volumes) == 2
+    centre = np.argwhere(nodule).mean(axis=0)  # (d, h, w); RAS x <- w, y <- h, z <- d, each flipped
+    expected = [1 - (centre[2] + 0.5) / 16, 1 - (centre[1] + 0.5) / 16, 1 - (centre[0] + 0.5) / 20]
+    assert np.allclose(nv.scene.crosshair_pos, expected, atol=0.02)
