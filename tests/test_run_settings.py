@@ -236,10 +236,11 @@ def test_sampler_try_this_overrides_change_the_sampler_they_name(monkeypatch, on
     monkeypatch.setattr(t2i_model, "course_codec",
                         lambda cfg: t2i_model.LatentCodec(build_autoencoder("vae2d", cfg), 1.0))
     small = {"data.roi_size": 16, "text2img.unet_channels": (32, 32)}
-    model = text2img.build_model(get_config("smoke", {**small, "text2img.prediction_type": "v_prediction"}))
+    model = text2img.build_model(get_config("smoke", small))  # smoke and course train the v target
     assert model.scheduler.config.prediction_type == "v_prediction"
     assert text2img.sample_scheduler("pndm", model.scheduler).config.prediction_type == "v_prediction"
-    assert text2img.build_model(get_config("smoke", small)).scheduler.config.prediction_type == "epsilon"
+    eps_cfg = get_config("smoke", {**small, "text2img.prediction_type": "epsilon"})
+    assert text2img.build_model(eps_cfg).scheduler.config.prediction_type == "epsilon"
     condition = Condition(0, "heldout", "slice", nodules=[{k: 3.0 for k in PROMPT_ATTRIBUTES}])
     face = Text2ImgMethod().with_options(steps=2)
     pndm_cfg = get_config("smoke", {**small, "text2img.sampler": "pndm"})
