@@ -38,7 +38,7 @@ from lungsynth.engine import SimpleTask, Trainer
 
 N_LEVELS = {a: max(PHRASES[a]) for a in PROMPT_ATTRIBUTES}
 CHAPTER = "07"
-GATES_VERSION = 1
+GATES_VERSION = 2  # 2: the geometry misses' info row
 GATES_FILE = "07_text2img_gates.json"
 GATED_ATTRIBUTES = ("texture", "calcification")  # the two the issue's adherence gate reads (visible in HU)
 
@@ -280,6 +280,16 @@ def geometry_share(images: torch.Tensor | np.ndarray, target: float = 0.5, toler
     return float(ok.mean()) if len(ratios) else float("nan"), ratios
 
 
+def geometry_misses(ratios: np.ndarray, target: float = 0.5, tolerance: float = 0.15) -> dict[str, float]:
+    """How the ROIs outside ``target`` +- ``tolerance`` miss, each as a share of all ROIs: ``none`` (no nodule
+    at the centre), ``small`` and ``large``; with ``median``, the median ratio of those that have a nodule."""
+    r = np.asarray(ratios, dtype=float)
+    found = r[~np.isnan(r)]
+    return {"none": float(np.isnan(r).mean()), "small": float((r < target - tolerance).mean()),
+            "large": float((r > target + tolerance).mean()),
+            "median": float(np.median(found)) if len(found) else float("nan")}
+
+
 # ----------------------------------------------------------------------------------------------- gates
 
 
@@ -351,11 +361,17 @@ def measure_gates(cfg: Config, model, progress: bool = True, sweep: Sequence[Map
                              "intensities and loses the structure"))
 
     # 3. geometry: the ROI is twice the diameter, so the nodule spans half of it
-    share, _ = geometry_share(images)
-    real_share, _ = geometry_share(real)
+    share, ratios = geometry_share(images)
+    real_share, real_ratios = geometry_share(real)
     rows.append(judge(CHAPTER, "geometry: nodule diameter 0.5 +- 0.15 of the ROI side (share)", share, n=len(images),
                       n_needed=20, at_least=0.8, baseline=real_share, baseline_name="real test ROIs, same segmentation",
                       detail="the ROI is cut at twice the maximum diameter (§2.2)"))
+    miss, real_miss = geometry_misses(ratios), geometry_misses(real_ratios)
+    rows.append(info(CHAPTER, "geometry: median nodule diameter / ROI side", miss["median"], n=len(images),
+                     baseline=real_miss["median"], baseline_name="real test ROIs",
+                     detail="misses, no nodule / too small / too large: " + " / ".join(f"{miss[k]:.0%}" for k in
+                            ("none", "small", "large")) + " (real: " + " / ".join(f"{real_miss[k]:.0%}" for k in
+                            ("none", "small", "large")) + ")"))
     return rows
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lungsynth.methods.text2img import (adherence, balanced_accuracy, best_scale, class_weights, generate,
-                                        geometry_share, nodule_diameter_ratio, oriented)
+                                        geometry_misses, geometry_share, nodule_diameter_ratio, oriented)
 
 
 def test_a_majority_guess_scores_chance_not_the_majority_share():
@@ -60,6 +60,11 @@ def test_the_nodule_diameter_is_measured_as_a_share_of_the_side():
     assert nodule_diameter_ratio(blob) == pytest.approx(0.5, abs=0.03)
     share, ratios = geometry_share(np.stack([_disc(64, 32), _disc(64, 12), np.full((64, 64), 0.3)]))
     assert share == pytest.approx(1 / 3) and np.isnan(ratios[2])
+    miss = geometry_misses(np.append(ratios, nodule_diameter_ratio(_disc(64, 50))))  # right, small, none, large
+    assert (miss["none"], miss["small"], miss["large"]) == (0.25, 0.25, 0.25)
+    assert miss["median"] == pytest.approx(np.median([0.5, 12 / 64, 50 / 64]), abs=0.03)
+    edges = geometry_misses(np.array([0.36, 0.44, 0.5, 0.64, 0.34, 0.66, np.nan, np.nan]))  # 0.5 +- 0.15 is right
+    assert (edges["none"], edges["small"], edges["large"], edges["median"]) == (0.25, 0.125, 0.125, 0.47)
 
 
 def test_the_best_scale_is_the_lowest_kid():
