@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 course: $(STAMP)
 	@case "$(PROFILE)" in \
-	  course) echo "make course: the course profile, about 5.5 hours on 2 CPU cores in fp32 (the sum of each chapter's latest measured time, 2026-12-07: data 4 min, 02 45, 03 34, 04 57, 05 20, 06 18, 07 13, 09 21, 10 90, 11 ~20; the goal is 90 minutes; README: 'What the course gives, measured'); PROFILE=smoke is the quick look (~18 min)";; \
+	  course) echo "make course: the course profile, about 5.5 hours on 2 CPU cores in fp32 (the sum of each chapter's latest measured time, 2026-12-07: data 4 min, 02 45, 03 34, 04 57, 05 20, 06 18, 07 11, 09 21, 10 90, 11 ~20; the goal is 90 minutes; README: 'What the course gives, measured'); PROFILE=smoke is the quick look (~18 min)";; \
 	  smoke) echo "make course PROFILE=smoke: the quick look, about 18 minutes on 2 CPU cores; without PROFILE, make course runs the course profile (~5.5 h estimated)";; \
 	  *) echo "make course PROFILE=$(PROFILE): the papers' settings, sized for a GPU";; \
 	esac

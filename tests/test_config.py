@@ -25,6 +25,12 @@ def test_full_hr_ldm_is_the_papers_settings():
     assert (h.prediction, h.train_context, h.nodule_weight) == ("epsilon", "scan", 1.0)
 
 
+def test_full_text2img_trains_the_papers_objective():
+    """Urata et al. §2.3: SD 1.5's noise target, every latent position alike (the course weights the nodule's disk)."""
+    t = get_config("full").text2img
+    assert (t.prediction_type, t.nodule_weight, t.pretrained_lr) == ("epsilon", 1.0, 1e-6)
+
+
 def test_profile_from_environment(monkeypatch):
     monkeypatch.setenv("LUNGSYNTH_PROFILE", "course")
     assert get_config().profile == "course"

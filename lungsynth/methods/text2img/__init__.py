@@ -56,7 +56,7 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "model": ("KIND", "MAX_TOKENS", "PIPELINE_PARTS", "LatentCodec", "Text2ImgModel", "TextEncoder", "build_model",
               "build_unet", "check_pipeline_folder", "course_codec", "default_run_dir", "load_pretrained_parts",
               "model_config", "pipeline_summary", "sample_scheduler", "train_scheduler", "PREDICTION_TYPES",
-              "diffusion_loss", "selected_checkpoint", "training_target"),
+              "diffusion_loss", "nodule_disk_weight", "selected_checkpoint", "training_target"),
     "train": ("Text2ImgTask", "ValidationKid", "augment", "drop_prompts", "ensure_trained", "is_trained", "oriented",
               "roi_dataset", "roi_feature_net", "selected_checkpoint_info", "train"),
     "sample": ("generate", "guided_noise", "load"),

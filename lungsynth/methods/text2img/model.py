@@ -219,16 +219,32 @@ def training_target(scheduler, z0: torch.Tensor, noise: torch.Tensor, t: torch.T
     raise ValueError(f"scheduler prediction_type {kind!r} is not supported; expected one of {', '.join(PREDICTION_TYPES)}")
 
 
+# Every ROI is cut at twice the nodule's maximum diameter around its centre (§2.2), so the nodule lies in the centred
+# disk of radius side / 4 in every training image: the weight needs no mask.
+def nodule_disk_weight(height: int, width: int, nodule_weight: float) -> torch.Tensor:
+    """[h,w] weights of the latent grid: ``nodule_weight`` inside the centred disk of radius ``height / 4`` (where the
+    nodule is), 1 outside."""
+    yy, xx = torch.meshgrid(torch.arange(height) - (height - 1) / 2, torch.arange(width) - (width - 1) / 2,
+                            indexing="ij")
+    return 1 + (float(nodule_weight) - 1) * ((yy ** 2 + xx ** 2).sqrt() <= height / 4).float()
+
+
 def diffusion_loss(model: "Text2ImgModel", z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
-                   context: torch.Tensor) -> torch.Tensor:
-    """Stable Diffusion's objective, ``|| target - unet(z_t, t, tau(y)) ||^2`` with the scheduler's target.
+                   context: torch.Tensor, nodule_weight: float = 1.0) -> torch.Tensor:
+    """Stable Diffusion's objective, ``|| target - unet(z_t, t, tau(y)) ||^2`` with the scheduler's target; with
+    ``nodule_weight`` != 1 each latent position's squared error is weighted by :func:`nodule_disk_weight` (a weighted
+    mean: 1 is the objective as printed).
 
     z0, noise [B,C,h,w]; t [B] integer timesteps; context [B,L,D] -> a scalar."""
     import torch.nn.functional as F
 
     z_t = model.scheduler.add_noise(z0, noise, t)
     pred = model.unet(z_t, t, encoder_hidden_states=context).sample
-    return F.mse_loss(pred.float(), training_target(model.scheduler, z0, noise, t).float())
+    target = training_target(model.scheduler, z0, noise, t).float()
+    if nodule_weight == 1:
+        return F.mse_loss(pred.float(), target)
+    weight = nodule_disk_weight(*z0.shape[-2:], nodule_weight).to(z0.device)
+    return ((pred.float() - target) ** 2 * weight).sum() / (weight.sum() * z0.shape[0] * z0.shape[1])
 
 
 def sample_scheduler(kind: str, train_sched) -> Any:

@@ -5,8 +5,9 @@ Stable Diffusion's objective (Urata et al. fine-tune the U-Net with it, §2.3)::
     z_0 = E(x) * scale,   z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps,
     L = || target - f_theta(z_t, t, tau(prompt)) ||^2,   prompt -> "" with probability p (CFG dropout)
 
-with the target the scheduler names (eps, or v for SD 2.0's v-models: :func:`~.model.training_target`) and
-the paper's augmentation (90/180/270-degree rotations and horizontal flips, §2.2). Fine-tuning a local Stable
+with the target the scheduler names (eps, or v for SD 2.0's v-models: :func:`~.model.training_target`), the
+nodule's disk weighted by ``text2img.nodule_weight`` (:func:`~.model.nodule_disk_weight`; 1: as printed) and the
+paper's augmentation (90/180/270-degree rotations and horizontal flips, §2.2). Fine-tuning a local Stable
 Diffusion U-Net uses AdamW at ``cfg.text2img.pretrained_lr`` (1e-6, §2.3). Training stops the paper's way:
 the validation KID (:class:`ValidationKid`) every ``text2img.val_every`` steps, the lowest kept in ``best.pt``.
 """
@@ -105,9 +106,9 @@ class Text2ImgTask(TrainTask):
     kind = KIND
 
     def __init__(self, model: Text2ImgModel, prompt_dropout: float = 0.1, augment_images: bool = True,
-                 validation: ValidationKid | None = None) -> None:
+                 validation: ValidationKid | None = None, nodule_weight: float = 1.0) -> None:
         self.model, self.prompt_dropout, self.augment_images = model, float(prompt_dropout), augment_images
-        self.validation = validation
+        self.validation, self.nodule_weight = validation, float(nodule_weight)
 
     def modules(self) -> dict[str, nn.Module]:
         return {"unet": self.model.unet}
@@ -122,8 +123,9 @@ class Text2ImgTask(TrainTask):
         context = self.model.text(drop_prompts(batch["prompt"], self.prompt_dropout)).to(z0.device)
         noise = torch.randn_like(z0)
         t = torch.randint(0, self.model.scheduler.config.num_train_timesteps, (z0.shape[0],), device=z0.device)
-        # L = || target - f_theta(z_t, t, tau(y)) ||^2, y -> "" with probability p; target eps or v (§2.3)
-        return {"loss": diffusion_loss(self.model, z0, noise, t, context)}
+        # L = || target - f_theta(z_t, t, tau(y)) ||^2, y -> "" with probability p; target eps or v (§2.3);
+        # the nodule's disk weighted by text2img.nodule_weight (1: as printed)
+        return {"loss": diffusion_loss(self.model, z0, noise, t, context, self.nodule_weight)}
 
     def validation_step(self, batch: Any, step: int) -> dict[str, float] | None:
         """The validation KID (once per validation: ``batch`` is None), or nothing without a validator."""
@@ -170,7 +172,8 @@ def train(cfg: Config, pretrained: str | Path | None = None, run_dir: Path | Non
     with RunRecord(run_dir, config=cfg.to_dict(), seed=cfg.seed) as record:
         if pretrained:
             record["pipeline"] = pipeline_summary(pretrained)
-        result = trainer.fit(Text2ImgTask(model, c.prompt_dropout, validation=validation), data)
+        result = trainer.fit(Text2ImgTask(model, c.prompt_dropout, validation=validation,
+                                                nodule_weight=c.nodule_weight), data)
         record["train"] = {"steps": result.steps, "last_losses": result.last_losses, "seconds": result.seconds}
         record["selected"] = selected_checkpoint_info(run_dir)
     run_settings.record(run_dir, run_settings.training_settings(cfg, "text2img", autoencoders_of(pretrained)))

@@ -54,3 +54,37 @@ def test_a_pipeline_without_a_component_or_with_an_unknown_target_is_refused(tmp
     config.write_text(json.dumps({**json.loads(config.read_text()), "prediction_type": "sample"}))
     with pytest.raises(ValueError, match=r"scheduler_config.json: prediction_type 'sample' is not supported"):
         train_scheduler(folder=folder)
+
+
+def test_the_nodule_disk_weight_counts_the_centre_and_1_is_the_printed_loss():
+    """text2img.nodule_weight: an error at the ROI's centre (where the nodule is) costs more as the weight grows, one
+    at a corner less (a weighted mean); weight 1 is SD's plain mean squared error."""
+    import torch
+    import torch.nn.functional as F
+
+    from lungsynth.methods.text2img import Text2ImgModel, diffusion_loss, nodule_disk_weight
+
+    weight = nodule_disk_weight(16, 16, 5.0)
+    assert weight[8, 8] == 5 and weight[0, 0] == 1 and weight[8, 4] == 5 and weight[8, 3] == 1  # radius side / 4
+    assert torch.equal(nodule_disk_weight(16, 16, 1.0), torch.ones(16, 16))
+
+    class Zero(torch.nn.Module):  # predicts 0, so the loss is the weighted mean of target^2
+        def forward(self, z, t, encoder_hidden_states=None):
+            return type("Out", (), {"sample": torch.zeros_like(z)})()
+
+    class Sched:  # z_t = z0, target = noise (epsilon)
+        config = type("C", (), {"prediction_type": "epsilon"})()
+
+        def add_noise(self, z0, noise, t):
+            return z0
+
+    model = Text2ImgModel(Zero(), None, None, Sched(), latent_channels=1, latent_size=16, source="test")
+    centre, corner = torch.zeros(1, 1, 16, 16), torch.zeros(1, 1, 16, 16)
+    centre[..., 8, 8], corner[..., 0, 0] = 1.0, 1.0
+    z0, t = torch.zeros(1, 1, 16, 16), torch.tensor([0])
+
+    def loss(noise, w):
+        return float(diffusion_loss(model, z0, noise, t, None, nodule_weight=w))
+
+    assert loss(centre, 1.0) == pytest.approx(F.mse_loss(centre, z0).item())
+    assert loss(centre, 5.0) > 2 * loss(centre, 1.0) and loss(corner, 5.0) < loss(corner, 1.0)
